@@ -1,0 +1,163 @@
+"""What every benchmark suite shares: the case description, timing, records, and the JSON file.
+
+A suite is a module in this package with a function
+
+    cases(device: torch.device, quick: bool) -> Iterable[Case]
+
+yielding one `Case` per (op, shape, implementation). A case builds its inputs lazily (`make`), so listing the cases
+allocates nothing, and a case whose peer library is missing is simply not yielded. `run_suite` times each case and
+turns it into a record; `llmkern bench` and the pytest-benchmark entry (`bench/test_benchmarks.py`) both use it.
+
+Timing: on CUDA, `triton.testing.do_bench` (warm-up, L2 flush between runs, median of the measured runs). On CPU,
+the median of wall-clock runs after one warm-up: the CPU path is the PyTorch reference, timed so the suite runs
+anywhere, not to compare with a GPU.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from llmkern import perf
+
+
+@dataclass
+class Case:
+    op: str                                  # e.g. "attention_prefill"
+    impl: str                                # e.g. "llmkern", "torch_sdpa", "flash_attn"
+    shape: dict[str, Any]                    # the parameters that define the problem
+    flops: float                             # from llmkern.perf
+    nbytes: float                            # from llmkern.perf
+    make: Callable[[], Callable[[], Any]]    # builds the inputs, returns the function to time
+    tensor_cores: bool = True                # which compute peak bounds this op
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        shape = ",".join(f"{k}={v}" for k, v in self.shape.items())
+        return f"{self.op}[{shape}]/{self.impl}"
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, *, cpu_reps: int = 5) -> float:
+    """Median milliseconds per call."""
+    if device.type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def to_record(case: Case, ms: float, device: torch.device) -> dict[str, Any]:
+    peak = perf.device_peak(device)
+    seconds = ms * 1e-3
+    rec = {
+        "op": case.op, "impl": case.impl, "shape": case.shape, "device": device_name(device),
+        "median_ms": ms, "flops": case.flops, "bytes": case.nbytes,
+        "tflops": case.flops / seconds / 1e12 if case.flops else 0.0,
+        "gbps": case.nbytes / seconds / 1e9,
+        "roofline_ms": None, "pct_roofline": None, "bound": None,
+    }
+    if peak is not None:
+        bound_s = perf.roofline_time_s(case.flops, case.nbytes, peak, tensor_cores=case.tensor_cores)
+        compute_s = case.flops / ((peak.tensor_tflops if case.tensor_cores else peak.fp32_tflops) * 1e12)
+        rec["roofline_ms"] = bound_s * 1e3
+        rec["pct_roofline"] = 100.0 * bound_s / seconds
+        rec["bound"] = "compute" if compute_s >= case.nbytes / (peak.hbm_gbps * 1e9) else "memory"
+    if case.note:
+        rec["note"] = case.note
+    return rec
+
+
+def run_case(case: Case, device: torch.device) -> dict[str, Any]:
+    fn = case.make()
+    try:
+        ms = time_ms(fn, device)
+    finally:
+        del fn
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return to_record(case, ms, device)
+
+
+def run_suite(cases: Iterable[Case], device: torch.device, *, log: Callable[[str], None] = print) -> list[dict]:
+    records = []
+    for case in cases:
+        try:
+            rec = run_case(case, device)
+        except (torch.cuda.OutOfMemoryError, MemoryError):  # a shape too big for this device
+            log(f"  {case.label}: skipped, out of memory on this device")
+            continue
+        records.append(rec)
+        log("  " + format_record(rec))
+    return records
+
+
+def format_record(r: dict[str, Any]) -> str:
+    shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+    pct = "" if r["pct_roofline"] is None else f" {r['pct_roofline']:5.1f}% of {r['bound']} roofline"
+    return (f"{r['op']:<22} {r['impl']:<18} {shape:<60} {r['median_ms']:9.4f} ms "
+            f"{r['tflops']:8.2f} TFLOP/s {r['gbps']:8.1f} GB/s{pct}")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import triton
+    env = {
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+    }
+    peak = perf.device_peak(device)
+    if peak is not None:
+        env["peak"] = {"name": peak.name, "hbm_gbps": peak.hbm_gbps, "tensor_tflops": peak.tensor_tflops,
+                       "fp32_tflops": peak.fp32_tflops, "source": peak.source}
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           check=True).stdout.strip()
+    except Exception:
+        env["git_commit"] = None
+    for mod in ("flash_attn", "flashinfer", "torchao", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return env
+
+
+def write_json(path: str, records: list[dict], device: torch.device, suites: list[str]) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": environment(device), "suites": suites, "records": records}, f, indent=1)
+
+
+def optional_import(name: str):
+    """A peer library if installed (and importable), else None."""
+    try:
+        return __import__(name, fromlist=["_"])
+    except Exception:
+        return None

@@ -1,0 +1,9 @@
+"""llmkern: verified Triton kernels for LLM inference.
+
+Each op family lives in one host module here (validation, dispatch, launch) and one device module in
+llmkern.kernels; llmkern.reference holds the plain-PyTorch ground truth of every op.
+"""
+from llmkern import reference  # noqa: F401
+
+
+__version__ = "0.1.0"

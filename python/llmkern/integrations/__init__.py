@@ -1,0 +1,1 @@
+"""Integrations of llmkern kernels into other libraries' model code."""

@@ -1,0 +1,90 @@
+"""Plain PyTorch of every llmkern op: the ground truth the kernels are tested against.
+
+Written for clarity, not speed. By default the math runs in float32 (float64 if the inputs are float64); pass
+`compute_dtype` to run it in another dtype, which the tests use to measure how much error PyTorch itself makes in
+the input dtype (FlashAttention's tolerance rule).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _compute_dtype(t: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window: tuple[int, int] = (-1, -1),
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool (seqlen_q, seqlen_k): True where query i may see key j.
+
+    Query i sits at position p = i + seqlen_k - seqlen_q (bottom-right alignment, FlashAttention >= 2.1) and sees
+    keys p - left <= j <= p + right; -1 means unbounded; causal sets right = 0.
+    """
+    left, right = window
+    if causal:
+        right = 0
+    p = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        mask &= j >= p - left
+    if right >= 0:
+        mask &= j <= p + right
+    return mask
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
+              window: tuple[int, int] = (-1, -1), softcap: float | None = None, return_lse: bool = False,
+              compute_dtype: torch.dtype | None = None):
+    """q (batch, seqlen_q, num_heads, head_dim); k, v (batch, seqlen_k, num_kv_heads, head_dim).
+
+    Returns o in q's dtype, and with return_lse the float32 (batch, num_heads, seqlen_q) natural-log softmax
+    denominator. A query that sees no key gets o = 0 and lse = -inf.
+    """
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    cd = _compute_dtype(q, compute_dtype)
+
+    qh = q.to(cd).transpose(1, 2)                                   # (b, h, sq, d)
+    kh = k.to(cd).transpose(1, 2).repeat_interleave(group, dim=1)   # (b, h, sk, d): fine here, never in a kernel
+    vh = v.to(cd).transpose(1, 2).repeat_interleave(group, dim=1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    mask = attention_mask(seqlen_q, seqlen_k, causal=causal, window=window, device=q.device)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                 # -inf for a row with no visible key
+    p = torch.exp(s - lse[..., None])
+    p = torch.nan_to_num(p, nan=0.0)                                 # empty rows: exp(-inf - -inf) = nan -> 0
+    o = (p @ vh).transpose(1, 2).to(q.dtype)
+    if return_lse:
+        return o, lse.to(torch.float32)
+    return o
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *,
+                     causal: bool = False, scale: float | None = None, window: tuple[int, int] = (-1, -1),
+                     softcap: float | None = None, return_lse: bool = False,
+                     compute_dtype: torch.dtype | None = None):
+    """Packed sequences: q (total_q, num_heads, head_dim), k, v (total_k, num_kv_heads, head_dim).
+
+    Sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1]. Returns o (total_q, ...) and lse (num_heads, total_q)."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        o, lse = attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                           causal=causal, scale=scale, window=window, softcap=softcap, return_lse=True,
+                           compute_dtype=compute_dtype)
+        outs.append(o[0])
+        lses.append(lse[0])
+    o = torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
+    lse = torch.cat(lses, dim=-1) if lses else torch.zeros(q.shape[1], 0, dtype=torch.float32, device=q.device)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,28 @@
+"""Build for llmkern.
+
+Three source trees become one installed package:
+  python/llmkern  -> llmkern          (host side: the public API)
+  kernels/        -> llmkern.kernels  (Triton device code)
+  bench/          -> llmkern.bench    (benchmark suites, so `llmkern bench` works from any install)
+"""
+from setuptools import setup
+
+setup(
+    name="llmkern",
+    version="0.1.0",
+    description="Verified Triton kernels for LLM inference: attention, paged KV cache, sampling, quantized matmul",
+    python_requires=">=3.10",
+    packages=["llmkern", "llmkern.kernels", "llmkern.bench", "llmkern.integrations"],
+    package_dir={
+        "llmkern": "python/llmkern",
+        "llmkern.kernels": "kernels",
+        "llmkern.bench": "bench",
+        "llmkern.integrations": "python/llmkern/integrations",
+    },
+    # torch is not pinned here: CPU machines install the CPU wheel first (see .ci/run), GPU machines bring their own.
+    install_requires=["torch>=2.4", "triton>=3.6"],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers"],
+    },
+    entry_points={"console_scripts": ["llmkern=llmkern.cli:main"]},
+)
