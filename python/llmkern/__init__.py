@@ -4,6 +4,7 @@ Each op family lives in one host module here (validation, dispatch, launch) and 
 llmkern.kernels; llmkern.reference holds the plain-PyTorch ground truth of every op.
 """
 from llmkern import reference  # noqa: F401
+from llmkern.attention import attention, attention_varlen  # noqa: F401
 
 
 __version__ = "0.1.0"

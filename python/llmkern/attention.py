@@ -1,0 +1,247 @@
+"""Fused prefill attention: the public functions, their checks, dispatch and launch.
+
+    attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=None, return_lse=False)
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, same keywords)
+
+Layouts follow FlashAttention: q (batch, seqlen_q, num_heads, head_dim), k/v (batch, seqlen_k, num_kv_heads, head_dim);
+varlen packs the sequences: q (total_q, num_heads, head_dim) with int32 cu_seqlens. Both run one Triton kernel
+(llmkern.kernels.attention.attention_fwd_kernel); the batched call is the varlen kernel with the sequence start taken
+from the batch stride instead of cu_seqlens.
+"""
+from typing import Optional
+
+import torch
+import triton
+
+from llmkern import _utils, compile_check, reference
+from llmkern.kernels.attention import LOG2E, attention_fwd_kernel
+
+# ----------------------------------------------------------------------------------------------- tile configs
+# head_dim is padded to BLOCK_D = next power of two (>= 32), and each BLOCK_D class gets its own short config list.
+# Sizes follow FlashAttention-2's forward tiles (128 x 64 for head_dim <= 128 on A100/H100; fewer rows for 256,
+# whose K/V tiles would not fit sm_80's 163 KB of shared memory twice) and Triton's fused-attention tutorial
+# (4 warps per 64 query rows, 3-stage K/V pipeline). Each list starts with its 64-row config: it is the one the
+# interpreter runs (_utils.launch picks configs[0]), so small test shapes still cross several tiles.
+_CONFIGS = {
+    64: [  # head_dim 32..64
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    ],
+    128: [  # head_dim 72..128
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    ],
+    256: [  # head_dim 136..256
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    ],
+}
+
+
+def _config_class(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
+
+
+# One autotuner per class: the config list depends on head_dim. The key holds what changes the best tile
+# (Triton adds the argument dtypes itself).
+_KERNELS = {
+    cls: _utils.autotune(cfgs, key=["HEAD_DIM", "IS_VARLEN", "HAS_SOFTCAP", "RETURN_LSE"])(attention_fwd_kernel)
+    for cls, cfgs in _CONFIGS.items()
+}
+
+
+def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_strides, l_strides, seqlen_q, seqlen_k,
+            batch, max_seqlen_q, causal, scale, window, softcap, return_lse, varlen):
+    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    group = num_heads // k.shape[-2]
+    left, right = window
+    if causal:
+        right = 0  # causal is the window (left, 0)
+    kernel = _KERNELS[_config_class(head_dim)]
+    grid = lambda meta: (batch * num_heads, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
+    _utils.launch(
+        kernel, grid,
+        q, k, v, o, lse, cu_q, cu_k,
+        *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
+        seqlen_q, seqlen_k, num_heads, group,
+        left, right, scale * LOG2E, 1.0 if softcap is None else softcap,
+        HEAD_DIM=head_dim, BLOCK_D=_utils.pow2_at_least(head_dim, 32),
+        IS_VARLEN=varlen, HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse,
+        # the interpreter's bf16 dot is unreliable: do both matmuls on fp32 tiles there
+        FP32_DOT=_utils.INTERPRET,
+        # fp32 inputs get a full fp32 dot, not TF32 (10-bit mantissa), so fp32 means fp32 accuracy
+        IEEE=q.dtype == torch.float32,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _check_qkv(q, k, v, ndim: int):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _utils.check_tensor(name, t, ndim=ndim, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_same(("q", "k", "v"), (q, k, v))
+    head_dim = q.shape[-1]
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[-1] != head_dim:
+            raise ValueError(f"{name} has head_dim {t.shape[-1]} but q has {head_dim}; they must match")
+    _utils.check_head_dim("q", head_dim)
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"q's num_heads ({num_heads}) must be a multiple of k/v's num_kv_heads ({num_kv_heads})")
+
+
+def _check_options(causal, scale, window, softcap, return_lse, head_dim):
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    return _utils.check_scale(scale, head_dim), _utils.check_window(window), _utils.check_softcap(softcap)
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, q: torch.Tensor):
+    _utils.check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
+    if cu.device != q.device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; they must share a device")
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have length batch + 1 >= 1, got length 0")
+
+
+def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str):
+    """Values, read on the host (a small copy): the kernel trusts them for every address it forms."""
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError(f"{name} must be non-decreasing, got {vals}")
+    if vals[-1] > total:
+        raise ValueError(f"{name}[-1] = {vals[-1]} exceeds the {total} rows of the packed tensor")
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({max(lens)})")
+
+
+def _check_max_seqlen(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- batched op
+@torch.library.custom_op("llmkern::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, window_left: int,
+                  window_right: int, softcap: Optional[float], return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    window = (window_left, window_right)
+    batch, seqlen_q, num_heads, _ = q.shape
+    seqlen_k = k.shape[1]
+    if not _utils.use_triton(q):
+        o, lse = reference.attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                                     return_lse=True)
+        return o, (lse if return_lse else lse.new_empty(0))
+    q, k, v = (_utils.last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, num_heads, seqlen_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse.fill_(float("-inf"))
+    l_strides = lse.stride() if return_lse else (0, 0, 0)
+    _launch(q, k, v, o, lse, q, q,  # cu_seqlens pointers are unused when IS_VARLEN is off
+            (q.stride(0), q.stride(1), q.stride(2)), (k.stride(0), k.stride(1), k.stride(2)),
+            (v.stride(0), v.stride(1), v.stride(2)), (o.stride(0), o.stride(1), o.stride(2)), l_strides,
+            seqlen_q, seqlen_k, batch, seqlen_q, causal, scale, window, softcap, return_lse, varlen=False)
+    return o, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, scale, window_left, window_right, softcap, return_lse):
+    batch, seqlen_q, num_heads, _ = q.shape
+    lse_shape = (batch, num_heads, seqlen_q) if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: Optional[float] = None, window: tuple = (-1, -1), softcap: Optional[float] = None,
+              return_lse: bool = False):
+    """Softmax(q k^T * scale) v per head, fused.
+
+    q (batch, seqlen_q, num_heads, head_dim); k, v (batch, seqlen_k, num_kv_heads, head_dim), num_heads a multiple of
+    num_kv_heads (GQA/MQA without repeating K/V). head_dim: a multiple of 8 in [32, 256]. fp16, bf16 or fp32.
+    causal aligns bottom-right: query i sits at p = i + seqlen_k - seqlen_q and sees keys j <= p.
+    window=(left, right): the query at p sees p - left <= j <= p + right (-1 unbounded; causal means right = 0).
+    softcap: scores become softcap * tanh(scores / softcap). scale defaults to 1/sqrt(head_dim).
+    Returns o like q; with return_lse also the float32 (batch, num_heads, seqlen_q) natural-log softmax denominator.
+    A query that sees no key gets o = 0 and lse = -inf.
+    """
+    _check_qkv(q, k, v, ndim=4)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}; they must match")
+    scale, window, softcap = _check_options(causal, scale, window, softcap, return_lse, q.shape[-1])
+    o, lse = _attention_op(q, k, v, causal, scale, window[0], window[1], softcap, return_lse)
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------------------------- varlen op
+@torch.library.custom_op("llmkern::attention_varlen", mutates_args=())
+def _attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
+                         window_left: int, window_right: int, softcap: Optional[float],
+                         return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    window = (window_left, window_right)
+    total_q, num_heads, _ = q.shape
+    # value checks need the numbers, so they live here (where tensors are real even under torch.compile)
+    _check_cu_values("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
+    _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    if not _utils.use_triton(q):
+        o, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                            window=window, softcap=softcap, return_lse=True)
+        # rows after cu_seqlens_q[-1] belong to no sequence: zeros and -inf, as from the kernel
+        o_full = q.new_zeros(q.shape)
+        o_full[:o.shape[0]] = o
+        lse_full = torch.full((num_heads, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+        lse_full[:, :lse.shape[1]] = lse
+        return o_full, (lse_full if return_lse else lse_full.new_empty(0))
+    q, k, v = (_utils.last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    batch = cu_seqlens_q.shape[0] - 1
+    # rows past cu_seqlens_q[-1] (padding some callers leave) get 0 / -inf rather than whatever was in memory
+    o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((num_heads, total_q) if return_lse else (0,), float("-inf"), dtype=torch.float32,
+                     device=q.device)
+    if batch == 0 or max_seqlen_q == 0 or o.numel() == 0:
+        return o, lse
+    l_strides = (0, lse.stride(0), lse.stride(1)) if return_lse else (0, 0, 0)
+    _launch(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
+            (0, q.stride(0), q.stride(1)), (0, k.stride(0), k.stride(1)), (0, v.stride(0), v.stride(1)),
+            (0, o.stride(0), o.stride(1)), l_strides,
+            0, 0, batch, max_seqlen_q, causal, scale, window, softcap, return_lse, varlen=True)
+    return o, lse
+
+
+@_attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right,
+      softcap, return_lse):
+    lse_shape = (q.shape[1], q.shape[0]) if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     scale: Optional[float] = None, window: tuple = (-1, -1), softcap: Optional[float] = None,
+                     return_lse: bool = False):
+    """attention() over packed sequences: q (total_q, num_heads, head_dim), k, v (total_k, num_kv_heads, head_dim).
+
+    Sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and k/v rows cu_seqlens_k[b]:cu_seqlens_k[b+1]
+    (int32, length batch + 1, starting at 0) and attends only within itself. max_seqlen_q/k bound the longest
+    sequence (the grid is sized from max_seqlen_q). Returns o like q; with return_lse also lse (num_heads, total_q).
+    """
+    _check_qkv(q, k, v, ndim=3)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"cu_seqlens_q (length {cu_seqlens_q.shape[0]}) and cu_seqlens_k (length "
+                         f"{cu_seqlens_k.shape[0]}) must both have length batch + 1")
+    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    scale, window, softcap = _check_options(causal, scale, window, softcap, return_lse, q.shape[-1])
+    o, lse = _attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                  window[0], window[1], softcap, return_lse)
+    return (o, lse) if return_lse else o
