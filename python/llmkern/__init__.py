@@ -5,6 +5,8 @@ llmkern.kernels; llmkern.reference holds the plain-PyTorch ground truth of every
 """
 from llmkern import reference  # noqa: F401
 from llmkern.attention import attention, attention_varlen  # noqa: F401
+from llmkern.layers import add_rms_norm, apply_rope, rms_norm  # noqa: F401
+from llmkern.patch import patch_model  # noqa: F401
 
 
 __version__ = "0.1.0"

@@ -88,3 +88,66 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     o = torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
     lse = torch.cat(lses, dim=-1) if lses else torch.zeros(q.shape[1], 0, dtype=torch.float32, device=q.device)
     return (o, lse) if return_lse else o
+
+
+# ---------------------------------------------------------------------------------------- layers: RMSNorm, RoPE
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,
+             casting: str = "llama", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * (offset + weight), over the last dim; output in x's dtype.
+
+    casting="llama" (Hugging Face LlamaRMSNorm): the normalized x is rounded to x's dtype before the weight multiply.
+    casting="gemma" (Gemma2RMSNorm): everything in the compute dtype, rounded once at the end.
+    With compute_dtype=float64 (the tests' ground truth) no intermediate rounding happens in either mode.
+    """
+    cd = _compute_dtype(x, compute_dtype)
+    xf = x.to(cd)
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if casting == "llama" and cd != torch.float64:
+        n = n.to(x.dtype).to(cd)
+    return (n * (offset + weight.to(cd))).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                 offset: float = 0.0, casting: str = "llama",
+                 compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """r = x + residual (rounded to x's dtype, as `residual + hidden` is in a model); returns (rms_norm(r), r)."""
+    r = (x.to(torch.float64) + residual.to(torch.float64)).to(x.dtype)
+    return rms_norm(r, weight, eps, offset=offset, casting=casting, compute_dtype=compute_dtype), r
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (*positions.shape, head_dim) in Hugging Face's cat(freqs, freqs) layout.
+
+    angle_i = position * theta^(-2i/head_dim) (RoFormer, eq. 15), computed in `dtype`.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim))
+    freqs = positions.to(dtype)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None, *,
+               cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, theta: float = 10000.0,
+               compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE (Hugging Face Llama): x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1).
+
+    q (batch, seq, heads, d) or (tokens, heads, d), k likewise. Angles from positions ((batch, seq), (seq,) or
+    (tokens,)) and theta, or from cos/sin tables ((batch or 1, seq, d or d/2) or (seq, d or d/2)).
+    """
+    cd = _compute_dtype(q, compute_dtype)
+    d = q.shape[-1]
+    if cos is None:
+        cos, sin = rope_cos_sin(positions, d, theta, dtype=torch.float64 if cd == torch.float64 else torch.float32)
+    cos, sin = cos.to(cd)[..., : d // 2], sin.to(cd)[..., : d // 2]
+    if q.dim() == 4 and cos.dim() == 2:
+        cos, sin = cos[None], sin[None]                       # (seq, d) table: one for every sequence
+    if q.dim() == 3 and cos.dim() == 3:
+        cos, sin = cos[0], sin[0]                             # (1, tokens, d) table for packed tokens
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)          # broadcast over heads
+
+    def rotate(x):
+        x1, x2 = x.to(cd)[..., : d // 2], x.to(cd)[..., d // 2:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
