@@ -151,3 +151,62 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None 
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+# -------------------------------------------------------------------------------------------- paged KV cache
+def paged_gather(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The logically contiguous (seq_len, num_kv_heads, head_dim) of one sequence from a paged cache layer.
+
+    cache (num_blocks, block_size, num_kv_heads, head_dim); token t lives in block block_table[t // block_size] at
+    offset t % block_size."""
+    block_size = cache.shape[1]
+    t = torch.arange(seq_len, device=cache.device)
+    blocks = block_table.to(torch.int64)[t // block_size]
+    return cache[blocks, t % block_size]
+
+
+def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """In place: token i of k, v goes to slot slot_mapping[i] (block * block_size + offset); -1 skips it."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].to(torch.int64)
+    k_cache[slots // block_size, slots % block_size] = k[keep].to(k_cache.dtype)
+    v_cache[slots // block_size, slots % block_size] = v[keep].to(v_cache.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float | None = None,
+                           softcap: float | None = None, window: tuple[int, int] = (-1, -1),
+                           compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """q (batch, num_heads, head_dim): one new token per sequence, at position seq_len - 1 of its cached K/V.
+
+    Gathers each sequence's K/V and runs `attention` with one query row (bottom-right aligned, so the query sits at
+    the last key). Returns (batch, num_heads, head_dim) in q's dtype."""
+    outs = []
+    for b, n in enumerate(seq_lens.tolist()):
+        k = paged_gather(k_cache, block_tables[b], n)
+        v = paged_gather(v_cache, block_tables[b], n)
+        outs.append(attention(q[b][None, None], k[None], v[None], scale=scale, softcap=softcap, window=window,
+                              compute_dtype=compute_dtype)[0, 0])
+    return torch.stack(outs) if outs else q.new_empty(q.shape)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *,
+                            causal: bool = True, scale: float | None = None, softcap: float | None = None,
+                            window: tuple[int, int] = (-1, -1),
+                            compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """q (total_q, num_heads, head_dim): rows cu_seqlens_q[b]:cu_seqlens_q[b+1] are the newest tokens of sequence b,
+    whose full K/V (seq_lens[b] tokens, prefix included) are in the cache. Bottom-right aligned `attention`."""
+    out = q.new_zeros(q.shape)
+    cu = cu_seqlens_q.tolist()
+    for b, n in enumerate(seq_lens.tolist()):
+        if cu[b + 1] == cu[b]:
+            continue
+        k = paged_gather(k_cache, block_tables[b], n)
+        v = paged_gather(v_cache, block_tables[b], n)
+        out[cu[b]:cu[b + 1]] = attention(q[None, cu[b]:cu[b + 1]], k[None], v[None], causal=causal, scale=scale,
+                                         softcap=softcap, window=window, compute_dtype=compute_dtype)[0]
+    return out
+

@@ -1,0 +1,306 @@
+"""Triton device code for the paged KV cache: the cache write, split-KV decode attention, and prefill over a cache.
+
+Cache layout (per layer, for K and for V): (num_blocks, block_size, num_kv_heads, head_dim). Token t of a sequence
+lives in physical block block_table[t // block_size] at offset t % block_size. Kernels gather one tile of tokens at a
+time by looking up each token's block, so a tile may span several blocks and block_size needs no relation to the
+tile size.
+
+Softmax is computed in the log2 domain (exp2 is the hardware instruction); `qk_scale` already holds
+scale * log2(e), and every lse written here is a log2-domain value.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): turns a natural-log softmax score into an exp2 argument
+
+
+@triton.jit
+def _softcap_log2(s, scale, softcap, qk_scale, HAS_SOFTCAP: tl.constexpr):
+    """Raw q.k scores -> log2-domain logits, with optional tanh soft-capping (Gemma 2: softcap * tanh(s / softcap)).
+
+    tanh(x) = 1 - 2 / (exp(2x) + 1): exact for large |x| too (exp overflows to inf and the formula gives +-1), and
+    it needs only tl.exp, which every Triton version and the interpreter have.
+    """
+    if HAS_SOFTCAP:
+        x = s * (scale / softcap)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+        return t * (softcap * LOG2E)
+    else:
+        return s * qk_scale
+
+
+# ------------------------------------------------------------------------------------------------------ cache write
+@triton.jit
+def paged_kv_write_kernel(
+    K, V, KC, VC, SLOT,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_kcb, stride_kct, stride_kch, stride_kcd,
+    stride_vcb, stride_vct, stride_vch, stride_vcd,
+    num_kv_heads, head_dim, block_size,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per token: copies its (num_kv_heads, head_dim) K and V rows into their cache slot, bit-exact.
+
+    A slot of -1 means padding: nothing is written.
+    """
+    tok = tl.program_id(0)
+    slot = tl.load(SLOT + tok)
+    if slot >= 0:
+        blk = slot // block_size
+        off = slot % block_size
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < num_kv_heads) & (d < head_dim)
+        k = tl.load(K + tok.to(tl.int64) * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
+        v = tl.load(V + tok.to(tl.int64) * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
+        tl.store(KC + blk * stride_kcb + off * stride_kct + h * stride_kch + d * stride_kcd, k, mask=mask)
+        tl.store(VC + blk * stride_vcb + off * stride_vct + h * stride_vch + d * stride_vcd, v, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+@triton.jit
+def paged_decode_kernel(
+    Q, KC, VC, BT, SEQ_LENS, O, PART_O, PART_LSE,
+    stride_qb, stride_qh, stride_qd,
+    stride_kcb, stride_kct, stride_kch, stride_kcd,
+    stride_vcb, stride_vct, stride_vch, stride_vcd,
+    stride_btb, stride_btn,
+    stride_ob, stride_oh, stride_od,
+    stride_pob, stride_poh, stride_pos, stride_pod,
+    stride_plb, stride_plh, stride_pls,
+    scale, softcap, qk_scale, window_left,
+    head_dim, group, block_size, num_splits,
+    GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    IS_FP32: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Grid (batch, num_kv_heads, num_splits). One program: every query head of one KV head, one slice of the keys.
+
+    The query heads that share a KV head form the rows of the score tile, so each cached K/V byte is loaded once per
+    decode step. With USE_DOT the rows are padded to GROUP_PAD >= 16 so the scores and P@V are tensor-core MMAs;
+    without it (a group of one) the products are broadcast multiplies and row sums.
+
+    SPLIT: write the normalized partial output and its log2-domain lse to PART_O/PART_LSE for the reduce kernel;
+    otherwise (one split) write the final output directly.
+    """
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(SEQ_LENS + b)
+    # The new token sits at position seq_len - 1; a left window hides keys before it - window_left. No key lies to
+    # its right, so the right window never masks anything in decode.
+    kv_start = 0
+    if HAS_WINDOW:
+        kv_start = tl.maximum(seq_len - 1 - window_left, 0)
+    # Each split takes an equal, BLOCK_N-aligned share of [kv_start, seq_len); trailing splits may be empty.
+    per_split = tl.cdiv(tl.cdiv(seq_len - kv_start, num_splits), BLOCK_N) * BLOCK_N
+    start = kv_start + split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * group + g
+    g_mask = g < group
+    d_mask = d < head_dim
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if INTERPRET:
+        q = q.to(tl.float32)  # bf16 dot/arithmetic is unreliable under the interpreter: fp32 tiles there
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    bt_row = BT + b.to(tl.int64) * stride_btb
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < end
+        # Physical location of each token: its block from the table, its offset inside the block.
+        blk = tl.load(bt_row + (n // block_size) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+        off = n % block_size
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(KC + blk[:, None] * stride_kcb + off[:, None] * stride_kct + kvh * stride_kch
+                    + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
+        v = tl.load(VC + blk[:, None] * stride_vcb + off[:, None] * stride_vct + kvh * stride_vch
+                    + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
+        if INTERPRET:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        if USE_DOT:
+            if IS_FP32:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")  # fp32 inputs keep fp32 accuracy, no TF32
+            else:
+                s = tl.dot(q, tl.trans(k))
+        else:
+            s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+        s = _softcap_log2(s, scale, softcap, qk_scale, HAS_SOFTCAP)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+
+        # Online softmax (FlashAttention): rescale what was accumulated when the running max grows.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if USE_DOT:
+            if IS_FP32:
+                acc += tl.dot(p, v, input_precision="ieee")
+            else:
+                acc += tl.dot(p.to(v.dtype), v)
+        else:
+            acc += tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+        m_i = m_new
+
+    if SPLIT:
+        # An empty split (start >= end) leaves l_i = 0: it writes o = 0 and lse = -inf, weight 0 in the reduce.
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        po = (PART_O + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + split * stride_pos
+              + d[None, :] * stride_pod)
+        tl.store(po, o, mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(PART_LSE + b.to(tl.int64) * stride_plb + heads * stride_plh + split * stride_pls, lse, mask=g_mask)
+    else:
+        o = acc / l_i[:, None]  # one split covers [kv_start, seq_len), never empty (seq_len >= 1)
+        po = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
+        tl.store(po, o.to(O.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def paged_decode_reduce_kernel(
+    PART_O, PART_LSE, O,
+    stride_pob, stride_poh, stride_pos, stride_pod,
+    stride_plb, stride_plh, stride_pls,
+    stride_ob, stride_oh, stride_od,
+    head_dim, num_splits,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (batch, num_heads): merge the splits' normalized outputs, each weighted by 2^(lse_s - lse_total).
+
+    A running merge over the splits (the same online rescaling as the softmax) needs no bound on num_splits.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        lse = tl.load(PART_LSE + b * stride_plb + h * stride_plh + s * stride_pls)
+        o = tl.load(PART_O + b * stride_pob + h * stride_poh + s * stride_pos + d * stride_pod, mask=d_mask,
+                    other=0.0)
+        m_new = tl.maximum(m, lse)
+        # Guards for empty splits (lse = -inf) before any non-empty one: -inf - -inf would be nan.
+        alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp2(m - m_new))
+        w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - m_new))
+        acc = acc * alpha + w * o
+        l = l * alpha + w
+        m = m_new
+    o = acc / l
+    tl.store(O + b * stride_ob + h * stride_oh + d * stride_od, o.to(O.dtype.element_ty), mask=d_mask)
+
+
+# ---------------------------------------------------------------------------------------------------- prefill
+@triton.jit
+def paged_prefill_kernel(
+    Q, KC, VC, BT, CU_Q, SEQ_LENS, O,
+    stride_qt, stride_qh, stride_qd,
+    stride_kcb, stride_kct, stride_kch, stride_kcd,
+    stride_vcb, stride_vct, stride_vch, stride_vcd,
+    stride_btb, stride_btn,
+    stride_ot, stride_oh, stride_od,
+    scale, softcap, qk_scale, window_left, window_right,
+    head_dim, group, block_size,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, IS_FP32: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Grid (cdiv(max_q_len, BLOCK_M), batch, num_heads): a tile of the newest q_len tokens of one sequence, one head.
+
+    Query i of a sequence with q_len new tokens and seq_len total sits at position i + seq_len - q_len
+    (bottom-right alignment) and sees keys in [pos - window_left, pos + window_right] (-1: unbounded; causal is
+    passed as window_right = 0; HAS_LEFT/HAS_RIGHT say which bound is set). Keys come from the cache through the
+    block table. GQA: head h reads KV head h // group; prefill is compute-bound, so the repeated K/V reads across a
+    group hit L2 and matter little.
+    """
+    mb = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // group
+
+    q_start = tl.load(CU_Q + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
+    seq_len = tl.load(SEQ_LENS + b)
+    if mb * BLOCK_M < q_len:
+        i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        i_mask = i < q_len
+        d_mask = d < head_dim
+        pos = i + (seq_len - q_len)
+        q_rows = (q_start + i).to(tl.int64)
+        q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd,
+                    mask=i_mask[:, None] & d_mask[None, :], other=0.0)
+        if INTERPRET:
+            q = q.to(tl.float32)
+
+        # The key range any row of this tile can see; tokens outside it are never loaded.
+        first_pos = mb * BLOCK_M + (seq_len - q_len)
+        last_pos = tl.minimum(first_pos + BLOCK_M, seq_len) - 1
+        lo = 0
+        if HAS_LEFT:
+            lo = tl.maximum(first_pos - window_left, 0)
+        hi = seq_len
+        if HAS_RIGHT:
+            hi = tl.minimum(last_pos + window_right + 1, seq_len)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        bt_row = BT + b.to(tl.int64) * stride_btb
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < hi
+            blk = tl.load(bt_row + (n // block_size) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+            off = n % block_size
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(KC + blk[:, None] * stride_kcb + off[:, None] * stride_kct + kvh * stride_kch
+                        + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
+            v = tl.load(VC + blk[:, None] * stride_vcb + off[:, None] * stride_vct + kvh * stride_vch
+                        + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
+            if INTERPRET:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if IS_FP32:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = _softcap_log2(s, scale, softcap, qk_scale, HAS_SOFTCAP)
+
+            visible = n_mask[None, :] & i_mask[:, None]
+            if HAS_LEFT:
+                visible = visible & (n[None, :] >= pos[:, None] - window_left)
+            if HAS_RIGHT:
+                visible = visible & (n[None, :] <= pos[:, None] + window_right)
+            s = tl.where(visible, s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row that has seen no visible key yet (a window can hide a whole tile from it), or a padding row,
+            # keeps m = -inf; shift by 0 instead to avoid -inf - -inf = nan.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            if IS_FP32:
+                acc += tl.dot(p, v, input_precision="ieee")
+            else:
+                acc += tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        # Every real row sees at least its own key (pos - left <= pos <= pos + right); padding rows, masked from the
+        # store, see none and keep l = 0, so divide by 1 there.
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od,
+                 o.to(O.dtype.element_ty), mask=i_mask[:, None] & d_mask[None, :])
