@@ -210,3 +210,100 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                          softcap=softcap, window=window, compute_dtype=compute_dtype)[0]
     return out
 
+
+# ------------------------------------------------------------------------------------------------------- sampling
+def _per_row(value, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """A sampling parameter (Python number or (batch,) tensor) as a CPU (batch,) tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", dtype)
+    return torch.full((batch,), value, dtype=dtype)
+
+
+def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                   return_kept: bool = False):
+    """The distribution a sampler draws from, by sorting, in float64: (batch, vocab) float64.
+
+    Per row, in this order: q = softmax(logits / temperature); top-k keeps the tokens whose logit is at least the
+    k-th largest (ties at the boundary all kept; k = 0 or k >= vocab: off); top-p keeps, among those, a token when
+    the renormalized mass of the survivors with a strictly larger logit is below top_p; min-p keeps tokens with
+    q >= min_p * max q; the survivors are renormalized. temperature 0: one-hot at the first argmax. A row holding
+    NaN or +inf, or all -inf, is all zeros. With return_kept, also the bool (batch, vocab) kept set.
+    """
+    batch, vocab = logits.shape
+    x = logits.detach().to("cpu", torch.float64)
+    temps = _per_row(temperature, batch, torch.float64)
+    ks = _per_row(top_k, batch, torch.int64)
+    ps = _per_row(top_p, batch, torch.float64)
+    mps = _per_row(min_p, batch, torch.float64)
+    probs = torch.zeros(batch, vocab, dtype=torch.float64)
+    kept = torch.zeros(batch, vocab, dtype=torch.bool)
+    for b in range(batch):
+        row = x[b]
+        if torch.isnan(row).any() or not torch.isfinite(row.max()):
+            continue
+        t = float(temps[b])
+        if t == 0.0:
+            i = int(torch.argmax(row))  # the first maximum
+            probs[b, i] = 1.0
+            kept[b, i] = True
+            continue
+        q = torch.softmax(row / t, dim=0)
+        keep = torch.ones(vocab, dtype=torch.bool)
+        k = int(ks[b])
+        if 0 < k < vocab:
+            keep &= row >= torch.topk(row, k).values[-1]
+        p = float(ps[b])
+        if p < 1.0:
+            qk = torch.where(keep, q, 0.0)
+            qk = qk / qk.sum()
+            desc, order = torch.sort(row, descending=True)
+            cum = torch.cumsum(qk[order], dim=0)
+            # mass of the tokens with a strictly larger logit: the cumulative mass just before the first token
+            # whose logit is not larger (searchsorted on the ascending negated logits).
+            n_larger = torch.searchsorted(-desc, -row, side="left")
+            above = torch.where(n_larger > 0, cum[(n_larger - 1).clamp(min=0)], 0.0)
+            keep &= above < p
+        keep &= q >= float(mps[b]) * q.max()
+        kept[b] = keep
+        qk = torch.where(keep, q, 0.0)
+        probs[b] = qk / qk.sum()
+    return (probs, kept) if return_kept else probs
+
+
+def philox_uniform(seed: int) -> float:
+    """The float32 uniform that Triton's `tl.rand(seed, 0)` returns (Philox-4x32, 10 rounds), in plain Python.
+
+    Lets the CPU reference sampler draw the same u as the kernels for the same seed.
+    """
+    mask32 = 0xFFFFFFFF
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = s & mask32, s >> 32
+    c0, c1, c2, c3 = 0, 0, 0, 0          # counter = (offset 0, offset high word 0, 0, 0)
+    for _ in range(10):
+        prod_b, prod_a = 0xCD9E8D57 * c2, 0xD2511F53 * c0
+        c0, c1, c2, c3 = ((prod_b >> 32) ^ c1 ^ k0) & mask32, prod_b & mask32, \
+                         ((prod_a >> 32) ^ c3 ^ k1) & mask32, prod_a & mask32
+        k0, k1 = (k0 + 0x9E3779B9) & mask32, (k1 + 0xBB67AE85) & mask32
+    v = c0 - (1 << 32) if c0 >= (1 << 31) else c0       # as int32
+    v = ~v if v < 0 else v
+    return float(torch.tensor(float(v), dtype=torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32))
+
+
+def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+           seed: torch.Tensor) -> torch.Tensor:
+    """int64 (batch,) tokens drawn from `sampling_probs` by inverse CDF, u = philox_uniform(seed[row]).
+
+    Each row depends only on its own logits, parameters and seed (batch-invariant). -1 for an invalid row.
+    """
+    probs, kept = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 return_kept=True)
+    seeds = seed.detach().to("cpu", torch.int64)
+    out = torch.full((logits.shape[0],), -1, dtype=torch.int64)
+    for b in range(logits.shape[0]):
+        if not kept[b].any():
+            continue
+        cdf = torch.cumsum(probs[b], dim=0)
+        goal = philox_uniform(int(seeds[b])) * float(cdf[-1])
+        hit = torch.nonzero((cdf > goal) & (probs[b] > 0))
+        out[b] = int(hit[0]) if len(hit) else int(torch.nonzero(probs[b] > 0)[-1])
+    return out.to(logits.device)

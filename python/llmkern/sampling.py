@@ -1,0 +1,211 @@
+"""Fused sampling: `sample` (one token per row) and `sampling_probs` (the distribution it draws from).
+
+Host side: check the parameters, turn each into a per-row tensor, pick the backend (_utils dispatch rule), launch
+one program per row. The kernels are in llmkern.kernels.sampling, whose docstring explains the no-sort threshold
+search and its pass count.
+
+How randomness flows: every row draws one uniform u from counter-based Philox keyed by that row's int64 seed
+(offset 0). `sample` with a seed tensor is therefore a pure function of (logits, parameters, seeds): the custom op
+is deterministic, batch-invariant (a row never reads another row or the batch size) and the same on the compiled
+GPU kernel, the interpreted kernel and the CPU reference (which replays the same Philox in Python). Up to fp32
+rounding: the GPU and the interpreter may sum a row's mass in a different order, which moves a draw only when u
+falls within rounding of a CDF step. When no seed is given, one seed per row is drawn first from `generator` or
+torch's default CPU generator; that is the only place where generator state is consumed.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+from llmkern import _utils, compile_check, reference
+from llmkern.kernels import sampling as K
+
+# One fixed configuration, on purpose not autotuned: a different tile or warp count changes the fp32 summation
+# order of a row's mass, and so could move a draw that sits on a CDF step. With one config a seed gives the same
+# token on every call, whatever the batch.
+#   BLOCK = 1024: the streaming passes (stats, mass, draw/write) read 4 KB of fp32 per tile, 8 elements per thread
+#     at 4 warps: enough loads in flight per thread, no register pressure.
+#   BLOCK_S = 128 with NPIV = 16: the search pass keeps (16, 128) tiles of compares, masked keys and masses: 16
+#     per thread per quantity at 4 warps, which compiles without spills (see check-compile).
+#   MAX_PASSES = 8: a key bracket is at most 2**32 wide and each pass divides it by NPIV = 16 (16**8 = 2**32).
+CONFIG = dict(BLOCK=1024, BLOCK_S=128, NPIV=16, MAX_PASSES=8)
+NUM_WARPS = 4
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
+
+
+# ----------------------------------------------------------------------------------------------- argument checks
+def _param(name: str, value: Any, batch: int, device: torch.device, *, integer: bool, lo: float, hi: float,
+           lo_open: bool = False, hi_open: bool = False) -> torch.Tensor:
+    """A per-row parameter as a (batch,) tensor on `device` (float32, or int32 for top_k), range-checked."""
+    dtype = torch.int32 if integer else torch.float32
+    what = "an int" if integer else "a float"
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.shape[0] != batch:
+            raise ValueError(f"{name} must be {what} or a ({batch},) tensor (one value per row), "
+                             f"got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but logits is on {device}; they must share a device")
+        ok_dtype = value.dtype in _INT_DTYPES if integer else value.dtype.is_floating_point
+        if not ok_dtype:
+            raise ValueError(f"{name} must be an {'integer' if integer else 'floating-point'} tensor, "
+                             f"got {value.dtype}")
+        v = value.detach()
+        vmin, vmax = (float(x) for x in torch.aminmax(v.double())) if batch else (lo, hi)
+        bad = torch.isnan(v).any().item() if not integer and batch else False
+    else:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+            raise ValueError(f"{name} must be {what} or a ({batch},) tensor, got {value!r}")
+        vmin = vmax = float(value)
+        bad = vmin != vmin
+    below = vmin <= lo if lo_open else vmin < lo
+    above = vmax >= hi if hi_open else vmax > hi
+    if bad or below or above:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        got = "NaN" if bad else (vmin if below else vmax)
+        raise ValueError(f"{name} must be in {rng}, got {got}")
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(dtype).contiguous()
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _seeds(seed: Any, generator: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """int64 (batch,) seeds on `device`: given, one int for every row, or drawn from the generator."""
+    if seed is not None and generator is not None:
+        raise ValueError("seed and generator are exclusive: pass at most one")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if seed is None:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        s = torch.randint(_SEED_RANGE[0], _SEED_RANGE[1], (batch,), dtype=torch.int64, generator=generator,
+                          device=gen_device)
+        return s.to(device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 1 or seed.shape[0] != batch:
+            raise ValueError(f"seed must be an int or a ({batch},) int64 tensor, got shape {tuple(seed.shape)}")
+        if seed.dtype != torch.int64:
+            raise ValueError(f"seed must be an int64 tensor, got {seed.dtype}")
+        if seed.device != device:
+            raise ValueError(f"seed is on {seed.device} but logits is on {device}; they must share a device")
+        return seed.detach().contiguous()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int or a ({batch},) int64 tensor, got {seed!r}")
+    if not _SEED_RANGE[0] <= int(seed) <= _SEED_RANGE[1]:
+        raise ValueError(f"seed must fit in int64, got {seed}")
+    return torch.full((batch,), int(seed), dtype=torch.int64, device=device)
+
+
+def _check(logits: Any, temperature, top_k, top_p, min_p):
+    _utils.check_tensor("logits", logits, ndim=2, dtypes=_utils.FLOAT_DTYPES)
+    batch, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits must have at least one column (vocab >= 1)")
+    if vocab >= 2 ** 24:
+        # counts are kept in fp32 by the search, exact up to 2**24
+        raise ValueError(f"logits: vocab must be below 2**24 = 16777216, got {vocab}")
+    dev = logits.device
+    params = (
+        _param("temperature", temperature, batch, dev, integer=False, lo=0.0, hi=float("inf"), hi_open=True),
+        _param("top_k", top_k, batch, dev, integer=True, lo=0, hi=float("inf"), hi_open=True),
+        _param("top_p", top_p, batch, dev, integer=False, lo=0.0, hi=1.0, lo_open=True),
+        _param("min_p", min_p, batch, dev, integer=False, lo=0.0, hi=1.0),
+    )
+    return _utils.last_dim_contiguous("logits", logits), params
+
+
+# ------------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("llmkern::sample", mutates_args=())
+def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               min_p: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    batch = logits.shape[0]
+    if not _utils.use_triton(logits):
+        return reference.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    if batch:
+        _run(K._sampling_sample_kernel, logits, temperature, top_k, top_p, min_p, seed, out)
+    return out
+
+
+@_sample_op.register_fake
+def _(logits, temperature, top_k, top_p, min_p, seed):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+@torch.library.custom_op("llmkern::sampling_probs", mutates_args=())
+def _probs_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+              min_p: torch.Tensor) -> torch.Tensor:
+    if not _utils.use_triton(logits):
+        probs = reference.sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        return probs.to(device=logits.device, dtype=torch.float32)
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    if logits.shape[0]:
+        _run(K._sampling_probs_kernel, logits, temperature, top_k, top_p, min_p, out, out.stride(0))
+    return out
+
+
+@_probs_op.register_fake
+def _(logits, temperature, top_k, top_p, min_p):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _run(kernel, logits, *args) -> None:
+    grid = (logits.shape[0],)
+    meta = dict(CONFIG) if _utils.INTERPRET else {**CONFIG, "num_warps": NUM_WARPS}
+    kernel[grid](logits, logits.stride(0), logits.shape[1], *args, **meta)
+
+
+# ------------------------------------------------------------------------------------------------- public API
+def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row: int64 (batch,).
+
+    logits: (batch, vocab) fp32/fp16/bf16 (any row stride). Each parameter is a Python number for all rows or a
+    (batch,) tensor on logits' device, one value per row. Applied in this order:
+      temperature >= 0: logits / temperature, softmax. 0 means greedy for that row: the first argmax.
+      top_k >= 0: keep the tokens whose logit is at least the k-th largest (0 or >= vocab: off). Ties at the
+        boundary are all kept, so a row may keep more than k tokens when logits tie exactly.
+      top_p in (0, 1]: among those, keep a token when the renormalized mass of the survivors with a strictly larger
+        logit is below top_p (the smallest most-probable set reaching top_p; tokens tied with its last one stay).
+      min_p in [0, 1]: keep tokens whose probability is at least min_p times the largest.
+    The token is drawn from the survivors, renormalized (exactly `sampling_probs`), by inverse CDF.
+    seed: an int (every row uses it: equal rows then draw equal tokens) or an int64 (batch,) tensor, one seed per
+      request. A row's token depends only on its logits, its parameters and its seed: the same on every call,
+      whatever else is in the batch, on GPU and CPU alike (see the module docstring). With no seed, one seed per
+      row is drawn from `generator`, or from torch's default generator when that is None too.
+    A row holding NaN or +inf, or whose logits are all -inf, returns -1 (never reads past the row, never hangs:
+    every loop has a fixed bound). Bad parameters raise ValueError naming the argument.
+    """
+    logits, (temp, k, p, mp) = _check(logits, temperature, top_k, top_p, min_p)
+    seeds = _seeds(seed, generator, logits.shape[0], logits.device)
+    return _sample_op(logits, temp, k, p, mp, seeds)
+
+
+def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """The exact distribution `sample` draws from: float32 (batch, vocab), zeros outside the kept set.
+
+    Same parameters and order as `sample`; computed by the same threshold search (no sort), then a
+    normalize-and-write pass. Greedy rows (temperature 0) are one-hot at the first argmax; invalid rows (NaN, +inf,
+    all -inf) are all zeros.
+    """
+    logits, (temp, k, p, mp) = _check(logits, temperature, top_k, top_p, min_p)
+    return _probs_op(logits, temp, k, p, mp)
+
+
+# --------------------------------------------------------------------------------------------- compile specs
+@compile_check.register
+def _compile_specs():
+    params = {"temp_ptr": "*fp32:16", "top_k_ptr": "*i32:16", "top_p_ptr": "*fp32:16", "min_p_ptr": "*fp32:16"}
+    for dt, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        head = {"logits_ptr": f"*{name}:16", "stride_row": "i64", "V": "i32"}
+        cfg = ",".join(f"{k}={v}" for k, v in CONFIG.items()) + f",w{NUM_WARPS},{name}"
+        yield compile_check.CompileSpec(
+            kernel=K._sampling_sample_kernel, name="_sampling_sample_kernel", config=cfg,
+            signature={**head, **params, "seed_ptr": "*i64:16", "out_ptr": "*i64:16"},
+            constexprs=dict(CONFIG), num_warps=NUM_WARPS)
+        yield compile_check.CompileSpec(
+            kernel=K._sampling_probs_kernel, name="_sampling_probs_kernel", config=cfg,
+            signature={**head, **params, "out_ptr": "*fp32:16", "stride_out": "i64"},
+            constexprs=dict(CONFIG), num_warps=NUM_WARPS)
