@@ -307,3 +307,65 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
         hit = torch.nonzero((cdf > goal) & (probs[b] > 0))
         out[b] = int(hit[0]) if len(hit) else int(torch.nonzero(probs[b] > 0)[-1])
     return out.to(logits.device)
+
+
+# ------------------------------------------------------------------------------------------ quantized matmul
+# Weight-only quantization as the formats define it: integer codes q (out_features, in_features), and per (group,
+# output column) a scale s and an integer zero point z, with group(k) = k // group_size (or g_idx[k] for GPTQ's
+# act-order); the weight is w[n, k] = (q[n, k] - z[group(k), n]) * s[group(k), n].
+def quant_dequantize(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, *,
+                     g_idx: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (N, K) integer codes, zeros (G, N) integers, scales (G, N) -> w (N, K) in `dtype`, computed in float64.
+
+    (q - z) is a small integer and s a half-precision number, so the float64 product is exact."""
+    n, k = q.shape
+    if g_idx is None:
+        gs = k if group_size == -1 else group_size
+        g_idx = torch.arange(k, device=q.device) // gs
+    g_idx = g_idx.long()
+    z = zeros.double()[g_idx].t()          # (N, K): the zero point of every weight
+    s = scales.double()[g_idx].t()
+    return ((q.double() - z) * s).to(dtype)
+
+
+def quant_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (..., K) @ w.T + bias with w (N, K) the dequantized weight: float32 math by default, output in x's dtype."""
+    cd = _compute_dtype(x, compute_dtype)
+    y = x.to(cd) @ w.to(cd).t()
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y.to(x.dtype)
+
+
+def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
+                 scale_dtype: torch.dtype = torch.float16):
+    """Round-to-nearest quantization of w (N, K) -> (q (N, K) int32 in [0, 2**bits), zeros (G, N) int32, scales (G, N)).
+
+    With zero points the range of each group is widened to include 0 (as GPTQ does), so the zero point is an integer
+    in [0, 2**bits - 1]. Symmetric: q - 2**(bits-1) in [-(2**(bits-1) - 1), 2**(bits-1) - 1], zero point 2**(bits-1).
+    The scale is rounded UP to scale_dtype before the codes are computed, so the codes span the whole range and every
+    dequantized element is within half a step (s / 2) of the original.
+    """
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    wg = w.double().reshape(n, k // gs, gs)                               # (N, G, gs)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        span = wg.abs().amax(dim=-1) / qmax                               # (N, G)
+    else:
+        qmax = 2 ** bits - 1
+        lo = wg.amin(dim=-1).clamp(max=0.0)
+        hi = wg.amax(dim=-1).clamp(min=0.0)
+        span = (hi - lo) / qmax
+    span = torch.where(span > 0, span, torch.ones_like(span))            # an all-zero group: any scale is exact
+    s = span.to(scale_dtype)
+    s = torch.where(s.double() < span, torch.nextafter(s, torch.full_like(s, float("inf"))), s)  # round up
+    sd = s.double()[..., None]
+    if symmetric:
+        z = torch.full_like(span, 2 ** (bits - 1))
+        q = torch.clamp(torch.round(wg / sd), -qmax, qmax) + 2 ** (bits - 1)
+    else:
+        z = torch.clamp(torch.round(-lo / s.double()), 0, qmax)
+        q = torch.clamp(torch.round(wg / sd) + z[..., None], 0, qmax)
+    return (q.reshape(n, k).to(torch.int32), z.t().contiguous().to(torch.int32), s.t().contiguous())

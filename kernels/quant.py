@@ -1,0 +1,147 @@
+"""Weight-only quantized matmul: out = x @ dequant(W).T (+ bias), W stored as int4/int8 codes.
+
+Device code only. The packed layout (llmkern.quant documents it in full):
+  qweight int32 (K // PACK, N), PACK = 32 // bits codes per word along K: code (k, n) is bits [(k % PACK) * bits, +bits)
+          of word (k // PACK, n). A K-tile of BLOCK_K rows touches BLOCK_K // PACK consecutive word rows, and the
+          words of one row are contiguous along N, so the loads coalesce along N.
+  scales  (G, N) fp16/bf16 and zeros (G, N) int16, one per (group, output column); groups are contiguous runs of
+          `group_size` rows of K (act-order checkpoints are sorted at conversion; `perm` then gathers x's columns).
+  perm    int32 (K,), only with HAS_PERM: row j of the packed weight multiplies x[:, perm[j]].
+
+BLOCK_K is 32, the smallest group size, so a K-tile never straddles two groups: each tile needs one scale and one zero
+point per column. That lets the dot paths multiply the integer codes (q - z), which are exact in fp16 and bf16
+(|q - z| <= 256), and apply the scale to the fp32 partial product: the only rounding is fp32 accumulation and the final
+cast to the output dtype.
+
+`bits` and `pack_shift` (log2 PACK) are runtime arguments: they enter only per-row index arithmetic on a BLOCK_K
+vector, never per element, so one compiled kernel serves int4 and int8.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift):
+    """(BLOCK_K, BLOCK_N) int32 codes of rows offs_k, columns offs_n, unpacked from the K-packed words."""
+    row = offs_k >> pack_shift                                   # the word holding code k
+    shift = (offs_k & ((1 << pack_shift) - 1)) * bits            # its bit offset inside the word
+    # Words of one row are contiguous along N. Rows of the same word are re-read by the PACK rows sharing it: those
+    # repeats hit L1, so each word still crosses HBM once. (Word count < 2**31 for any real layer: i32 offsets.)
+    words = tl.load(w_ptr + row[:, None] * N + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0)
+    return (words >> shift[:, None]) & ((1 << bits) - 1)
+
+
+@triton.jit
+def _x_cols(perm_ptr, offs_k, k_mask, HAS_PERM: tl.constexpr):
+    """The columns of x that packed rows offs_k multiply: offs_k itself, or perm[offs_k] for act-order."""
+    if HAS_PERM:
+        return tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
+    else:
+        return offs_k
+
+
+@triton.jit
+def quant_decode_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_xk, stride_om, group_size, bits, pack_shift, tiles_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Small M (<= 16). Program (pid_n, pid_k) owns BLOCK_N output columns for ALL rows and one K-range, so every
+    packed word is read by exactly one program (split-K keeps the machine busy when N alone gives too few programs).
+
+    BLOCK_M == 1: a GEMV. The dequantized tile is multiplied into an fp32 (BLOCK_K, BLOCK_N) accumulator elementwise
+    and reduced over K once, after the loop (no cross-thread reduction per tile).
+    BLOCK_M == 16 (M in 2..16): the rows are padded to the MMA's minimum M of 16 and the tile goes through tl.dot.
+    ATOMIC: more than one K-range per column block; partial sums are added into the fp32 workspace (which the host
+    filled with the bias), and the host casts it to the output dtype.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    k_begin = pid_k * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(K, k_begin + tiles_per_split * BLOCK_K)
+
+    if BLOCK_M == 1:
+        acc_kn = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        g = k0 // group_size                                     # the tile's single group (BLOCK_K divides it)
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+        q = _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift) - z[None, :]
+        cols = _x_cols(perm_ptr, offs_k, k_mask, HAS_PERM)
+        if BLOCK_M == 1:
+            xv = tl.load(x_ptr + cols * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+            acc_kn += xv[:, None] * (q.to(tl.float32) * s[None, :])
+        else:
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if DOT_FP32:   # the interpreter's bf16 dot is unreliable: same exact products, in fp32
+                part = tl.dot(xt.to(tl.float32), q.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(xt, q.to(xt.dtype))
+            acc += part * s[None, :]
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_kn, axis=0)[None, :]
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def quant_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr,
+    M, N, K, stride_xm, stride_xk, stride_om, group_size, bits, pack_shift,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Large M: a tiled GEMM. Each K-tile of codes is unpacked on chip, its zero point subtracted, and fed to tl.dot
+    (tensor cores); the group's scale multiplies the fp32 tile product. One dequantized tile serves BLOCK_M rows."""
+    pid = tl.program_id(0)
+    # Grouped launch order: GROUP_M row-blocks walk the same column-blocks together, so a column-block's packed
+    # weights are still in L2 when the next row-block needs them.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_here = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_here
+    pid_n = (pid % per_group) // rows_here
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        g = k0 // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+        q = _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift) - z[None, :]
+        cols = _x_cols(perm_ptr, offs_k, k_mask, HAS_PERM)
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_FP32:
+            part = tl.dot(xt.to(tl.float32), q.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(xt, q.to(xt.dtype))
+        acc += part * s[None, :]
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
