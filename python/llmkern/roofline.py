@@ -1,0 +1,349 @@
+"""The roofline of a whole model step: how fast prefill and decode can possibly run on a device, and why.
+
+    llmkern roofline --model llama-3-8b --device h100 --batch 16 --context 4096 [--bits 4] [--plot PATH
+                     [--bench-json FILE]]
+
+The model of one step (functions below, shared with the end-to-end benchmark):
+  * FLOPs: 2 per multiply-add of every linear layer for every token processed, plus attention's QK^T and PV
+    (llmkern.perf.attention_flops) over the (query, key) pairs the causal (and sliding-window) mask allows; the LM
+    head runs for one token per sequence (generation needs only the last logits). Norms, RoPE, activations, softmax
+    are ignored (well under 1% of the FLOPs).
+  * Bytes: the compulsory HBM traffic: every weight read once per step (the embedding table only for the rows
+    looked up), the KV cache read once (decode) and the new K/V written once. Activations are assumed to stay
+    on chip, so this is a lower bound on traffic.
+  * Time: llmkern.perf.roofline_time_s = max(FLOPs / peak tensor FLOP/s, bytes / peak bandwidth).
+
+Decode with a small batch reads every weight to do 2 FLOPs per weight per sequence: intensity ~ batch FLOP/byte in
+bf16, far below the ridge (~295 FLOP/byte on an H100), so it is memory-bound; prefill of thousands of tokens is
+compute-bound.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from llmkern import perf
+from llmkern.cli import subcommand
+from llmkern.models import MODELS, ModelShape, get_model
+
+BF16_BYTES = 2        # weights, activations and the KV cache are bf16 unless quantized
+DEFAULT_GROUP = 128   # group size of weight-only int4/int8 quantization (GPTQ/AWQ's common default)
+
+# Names people type for the devices in llmkern.perf.DEVICES.
+DEVICE_ALIASES = {"h100": "h100-sxm", "h100-sxm5": "h100-sxm", "a100": "a100-80gb", "a100-80": "a100-80gb",
+                  "a100-40": "a100-40gb", "4090": "rtx4090", "rtx-4090": "rtx4090", "h200-sxm": "h200"}
+
+
+def resolve_device(name: str) -> perf.DevicePeak:
+    key = name.strip().lower()
+    key = DEVICE_ALIASES.get(key, key)
+    if key not in perf.DEVICES:
+        known = ", ".join(list(perf.DEVICES) + sorted(DEVICE_ALIASES))
+        raise ValueError(f"unknown device {name!r}; known: {known}")
+    return perf.DEVICES[key]
+
+
+# --------------------------------------------------------------------------------------------------- weights
+def linear_weight_bytes(model: ModelShape, bits: int | None = None, group_size: int = DEFAULT_GROUP) -> float:
+    """Bytes of every decoder layer's linear weights: bf16, or packed `bits`-bit with scales and zero points."""
+    if bits is None or bits >= 16:
+        per_layer = sum(n * k for n, k in model.linear_shapes()) * BF16_BYTES
+    else:
+        per_layer = sum(perf.quant_weight_bytes(n, k, bits, group_size) for n, k in model.linear_shapes())
+    return float(model.layers * per_layer)
+
+
+def _other_weight_bytes(model: ModelShape) -> float:
+    """Norms and q/k/v biases, all layers, plus the final norm (bf16; never quantized)."""
+    bias = (model.heads + 2 * model.kv_heads) * model.head_dim if model.qkv_bias else 0
+    return float(BF16_BYTES * (model.layers * (model.norms_per_layer * model.hidden + bias) + model.hidden))
+
+
+def weight_bytes(model: ModelShape, bits: int | None = None, group_size: int = DEFAULT_GROUP) -> float:
+    """All weights as stored. Weight-only quantization packs the decoder's linear layers; the embedding and the LM
+    head stay bf16 (what GPTQ/AWQ checkpoints and llmkern.quantize_model do)."""
+    emb = (model.embedding_params() + model.lm_head_params()) * BF16_BYTES
+    return linear_weight_bytes(model, bits, group_size) + _other_weight_bytes(model) + emb
+
+
+def step_weight_bytes(model: ModelShape, tokens: int, bits: int | None = None,
+                      group_size: int = DEFAULT_GROUP) -> float:
+    """Weight bytes one forward step must read: everything but the embedding table, of which only the `tokens`
+    rows looked up (the whole table when it is tied, being the LM head too)."""
+    lm_head = model.vocab * model.hidden * BF16_BYTES
+    emb_rows = 0 if model.tied_embeddings else min(tokens, model.vocab) * model.hidden * BF16_BYTES
+    return linear_weight_bytes(model, bits, group_size) + _other_weight_bytes(model) + lm_head + emb_rows
+
+
+# -------------------------------------------------------------------------------------------------- KV cache
+def kv_bytes_per_token(model: ModelShape, elem: int = BF16_BYTES) -> float:
+    """K and V of every layer for one token."""
+    return float(2 * model.layers * model.kv_heads * model.head_dim * elem)
+
+
+def _kv_tokens(model: ModelShape, context: int) -> float:
+    """Cached tokens summed over layers / layers: sliding-window layers keep only the last `window` tokens."""
+    if model.sliding_window is None or model.sliding_layers == 0:
+        return float(context)
+    windowed = min(context, model.sliding_window)
+    return (model.sliding_layers * windowed + (model.layers - model.sliding_layers) * context) / model.layers
+
+
+def kv_cache_bytes(model: ModelShape, batch: int, context: int, elem: int = BF16_BYTES) -> float:
+    """The KV cache of `batch` sequences of `context` tokens."""
+    return batch * _kv_tokens(model, context) * kv_bytes_per_token(model, elem)
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+@dataclass(frozen=True)
+class StepCost:
+    kind: str            # "prefill" or "decode"
+    tokens: int          # tokens processed (prefill: batch x context; decode: batch)
+    flops: float
+    bytes: float
+    linear_flops: float
+    attention_flops: float
+    weight_bytes: float
+    kv_bytes: float
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per byte of compulsory traffic."""
+        return self.flops / self.bytes
+
+
+def _causal_pairs(seqlen: int, window: int | None) -> float:
+    """(query, key) pairs of one causal sequence, closed form; a window of w keys includes the query itself
+    (FlashAttention's window (w - 1, 0), Hugging Face's sliding_window=w)."""
+    full = seqlen * (seqlen + 1) / 2
+    if window is None or window >= seqlen:
+        return full
+    # Query i sees min(i + 1, window) keys: the first `window` queries as in full causal, the rest `window` each.
+    return window * (window + 1) / 2 + (seqlen - window) * window
+
+
+def _attention_flops_per_layer_avg(model: ModelShape, pairs_full: float, pairs_windowed: float) -> float:
+    """Attention FLOPs summed over all layers, sliding layers using their windowed pair count."""
+    per_pair = perf.attention_flops(1, model.heads, model.head_dim, 1)
+    slid = model.sliding_layers if model.sliding_window is not None else 0
+    return per_pair * (slid * pairs_windowed + (model.layers - slid) * pairs_full)
+
+
+def linear_flops(model: ModelShape, tokens: int, lm_head_tokens: int) -> float:
+    per_token = sum(n * k for n, k in model.linear_shapes()) * model.layers
+    return 2.0 * (per_token * tokens + model.vocab * model.hidden * lm_head_tokens)
+
+
+def prefill_step(model: ModelShape, batch: int, context: int, bits: int | None = None,
+                 group_size: int = DEFAULT_GROUP) -> StepCost:
+    """One forward over `batch` prompts of `context` tokens each (causal), writing their K/V into the cache."""
+    tokens = batch * context
+    lin = linear_flops(model, tokens, lm_head_tokens=batch)
+    attn = batch * _attention_flops_per_layer_avg(model, _causal_pairs(context, None),
+                                                  _causal_pairs(context, model.sliding_window))
+    w = step_weight_bytes(model, tokens, bits, group_size)
+    kv = kv_cache_bytes(model, batch, context)  # written once
+    return StepCost("prefill", tokens, lin + attn, w + kv, lin, attn, w, kv)
+
+
+def decode_step(model: ModelShape, batch: int, context: int, bits: int | None = None,
+                group_size: int = DEFAULT_GROUP) -> StepCost:
+    """One new token for each of `batch` sequences whose cache holds `context` tokens (the new one included)."""
+    lin = linear_flops(model, batch, lm_head_tokens=batch)
+    window = model.sliding_window if model.sliding_window is not None else None
+    windowed = min(context, window) if window is not None else context
+    attn = batch * _attention_flops_per_layer_avg(model, context, windowed)
+    w = step_weight_bytes(model, batch, bits, group_size)
+    kv = kv_cache_bytes(model, batch, context) + batch * kv_bytes_per_token(model)  # read the cache, write the new
+    return StepCost("decode", batch, lin + attn, w + kv, lin, attn, w, kv)
+
+
+def bound(step: StepCost, peak: perf.DevicePeak) -> dict[str, Any]:
+    """Lowest time for the step on the device, which resource binds, and the tokens/s that time allows."""
+    compute_s = step.flops / (peak.tensor_tflops * 1e12)
+    memory_s = step.bytes / (peak.hbm_gbps * 1e9)
+    t = perf.roofline_time_s(step.flops, step.bytes, peak)
+    return {"time_s": t, "compute_s": compute_s, "memory_s": memory_s,
+            "bound": "compute" if compute_s >= memory_s else "memory",
+            "tokens_per_s": step.tokens / t, "ridge": ridge_point(peak)}
+
+
+def ridge_point(peak: perf.DevicePeak, *, tensor_cores: bool = True) -> float:
+    """The arithmetic intensity (FLOP/byte) where the compute and memory roofs meet."""
+    tflops = peak.tensor_tflops if tensor_cores else peak.fp32_tflops
+    return tflops * 1e12 / (peak.hbm_gbps * 1e9)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _fmt_bytes(b: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def report(model: ModelShape, peak: perf.DevicePeak, batch: int, context: int, bits: int | None = None,
+           group_size: int = DEFAULT_GROUP) -> str:
+    """The text `llmkern roofline` prints."""
+    wq = f"int{bits} (group {group_size}) linear layers, bf16 embeddings/LM head" if bits else "bf16"
+    lines = [
+        f"{model.name} on {peak.name}: batch {batch}, context {context}, weights {wq}",
+        f"  model: {model.param_count() / 1e9:.2f} B parameters ({model.source})",
+        f"  device: {peak.hbm_gbps:.0f} GB/s, {peak.tensor_tflops:.1f} dense bf16 tensor TFLOP/s, ridge point "
+        f"{ridge_point(peak):.0f} FLOP/byte ({peak.source})",
+        f"  weight bytes:            {weight_bytes(model, bits, group_size):.4g} ({_fmt_bytes(weight_bytes(model, bits, group_size))})",
+        f"  KV cache per token:      {kv_bytes_per_token(model):.4g} ({_fmt_bytes(kv_bytes_per_token(model))}, bf16)",
+        f"  KV cache total:          {kv_cache_bytes(model, batch, context):.4g} "
+        f"({_fmt_bytes(kv_cache_bytes(model, batch, context))}: {batch} x {context} tokens)",
+        "",
+        f"  {'step':<8} {'tokens':>8} {'FLOPs':>11} {'bytes':>11} {'FLOP/byte':>10} {'bound':>8} "
+        f"{'lowest time':>12} {'tokens/s':>12}",
+    ]
+    for step in (prefill_step(model, batch, context, bits, group_size),
+                 decode_step(model, batch, context, bits, group_size)):
+        b = bound(step, peak)
+        lines.append(f"  {step.kind:<8} {step.tokens:>8} {step.flops:>11.4g} {step.bytes:>11.4g} "
+                     f"{step.intensity:>10.1f} {b['bound']:>8} {_fmt_time(b['time_s']):>12} "
+                     f"{b['tokens_per_s']:>12,.0f}")
+    lines.append("")
+    lines.append("  prefill: one forward of batch x context prompt tokens; decode: one token per sequence over a "
+                 "cache of `context` tokens. Bytes are compulsory HBM traffic (weights once, KV cache), a lower bound.")
+    return "\n".join(lines)
+
+
+def summary_table(records: Iterable[dict], device: str | perf.DevicePeak | None = None) -> str:
+    """A roofline summary of benchmark records (bench.common's format: op, impl, shape, median_ms, flops, bytes).
+
+    The peak comes from `device` (a DEVICES key/alias or a DevicePeak), else from each record's device name; with
+    no known peak (CPU runs) the roofline columns show '-'.
+    """
+    fixed = resolve_device(device) if isinstance(device, str) else device
+    head = (f"{'op':<24} {'impl':<16} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'FLOP/B':>8} {'bound':>8} "
+            f"{'floor ms':>10} {'% roof':>7}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        peak = fixed or perf.match_device_name(str(r.get("device", "")))
+        ms = float(r["median_ms"])
+        flops, nbytes = float(r.get("flops") or 0.0), float(r.get("bytes") or 0.0)
+        ai = flops / nbytes if nbytes else float("nan")
+        tflops = flops / (ms * 1e-3) / 1e12 if ms > 0 else 0.0
+        gbps = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else 0.0
+        if peak is not None and (flops or nbytes):
+            floor_s = perf.roofline_time_s(flops, nbytes, peak, tensor_cores=r.get("tensor_cores", True))
+            comp = flops / (peak.tensor_tflops * 1e12)
+            bnd = "compute" if comp >= nbytes / (peak.hbm_gbps * 1e9) else "memory"
+            roof = f"{floor_s * 1e3:>10.4f} {100 * floor_s / (ms * 1e-3):>6.1f}%"
+        else:
+            bnd, roof = "-", f"{'-':>10} {'-':>7}"
+        lines.append(f"{str(r.get('op', '?'))[:24]:<24} {str(r.get('impl', '?'))[:16]:<16} {ms:>10.4f} "
+                     f"{tflops:>8.2f} {gbps:>8.1f} {ai:>8.2f} {bnd:>8} {roof}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ plot
+def plot(path: str, peak: perf.DevicePeak, steps: Sequence[tuple[str, StepCost]] = (),
+         records: Sequence[dict] = ()) -> int:
+    """Draw the device's roofline (log-log: FLOP/byte vs TFLOP/s) with the model steps at their bound and each
+    benchmark record at its measured throughput. Returns how many records were placed (records with no FLOPs
+    have no place on a log axis and are skipped)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only; no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from e
+
+    points = []
+    for r in records:
+        flops, nbytes, ms = float(r.get("flops") or 0), float(r.get("bytes") or 0), float(r.get("median_ms") or 0)
+        if flops > 0 and nbytes > 0 and ms > 0:
+            label = f"{r.get('op', '?')}/{r.get('impl', '?')}"
+            points.append((flops / nbytes, flops / (ms * 1e-3) / 1e12, label))
+    xs = [p[0] for p in points] + [s.intensity for _, s in steps] + [ridge_point(peak)]
+    lo, hi = min(xs + [0.1]) / 4, max(xs + [1e4]) * 4
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    for tflops, style, name in ((peak.tensor_tflops, "-", "bf16 tensor"), (peak.fp32_tflops, "--", "fp32")):
+        ax.plot(grid, [min(tflops, x * peak.hbm_gbps / 1e3) for x in grid], style, color="black", lw=1.2,
+                label=f"{name} roof ({tflops:g} TFLOP/s, {peak.hbm_gbps:g} GB/s)")
+    for name, s in steps:
+        at = min(peak.tensor_tflops, s.intensity * peak.hbm_gbps / 1e3)
+        ax.plot([s.intensity], [at], marker="*", markersize=14, linestyle="none", label=f"{name} (bound)")
+    for x, y, label in points:
+        ax.plot([x], [y], marker="o", linestyle="none", alpha=0.8, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte of HBM traffic)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"Roofline: {peak.name}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return len(points)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-3-8b", help=f"model shape (default llama-3-8b; known: {', '.join(MODELS)})")
+    p.add_argument("--device", default="h100", help="device peaks from llmkern.perf.DEVICES (default h100 = "
+                                                   f"h100-sxm; known: {', '.join(perf.DEVICES)})")
+    p.add_argument("--batch", type=_positive_int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--context", type=_positive_int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=16,
+                   help="weight bits of the decoder's linear layers (default 16 = bf16)")
+    p.add_argument("--group-size", type=_positive_int, default=DEFAULT_GROUP,
+                   help=f"quantization group size with --bits 4/8 (default {DEFAULT_GROUP})")
+    p.add_argument("--plot", metavar="PATH", help="draw the roofline chart to PATH (needs matplotlib)")
+    p.add_argument("--bench-json", metavar="FILE", help="with --plot: place each record of this `llmkern bench "
+                                                        "--json` file as a measured point")
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        model = get_model(args.model)
+        peak = resolve_device(args.device)
+    except ValueError as e:
+        print(f"llmkern roofline: {e}", file=sys.stderr)
+        return 2
+    bits = None if args.bits == 16 else args.bits
+    print(report(model, peak, args.batch, args.context, bits, args.group_size))
+    if args.bench_json and not args.plot:
+        print("llmkern roofline: --bench-json needs --plot PATH", file=sys.stderr)
+        return 2
+    if args.plot:
+        records = []
+        if args.bench_json:
+            with open(args.bench_json) as f:
+                records = json.load(f).get("records", [])
+        steps = [(f"{model.name} prefill", prefill_step(model, args.batch, args.context, bits, args.group_size)),
+                 (f"{model.name} decode", decode_step(model, args.batch, args.context, bits, args.group_size))]
+        try:
+            placed = plot(args.plot, peak, steps, records)
+        except RuntimeError as e:
+            print(f"llmkern roofline: {e}", file=sys.stderr)
+            return 2
+        skipped = len(records) - placed
+        note = f" ({skipped} records without FLOPs not placed)" if skipped else ""
+        print(f"\nwrote {args.plot}: roofline with {len(steps)} model steps and {placed} measured points{note}")
+    return 0
+
+
+subcommand("roofline", "lowest possible prefill/decode time of a model on a device, and the bound that sets it")(
+    (_args, _run))
