@@ -1,0 +1,389 @@
+"""Quantized matmul: quantization bounds, GPTQ/AWQ conversion, both kernel paths, QuantLinear, quantize_model, bad input.
+
+Ground truth is float64: x @ W.T with W the exactly dequantized weight, W[n, k] = (q - z) * s (reference.py).
+
+Error budget. Both kernels multiply the integer codes (q - z) (exact in fp16/bf16: |q - z| <= 256) or the fp32 weight
+(q - z) * s (exact in fp32: an 8-bit integer times an 11-bit mantissa) by x, so every product is exact or rounded once
+in fp32, and the only other roundings are (a) fp32 accumulation over K terms (plus the scale multiply, the bias add,
+and split-K's partial sums), bounded by Higham's gamma_n = n * 2^-24 times sum_k |x_k| |w_kn| with n = K + 4, and (b)
+the final rounding to the output dtype: half an ulp, u = 2^-11 (fp16) or 2^-8 (bf16) relative. (The Triton interpreter
+converts fp32 to bf16 by truncation, a whole ulp, so on CPU bf16 gets u = 2^-7; a GPU rounds to nearest.) A floor of
+2^-24 covers fp16's subnormal spacing near zero. This is a worst case, so it cannot flake, and it is tight enough that one wrong
+code, zero point or scale (an error of one quantization step times |x|) fails it.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import llmkern
+from llmkern import quant, reference
+
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+INTERPRETER_BF16_ROUNDOFF = 2.0 ** -7     # truncation: a whole bf16 ulp (8 significant bits)
+
+
+def assert_quant_close(out, x, w64, bias=None, *, what="output"):
+    """out (..., N) vs x (..., K) @ w64 (N, K).T (+ bias) in float64, within the budget in the module docstring."""
+    x64 = x.double()
+    ref = x64 @ w64.t()
+    mag = x64.abs() @ w64.abs().t()
+    if bias is not None:
+        ref = ref + bias.double()
+        mag = mag + bias.double().abs()
+    k = x.shape[-1]
+    acc_err = (k + 4) * 2.0 ** -24 * mag
+    u = UNIT_ROUNDOFF[x.dtype]
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        u = INTERPRETER_BF16_ROUNDOFF
+    budget = u * (ref.abs() + acc_err) + acc_err + 2.0 ** -24
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == x.dtype, f"{what}: dtype {out.dtype} != {x.dtype}"
+    err = (out.double() - ref).abs()
+    worst = int(torch.argmax(err - budget))
+    assert bool((err <= budget).all()), (
+        f"{what}: error {err.flatten()[worst]:.3e} exceeds budget {budget.flatten()[worst]:.3e} at flat index {worst}")
+
+
+def random_codes(n, k, bits, group_size, gen, *, zero_hi=None):
+    groups = 1 if group_size == -1 else k // group_size
+    q = torch.randint(0, 2 ** bits, (n, k), generator=gen, dtype=torch.int32)
+    zero_hi = 2 ** bits - 1 if zero_hi is None else zero_hi
+    z = torch.randint(0, zero_hi + 1, (groups, n), generator=gen, dtype=torch.int32)
+    # scales of a realistic magnitude (|w| ~ 0.05), with varying exponents so a wrong group shows
+    s = (torch.rand(groups, n, generator=gen, dtype=torch.float64) * 0.02 + 0.002)
+    return q, z, s
+
+
+def act_order_g_idx(k, group_size, gen):
+    """GPTQ act-order: columns are quantized in a permuted order `order`, the j-th one into group j // group_size."""
+    order = torch.randperm(k, generator=gen)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
+    return g_idx
+
+
+# --------------------------------------------------------------------------- test-side packers (from the formats)
+def _to_int32(words64):
+    """Reinterpret the low 32 bits of non-negative int64 words as int32 (what a checkpoint stores)."""
+    return torch.where(words64 >= 2 ** 31, words64 - 2 ** 32, words64).to(torch.int32)
+
+
+def gptq_pack(q, z, bits):
+    """GPTQ v1: qweight (K*bits/32, N), word i of column n holds q[n, i*P + j] at bits j*bits (P = 32/bits);
+    qzeros (G, N*bits/32), word c of group g holds (z[g, c*P + j] - 1) mod 2**bits at bits j*bits."""
+    n, k = q.shape
+    p = 32 // bits
+    qweight = torch.zeros(k // p, n, dtype=torch.int64)
+    for j in range(p):
+        qweight |= q.t()[j::p].to(torch.int64) << (bits * j)
+    stored = (z.to(torch.int64) - 1) & (2 ** bits - 1)
+    qzeros = torch.zeros(z.shape[0], n // p, dtype=torch.int64)
+    for j in range(p):
+        qzeros |= stored[:, j::p] << (bits * j)
+    return _to_int32(qweight), _to_int32(qzeros)
+
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def awq_pack(q, z):
+    """AWQ GEMM, 4 bits: qweight (K, N/8), word c of row k holds q[8c + AWQ_ORDER[i], k] at bits 4i; qzeros alike."""
+    def pack_cols(a):  # a (R, N) -> (R, N/8)
+        out = torch.zeros(a.shape[0], a.shape[1] // 8, dtype=torch.int64)
+        for i, col in enumerate(AWQ_ORDER):
+            out |= a[:, col::8].to(torch.int64) << (4 * i)
+        return _to_int32(out)
+    return pack_cols(q.t()), pack_cols(z)
+
+
+# --------------------------------------------------------------------------- quantization
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantize_within_half_step(bits, group_size, symmetric):
+    gen = torch.Generator().manual_seed(bits * 1000 + group_size + symmetric)
+    w = torch.randn(24, 256, generator=gen, dtype=torch.float32) * 0.05
+    w[0] = 0.0                      # an all-zero row: every group degenerate
+    w[1] = 0.03                     # a constant positive row
+    w[2, :128] = -torch.rand(128, generator=gen)   # one-signed groups
+    w[3] *= 40.0                    # an outlier row
+    for dtype in (torch.float16, torch.bfloat16):
+        wd = w.to(dtype)
+        qw = llmkern.quantize_weight(wd, bits=bits, group_size=group_size, symmetric=symmetric)
+        assert qw.dtype == dtype and qw.shape == (24, 256)
+        codes = qw.codes()
+        assert int(codes.min()) >= 0 and int(codes.max()) < 2 ** bits
+        deq = qw.dequantize(torch.float64)
+        gs = 256 if group_size == -1 else group_size
+        step = qw.scales.double().repeat_interleave(gs, dim=0).t()      # (N, K): each element's scale
+        err = (deq - wd.double()).abs()
+        # half a step, up to float64 rounding of w / s in the quantizer
+        assert bool((err <= 0.5 * step * (1 + 1e-12)).all()), f"max err/step {float((err / step).max()):.6f}"
+        if symmetric:
+            assert bool((qw.zeros == 2 ** (bits - 1)).all())
+        # the returned dtype is the scales' by default; the fp32 weight gets fp16 scales
+    assert llmkern.quantize_weight(w, bits=bits, group_size=group_size).dtype == torch.float16
+
+
+# --------------------------------------------------------------------------- both kernel paths
+# Each setting: (bits, group_size, symmetric, act_order, N, K, dtype). Odd N everywhere; K from 96 to 384 (several
+# 32-row K-tiles, and for group -1 a K that is not a multiple of 64); int4 and int8 at every group size.
+SETTINGS = [
+    (4, 32, False, False, 77, 96, torch.float16),
+    (4, 64, True, False, 131, 128, torch.bfloat16),
+    (4, 128, False, False, 45, 256, torch.float16),
+    (4, -1, False, False, 131, 96, torch.bfloat16),
+    (8, 32, False, False, 45, 64, torch.bfloat16),
+    (8, 64, False, False, 77, 128, torch.float16),
+    (8, 128, True, False, 131, 384, torch.bfloat16),
+    (8, -1, True, False, 29, 160, torch.float16),
+    (4, 128, False, True, 77, 384, torch.bfloat16),
+    (4, 32, False, True, 131, 128, torch.float16),
+    (8, 64, False, True, 45, 192, torch.float16),
+]
+
+
+def _setting_weight(bits, group_size, symmetric, act_order, n, k, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if act_order:
+        q, z, s = random_codes(n, k, bits, group_size, gen)
+        g_idx = act_order_g_idx(k, group_size, gen)
+        qw = quant.QuantizedWeight.from_codes(q, z, s.to(dtype), bits=bits, group_size=group_size, g_idx=g_idx)
+        assert qw.perm is not None
+        w64 = reference.quant_dequantize(q, z, s.to(dtype), group_size, g_idx=g_idx, dtype=torch.float64)
+    else:
+        w = torch.randn(n, k, generator=gen) * 0.05
+        qw = llmkern.quantize_weight(w.to(dtype), bits=bits, group_size=group_size, symmetric=symmetric)
+        w64 = qw.dequantize(torch.float64)
+    assert torch.equal(qw.dequantize(torch.float64), w64)
+    return qw, w64, gen
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"int{s[0]}-g{s[1]}-sym{int(s[2])}-act{int(s[3])}-{s[6]}"
+                         .replace("torch.", ""))
+def test_paths_against_float64(setting, device):
+    bits, group_size, symmetric, act_order, n, k, dtype = setting
+    qw, w64, gen = _setting_weight(*setting, seed=n * k + bits)
+    qw = qw.to(device)
+    bias = (torch.randn(n, generator=gen) * 0.1).to(dtype).to(device)
+    for m, paths in ((1, ("decode", "gemm")), (3, ("decode", "gemm")), (16, ("decode",)), (67, ("gemm",))):
+        x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+        for path in paths:
+            for b in (None, bias) if m == 3 else (None,):
+                out = quant._launch(x, qw.qweight, qw.scales, qw.zeros, qw.perm, b, bits, group_size, path=path)
+                assert_quant_close(out.cpu(), x.cpu(), w64, None if b is None else b.cpu(),
+                                   what=f"{path} M={m} bias={b is not None}")
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 100])
+def test_decode_split_k(split_k, device):
+    """Every split of K (one K-range per program, uneven ranges, more splits than K-tiles), GEMV and 16-row dot,
+    with bias: the partial sums are added once each, the bias once."""
+    gen = torch.Generator().manual_seed(split_k)
+    k, n = 224, 150                                   # 7 K-tiles; 2 column blocks of the GEMV, 3 of the dot
+    w = torch.randn(n, k, generator=gen) * 0.05
+    qw = llmkern.quantize_weight(w.half(), bits=4, group_size=32).to(device)
+    w64 = qw.dequantize(torch.float64)
+    bias = torch.randn(n, generator=gen).half().to(device)
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=gen).half().to(device)
+        out = quant._launch(x, qw.qweight, qw.scales, qw.zeros, None, bias, 4, 32, path="decode", split_k=split_k)
+        assert_quant_close(out.cpu(), x.cpu(), w64, bias.cpu(), what=f"M={m} split_k={split_k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quant_matmul_public(dtype, device):
+    """The dispatcher (M in {1, 3, 16, 67} through leading batch dims), bias, and a strided x."""
+    gen = torch.Generator().manual_seed(7)
+    n, k = 99, 256
+    qw = llmkern.quantize_weight((torch.randn(n, k, generator=gen) * 0.05).to(dtype), bits=4,
+                                 group_size=64).to(device)
+    w64 = qw.dequantize(torch.float64)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
+    for lead in ((1,), (3,), (2, 8), (67,), (1, 67)):
+        x = torch.randn(*lead, k, generator=gen).to(dtype).to(device)
+        out = llmkern.quant_matmul(x, qw, bias)
+        assert out.shape == (*lead, n)
+        assert_quant_close(out.cpu(), x.cpu(), w64, bias.cpu(), what=f"x{tuple(x.shape)}")
+    wide = torch.randn(20, k + 40, generator=gen).to(dtype).to(device)
+    x = wide[:, 8:8 + k]                              # row stride k + 40: passed as is, not copied
+    assert_quant_close(llmkern.quant_matmul(x, qw).cpu(), x.cpu(), w64, what="strided rows")
+    xt = torch.randn(k, 4, generator=gen).to(dtype).to(device).t()   # a strided last dim: copied first
+    assert_quant_close(llmkern.quant_matmul(xt, qw).cpu(), xt.cpu(), w64, what="transposed x")
+    assert llmkern.quant_matmul(torch.empty(0, k, dtype=dtype, device=device), qw).shape == (0, n)
+
+
+def test_torch_compile_fullgraph(device):
+    gen = torch.Generator().manual_seed(3)
+    qw = llmkern.quantize_weight(torch.randn(40, 64, generator=gen).half(), bits=8, group_size=32).to(device)
+    x = torch.randn(2, 3, 64, generator=gen).half().to(device)
+    fn = torch.compile(lambda a: llmkern.quant_matmul(a, qw), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x), llmkern.quant_matmul(x, qw), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.llmkern.quant_matmul.default,
+                          (x, qw.qweight, qw.scales, qw.zeros, None, None, 8, 32))
+
+
+# --------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, False), (4, 32, True), (8, 64, False),
+                                                        (8, 128, True), (4, -1, False)])
+def test_from_gptq(bits, group_size, act_order, device):
+    gen = torch.Generator().manual_seed(bits + group_size)
+    n, k = 40, 256                                    # N a multiple of 32 / bits, as GPTQ's qzeros require
+    # v1 stores zero - 1: zeros run 1..2**bits, and 2**bits wraps to a stored 2**bits - 1 (read back as 2**bits)
+    q, z, s = random_codes(n, k, bits, group_size, gen)
+    z = z + 1
+    s = s.half()
+    g_idx = act_order_g_idx(k, group_size if group_size != -1 else k, gen) if act_order else None
+    qweight, qzeros = gptq_pack(q, z, bits)
+    qw = llmkern.QuantizedWeight.from_gptq(qweight, qzeros, s, g_idx=g_idx, bits=bits, group_size=group_size)
+    w64 = reference.quant_dequantize(q, z, s, group_size, g_idx=g_idx, dtype=torch.float64)
+    assert torch.equal(qw.codes(), q)
+    assert torch.equal(qw.dequantize(torch.float64), w64)
+    assert (qw.perm is not None) == act_order
+    if act_order:
+        assert torch.equal(qw.g_idx, g_idx)
+    qw = qw.to(device)
+    for m in (1, 4, 20):
+        x = torch.randn(m, k, generator=gen).half().to(device)
+        assert_quant_close(llmkern.quant_matmul(x, qw).cpu(), x.cpu(), w64, what=f"gptq M={m}")
+
+
+@pytest.mark.parametrize("group_size", [128, 32])
+def test_from_awq(group_size, device):
+    gen = torch.Generator().manual_seed(group_size)
+    n, k = 48, 256
+    q, z, s = random_codes(n, k, 4, group_size, gen)
+    s = s.to(torch.bfloat16)
+    qweight, qzeros = awq_pack(q, z)
+    qw = llmkern.QuantizedWeight.from_awq(qweight, qzeros, s, group_size=group_size)
+    w64 = reference.quant_dequantize(q, z, s, group_size, dtype=torch.float64)
+    assert torch.equal(qw.codes(), q)
+    assert torch.equal(qw.dequantize(torch.float64), w64)
+    qw = qw.to(device)
+    for m in (1, 4, 20):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(device)
+        assert_quant_close(llmkern.quant_matmul(x, qw).cpu(), x.cpu(), w64, what=f"awq M={m}")
+
+
+# --------------------------------------------------------------------------- modules
+def test_quant_linear(device):
+    gen = torch.Generator().manual_seed(11)
+    lin = nn.Linear(128, 72, bias=True).half()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(72, 128, generator=gen) * 0.05)
+        lin.bias.copy_(torch.randn(72, generator=gen) * 0.1)
+    ql = llmkern.QuantLinear.from_linear(lin, bits=4, group_size=32).to(device)
+    assert (ql.in_features, ql.out_features) == (128, 72) and ql.bias is not None
+    assert ql.qweight.device.type == torch.device(device).type
+    x = torch.randn(2, 5, 128, generator=gen).half().to(device)
+    out = ql(x)
+    w64 = ql.quantized_weight().dequantize(torch.float64).cpu()
+    assert_quant_close(out.cpu(), x.cpu(), w64, lin.bias.detach(), what="QuantLinear")
+    # against the float layer: off by at most the quantization error, sum_k |x_k| * s/2, plus fp16 rounding
+    step = ql.scales.double().cpu().repeat_interleave(32, dim=0).t()
+    bound = x.cpu().double().abs() @ (0.5 * step).t() + 2.0 ** -10 * lin(x.cpu()).double().abs() + 1e-3
+    assert bool(((out.cpu().double() - lin(x.cpu()).double()).abs() <= bound).all())
+    # state: state_dict round trip, dtype moves the scales and bias
+    fresh = llmkern.QuantLinear(128, 72, bits=4, group_size=32)
+    fresh.load_state_dict(ql.cpu().state_dict())
+    torch.testing.assert_close(fresh.to(device)(x), out, rtol=0, atol=0)
+    bf = fresh.to(torch.bfloat16)
+    assert bf.scales.dtype == torch.bfloat16 and bf.bias.dtype == torch.bfloat16 and bf.qweight.dtype == torch.int32
+    assert bf(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    nobias = llmkern.QuantLinear.from_linear(nn.Linear(64, 8, bias=False).half(), bits=8, group_size=-1).to(device)
+    assert nobias.bias is None and nobias(torch.randn(3, 64).half().to(device)).shape == (3, 8)
+
+
+def test_quantize_model(device):
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 64)
+            self.mlp = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 64))
+            self.lm_head = nn.Linear(64, 50, bias=False)
+
+        def forward(self, ids):
+            return self.lm_head(self.mlp(self.embed(ids)))
+
+    model = Tiny().half().to(device)
+    ids = torch.randint(0, 50, (2, 7), device=device)
+    # the expected model: float32 copies of the layers, with the quantized-then-dequantized weights
+    ref_model = copy.deepcopy(model).float()
+    for name in ("mlp.0", "mlp.2"):
+        qw = llmkern.quantize_weight(model.get_submodule(name).weight.detach(), bits=4, group_size=32)
+        ref_model.get_submodule(name).weight.data.copy_(qw.dequantize(torch.float32))
+    assert llmkern.quantize_model(model, bits=4, group_size=32) is model
+    assert isinstance(model.mlp[0], llmkern.QuantLinear) and isinstance(model.mlp[2], llmkern.QuantLinear)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, llmkern.QuantLinear)
+    out = model(ids)
+    # fp16 activations between layers (|h| ~ 1): a few fp16 ulps of error per layer
+    torch.testing.assert_close(out.float(), ref_model(ids), rtol=1e-2, atol=1e-2)
+    # exclude by full name; a Sequential is a model too
+    seq = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16)).half()
+    llmkern.quantize_model(seq, bits=8, group_size=32, exclude=("1",))
+    assert isinstance(seq[0], llmkern.QuantLinear) and type(seq[1]) is nn.Linear
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=gen).half()
+    qw = llmkern.quantize_weight(w, bits=4, group_size=32)
+    x = torch.randn(2, 64).half()
+    q, z, s = random_codes(16, 128, 4, 32, gen)
+    qweight, qzeros = gptq_pack(q, z + 1, 4)
+    aw, az = awq_pack(q, z)
+    s = s.half()
+    cases = [
+        (ValueError, "bits", lambda: llmkern.quantize_weight(w, bits=3)),
+        (ValueError, "group_size", lambda: llmkern.quantize_weight(w, group_size=48)),
+        (ValueError, "divisible by group_size", lambda: llmkern.quantize_weight(w[:, :48], group_size=32)),
+        (TypeError, "weight", lambda: llmkern.quantize_weight(w.int())),
+        (ValueError, "weight", lambda: llmkern.quantize_weight(torch.randn(64))),
+        (ValueError, "finite", lambda: llmkern.quantize_weight(torch.full((4, 64), float("nan")), group_size=32)),
+        (TypeError, "qweight", lambda: llmkern.quant_matmul(x, w)),
+        (ValueError, "in_features", lambda: llmkern.quant_matmul(torch.randn(2, 32).half(), qw)),
+        (TypeError, "x", lambda: llmkern.quant_matmul(x.float(), qw)),
+        (TypeError, "scales", lambda: llmkern.quant_matmul(x.bfloat16(), qw)),
+        (TypeError, "x", lambda: llmkern.quant_matmul([1.0], qw)),
+        (ValueError, "bias", lambda: llmkern.quant_matmul(x, qw, torch.zeros(15).half())),
+        (TypeError, "bias", lambda: llmkern.quant_matmul(x, qw, torch.zeros(16).bfloat16())),
+        (ValueError, "device", lambda: llmkern.quant_matmul(x.to("meta"), qw)),
+        (TypeError, "dtype", lambda: qw.to(dtype=torch.float32)),
+        # GPTQ: dtypes, shapes, bits, group size, g_idx
+        (TypeError, "qweight", lambda: llmkern.QuantizedWeight.from_gptq(qweight.float(), qzeros, s, group_size=32)),
+        (TypeError, "qzeros", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros.long(), s, group_size=32)),
+        (TypeError, "scales", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros, s.float(), group_size=32)),
+        (ValueError, "qzeros", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros[:2], s, group_size=32)),
+        (ValueError, "scales", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros, s[:, :8], group_size=32)),
+        (ValueError, "qzeros", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros, s, group_size=64)),
+        (ValueError, "bits", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros, s, bits=2, group_size=32)),
+        (ValueError, "qweight", lambda: llmkern.QuantizedWeight.from_gptq(qweight[None], qzeros, s, group_size=32)),
+        (ValueError, "g_idx", lambda: llmkern.QuantizedWeight.from_gptq(
+            qweight, qzeros, s, g_idx=torch.zeros(128, dtype=torch.int32), group_size=32)),
+        (ValueError, "g_idx", lambda: llmkern.QuantizedWeight.from_gptq(
+            qweight, qzeros, s, g_idx=torch.arange(128, dtype=torch.int32), group_size=32)),
+        (ValueError, "g_idx", lambda: llmkern.QuantizedWeight.from_gptq(
+            qweight, qzeros, s, g_idx=torch.zeros(64, dtype=torch.int32), group_size=32)),
+        (TypeError, "g_idx", lambda: llmkern.QuantizedWeight.from_gptq(
+            qweight, qzeros, s, g_idx=torch.zeros(128), group_size=32)),
+        # AWQ
+        (ValueError, "qzeros", lambda: llmkern.QuantizedWeight.from_awq(aw, az[:, :1], s, group_size=32)),
+        (ValueError, "scales", lambda: llmkern.QuantizedWeight.from_awq(aw, az, s[:2], group_size=32)),
+        (TypeError, "qweight", lambda: llmkern.QuantizedWeight.from_awq(aw.to(torch.int16), az, s, group_size=32)),
+        (ValueError, "group_size", lambda: llmkern.QuantizedWeight.from_awq(aw, az, s, group_size=16)),
+        # codes out of range, modules
+        (ValueError, "codes", lambda: llmkern.QuantizedWeight.from_codes(q + 16, z, s, bits=4, group_size=32)),
+        (TypeError, "linear", lambda: llmkern.QuantLinear.from_linear(nn.Conv1d(4, 4, 1))),
+        (TypeError, "model", lambda: llmkern.quantize_model("model")),
+        (TypeError, "exclude", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(64, 8)), exclude="lm_head")),
+        (ValueError, "exclude", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(48, 8)), group_size=32)),
+        (ValueError, "bits", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(64, 8)), bits=5)),
+    ]
+    for exc, word, fn in cases:
+        with pytest.raises(exc, match=word):
+            fn()
