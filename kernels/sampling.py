@@ -52,9 +52,11 @@ def _ordered_key(x):
 
 
 @triton.jit
-def _load_row(row_ptr, offs, V):
-    """One tile of logits in fp32; -inf past the row end. `+ 0.0` turns -0.0 into +0.0 so both get one key."""
-    return tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) + 0.0
+def _load_row(row_ptr, offs, n):
+    """One tile of logits in fp32; -inf at offsets >= n (past the row end, or everywhere when n = 0).
+
+    `+ 0.0` turns -0.0 into +0.0 so that both get one key."""
+    return tl.load(row_ptr + offs, mask=offs < n, other=float("-inf")).to(tl.float32) + 0.0
 
 
 @triton.jit
@@ -86,52 +88,60 @@ def _row_stats(row_ptr, V, scale, BLOCK: tl.constexpr):
 
 @triton.jit
 def _search(row_ptr, V, lo, hi, mass_lo, target, m, scale,
-            BY_MASS: tl.constexpr, BLOCK: tl.constexpr, NPIV: tl.constexpr, MAX_PASSES: tl.constexpr):
+            BY_MASS: tl.constexpr, BLOCK: tl.constexpr, LOG2_NPIV: tl.constexpr, MAX_PASSES: tl.constexpr):
     """Largest element key v in [lo, hi) with F(v) >= target, and the q-mass of the elements with key >= v.
 
     F is the count (BY_MASS False) or the q-mass (BY_MASS True) of elements with key >= v. Requires lo to be an
     element key with F(lo) >= target, and F(hi) < target; an empty bracket (hi <= lo + 1) returns (lo, mass_lo).
     See the module docstring for why MAX_PASSES = 8 always suffices.
     """
+    NPIV: tl.constexpr = 1 << LOG2_NPIV
     j = tl.arange(0, NPIV)
     offs0 = tl.arange(0, BLOCK)
     for _ in range(MAX_PASSES):
-        if lo + 1 < hi:
-            width = hi.to(tl.int64) - lo.to(tl.int64)                  # up to 2**32: int64
-            piv = (lo.to(tl.int64) + (width * j) // NPIV).to(tl.int32)          # piv[0] = lo
-            upper = (lo.to(tl.int64) + (width * (j + 1)) // NPIV).to(tl.int32)  # upper[NPIV - 1] = hi
-            cnt = tl.zeros([NPIV], tl.float32)   # counts in fp32: exact up to 2**24 tokens
-            mass = tl.zeros([NPIV], tl.float32)
-            mn = tl.full([NPIV], KEY_MAX, tl.int32)
-            mx = tl.full([NPIV], KEY_MIN, tl.int32)
-            for start in range(0, V, BLOCK):
-                offs = start + offs0
-                l = _load_row(row_ptr, offs, V)
-                key = tl.where(offs < V, _ordered_key(l), KEY_MIN)   # past the end: below every pivot
-                ge = key[None, :] >= piv[:, None]                      # (NPIV, BLOCK)
-                q = tl.exp2((l - m) * scale)
-                mass += tl.sum(tl.where(ge, q[None, :], 0.0), 1)
-                if not BY_MASS:
-                    cnt += tl.sum(ge.to(tl.float32), 1)
-                mn = tl.minimum(mn, tl.min(tl.where(ge, key[None, :], KEY_MAX), 1))
-                mx = tl.maximum(mx, tl.max(tl.where(key[None, :] < upper[:, None], key[None, :], KEY_MIN), 1))
-            if BY_MASS:
-                f = mass
-            else:
-                f = cnt
-            # F falls with j, so the pivots that reach the target are a prefix; the last of them starts the
-            # sub-interval [piv[js], upper[js]) that holds the answer. j = 0 (= lo) reaches it by the invariant.
-            js = tl.max(tl.where(f >= target, j, 0), 0)
-            sel = j == js
-            lo = tl.sum(tl.where(sel, mn, 0), 0)        # smallest element key in the sub-interval
-            hi = tl.sum(tl.where(sel, mx, 0), 0) + 1    # one past the largest
-            mass_lo = tl.sum(tl.where(sel, mass, 0.0), 0)
+        # A finished search (one distinct key left) runs its remaining passes over zero tiles. Warp reductions
+        # (shuffles) stay out of that data-dependent loop and out of any data-dependent `if`: ptxas cannot prove
+        # such code warp-uniform and compiles shuffles there as calls to a fallback that needs a stack frame.
+        active = lo + 1 < hi
+        width = hi.to(tl.int64) - lo.to(tl.int64)                  # up to 2**32: int64
+        # floor(width * j / NPIV) as a shift: an int64 division would be a stack-using call on the GPU
+        piv = (lo.to(tl.int64) + ((width * j) >> LOG2_NPIV)).to(tl.int32)          # piv[0] = lo
+        upper = (lo.to(tl.int64) + ((width * (j + 1)) >> LOG2_NPIV)).to(tl.int32)  # upper[-1] = hi
+        # Per-lane accumulators, reduced once after the tile loop: the loop has no cross-thread traffic.
+        cnt = tl.zeros([NPIV, BLOCK], tl.float32)   # counts in fp32: exact up to 2**24 tokens
+        mass = tl.zeros([NPIV, BLOCK], tl.float32)
+        mn = tl.full([NPIV, BLOCK], KEY_MAX, tl.int32)
+        mx = tl.full([NPIV, BLOCK], KEY_MIN, tl.int32)
+        for start in range(0, tl.where(active, V, 0), BLOCK):
+            offs = start + offs0
+            l = _load_row(row_ptr, offs, V)
+            key = tl.where(offs < V, _ordered_key(l), KEY_MIN)[None, :]   # past the end: below every pivot
+            ge = key >= piv[:, None]                                        # (NPIV, BLOCK)
+            mass += tl.where(ge, tl.exp2((l - m) * scale)[None, :], 0.0)
+            if not BY_MASS:
+                cnt += ge.to(tl.float32)
+            mn = tl.minimum(mn, tl.where(ge, key, KEY_MAX))
+            mx = tl.maximum(mx, tl.where(key < upper[:, None], key, KEY_MIN))
+        mass = tl.sum(mass, 1)
+        mn = tl.min(mn, 1)
+        mx = tl.max(mx, 1)
+        if BY_MASS:
+            f = mass
+        else:
+            f = tl.sum(cnt, 1)
+        # F falls with j, so the pivots that reach the target are a prefix; the last of them starts the
+        # sub-interval [piv[js], upper[js]) that holds the answer. j = 0 (= lo) reaches it by the invariant.
+        js = tl.max(tl.where(f >= target, j, 0), 0)
+        sel = j == js
+        lo = tl.where(active, tl.sum(tl.where(sel, mn, 0), 0), lo)           # smallest element key in it
+        hi = tl.where(active, tl.sum(tl.where(sel, mx, 0), 0) + 1, hi)       # one past the largest
+        mass_lo = tl.where(active, tl.sum(tl.where(sel, mass, 0.0), 0), mass_lo)
     return lo, mass_lo
 
 
 @triton.jit
 def _row_threshold(row_ptr, V, T, top_k, top_p, min_p,
-                   BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, NPIV: tl.constexpr, MAX_PASSES: tl.constexpr):
+                   BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, LOG2_NPIV: tl.constexpr, MAX_PASSES: tl.constexpr):
     """Everything before the last pass: (sampled, greedy, argmax, max, scale, threshold key, kept mass)."""
     scale = LOG2E / tl.where(T > 0, T, 1.0)      # T == 0 (greedy) never uses the scale
     m, arg, kmin, nans, z = _row_stats(row_ptr, V, scale, BLOCK)
@@ -143,19 +153,22 @@ def _row_threshold(row_ptr, V, T, top_k, top_p, min_p,
     # top-k: the k-th largest logit (ties kept). Off (empty bracket) when k == 0 or k >= vocab.
     do_k = sampled & (top_k > 0) & (top_k < V)
     t, mass = _search(row_ptr, V, kmin, tl.where(do_k, key_top, kmin), z, top_k.to(tl.float32), m, scale,
-                      False, BLOCK_S, NPIV, MAX_PASSES)
+                      False, BLOCK_S, LOG2_NPIV, MAX_PASSES)
     # top-p over the top-k survivors (all of them have key >= t, so the mass above any v >= t is unrestricted).
     do_p = sampled & (top_p < 1.0)
     t, mass = _search(row_ptr, V, t, tl.where(do_p, key_top, t), mass, top_p * mass, m, scale,
-                      True, BLOCK_S, NPIV, MAX_PASSES)
+                      True, BLOCK_S, LOG2_NPIV, MAX_PASSES)
     # min-p: q >= min_p, an elementwise test; its kept mass needs one more pass.
-    if sampled & (min_p > 0.0):
-        offs0 = tl.arange(0, BLOCK)
-        mass = tl.zeros_like(mass)
-        for start in range(0, V, BLOCK):
-            offs = start + offs0
-            l = _load_row(row_ptr, offs, V)
-            mass += tl.sum(_kept_q(l, offs, V, t, m, scale, min_p), 0)
+    # When min-p is off the loads are masked off (no memory traffic); the loop itself keeps the uniform bound V
+    # because it holds a reduction (see _search).
+    offs0 = tl.arange(0, BLOCK)
+    do_min_p = sampled & (min_p > 0.0)
+    kept_mass = tl.zeros_like(mass)
+    for start in range(0, V, BLOCK):
+        offs = start + offs0
+        l = _load_row(row_ptr, offs, tl.where(do_min_p, V, 0))
+        kept_mass += tl.sum(_kept_q(l, offs, V, t, m, scale, min_p), 0)
+    mass = tl.where(do_min_p, kept_mass, mass)
     return sampled, greedy, arg, m, scale, t, mass
 
 
@@ -169,7 +182,7 @@ def _kept_q(l, offs, V, t, m, scale, min_p):
 
 @triton.jit
 def _sampling_sample_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, out_ptr,
-                            BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, NPIV: tl.constexpr,
+                            BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, LOG2_NPIV: tl.constexpr,
                             MAX_PASSES: tl.constexpr):
     """One token per row: out[row] = int64 token, -1 for an invalid row."""
     row = tl.program_id(0)
@@ -177,7 +190,7 @@ def _sampling_sample_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_
     T = tl.load(temp_ptr + row)
     sampled, greedy, arg, m, scale, t, mass = _row_threshold(
         row_ptr, V, T, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), tl.load(min_p_ptr + row),
-        BLOCK, BLOCK_S, NPIV, MAX_PASSES)
+        BLOCK, BLOCK_S, LOG2_NPIV, MAX_PASSES)
     min_p = tl.load(min_p_ptr + row)
 
     # Inverse CDF: the first kept token whose running mass exceeds u * mass. A token of zero mass can never be
@@ -187,16 +200,15 @@ def _sampling_sample_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_
     offs0 = tl.arange(0, BLOCK)
     token = tl.zeros_like(arg) + KEY_MAX     # "not found yet"
     last = tl.zeros_like(arg) - 1
-    if sampled:
-        running = tl.zeros_like(u)
-        for start in range(0, V, BLOCK):
-            offs = start + offs0
-            q = _kept_q(_load_row(row_ptr, offs, V), offs, V, t, m, scale, min_p)
-            hit = ((running + tl.cumsum(q, 0)) > goal) & (q > 0.0)
-            token = tl.minimum(token, tl.min(tl.where(hit, offs, KEY_MAX), 0))
-            last = tl.maximum(last, tl.max(tl.where(q > 0.0, offs, -1), 0))
-            running += tl.sum(q, 0)
-        token = tl.where(token == KEY_MAX, last, token)
+    running = tl.zeros_like(u)
+    for start in range(0, V, BLOCK):   # uniform bound (a scan inside); no loads for greedy and invalid rows
+        offs = start + offs0
+        q = _kept_q(_load_row(row_ptr, offs, tl.where(sampled, V, 0)), offs, V, t, m, scale, min_p)
+        hit = ((running + tl.cumsum(q, 0)) > goal) & (q > 0.0)
+        token = tl.minimum(token, tl.min(tl.where(hit, offs, KEY_MAX), 0))
+        last = tl.maximum(last, tl.max(tl.where(q > 0.0, offs, -1), 0))
+        running += tl.sum(q, 0)
+    token = tl.where(token == KEY_MAX, last, token)
     token = tl.where(greedy, arg, tl.where(sampled, token, -1))
     tl.store(out_ptr + row, token.to(tl.int64))
 
@@ -204,7 +216,7 @@ def _sampling_sample_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_
 @triton.jit
 def _sampling_probs_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr,
                            stride_out,
-                           BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, NPIV: tl.constexpr,
+                           BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, LOG2_NPIV: tl.constexpr,
                            MAX_PASSES: tl.constexpr):
     """The distribution `_sampling_sample_kernel` draws from, as fp32 (batch, vocab): the same threshold, then a
     normalize-and-write pass. Greedy rows are one-hot at the argmax; invalid rows are zeros."""
@@ -214,7 +226,7 @@ def _sampling_probs_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_p
     T = tl.load(temp_ptr + row)
     sampled, greedy, arg, m, scale, t, mass = _row_threshold(
         row_ptr, V, T, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), tl.load(min_p_ptr + row),
-        BLOCK, BLOCK_S, NPIV, MAX_PASSES)
+        BLOCK, BLOCK_S, LOG2_NPIV, MAX_PASSES)
     min_p = tl.load(min_p_ptr + row)
     inv = 1.0 / mass                      # mass >= 1: the top token (q = 1) is always kept
     offs0 = tl.arange(0, BLOCK)

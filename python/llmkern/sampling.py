@@ -27,10 +27,10 @@ from llmkern.kernels import sampling as K
 # token on every call, whatever the batch.
 #   BLOCK = 1024: the streaming passes (stats, mass, draw/write) read 4 KB of fp32 per tile, 8 elements per thread
 #     at 4 warps: enough loads in flight per thread, no register pressure.
-#   BLOCK_S = 128 with NPIV = 16: the search pass keeps (16, 128) tiles of compares, masked keys and masses: 16
+#   BLOCK_S = 128 with NPIV = 2**LOG2_NPIV = 16 pivots: the search pass keeps (16, 128) tiles of compares, masked keys and masses: 16
 #     per thread per quantity at 4 warps, which compiles without spills (see check-compile).
 #   MAX_PASSES = 8: a key bracket is at most 2**32 wide and each pass divides it by NPIV = 16 (16**8 = 2**32).
-CONFIG = dict(BLOCK=1024, BLOCK_S=128, NPIV=16, MAX_PASSES=8)
+CONFIG = dict(BLOCK=1024, BLOCK_S=128, LOG2_NPIV=4, MAX_PASSES=8)
 NUM_WARPS = 4
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
