@@ -7,9 +7,10 @@ so the (seqlen_q, seqlen_k) score matrix is never written anywhere.
 The same kernel serves the batched and the packed (varlen) layouts: a sequence's first row and length come either
 from cu_seqlens (IS_VARLEN) or from the batch stride and the fixed lengths.
 
-Masking is split by tile, not by element: the key range a Q tile may see is computed once ([lo, hi)), tiles outside it
-are never visited, and inside it only the tiles that straddle a boundary (window left edge, causal diagonal / window
-right edge, end of the sequence) go through the masked body. Everything else runs the plain body.
+Masking is decided per tile, not per element: the key range a Q tile may see ([lo, hi)) is computed once and tiles
+outside it are never visited (the loop bounds skip everything above the causal diagonal or outside the window);
+inside it only the tiles that straddle a boundary (window left edge, causal diagonal / window right edge, end of the
+sequence) build a score mask.
 
 Softmax in base 2: scores are pre-multiplied by log2(e) so the inner loop uses exp2, and lse is converted back to
 the natural log at the end.
@@ -17,9 +18,9 @@ the natural log at the end.
 import triton
 import triton.language as tl
 
-# log2(e) and ln(2): exp(x) = exp2(x * LOG2E), log(x) = log2(x) * LN2.
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# log2(e) and ln(2): exp(x) = exp2(x * LOG2E), log(x) = log2(x) * LN2. constexpr so jit functions can read them.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -27,56 +28,6 @@ def _tanh(x):
     # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without nan (exp overflow gives inf -> 1, underflow 0 -> -1).
     # tl has no tanh that works both compiled and under the interpreter across triton 3.6-3.9.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, end_n, offs_n, offs_d, pos_q,
-               seqlen_k, stride_kn, stride_vn, win_left, win_right, qk_scale, softcap,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               FP32_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """Fold keys [start_n, end_n) (a multiple of BLOCK_N apart, except possibly the last tile) into the state."""
-    d_ok = offs_d < HEAD_DIM
-    for n in range(start_n, end_n, BLOCK_N):
-        cols = n + offs_n
-        # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_D); out-of-sequence keys load as 0.
-        if MASKED:
-            k = tl.load(k_ptrs + n * stride_kn, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
-            v = tl.load(v_ptrs + n * stride_vn, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs + n * stride_kn, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs + n * stride_vn, mask=d_ok[None, :], other=0.0)
-        if FP32_DOT:
-            k = k.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        if HAS_SOFTCAP:
-            # Gemma-2: softcap * tanh(score / softcap), with score = q.k * scale; qk_scale already holds log2(e).
-            s = softcap * _tanh(s * (qk_scale / (softcap * 1.4426950408889634))) * 1.4426950408889634
-        else:
-            s = s * qk_scale
-        if MASKED:
-            # Key j is visible to the query at position p when p - left <= j <= p + right (-1: unbounded).
-            ok = cols[None, :] < seqlen_k
-            ok = ok & ((win_left < 0) | (cols[None, :] >= pos_q[:, None] - win_left))
-            ok = ok & ((win_right < 0) | (cols[None, :] <= pos_q[:, None] + win_right))
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not nan.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if FP32_DOT:
-            v = v.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    return acc, l_i, m_i
 
 
 @triton.jit
@@ -155,19 +106,48 @@ def attention_fwd_kernel(
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # left boundary tiles (window), the interior, right boundary tiles (diagonal / window / sequence end)
-    acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, full_lo, offs_n, offs_d, pos_q,
-                               seqlen_k, stride_kn, stride_vn, win_left, win_right, qk_scale, softcap,
-                               HEAD_DIM, BLOCK_N, True, HAS_SOFTCAP, FP32_DOT, IEEE)
-    acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, full_lo, full_hi, offs_n, offs_d, pos_q,
-                               seqlen_k, stride_kn, stride_vn, win_left, win_right, qk_scale, softcap,
-                               HEAD_DIM, BLOCK_N, False, HAS_SOFTCAP, FP32_DOT, IEEE)
-    acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, full_hi, hi, offs_n, offs_d, pos_q,
-                               seqlen_k, stride_kn, stride_vn, win_left, win_right, qk_scale, softcap,
-                               HEAD_DIM, BLOCK_N, True, HAS_SOFTCAP, FP32_DOT, IEEE)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base-2 scores)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running softmax denominator
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)         # running unnormalised output
+    for n in range(lo, hi, BLOCK_N):
+        cols = n + offs_n
+        # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_D); keys past the sequence end load as 0.
+        k = tl.load(k_ptrs + n * stride_kn, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
+        v = tl.load(v_ptrs + n * stride_vn, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+        if FP32_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        if HAS_SOFTCAP:
+            # Gemma-2: softcap * tanh(q.k * scale / softcap); qk_scale = scale * log2(e), so divide it back out
+            # for the tanh argument and multiply log2(e) in afterwards.
+            s = (softcap * LOG2E) * _tanh(s * (qk_scale / (softcap * LOG2E)))
+        else:
+            s = s * qk_scale
+        # Only boundary tiles build a mask: the interior [full_lo, full_hi) is visible to every row of this tile.
+        # (A runtime branch rather than separate loops: three loop copies cost ~50 more registers on sm_80 and
+        # spilled at 128 x 64 tiles.)
+        if (n < full_lo) | (n >= full_hi):
+            # key j is visible to the query at position p when p - left <= j <= p + right (-1: unbounded)
+            ok = cols[None, :] < seqlen_k
+            ok = ok & ((win_left < 0) | (cols[None, :] >= pos_q[:, None] - win_left))
+            ok = ok & ((win_right < 0) | (cols[None, :] <= pos_q[:, None] + win_right))
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not nan
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     # ---- normalise; a row that saw no key gets o = 0 and lse = -inf
     empty = l_i == 0.0
@@ -176,6 +156,6 @@ def attention_fwd_kernel(
     tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
         l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start * stride_lm
         tl.store(l_base + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)

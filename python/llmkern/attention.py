@@ -8,41 +8,52 @@ varlen packs the sequences: q (total_q, num_heads, head_dim) with int32 cu_seqle
 (llmkern.kernels.attention.attention_fwd_kernel); the batched call is the varlen kernel with the sequence start taken
 from the batch stride instead of cu_seqlens.
 """
+import math
 from typing import Optional
 
 import torch
 import triton
 
 from llmkern import _utils, compile_check, reference
-from llmkern.kernels.attention import LOG2E, attention_fwd_kernel
+from llmkern.kernels.attention import attention_fwd_kernel
 
 # ----------------------------------------------------------------------------------------------- tile configs
-# head_dim is padded to BLOCK_D = next power of two (>= 32), and each BLOCK_D class gets its own short config list.
-# Sizes follow FlashAttention-2's forward tiles (128 x 64 for head_dim <= 128 on A100/H100; fewer rows for 256,
-# whose K/V tiles would not fit sm_80's 163 KB of shared memory twice) and Triton's fused-attention tutorial
-# (4 warps per 64 query rows, 3-stage K/V pipeline). Each list starts with its 64-row config: it is the one the
-# interpreter runs (_utils.launch picks configs[0]), so small test shapes still cross several tiles.
+# head_dim is padded to BLOCK_D = next power of two (>= 32); each (BLOCK_D class, fp16/bf16 or fp32) gets a short
+# config list, autotuned on GPUs. Where the numbers come from:
+#   * 16-bit inputs: FlashAttention-2's forward tiles (128 query rows x 64 keys for head_dim <= 128 on A100/H100,
+#     fewer key columns for 256) and Triton's fused-attention tutorial (4 warps per 64 rows, a 3-stage K/V pipeline;
+#     2 stages at head_dim 256, where each K+V stage is 32-64 KB). Each candidate was compiled for sm_80 and sm_90
+#     (`llmkern check-compile`) and kept only if it fits in 255 registers without spilling; e.g. 128 x 64 with 4 warps
+#     at head_dim 128 spills, with 8 warps it does not.
+#   * fp32 inputs: the dot runs in full fp32 on the FMA units (no tensor cores), which holds whole operand tiles in
+#     registers; 32-row tiles are the largest that compiled without spills.
+# Each list starts with its smallest config: it is the one the interpreter runs (_utils.launch picks configs[0]),
+# so small test shapes still cross several tiles.
 _CONFIGS = {
-    64: [  # head_dim 32..64
+    (64, False): [  # head_dim 32..64
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     ],
-    128: [  # head_dim 72..128
+    (128, False): [  # head_dim 72..128
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     ],
-    256: [  # head_dim 136..256
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    (256, False): [  # head_dim 136..256
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ],
+    (64, True): [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+    (128, True): [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2)],
+    (256, True): [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=2)],
 }
 
 
-def _config_class(head_dim: int) -> int:
-    return 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
+def _config_class(head_dim: int, dtype: torch.dtype) -> tuple[int, bool]:
+    return (64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)), dtype == torch.float32
 
 
-# One autotuner per class: the config list depends on head_dim. The key holds what changes the best tile
-# (Triton adds the argument dtypes itself).
+# One autotuner per class, since the config list depends on it. The key holds what changes the best tile (Triton
+# adds the argument dtypes itself).
 _KERNELS = {
     cls: _utils.autotune(cfgs, key=["HEAD_DIM", "IS_VARLEN", "HAS_SOFTCAP", "RETURN_LSE"])(attention_fwd_kernel)
     for cls, cfgs in _CONFIGS.items()
@@ -56,14 +67,14 @@ def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_stri
     left, right = window
     if causal:
         right = 0  # causal is the window (left, 0)
-    kernel = _KERNELS[_config_class(head_dim)]
+    kernel = _KERNELS[_config_class(head_dim, q.dtype)]
     grid = lambda meta: (batch * num_heads, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
     _utils.launch(
         kernel, grid,
         q, k, v, o, lse, cu_q, cu_k,
         *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
         seqlen_q, seqlen_k, num_heads, group,
-        left, right, scale * LOG2E, 1.0 if softcap is None else softcap,
+        left, right, scale * math.log2(math.e), 1.0 if softcap is None else softcap,  # exp2-based softmax
         HEAD_DIM=head_dim, BLOCK_D=_utils.pow2_at_least(head_dim, 32),
         IS_VARLEN=varlen, HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse,
         # the interpreter's bf16 dot is unreliable: do both matmuls on fp32 tiles there
@@ -245,3 +256,51 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     o, lse = _attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                                   window[0], window[1], softcap, return_lse)
     return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------------------------- compile specs
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _spec(head_dim, cfg, dtype, *, varlen=False, softcap=False, lse=False):
+    ty = _TRITON_DTYPE[dtype]
+    sig = {"Q": f"*{ty}:16", "K": f"*{ty}:16", "V": f"*{ty}:16", "O": f"*{ty}:16", "LSE": "*fp32:16",
+           "CU_SEQLENS_Q": "*i32:16", "CU_SEQLENS_K": "*i32:16"}
+    for t in "qkvol":  # row/head strides of contiguous tensors with head_dim % 16 == 0 are 16-divisible
+        for s in ("b", "m" if t in "qol" else "n", "h"):
+            sig[f"stride_{t}{s}"] = "i32:16"
+    sig.update({n: "i32" for n in ("seqlen_q_fixed", "seqlen_k_fixed", "num_heads", "group", "win_left",
+                                   "win_right")})
+    sig.update(qk_scale="fp32", softcap="fp32")
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_utils.pow2_at_least(head_dim, 32), IS_VARLEN=varlen,
+                      HAS_SOFTCAP=softcap, RETURN_LSE=lse, FP32_DOT=False, IEEE=dtype == torch.float32,
+                      **cfg.kwargs)
+    flags = "".join(f",{f}" for f, on in (("varlen", varlen), ("softcap", softcap), ("lse", lse)) if on)
+    name = f"M{cfg.kwargs['BLOCK_M']}N{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}"
+    return compile_check.CompileSpec(
+        kernel=attention_fwd_kernel, name="attention_fwd", config=f"d{head_dim},{ty},{name}{flags}",
+        signature=sig, constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        expect_mma=dtype != torch.float32)
+
+
+@compile_check.register
+def _compile_specs():
+    """Every config the dispatcher can pick, 12 builds in all: each 16-bit config in fp16 or bf16 (both for the
+    Llama-like head_dim 128), the largest tile of each class with every optional feature on (varlen + softcap + lse,
+    the most registers; at a padded head_dim, 80 -> 128, for the middle class), and the fp32 configs."""
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    widest = dict(varlen=True, softcap=True, lse=True)
+    small64, large64 = _CONFIGS[(64, False)]
+    small128, large128 = _CONFIGS[(128, False)]
+    small256, large256 = _CONFIGS[(256, False)]
+    yield _spec(64, small64, f16)
+    yield _spec(64, large64, bf16, **widest)
+    for dtype in (f16, bf16):
+        yield _spec(128, small128, dtype)
+        yield _spec(128, large128, dtype)
+    yield _spec(80, large128, bf16, **widest)
+    yield _spec(256, small256, f16)
+    yield _spec(256, large256, bf16, **widest)
+    yield _spec(64, _CONFIGS[(64, True)][0], f32)
+    yield _spec(128, _CONFIGS[(128, True)][0], f32, **widest)
+    yield _spec(256, _CONFIGS[(256, True)][0], f32)
