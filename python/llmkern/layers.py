@@ -312,22 +312,29 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None 
         for name, t in (("q", q), ("k", k)):
             if t.stride(-1) != 1:
                 raise ValueError(f"inplace=True needs {name} with a contiguous last dim, got strides {t.stride()}")
-        if q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() and _overlap(q, k):
+        if _overlap(q, k):
             raise ValueError("inplace=True needs q and k not to overlap in memory")
         _rope_inplace_op(q, k, positions, cos, sin, float(theta))
         return q, k
     return _rope_op(q, k, positions, cos, sin, float(theta))
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges a and b span intersect (conservative: q/k slices of one fused qkv buffer that
-    interleave per token do overlap by span, and are rejected for in-place use)."""
+def _overlap(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether q and k may share elements (conservative). Disjoint byte spans never do; neither do q and k sliced
+    from one fused qkv buffer (same strides, k's heads after q's within each token's row), the common in-place case.
+    """
     def span(t):
         start = t.data_ptr()
-        end = start + (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-        return start, end
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
+        return start, start + (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+    (q0, q1), (k0, k1) = span(q), span(k)
+    if not (q0 < k1 and k0 < q1):
+        return False
+    if q.stride() == k.stride() and q.dtype == k.dtype and q.dim() >= 3:
+        delta = (k.data_ptr() - q.data_ptr()) // q.element_size()
+        heads_end_q = q.shape[-2] * q.stride(-2)        # elements q uses in one token's row
+        heads_end_k = delta + k.shape[-2] * k.stride(-2)
+        return not (q.stride(-2) >= q.shape[-1] and delta >= heads_end_q and heads_end_k <= q.stride(-3))
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ compile specs
