@@ -29,6 +29,17 @@ def _softcap_log2(s, scale, softcap, qk_scale, HAS_SOFTCAP: tl.constexpr):
         return s * qk_scale
 
 
+@triton.jit
+def _tile_mask(row_mask, d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mask of a (rows, BLOCK_D) tile. The head-dim test is emitted only when head_dim is not a power of two: a mask
+    that may vary along the contiguous dim stops Triton from vectorizing the loads (one predicated load and one
+    64-bit pointer per element instead of one per 16 bytes), which costs registers and bandwidth."""
+    if HEAD_DIM == BLOCK_D:
+        return row_mask[:, None]
+    else:
+        return row_mask[:, None] & (d < HEAD_DIM)[None, :]
+
+
 # ------------------------------------------------------------------------------------------------------ cache write
 @triton.jit
 def paged_kv_write_kernel(
@@ -37,8 +48,8 @@ def paged_kv_write_kernel(
     stride_vt, stride_vh, stride_vd,
     stride_kcb, stride_kct, stride_kch, stride_kcd,
     stride_vcb, stride_vct, stride_vch, stride_vcd,
-    num_kv_heads, head_dim, block_size,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_kv_heads, block_size,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per token: copies its (num_kv_heads, head_dim) K and V rows into their cache slot, bit-exact.
 
@@ -49,9 +60,11 @@ def paged_kv_write_kernel(
     if slot >= 0:
         blk = slot // block_size
         off = slot % block_size
-        h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (h < num_kv_heads) & (d < head_dim)
+        hs = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        mask = _tile_mask(hs < num_kv_heads, d, HEAD_DIM, BLOCK_D)
+        h = hs[:, None]
+        d = d[None, :]
         k = tl.load(K + tok.to(tl.int64) * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
         v = tl.load(V + tok.to(tl.int64) * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
         tl.store(KC + blk * stride_kcb + off * stride_kct + h * stride_kch + d * stride_kcd, k, mask=mask)
@@ -70,8 +83,8 @@ def paged_decode_kernel(
     stride_pob, stride_poh, stride_pos, stride_pod,
     stride_plb, stride_plh, stride_pls,
     scale, softcap, qk_scale, window_left,
-    head_dim, group, block_size, num_splits,
-    GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    group, block_size, num_splits,
+    HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
     IS_FP32: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -103,9 +116,9 @@ def paged_decode_kernel(
     d = tl.arange(0, BLOCK_D)
     heads = kvh * group + g
     g_mask = g < group
-    d_mask = d < head_dim
+    gd_mask = _tile_mask(g_mask, d, HEAD_DIM, BLOCK_D)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=gd_mask, other=0.0)
     if INTERPRET:
         q = q.to(tl.float32)  # bf16 dot/arithmetic is unreliable under the interpreter: fp32 tiles there
 
@@ -119,7 +132,7 @@ def paged_decode_kernel(
         # Physical location of each token: its block from the table, its offset inside the block.
         blk = tl.load(bt_row + (n // block_size) * stride_btn, mask=n_mask, other=0).to(tl.int64)
         off = n % block_size
-        kv_mask = n_mask[:, None] & d_mask[None, :]
+        kv_mask = _tile_mask(n_mask, d, HEAD_DIM, BLOCK_D)
         k = tl.load(KC + blk[:, None] * stride_kcb + off[:, None] * stride_kct + kvh * stride_kch
                     + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
         v = tl.load(VC + blk[:, None] * stride_vcb + off[:, None] * stride_vct + kvh * stride_vch
@@ -159,12 +172,12 @@ def paged_decode_kernel(
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         po = (PART_O + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + split * stride_pos
               + d[None, :] * stride_pod)
-        tl.store(po, o, mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(po, o, mask=gd_mask)
         tl.store(PART_LSE + b.to(tl.int64) * stride_plb + heads * stride_plh + split * stride_pls, lse, mask=g_mask)
     else:
         o = acc / l_i[:, None]  # one split covers [kv_start, seq_len), never empty (seq_len >= 1)
         po = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
-        tl.store(po, o.to(O.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(po, o.to(O.dtype.element_ty), mask=gd_mask)
 
 
 @triton.jit
@@ -173,8 +186,8 @@ def paged_decode_reduce_kernel(
     stride_pob, stride_poh, stride_pos, stride_pod,
     stride_plb, stride_plh, stride_pls,
     stride_ob, stride_oh, stride_od,
-    head_dim, num_splits,
-    BLOCK_D: tl.constexpr,
+    num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (batch, num_heads): merge the splits' normalized outputs, each weighted by 2^(lse_s - lse_total).
 
@@ -183,7 +196,7 @@ def paged_decode_reduce_kernel(
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
-    d_mask = d < head_dim
+    d_mask = d < HEAD_DIM
     m = float("-inf")
     l = 0.0
     acc = tl.zeros([BLOCK_D], tl.float32)
@@ -212,8 +225,8 @@ def paged_prefill_kernel(
     stride_btb, stride_btn,
     stride_ot, stride_oh, stride_od,
     scale, softcap, qk_scale, window_left, window_right,
-    head_dim, group, block_size,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    group, block_size,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, IS_FP32: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -237,11 +250,11 @@ def paged_prefill_kernel(
         i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         i_mask = i < q_len
-        d_mask = d < head_dim
+        id_mask = _tile_mask(i_mask, d, HEAD_DIM, BLOCK_D)
         pos = i + (seq_len - q_len)
         q_rows = (q_start + i).to(tl.int64)
         q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd,
-                    mask=i_mask[:, None] & d_mask[None, :], other=0.0)
+                    mask=id_mask, other=0.0)
         if INTERPRET:
             q = q.to(tl.float32)
 
@@ -264,7 +277,7 @@ def paged_prefill_kernel(
             n_mask = n < hi
             blk = tl.load(bt_row + (n // block_size) * stride_btn, mask=n_mask, other=0).to(tl.int64)
             off = n % block_size
-            kv_mask = n_mask[:, None] & d_mask[None, :]
+            kv_mask = _tile_mask(n_mask, d, HEAD_DIM, BLOCK_D)
             k = tl.load(KC + blk[:, None] * stride_kcb + off[:, None] * stride_kct + kvh * stride_kch
                         + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
             v = tl.load(VC + blk[:, None] * stride_vcb + off[:, None] * stride_vct + kvh * stride_vch
@@ -303,4 +316,4 @@ def paged_prefill_kernel(
         # store, see none and keep l = 0, so divide by 1 there.
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od,
-                 o.to(O.dtype.element_ty), mask=i_mask[:, None] & d_mask[None, :])
+                 o.to(O.dtype.element_ty), mask=id_mask)

@@ -173,8 +173,8 @@ def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *_cache_strides(k_cache), *_cache_strides(v_cache),
-        num_kv_heads, head_dim, block_size,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_kv_heads, block_size,
+        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
     )
 
 
@@ -244,8 +244,8 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         scale, softcap if has_softcap else 1.0, scale * math.log2(math.e), max(window_left, 0),
-        head_dim, group, block_size, num_splits,
-        SPLIT=split, HAS_SOFTCAP=has_softcap, HAS_WINDOW=window_left >= 0, IS_FP32=q.dtype == torch.float32,
+        group, block_size, num_splits,
+        HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=has_softcap, HAS_WINDOW=window_left >= 0, IS_FP32=q.dtype == torch.float32,
         INTERPRET=_utils.INTERPRET, **cfg,
     )
     if split:
@@ -255,8 +255,8 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
             part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            head_dim, num_splits,
-            BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+            num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], num_warps=4,
         )
     return out
 
@@ -343,8 +343,8 @@ def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         block_tables.stride(0), block_tables.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         scale, softcap if has_softcap else 1.0, scale * math.log2(math.e), max(window_left, 0),
-        max(window_right, 0), head_dim, num_heads // num_kv_heads, block_size,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
+        max(window_right, 0), num_heads // num_kv_heads, block_size,
+        HEAD_DIM=head_dim, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
         IS_FP32=q.dtype == torch.float32, INTERPRET=_utils.INTERPRET, **cfg,
     )
     return out
@@ -396,8 +396,9 @@ def _ptr(dtype: torch.dtype) -> str:
 _I32 = "i32"
 _I64 = "i64"
 # Strides of the batch/block dimension may exceed 2**31 elements in a big cache or batch: the launcher passes them
-# as i64 then, so the specs compile them that way. A unit stride (the contiguous last dim) is specialized to the
-# constant 1 by Triton's launcher, as here.
+# as i64 then, so the specs compile them that way. Triton's launcher specializes an integer argument equal to 1 to
+# the constant 1 and marks one divisible by 16 as such (which is what lets loads vectorize); the specs do the same for
+# the layouts the ops see in practice: contiguous tensors with head_dim % 16 == 0.
 _WIDE_STRIDES = ("stride_qb", "stride_qt", "stride_kcb", "stride_vcb", "stride_btb", "stride_ob", "stride_ot",
                  "stride_pob", "stride_plb")
 _UNIT_STRIDES = ("stride_qd", "stride_kcd", "stride_vcd", "stride_od", "stride_pod", "stride_kd", "stride_vd",
@@ -406,7 +407,7 @@ _UNIT_STRIDES = ("stride_qd", "stride_kcd", "stride_vcd", "stride_od", "stride_p
 
 def _strides(kernel) -> tuple[dict[str, str], dict[str, int]]:
     names = [n for n in kernel.arg_names if n.startswith("stride_")]
-    sig = {n: (_I64 if n in _WIDE_STRIDES else _I32) for n in names if n not in _UNIT_STRIDES}
+    sig = {n: (_I64 if n in _WIDE_STRIDES else _I32) + ":16" for n in names if n not in _UNIT_STRIDES}
     return sig, {n: 1 for n in names if n in _UNIT_STRIDES}
 
 
@@ -430,10 +431,9 @@ def _compile_specs():
                     sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16",
                            "SEQ_LENS": "*i32:16", "O": _ptr(dtype), "PART_O": "*fp32:16", "PART_LSE": "*fp32:16",
                            **stride_sig, "scale": "fp32", "softcap": "fp32", "qk_scale": "fp32",
-                           "window_left": _I32, "head_dim": _I32, "group": _I32, "block_size": _I32,
-                           "num_splits": _I32}
+                           "window_left": _I32, "group": _I32, "block_size": _I32, "num_splits": _I32}
                     const = {k: cfg[k] for k in ("GROUP_PAD", "BLOCK_N", "BLOCK_D", "USE_DOT")}
-                    const.update(unit, SPLIT=split, HAS_SOFTCAP=False, HAS_WINDOW=False,
+                    const.update(unit, HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=False, HAS_WINDOW=False,
                                  IS_FP32=dtype == torch.float32, INTERPRET=False)
                     config = (f"{dt} g{group} d{head_dim} {'split' if split else 'direct'} GP{cfg['GROUP_PAD']} "
                               f"BN{cfg['BLOCK_N']} w{cfg['num_warps']}")
@@ -445,17 +445,18 @@ def _compile_specs():
     for head_dim in (64, 128, 256):
         stride_sig, unit = _strides(kr)
         sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*fp16:16", **stride_sig,
-               "head_dim": _I32, "num_splits": _I32}
+               "num_splits": _I32}
         yield CompileSpec(kr, "paged_decode_reduce", f"fp16 d{head_dim} w4", sig,
-                          {"BLOCK_D": triton.next_power_of_2(head_dim), **unit}, num_warps=4)
+                          {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), **unit}, num_warps=4)
 
     kw = K.paged_kv_write_kernel
     for dtype, heads, head_dim in ((torch.float16, 8, 128), (torch.bfloat16, 1, 256), (torch.float32, 32, 64)):
         stride_sig, unit = _strides(kw)
         sig = {"K": _ptr(dtype), "V": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "SLOT": "*i64:16",
-               **stride_sig, "num_kv_heads": _I32, "head_dim": _I32, "block_size": _I32}
+               **stride_sig, "num_kv_heads": _I32, "block_size": _I32}
         yield CompileSpec(kw, "paged_kv_write", f"{str(dtype)[6:]} h{heads} d{head_dim}", sig,
-                          {"BLOCK_H": triton.next_power_of_2(heads), "BLOCK_D": triton.next_power_of_2(head_dim),
+                          {"HEAD_DIM": head_dim, "BLOCK_H": triton.next_power_of_2(heads),
+                           "BLOCK_D": triton.next_power_of_2(head_dim),
                            **unit})
 
     kp = K.paged_prefill_kernel
@@ -465,9 +466,9 @@ def _compile_specs():
         sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16", "CU_Q": "*i32:16",
                "SEQ_LENS": "*i32:16", "O": _ptr(dtype),
                **_strides(kp)[0], "scale": "fp32", "softcap": "fp32", "qk_scale": "fp32", "window_left": _I32, "window_right": _I32,
-               "head_dim": _I32, "group": _I32, "block_size": _I32}
+               "group": _I32, "block_size": _I32}
         const = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-        const.update(_strides(kp)[1], HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, IS_FP32=dtype == torch.float32,
+        const.update(_strides(kp)[1], HEAD_DIM=head_dim, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, IS_FP32=dtype == torch.float32,
                      INTERPRET=False)
         yield CompileSpec(kp, "paged_prefill", f"{str(dtype)[6:]} d{head_dim} BM{cfg['BLOCK_M']} "
                           f"BN{cfg['BLOCK_N']} w{cfg['num_warps']}", sig, const, num_warps=cfg["num_warps"],
