@@ -124,6 +124,8 @@ def quant_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    # Row offsets in int64: a prefill of 32k tokens into the 128256-wide lm_head already has M * N > 2**31.
+    rows64 = offs_m.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -133,7 +135,7 @@ def quant_gemm_kernel(
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
         q = _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift) - z[None, :]
         cols = _x_cols(perm_ptr, offs_k, k_mask, HAS_PERM)
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_FP32:
             part = tl.dot(xt.to(tl.float32), q.to(tl.float32), input_precision="ieee")
@@ -143,5 +145,5 @@ def quant_gemm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows64[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
