@@ -1,38 +1,260 @@
 """Fused prefill attention against the float64 reference (FlashAttention's tolerance rule).
 
-On a machine without a GPU every call runs the Triton kernel under the interpreter, whose first config per head_dim
-class has BLOCK_M=64, BLOCK_N=32: the shapes below are chosen around those tiles (lengths not a multiple of them,
-several tiles, interior tiles that take the unmasked path) while staying small enough for the interpreter.
+Without a GPU every call runs the Triton kernel under the interpreter, which uses the first config of each class
+(BLOCK_M=64 rows, BLOCK_N=32 keys for 16-bit inputs; 32 x 32 or 32 x 16 for fp32). The shapes below are chosen
+around those tiles: lengths that are not multiples of them, several tiles per row block so that both interior
+(unmasked) and boundary (masked) tiles run, while staying small enough for the interpreter.
 """
 import pytest
 import torch
 
 import llmkern
-from llmkern import reference
+from llmkern import _utils, reference
 from tolerance import assert_fa_close
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def _randn(shape, dtype, device, g):
+    return torch.randn(*shape, generator=g).to(dtype).to(device)
 
 
 def _qkv(batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, seqlen_q, num_heads, head_dim, generator=g).to(dtype).to(device)
-    k = torch.randn(batch, seqlen_k, num_kv_heads, head_dim, generator=g).to(dtype).to(device)
-    v = torch.randn(batch, seqlen_k, num_kv_heads, head_dim, generator=g).to(dtype).to(device)
-    return q, k, v
+    return (_randn((batch, seqlen_q, num_heads, head_dim), dtype, device, g),
+            _randn((batch, seqlen_k, num_kv_heads, head_dim), dtype, device, g),
+            _randn((batch, seqlen_k, num_kv_heads, head_dim), dtype, device, g))
 
 
 def _check(q, k, v, **kw):
-    """Ours vs float64, with PyTorch-in-the-input-dtype as the error baseline; lse checked too."""
+    """Ours vs float64, with PyTorch-in-the-input-dtype as the error baseline, for o and lse."""
     o, lse = llmkern.attention(q, k, v, return_lse=True, **kw)
     ref_o, ref_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kw)
     base_o, base_lse = reference.attention(q, k, v, return_lse=True, compute_dtype=q.dtype, **kw)
-    assert o.dtype == q.dtype and o.shape == q.shape
-    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert o.dtype == q.dtype and o.shape == q.shape and o.device == q.device
+    assert lse.dtype == F32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
     assert_fa_close(o.cpu(), ref_o.cpu(), base_o.cpu())
+    # lse is fp32 in the kernel whatever the input dtype: hold it to the fp32 floor plus the input's own error
     assert_fa_close(lse.cpu(), ref_lse.cpu(), base_lse.cpu().float(), floor=1e-4, what="lse")
+    o_only = llmkern.attention(q, k, v, **kw)  # the return_lse=False path computes the same o
+    torch.testing.assert_close(o_only, o, rtol=0, atol=0)
     return o, lse
 
 
+# ----------------------------------------------------------------------------------------------- shapes and masks
+@pytest.mark.parametrize("seqlen_q,seqlen_k,causal,window", [
+    (70, 70, False, (-1, -1)),     # lengths not a multiple of either tile
+    (70, 70, True, (-1, -1)),      # causal, the diagonal crosses boundary tiles
+    (1, 77, False, (-1, -1)),      # one query token
+    (1, 77, True, (-1, -1)),       # one query token, causal: sees every key (bottom-right)
+    (40, 100, True, (-1, -1)),     # seqlen_q < seqlen_k, causal: interior tiles fully visible, diagonal masked
+    (100, 40, True, (-1, -1)),     # seqlen_q > seqlen_k, causal: the first 60 rows see no key (o = 0, lse = -inf)
+    (130, 130, False, (20, 5)),    # sliding window both sides: tiles left and right of it are skipped
+    (96, 160, True, (33, -1)),     # causal + left window (Mistral-style)
+    (64, 128, False, (-1, 40)),    # right window only
+    (50, 150, False, (0, 0)),      # each query sees exactly one key
+])
+def test_shapes_and_masks(device, seqlen_q, seqlen_k, causal, window):
+    q, k, v = _qkv(2, seqlen_q, seqlen_k, 2, 1, 64, F16, device)
+    _check(q, k, v, causal=causal, window=window)
+
+
+def test_empty_rows_are_zero_with_minus_inf_lse(device):
+    q, k, v = _qkv(1, 100, 40, 2, 2, 64, F16, device)
+    o, lse = llmkern.attention(q, k, v, causal=True, return_lse=True)
+    # bottom-right: query i sits at i + 40 - 100, so rows 0..59 see nothing
+    assert torch.all(o[:, :60] == 0) and torch.all(lse[:, :, :60] == float("-inf"))
+    assert torch.isfinite(lse[:, :, 60:]).all() and torch.isfinite(o).all()
+
+
+def test_no_keys(device):
+    q, k, v = _qkv(1, 5, 0, 2, 2, 64, F16, device)
+    o, lse = llmkern.attention(q, k, v, return_lse=True)
+    assert torch.all(o == 0) and torch.all(lse == float("-inf"))
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (8, 1)])  # GQA ratio 1, 4, and 8 = MQA
+def test_gqa(device, num_heads, num_kv_heads):
+    q, k, v = _qkv(1, 45, 70, num_heads, num_kv_heads, 64, F16, device)
+    _check(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 136, 256])  # every class, padded (80, 96, 136) or not
+def test_head_dims(device, head_dim):
+    q, k, v = _qkv(1, 70, 90, 2, 1, head_dim, F16, device)
+    _check(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dtypes(device, dtype, head_dim):
+    q, k, v = _qkv(2, 66, 66, 2, 1, head_dim, dtype, device)
+    _check(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+def test_softcap_and_scale(device, dtype):
+    q, k, v = _qkv(1, 70, 100, 4, 2, 64, dtype, device)
+    q = q * 3  # large scores so the cap matters: tanh saturates for some of them
+    _check(q, k, v, softcap=5.0)
+    _check(q, k, v, causal=True, softcap=2.0, scale=0.3, window=(30, -1))
+
+
+def test_non_contiguous(device):
+    g = torch.Generator().manual_seed(1)
+    # q stored (batch, heads, seq, dim) and viewed as (batch, seq, heads, dim); k a head slice of a bigger tensor;
+    # v with a strided last dim (the one case that is copied).
+    q = _randn((2, 2, 70, 64), F16, device, g).transpose(1, 2)
+    k = _randn((2, 90, 3, 64), F16, device, g)[:, :, 1:2]
+    v = _randn((2, 90, 1, 128), F16, device, g)[..., ::2]
+    assert not q.is_contiguous() and not k.is_contiguous() and v.stride(-1) == 2
+    _check(q, k, v, causal=True)
+    # a broadcast (stride 0) batch dim
+    kb, vb = k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1)
+    _check(q, kb, vb)
+
+
+# rows of other blocks do see the NaN keys: numpy warns about their all-NaN row max under the interpreter
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (10, -1))])
+def test_skipped_tiles_are_never_read(device, causal, window):
+    """Keys that no query of a row block can see are never loaded: poison them with NaN and the rows of that
+    block stay finite (a kernel that loaded and masked them would get 0 * NaN = NaN in p @ V)."""
+    q, k, v = _qkv(1, 256, 256, 2, 2, 64, F16, device)
+    if causal:
+        # rows 0..127 (one row block for every config, BLOCK_M <= 128) see keys <= 127; poison keys 192.. (more
+        # than one BLOCK_N <= 64 away), then check those rows only
+        poison, rows = slice(192, None), slice(0, 128)
+    else:
+        # query i sees keys i - 10 .. 255: rows 192.. (one block for BLOCK_M <= 64) skip keys below 128
+        poison, rows = slice(0, 100), slice(192, None)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, poison] = float("nan")
+    v_bad[:, poison] = float("nan")
+    o_bad = llmkern.attention(q, k_bad, v_bad, causal=causal, window=window)
+    o = llmkern.attention(q, k, v, causal=causal, window=window)
+    assert torch.isfinite(o_bad[:, rows]).all()
+    torch.testing.assert_close(o_bad[:, rows], o[:, rows], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- varlen
+def _check_varlen(lens_q, lens_k, num_heads, num_kv_heads, head_dim, dtype, device, pad_rows=0, **kw):
+    g = torch.Generator().manual_seed(2)
+    total_q, total_k = sum(lens_q) + pad_rows, sum(lens_k)
+    q = _randn((total_q, num_heads, head_dim), dtype, device, g)
+    k = _randn((total_k, num_kv_heads, head_dim), dtype, device, g)
+    v = _randn((total_k, num_kv_heads, head_dim), dtype, device, g)
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)  # noqa: E731
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    o, lse = llmkern.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), return_lse=True, **kw)
+    assert o.shape == q.shape and lse.shape == (num_heads, total_q)
+    n = sum(lens_q)
+    ref_o, ref_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, return_lse=True, **kw)
+    base_o, base_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, compute_dtype=dtype, **kw)
+    assert_fa_close(o[:n].cpu(), ref_o.cpu(), base_o.cpu())
+    assert_fa_close(lse[:, :n].cpu(), ref_lse.cpu(), base_lse.cpu().float(), floor=1e-4, what="lse")
+    # rows past cu_seqlens_q[-1] belong to no sequence: defined as 0 / -inf, never left uninitialised
+    assert torch.all(o[n:] == 0) and torch.all(lse[:, n:] == float("-inf"))
+
+
 @pytest.mark.parametrize("causal", [False, True])
-def test_basic(device, causal):
-    q, k, v = _qkv(2, 70, 70, 2, 2, 64, torch.float16, device)
-    _check(q, k, v, causal=causal)
+def test_varlen_very_different_lengths(device, causal):
+    # an empty sequence, a single token, one spanning several tiles, seqlen_q > seqlen_k (causal: empty rows)
+    _check_varlen([0, 1, 130, 7, 20], [3, 1, 150, 0, 9], 4, 2, 64, F16, device, causal=causal)
+
+
+def test_varlen_window_softcap_bf16_padded_rows(device):
+    _check_varlen([33, 1, 70], [33, 60, 100], 2, 1, 80, BF16, device, pad_rows=5, window=(16, 4), softcap=4.0)
+
+
+def test_varlen_matches_batched(device):
+    """Equal-length sequences packed: the varlen call gives exactly the batched call's result."""
+    q, k, v = _qkv(3, 40, 50, 4, 2, 64, F16, device)
+    o, lse = llmkern.attention(q, k, v, causal=True, return_lse=True)
+    cu_q = torch.arange(0, 121, 40, dtype=torch.int32, device=device)
+    cu_k = torch.arange(0, 151, 50, dtype=torch.int32, device=device)
+    ov, lsev = llmkern.attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 40, 50,
+                                        causal=True, return_lse=True)
+    torch.testing.assert_close(ov, o.flatten(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(lsev, lse.permute(1, 0, 2).flatten(1), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Bad input must be rejected before any kernel launch."""
+    def boom(*a, **k):
+        raise AssertionError("a kernel was launched")
+    monkeypatch.setattr(_utils, "launch", boom)
+
+
+def _t(*shape, dtype=F16):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+_Q, _K = _t(1, 8, 4, 64), _t(1, 8, 2, 64)
+_CU = torch.tensor([0, 8], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("call,exc,word", [
+    (lambda: llmkern.attention(_Q, _t(1, 8, 3, 64), _t(1, 8, 3, 64)), ValueError, "num_kv_heads"),
+    (lambda: llmkern.attention(_Q, _t(1, 8, 2, 32), _t(1, 8, 2, 32)), ValueError, "head_dim"),
+    (lambda: llmkern.attention(_Q, _K, _t(1, 8, 2, 32)), ValueError, "v"),
+    (lambda: llmkern.attention(_Q, _K.float(), _K), TypeError, "k"),
+    (lambda: llmkern.attention(_Q, _K, _K.to("meta")), ValueError, "v"),
+    (lambda: llmkern.attention(_t(1, 8, 4, 36), _t(1, 8, 2, 36), _t(1, 8, 2, 36)), ValueError, "head_dim"),
+    (lambda: llmkern.attention(_t(1, 8, 4, 264), _t(1, 8, 2, 264), _t(1, 8, 2, 264)), ValueError, "head_dim"),
+    (lambda: llmkern.attention(_t(1, 8, 4, 16), _t(1, 8, 2, 16), _t(1, 8, 2, 16)), ValueError, "head_dim"),
+    (lambda: llmkern.attention(_Q.int(), _K.int(), _K.int()), TypeError, "q"),
+    (lambda: llmkern.attention(_Q[0], _K[0], _K[0]), ValueError, "q"),
+    (lambda: llmkern.attention(_Q, _t(2, 8, 2, 64), _t(2, 8, 2, 64)), ValueError, "batch"),
+    (lambda: llmkern.attention(_Q, _K, _K, window=(-2, 0)), ValueError, "window"),
+    (lambda: llmkern.attention(_Q, _K, _K, window=(3,)), TypeError, "window"),
+    (lambda: llmkern.attention(_Q, _K, _K, softcap=0.0), ValueError, "softcap"),
+    (lambda: llmkern.attention(_Q, _K, _K, softcap=-1.0), ValueError, "softcap"),
+    (lambda: llmkern.attention(_Q, _K, _K, scale="x"), TypeError, "scale"),
+    (lambda: llmkern.attention(_Q, _K, _K, causal=1), TypeError, "causal"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU.long(), _CU, 8, 8), TypeError, "cu_seqlens_q"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, torch.tensor([0, 4, 8], dtype=torch.int32), 8, 8),
+     ValueError, "cu_seqlens"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU[None], _CU, 8, 8), ValueError, "cu_seqlens_q"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, torch.tensor([0, 9], dtype=torch.int32), 8, 9),
+     ValueError, "cu_seqlens_k"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], torch.tensor([0, 5, 3], dtype=torch.int32),
+                                      torch.tensor([0, 4, 8], dtype=torch.int32), 8, 8), ValueError, "cu_seqlens_q"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], torch.tensor([1, 8], dtype=torch.int32), _CU, 8, 8),
+     ValueError, "cu_seqlens_q"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, _CU, 4, 8), ValueError, "max_seqlen_q"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, _CU, 8, 8.0), TypeError, "max_seqlen_k"),
+    (lambda: llmkern.attention_varlen(_Q[0], _t(8, 3, 64), _t(8, 3, 64), _CU, _CU, 8, 8), ValueError,
+     "num_kv_heads"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, _CU, 8, 8, window=(1, -5)), ValueError, "window"),
+])
+def test_bad_input(no_launch, call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_fullgraph(device):
+    q, k, v = _qkv(1, 40, 50, 4, 2, 64, F16, device)
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 20, 50], dtype=torch.int32, device=device)
+
+    def f(q, k, v):
+        o, lse = llmkern.attention(q, k, v, causal=True, return_lse=True)
+        ov = llmkern.attention_varlen(q[0], k[0], v[0], cu, cu_k, 25, 30, window=(8, -1), softcap=3.0)
+        return o * 2, lse, ov
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_opcheck(device):
+    """torch.library's own consistency checks of the op registration (fake vs real, schema, autograd notice)."""
+    from llmkern.attention import _attention_op
+    q, k, v = _qkv(1, 20, 30, 2, 1, 64, F16, device)
+    torch.library.opcheck(_attention_op, (q, k, v, True, 0.125, -1, -1, None, True))
+    torch.library.opcheck(_attention_op, (q, k, v, False, 0.125, 4, 2, 2.0, False))
