@@ -1,0 +1,167 @@
+"""The roofline tool: model/step formulas against hand-computed Llama-3-8B numbers, bound selection, the CLI."""
+import json
+import sys
+
+import pytest
+
+from llmkern import perf, roofline
+from llmkern.cli import main
+from llmkern.models import MODELS, get_model
+
+L3 = get_model("llama-3-8b")
+
+# Llama-3-8B by hand (config.json: hidden 4096, 32 layers, 32 heads, 8 KV heads, head_dim 128, MLP 14336, vocab
+# 128256, untied):
+EMB = 128256 * 4096                                        # 525,336,576 (embedding; the LM head is as big)
+ATTN = 4096 * 4096 * 2 + 2 * 4096 * 1024                   # q, o + k, v = 41,943,040
+MLP = 3 * 4096 * 14336                                     # 176,160,768
+LINEAR = 32 * (ATTN + MLP)                                 # 6,979,321,856
+NORMS = 32 * 2 * 4096 + 4096                               # two per layer + the final one
+PARAMS = LINEAR + NORMS + 2 * EMB                          # 8,030,261,248: Meta's "8.03B"
+KV_TOKEN = 2 * 32 * 8 * 128 * 2                            # K and V, 32 layers, 8 heads x 128, bf16 = 131,072
+
+
+def test_llama3_8b_sizes():
+    assert L3.param_count() == PARAMS == 8_030_261_248
+    assert roofline.weight_bytes(L3) == 2 * PARAMS          # ~16.06e9 in bf16
+    assert roofline.kv_bytes_per_token(L3) == KV_TOKEN
+    assert roofline.kv_cache_bytes(L3, 16, 4096) == 16 * 4096 * KV_TOKEN
+
+
+def test_llama3_8b_decode_step():
+    b, ctx = 16, 4096
+    step = roofline.decode_step(L3, b, ctx)
+    lin = 2 * (LINEAR * b + EMB * b)                       # every linear + the LM head, per sequence
+    attn = 4 * 32 * 128 * ctx * 32 * b                     # QK^T and PV: 4 FLOPs/pair/head_dim, 32 heads, 32 layers
+    assert step.flops == pytest.approx(lin + attn, rel=1e-12)
+    weights = 2 * (LINEAR + NORMS + EMB + b * 4096)        # LM head whole, embedding only the 16 rows looked up
+    kv = b * ctx * KV_TOKEN + b * KV_TOKEN                 # read the cache, write the new token's K/V
+    assert step.bytes == pytest.approx(weights + kv, rel=1e-12)
+    h100 = roofline.resolve_device("h100")
+    bound = roofline.bound(step, h100)
+    assert bound["bound"] == "memory"
+    assert bound["time_s"] == pytest.approx((weights + kv) / 3350e9, rel=1e-12)
+    assert bound["tokens_per_s"] == pytest.approx(b / bound["time_s"])
+
+
+def test_llama3_8b_prefill_step():
+    b, ctx = 2, 1024
+    step = roofline.prefill_step(L3, b, ctx)
+    lin = 2 * (LINEAR * b * ctx + EMB * b)                 # the LM head only for each prompt's last token
+    attn = 4 * 32 * 128 * (ctx * (ctx + 1) // 2) * 32 * b  # causal pairs
+    assert step.flops == pytest.approx(lin + attn, rel=1e-12)
+    assert step.bytes == pytest.approx(2 * (LINEAR + NORMS + EMB + b * ctx * 4096) + b * ctx * KV_TOKEN, rel=1e-12)
+    assert roofline.bound(step, roofline.resolve_device("h100"))["bound"] == "compute"
+
+
+def test_bound_selection_and_ridge():
+    h100 = perf.DEVICES["h100-sxm"]
+    assert roofline.ridge_point(h100) == pytest.approx(989.5e12 / 3350e9)
+    # Decode intensity grows ~ batch FLOP/byte (2 FLOPs per 2-byte weight per sequence): past the ridge (~295)
+    # a huge batch over a short context becomes compute-bound; int4 weights quarter the bytes, so they get there
+    # sooner.
+    assert roofline.bound(roofline.decode_step(L3, 64, 128), h100)["bound"] == "memory"
+    assert roofline.bound(roofline.decode_step(L3, 1024, 16), h100)["bound"] == "compute"
+    s16, s4 = roofline.decode_step(L3, 128, 16), roofline.decode_step(L3, 128, 16, bits=4)
+    assert s4.intensity > 3 * s16.intensity
+    # A long context makes decode KV-bound: the cache dwarfs the weights, and the step's intensity tends to the
+    # attention's own: 4 * heads * head_dim FLOPs per 2 * kv_heads * head_dim * 2 bytes = heads / kv_heads = 4.
+    long = roofline.decode_step(L3, 64, 32768)
+    assert long.kv_bytes > 10 * long.weight_bytes
+    assert long.attention_flops / long.kv_bytes == pytest.approx(4.0, rel=1e-3)
+    assert 4.0 < long.intensity < 8.0
+
+
+def test_int4_weight_bytes():
+    # Packed 4-bit weights, a bf16 scale and a 4-bit zero point per group of 128 inputs, per output column.
+    per_weight = 0.5 + (2 + 0.5) / 128
+    assert roofline.linear_weight_bytes(L3, bits=4) == pytest.approx(LINEAR * per_weight, rel=1e-12)
+    assert roofline.weight_bytes(L3, bits=4) == pytest.approx(LINEAR * per_weight + 2 * (NORMS + 2 * EMB))
+
+
+def test_other_models():
+    gemma = get_model("gemma-2-9b")
+    # Tied embeddings: stored once, and a step reads the whole table (it is the LM head).
+    assert gemma.lm_head_params() == 0
+    assert roofline.step_weight_bytes(gemma, 1) - roofline.linear_weight_bytes(gemma) == pytest.approx(
+        2 * (256000 * 3584 + 42 * 4 * 3584 + 3584))
+    # Gemma-2-9B has 9.24B parameters (its model card).
+    assert gemma.param_count() == pytest.approx(9.24e9, rel=0.005)
+    # Mistral's sliding window caps every layer's cache at 4096 tokens.
+    mistral = get_model("mistral")
+    assert roofline.kv_cache_bytes(mistral, 1, 8192) == roofline.kv_cache_bytes(mistral, 1, 4096)
+    # Published sizes (model cards): Llama-3-70B 70.6B, Mistral-7B 7.24B, Qwen2.5-7B 7.61B.
+    for name, n in (("llama-3-70b", 70.55e9), ("mistral-7b", 7.24e9), ("qwen2.5-7b", 7.62e9)):
+        assert MODELS[name].param_count() == pytest.approx(n, rel=0.005), name
+    with pytest.raises(ValueError, match="unknown model"):
+        get_model("gpt-5")
+
+
+def test_causal_pairs_closed_form_matches_perf():
+    for seqlen, window in ((1, None), (17, None), (17, 5), (9, 9), (9, 20)):
+        lw = -1 if window is None else window - 1
+        assert roofline._causal_pairs(seqlen, window) == perf.attention_pairs(seqlen, seqlen, causal=True,
+                                                                                window=(lw, 0))
+
+
+def test_resolve_device():
+    assert roofline.resolve_device("h100") is perf.DEVICES["h100-sxm"]
+    assert roofline.resolve_device("A100") is perf.DEVICES["a100-80gb"]
+    assert roofline.resolve_device("h200") is perf.DEVICES["h200"]
+    with pytest.raises(ValueError, match="unknown device"):
+        roofline.resolve_device("tpu-v5")
+
+
+def test_cli(capsys):
+    assert main(["roofline", "--model", "llama-3-8b", "--device", "h100", "--batch", "16", "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "16.06 GB" in out and "131.07 kB" in out and "8.59 GB" in out
+    prefill = next(line for line in out.splitlines() if line.strip().startswith("prefill"))
+    decode = next(line for line in out.splitlines() if line.strip().startswith("decode"))
+    assert "compute" in prefill and "memory" in decode
+    assert main(["roofline", "--model", "llama-3-8b", "--device", "h100", "--bits", "4"]) == 0
+    assert "int4" in capsys.readouterr().out
+    assert main(["roofline", "--model", "nope"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def _records():
+    return [
+        {"op": "matmul", "impl": "llmkern", "shape": {}, "device": "NVIDIA H100 80GB HBM3", "median_ms": 1.0,
+         "flops": 2e11, "bytes": 1e9},
+        {"op": "decode", "impl": "llmkern", "shape": {}, "device": "NVIDIA H100 80GB HBM3", "median_ms": 1.0,
+         "flops": 1e9, "bytes": 2e9},
+        {"op": "sample", "impl": "llmkern", "shape": {}, "device": "CPU (x86_64, 2 threads)", "median_ms": 0.5,
+         "flops": 0.0, "bytes": 1e6},
+    ]
+
+
+def test_summary_table():
+    lines = roofline.summary_table(_records()).splitlines()
+    assert len(lines) == 5
+    matmul, decode, sample = lines[2:]
+    # 2e11 FLOPs / 989.5 TFLOP/s = 0.2021 ms < 1e9 B / 3350 GB/s = 0.2985 ms: memory binds, 29.85% of 1 ms.
+    assert "memory" in matmul and "0.2985" in matmul and "29.9%" in matmul
+    assert "memory" in decode and "0.5970" in decode
+    assert sample.split()[-2:] == ["-", "-"]          # CPU record: no peak, no roofline columns
+    # A fixed device overrides the records' names.
+    assert "memory" in roofline.summary_table(_records()[2:], device="h100").splitlines()[2]
+
+
+def test_plot_needs_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # as if not installed
+    with pytest.raises(RuntimeError, match="pip install matplotlib"):
+        roofline.plot(str(tmp_path / "r.png"), perf.DEVICES["h100-sxm"])
+
+
+def test_plot_cli(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot is optional; pip install matplotlib to test it")
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"environment": {}, "suites": ["x"], "records": _records()}))
+    png = tmp_path / "roof.png"
+    rc = main(["roofline", "--model", "qwen2.5-7b", "--device", "h100", "--plot", str(png),
+               "--bench-json", str(bench)])
+    assert rc == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "2 measured points" in out and "1 records without FLOPs" in out
