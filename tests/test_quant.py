@@ -219,8 +219,13 @@ def test_torch_compile_fullgraph(device):
     gen = torch.Generator().manual_seed(3)
     qw = llmkern.quantize_weight(torch.randn(40, 64, generator=gen).half(), bits=8, group_size=32).to(device)
     x = torch.randn(2, 3, 64, generator=gen).half().to(device)
-    fn = torch.compile(lambda a: llmkern.quant_matmul(a, qw), fullgraph=True, backend="eager")
+    # aot_eager traces the op through its fake implementation (shapes, dtypes) without a C++ compiler
+    fn = torch.compile(lambda a: llmkern.quant_matmul(a, qw), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(x), llmkern.quant_matmul(x, qw), rtol=0, atol=0)
+    block = nn.Sequential(llmkern.QuantLinear.from_linear(nn.Linear(64, 32).half(), bits=4, group_size=32), nn.SiLU(),
+                          llmkern.QuantLinear.from_linear(nn.Linear(32, 16).half(), bits=8, group_size=-1)).to(device)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), block(x), rtol=0, atol=0)
     torch.library.opcheck(torch.ops.llmkern.quant_matmul.default,
                           (x, qw.qweight, qw.scales, qw.zeros, None, None, 8, 32))
 
@@ -387,3 +392,22 @@ def test_bad_input():
     for exc, word, fn in cases:
         with pytest.raises(exc, match=word):
             fn()
+
+
+def test_dispatch_cut_over(monkeypatch, device):
+    """M <= 16 rows (counted across leading dims) go to the decode kernel, more to the GEMM."""
+    launched = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return quant.quant_decode_kernel_real[grid]
+
+    monkeypatch.setattr(quant, "quant_decode_kernel_real", quant.quant_decode_kernel, raising=False)
+    monkeypatch.setattr(quant, "quant_decode_kernel", Spy())
+    qw = llmkern.quantize_weight(torch.randn(24, 64).half(), bits=4, group_size=32).to(device)
+    for shape, decode in (((1, 64), True), ((4, 4, 64), True), ((17, 64), False), ((2, 9, 64), False)):
+        launched.clear()
+        x = torch.randn(*shape).half().to(device)
+        assert_quant_close(llmkern.quant_matmul(x, qw).cpu(), x.cpu(), qw.dequantize(torch.float64).cpu())
+        assert bool(launched) == decode, f"x{shape}: decode kernel launched={bool(launched)}"
