@@ -15,8 +15,8 @@ import llmkern  # noqa: E402
 COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, initializer_range=0.1,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
-NEW_TOKENS = 8
-WINDOW = 4  # Mistral's sliding window, far below prompt + generation (up to 17 tokens)
+NEW_TOKENS = 6
+WINDOW = 4  # Mistral's sliding window, far below prompt + generation (up to 15 tokens)
 
 
 def _model(kind: str):
@@ -106,3 +106,17 @@ def test_bad_input():
     gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(head_dim=32, **COMMON)).eval()
     with pytest.raises(ValueError, match="model"):
         llmkern.generate(gemma, ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_quantized_model_composes():
+    """quantize_model's QuantLinear layers serve the loop's projections and MLP: greedy output equals transformers'
+    generate on the same int4 model (fp16 activations, which quant_matmul requires)."""
+    model = _model("llama").to(torch.float16)
+    llmkern.quantize_model(model, bits=4, group_size=64)   # group 64: hidden 128 holds two groups per row
+    assert isinstance(model.model.layers[0].mlp.down_proj, llmkern.QuantLinear)
+    ids, mask = _batch()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                             eos_token_id=[])
+    want = out[:, ids.shape[1]:].tolist()
+    assert llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[]) == want
