@@ -1,0 +1,107 @@
+"""Prefill attention: llmkern.attention against PyTorch SDPA and flash-attn.
+
+Heads are Llama-3-8B's (32 query heads, 8 KV heads, head_dim 128), causal, bf16, over sequence lengths 512 .. 16k
+with the batch chosen so every shape holds 16k tokens (the work per shape then grows with the sequence length, as
+causal attention's FLOPs are quadratic in it). Peers in the same run:
+  * torch_sdpa: torch.nn.functional.scaled_dot_product_attention on (batch, heads, seq, dim) tensors with K/V
+    repeated to 32 heads beforehand (outside the timing), so PyTorch may pick its FlashAttention backend, which
+    does not take grouped heads;
+  * flash_attn: flash_attn_func (FlashAttention-2, native GQA) when the package is importable.
+FLOPs and bytes come from llmkern.perf (attention_pairs/attention_flops/attention_bytes), the same for every
+implementation: they describe the problem, not what an implementation happens to move. `summarize` prints each
+shape's speedup over SDPA.
+
+On CPU (no CUDA) two tiny fp32 shapes run through the CPU path (the PyTorch reference; the interpreter if
+TRITON_INTERPRET=1), to show the suite works, not to measure anything.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from llmkern import perf
+from llmkern.attention import attention
+from llmkern.bench.common import Case, optional_import
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128   # Llama-3-8B (config.json: 32 attention heads, 8 KV heads, 4096/32)
+TOKENS = 16384                                   # tokens per shape: batch = TOKENS // seqlen
+SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
+QUICK_SEQLENS = [1024, 8192]
+# CPU: (batch, seqlen, heads, kv_heads, head_dim), small enough for the reference in well under a second.
+CPU_SHAPES = [(1, 128, 4, 1, 64), (2, 256, 4, 2, 64)]
+
+
+def _shape(batch, seqlen, h, hk, d, dtype) -> dict:
+    return dict(batch=batch, seqlen=seqlen, heads=h, kv_heads=hk, head_dim=d, causal=True,
+                dtype=str(dtype).replace("torch.", ""))
+
+
+def _cost(batch, seqlen, h, hk, d, dtype) -> tuple[float, float]:
+    pairs = perf.attention_pairs(seqlen, seqlen, causal=True)
+    flops = perf.attention_flops(batch, h, d, pairs)
+    nbytes = perf.attention_bytes(batch, seqlen, seqlen, h, hk, d, perf.dtype_bytes(dtype))
+    return flops, nbytes
+
+
+def _inputs(batch, seqlen, h, hk, d, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, seqlen, h, d, dtype=dtype, device=device, generator=g)
+    k = torch.randn(batch, seqlen, hk, d, dtype=dtype, device=device, generator=g)
+    v = torch.randn(batch, seqlen, hk, d, dtype=dtype, device=device, generator=g)
+    return q, k, v
+
+
+def _cases_for(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterable[Case]:
+    shape = _shape(batch, seqlen, h, hk, d, dtype)
+    flops, nbytes = _cost(batch, seqlen, h, hk, d, dtype)
+
+    def make_llmkern():
+        q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+        return lambda: attention(q, k, v, causal=True)
+    yield Case(op="attention_prefill", impl="llmkern", shape=shape, flops=flops, nbytes=nbytes, make=make_llmkern)
+
+    def make_sdpa():
+        q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+        # SDPA's layout (batch, heads, seq, dim), K/V repeated per query head, all prepared outside the timing
+        qt = q.transpose(1, 2).contiguous()
+        kt = k.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
+        vt = v.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    yield Case(op="attention_prefill", impl="torch_sdpa", shape=shape, flops=flops, nbytes=nbytes, make=make_sdpa,
+               note="K/V repeated to num_heads outside the timing")
+
+    if flash_attn is not None and device.type == "cuda":
+        def make_fa():
+            q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+            return lambda: flash_attn.flash_attn_func(q, k, v, causal=True)
+        yield Case(op="attention_prefill", impl="flash_attn", shape=shape, flops=flops, nbytes=nbytes,
+                   make=make_fa)
+
+
+def cases(device: torch.device, quick: bool) -> Iterable[Case]:
+    flash_attn = optional_import("flash_attn")
+    if device.type != "cuda":
+        for batch, seqlen, h, hk, d in CPU_SHAPES[:1] if quick else CPU_SHAPES:
+            yield from _cases_for(batch, seqlen, h, hk, d, torch.float32, device, None)
+        return
+    for seqlen in QUICK_SEQLENS if quick else SEQLENS:
+        yield from _cases_for(max(1, TOKENS // seqlen), seqlen, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, torch.bfloat16,
+                              device, flash_attn)
+
+
+def summarize(records: list[dict]) -> str:
+    """Per shape: llmkern's time and its speedup over SDPA (and flash-attn when it ran)."""
+    by_shape: dict[str, dict[str, float]] = {}
+    for r in records:
+        key = f"b={r['shape']['batch']} s={r['shape']['seqlen']}"
+        by_shape.setdefault(key, {})[r["impl"]] = r["median_ms"]
+    lines = ["", f"{'shape':<18} {'llmkern ms':>11} {'vs sdpa':>8} {'vs flash_attn':>14}"]
+    for key, t in by_shape.items():
+        if "llmkern" not in t:
+            continue
+        ours = t["llmkern"]
+        vs = lambda peer: f"{t[peer] / ours:.2f}x" if peer in t else "-"  # noqa: E731
+        lines.append(f"{key:<18} {ours:>11.4f} {vs('torch_sdpa'):>8} {vs('flash_attn'):>14}")
+    return "\n".join(lines)
