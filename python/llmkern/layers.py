@@ -21,7 +21,6 @@ import math
 from typing import Optional
 
 import torch
-import triton
 
 from llmkern import _utils, compile_check, reference
 from llmkern.compile_check import CompileSpec
@@ -361,7 +360,8 @@ def _compile_specs():
                     num_warps=_rms_warps(block))
     rope_ints = ["seqlen", "stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
                  "stride_qob", "stride_qos", "stride_qoh", "stride_kob", "stride_kos", "stride_koh",
-                 "stride_pb", "stride_ps", "stride_cb", "stride_cs", "stride_sb", "stride_ss", "num_heads", "num_kv_heads"]
+                 "stride_pb", "stride_ps", "stride_cb", "stride_cs", "stride_sb", "stride_ss",
+                 "num_heads", "num_kv_heads"]
     for half_p2 in _ROPE_HALVES:
         block_h = _ROPE_TILE // half_p2
         for use_table in (True, False):

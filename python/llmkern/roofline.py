@@ -193,12 +193,13 @@ def report(model: ModelShape, peak: perf.DevicePeak, batch: int, context: int, b
            group_size: int = DEFAULT_GROUP) -> str:
     """The text `llmkern roofline` prints."""
     wq = f"int{bits} (group {group_size}) linear layers, bf16 embeddings/LM head" if bits else "bf16"
+    wbytes = weight_bytes(model, bits, group_size)
     lines = [
         f"{model.name} on {peak.name}: batch {batch}, context {context}, weights {wq}",
         f"  model: {model.param_count() / 1e9:.2f} B parameters ({model.source})",
         f"  device: {peak.hbm_gbps:.0f} GB/s, {peak.tensor_tflops:.1f} dense bf16 tensor TFLOP/s, ridge point "
         f"{ridge_point(peak):.0f} FLOP/byte ({peak.source})",
-        f"  weight bytes:            {weight_bytes(model, bits, group_size):.4g} ({_fmt_bytes(weight_bytes(model, bits, group_size))})",
+        f"  weight bytes:            {wbytes:.4g} ({_fmt_bytes(wbytes)})",
         f"  KV cache per token:      {kv_bytes_per_token(model):.4g} ({_fmt_bytes(kv_bytes_per_token(model))}, bf16)",
         f"  KV cache total:          {kv_cache_bytes(model, batch, context):.4g} "
         f"({_fmt_bytes(kv_cache_bytes(model, batch, context))}: {batch} x {context} tokens)",
@@ -301,7 +302,8 @@ def _positive_int(s: str) -> int:
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-3-8b", help=f"model shape (default llama-3-8b; known: {', '.join(MODELS)})")
+    p.add_argument("--model", default="llama-3-8b",
+                   help=f"model shape (default llama-3-8b; known: {', '.join(MODELS)})")
     p.add_argument("--device", default="h100", help="device peaks from llmkern.perf.DEVICES (default h100 = "
                                                    f"h100-sxm; known: {', '.join(perf.DEVICES)})")
     p.add_argument("--batch", type=_positive_int, default=16, help="sequences per step (default 16)")
