@@ -213,6 +213,10 @@ def test_quant_matmul_public(dtype, device):
     xt = torch.randn(k, 4, generator=gen).to(dtype).to(device).t()   # a strided last dim: copied first
     assert_quant_close(llmkern.quant_matmul(xt, qw).cpu(), xt.cpu(), w64, what="transposed x")
     assert llmkern.quant_matmul(torch.empty(0, k, dtype=dtype, device=device), qw).shape == (0, n)
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    moved = qw.to(other)                              # a dtype converts the scales only
+    assert moved.dtype == other and moved.qweight.dtype == torch.int32 and moved.device == qw.device
+    assert torch.equal(moved.codes(), qw.codes())
 
 
 def test_torch_compile_fullgraph(device):

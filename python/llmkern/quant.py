@@ -154,7 +154,10 @@ class QuantizedWeight:
                                           dtype=dtype or self.dtype)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "QuantizedWeight":
-        """A copy on `device`; `dtype` (fp16/bf16) converts the scales, i.e. the activation dtype it serves."""
+        """A copy on `device`; `dtype` (fp16/bf16) converts the scales, i.e. the activation dtype it serves.
+        `.to(torch.bfloat16)` is read as a dtype, as torch.Tensor.to reads it (the integer tensors keep theirs)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         if dtype is not None and dtype not in SCALE_DTYPES:
             raise TypeError(f"dtype must be float16 or bfloat16 (the scales' dtype), got {dtype}")
         mv = (lambda t: None if t is None else t.to(device))  # noqa: E731
