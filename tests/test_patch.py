@@ -191,3 +191,19 @@ def test_composes_with_quantize_model(device, monkeypatch):
         assert isinstance(m.model.layers[0].mlp.down_proj, QuantLinear)
         assert type(m.model.layers[0]).__name__ == "LlmkernLlamaDecoderLayer"
         assert float((out.float() - ref_logits.float())[real].abs().max()) <= 1e-2 * scale
+
+
+def test_composes_with_llmkern_attention_backend(device):
+    """patch_model + attn_implementation="llmkern": every layer op of the model on llmkern, same logits as SDPA."""
+    import llmkern.integrations.transformers  # noqa: F401  (registers "llmkern" with transformers)
+    cfg = _config("llama")
+    cfg.hidden_size, cfg.head_dim = 128, 32         # the attention kernels take head_dim >= 32
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval().to(device)
+    ids, mask = _inputs(device)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation("llmkern")
+        out = llmkern.patch_model(model)(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert float((out - ref)[real].abs().max()) <= 1e-5 * float(ref.abs().max())
