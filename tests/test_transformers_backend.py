@@ -192,3 +192,34 @@ def test_continuous_batching_is_refused_by_transformers():
     gen = transformers.GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=2, pad_token_id=0)
     with pytest.raises(ValueError, match="not supported for continuous batching"):
         model.generate_batch([[5, 6, 7]], generation_config=gen)
+
+
+def _sdpa_reference(q, k, v, keep, scale):
+    """Plain SDPA with an explicit (batch, 1, sq, sk) boolean mask, K/V repeated for GQA; float64."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1).double(), v.repeat_interleave(g, 1).double()
+    out = torch.nn.functional.scaled_dot_product_attention(q.double(), k, v, attn_mask=keep, scale=scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_padding_patterns_direct(window):
+    """The attention function on hand-made masks: an all-padding row, interior padding (varlen, no window), and
+    interior padding under a sliding window (cache-position distances: the fallback). Real query rows must match
+    SDPA with transformers' mask semantics; padding query rows are zeros."""
+    class Attn(torch.nn.Module):
+        is_causal = True
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 4, 5, 32, generator=g), torch.randn(3, 2, 5, 32, generator=g), \
+        torch.randn(3, 2, 5, 32, generator=g)
+    pad = torch.tensor([[0, 0, 0, 0, 0], [1, 0, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    out, _ = lkt.llmkern_attention_forward(Attn(), q, k, v, pad, scaling=0.3, sliding_window=window)
+    i = torch.arange(5)[:, None]
+    j = torch.arange(5)[None, :]
+    keep = (j <= i) & pad[:, None, None, :]
+    if window is not None:
+        keep &= j > i - window          # masking_utils.sliding_window_overlay
+    real = pad[:, :, None, None].expand_as(out)
+    ref = _sdpa_reference(q, k, v, keep, 0.3)
+    torch.testing.assert_close(out[real].double(), ref[real], atol=1e-5, rtol=0)
+    assert out[~real].abs().max() == 0

@@ -249,8 +249,9 @@ def llmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     if window != (-1, -1) and not _contiguous_rows(valid_k):
         _warn_once("llmkern attention: padding inside a sequence with a sliding window; using a PyTorch fallback.")
         mask4d = _dense_mask(valid_k, seqlen_q, causal, window)
-        return _dense_fallback(query, key[:, :, :valid_k.shape[1]], value[:, :, :valid_k.shape[1]], mask4d, scale,
-                               softcap, False), None
+        out = _dense_fallback(query, key[:, :, :valid_k.shape[1]], value[:, :, :valid_k.shape[1]], mask4d, scale,
+                              softcap, False)
+        return out.masked_fill(~valid_q[:, :, None, None], 0.0), None  # padding query rows: zeros, as below
     cu_k, max_k = _packed_rows(valid_k)
     cu_q, max_q = _packed_rows(valid_q)
     out_packed = llmkern.attention_varlen(q[valid_q], k[valid_k], v[valid_k], cu_q, cu_k, max_q, max_k,
