@@ -1,4 +1,5 @@
-"""Quantized matmul: quantization bounds, GPTQ/AWQ conversion, both kernel paths, QuantLinear, quantize_model, bad input.
+"""Quantized matmul: quantization bounds, GPTQ/AWQ conversion, both kernel paths, QuantLinear, quantize_model and
+bad input.
 
 Ground truth is float64: x @ W.T with W the exactly dequantized weight, W[n, k] = (q - z) * s (reference.py).
 
@@ -8,8 +9,8 @@ in fp32, and the only other roundings are (a) fp32 accumulation over K terms (pl
 and split-K's partial sums), bounded by Higham's gamma_n = n * 2^-24 times sum_k |x_k| |w_kn| with n = K + 4, and (b)
 the final rounding to the output dtype: half an ulp, u = 2^-11 (fp16) or 2^-8 (bf16) relative. (The Triton interpreter
 converts fp32 to bf16 by truncation, a whole ulp, so on CPU bf16 gets u = 2^-7; a GPU rounds to nearest.) A floor of
-2^-24 covers fp16's subnormal spacing near zero. This is a worst case, so it cannot flake, and it is tight enough that one wrong
-code, zero point or scale (an error of one quantization step times |x|) fails it.
+2^-24 covers fp16's subnormal spacing near zero. This is a worst case, so it cannot flake, and it is tight enough that
+one wrong code, zero point or scale (an error of one quantization step times |x|) fails it.
 """
 import copy
 
