@@ -195,7 +195,8 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
 
 def summarize(records: list[dict]) -> str:
     """Tokens/s per step and implementation, with the roofline's lowest time when the device is known."""
-    head = f"{'step':<12} {'batch':>5} {'context':>7} {'impl':<22} {'ms':>10} {'tokens/s':>12} {'floor ms':>9} {'% roof':>7}"
+    head = (f"{'step':<12} {'batch':>5} {'context':>7} {'impl':<22} {'ms':>10} {'tokens/s':>12} {'floor ms':>9} "
+            f"{'% roof':>7}")
     lines = ["", head, "-" * len(head)]
     for r in records:
         s = r["shape"]

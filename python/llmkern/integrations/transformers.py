@@ -44,7 +44,6 @@ from typing import Any, Callable
 import torch
 
 import llmkern
-from llmkern import _utils
 
 from transformers import AttentionInterface
 from transformers import masking_utils
