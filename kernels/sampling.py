@@ -40,23 +40,13 @@ KEY_MAX = tl.constexpr(2 ** 31 - 1)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * log2(e)); exp2 is the hardware instruction
 
 
-@triton.jit
-def _ordered_key(x):
-    """int32 key with key(a) < key(b) iff a < b for non-NaN fp32 (-0.0 and +0.0 aside, see _load_row).
-
-    IEEE floats of one sign are ordered like their bit patterns read as integers; negative floats are ordered
-    backwards, so their magnitude bits are flipped (the sign bit, taken by the arithmetic shift, selects them).
-    """
-    bits = x.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & KEY_MAX)
-
-
-@triton.jit
-def _load_row(row_ptr, offs, n):
-    """One tile of logits in fp32; -inf at offsets >= n (past the row end, or everywhere when n = 0).
-
-    `+ 0.0` turns -0.0 into +0.0 so that both get one key."""
-    return tl.load(row_ptr + offs, mask=offs < n, other=float("-inf")).to(tl.float32) + 0.0
+# Two one-liners recur in every pass and are written out inline rather than as @triton.jit helpers (the Triton
+# interpreter re-patches its language module on every nested jit call, a few ms each, which dominated test time):
+#   load:  tl.load(row + offs, mask=offs < n, other=-inf).to(fp32) + 0.0      (`+ 0.0` maps -0.0 to +0.0, so a
+#          zero logit has one key; n = V, or 0 to switch a pass's loads off)
+#   key:   bits ^ ((bits >> 31) & KEY_MAX), bits = the fp32 bit pattern as int32: an int32 key that orders like the
+#          floats (same-sign IEEE floats order like their bit patterns; negative ones backwards, so the arithmetic
+#          shift selects them and the xor flips their magnitude bits).
 
 
 @triton.jit
@@ -73,7 +63,9 @@ def _row_stats(row_ptr, V, scale, BLOCK: tl.constexpr):
     z = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
     for start in range(0, V, BLOCK):
         offs = start + offs0
-        l = _load_row(row_ptr, offs, V)
+        l = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) + 0.0
+        bits = l.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & KEY_MAX)
         nans += tl.sum((l != l).to(tl.int32), 0)
         tile_max = tl.max(l, 0)
         tile_arg = tl.min(tl.where(l == tile_max, offs, KEY_MAX), 0)
@@ -82,7 +74,7 @@ def _row_stats(row_ptr, V, scale, BLOCK: tl.constexpr):
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid (-inf) - (-inf)
         z = z * tl.exp2((m - m_safe) * scale) + tl.sum(tl.exp2((l - m_safe) * scale), 0)
         m = m_new
-        kmin = tl.minimum(kmin, tl.min(tl.where(offs < V, _ordered_key(l), KEY_MAX), 0))
+        kmin = tl.minimum(kmin, tl.min(tl.where(offs < V, key, KEY_MAX), 0))
     return m, arg, kmin, nans, z
 
 
@@ -98,7 +90,9 @@ def _search(row_ptr, V, lo, hi, mass_lo, target, m, scale,
     NPIV: tl.constexpr = 1 << LOG2_NPIV
     j = tl.arange(0, NPIV)
     offs0 = tl.arange(0, BLOCK)
-    for _ in range(MAX_PASSES):
+    n_pass = 0
+    while (lo + 1 < hi) & (n_pass < MAX_PASSES):
+        n_pass += 1
         # A finished search (one distinct key left) runs its remaining passes over zero tiles. Warp reductions
         # (shuffles) stay out of that data-dependent loop and out of any data-dependent `if`: ptxas cannot prove
         # such code warp-uniform and compiles shuffles there as calls to a fallback that needs a stack frame.
@@ -112,10 +106,11 @@ def _search(row_ptr, V, lo, hi, mass_lo, target, m, scale,
         mass = tl.zeros([NPIV, BLOCK], tl.float32)
         mn = tl.full([NPIV, BLOCK], KEY_MAX, tl.int32)
         mx = tl.full([NPIV, BLOCK], KEY_MIN, tl.int32)
-        for start in range(0, tl.where(active, V, 0), BLOCK):
+        for start in range(0, V, BLOCK):
             offs = start + offs0
-            l = _load_row(row_ptr, offs, V)
-            key = tl.where(offs < V, _ordered_key(l), KEY_MIN)[None, :]   # past the end: below every pivot
+            l = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) + 0.0
+            bits = l.to(tl.int32, bitcast=True)
+            key = tl.where(offs < V, bits ^ ((bits >> 31) & KEY_MAX), KEY_MIN)[None, :]  # past the end: lowest
             ge = key >= piv[:, None]                                        # (NPIV, BLOCK)
             mass += tl.where(ge, tl.exp2((l - m) * scale)[None, :], 0.0)
             if not BY_MASS:
@@ -148,7 +143,8 @@ def _row_threshold(row_ptr, V, T, top_k, top_p, min_p,
     valid = (nans == 0) & (m > float("-inf")) & (m < float("inf"))
     greedy = valid & (T == 0)
     sampled = valid & (T > 0)
-    key_top = _ordered_key(m) + 1                # one past the largest key: F there is 0
+    m_bits = m.to(tl.int32, bitcast=True)
+    key_top = (m_bits ^ ((m_bits >> 31) & KEY_MAX)) + 1     # one past the largest key: F there is 0
 
     # top-k: the k-th largest logit (ties kept). Off (empty bracket) when k == 0 or k >= vocab.
     do_k = sampled & (top_k > 0) & (top_k < V)
@@ -166,18 +162,12 @@ def _row_threshold(row_ptr, V, T, top_k, top_p, min_p,
     kept_mass = tl.zeros_like(mass)
     for start in range(0, V, BLOCK):
         offs = start + offs0
-        l = _load_row(row_ptr, offs, tl.where(do_min_p, V, 0))
-        kept_mass += tl.sum(_kept_q(l, offs, V, t, m, scale, min_p), 0)
+        l = tl.load(row_ptr + offs, mask=offs < tl.where(do_min_p, V, 0), other=float("-inf")).to(tl.float32) + 0.0
+        bits = l.to(tl.int32, bitcast=True)
+        q = tl.exp2((l - m) * scale)
+        kept_mass += tl.sum(tl.where((bits ^ ((bits >> 31) & KEY_MAX) >= t) & (q >= min_p), q, 0.0), 0)
     mass = tl.where(do_min_p, kept_mass, mass)
     return sampled, greedy, arg, m, scale, t, mass
-
-
-@triton.jit
-def _kept_q(l, offs, V, t, m, scale, min_p):
-    """q for kept tokens, 0 elsewhere (and past the row end)."""
-    q = tl.exp2((l - m) * scale)
-    keep = (offs < V) & (_ordered_key(l) >= t) & (q >= min_p)
-    return tl.where(keep, q, 0.0)
 
 
 @triton.jit
@@ -203,7 +193,10 @@ def _sampling_sample_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_
     running = tl.zeros_like(u)
     for start in range(0, V, BLOCK):   # uniform bound (a scan inside); no loads for greedy and invalid rows
         offs = start + offs0
-        q = _kept_q(_load_row(row_ptr, offs, tl.where(sampled, V, 0)), offs, V, t, m, scale, min_p)
+        l = tl.load(row_ptr + offs, mask=offs < tl.where(sampled, V, 0), other=float("-inf")).to(tl.float32) + 0.0
+        bits = l.to(tl.int32, bitcast=True)
+        q = tl.exp2((l - m) * scale)
+        q = tl.where((bits ^ ((bits >> 31) & KEY_MAX) >= t) & (q >= min_p), q, 0.0)   # kept tokens only
         hit = ((running + tl.cumsum(q, 0)) > goal) & (q > 0.0)
         token = tl.minimum(token, tl.min(tl.where(hit, offs, KEY_MAX), 0))
         last = tl.maximum(last, tl.max(tl.where(q > 0.0, offs, -1), 0))
@@ -232,6 +225,9 @@ def _sampling_probs_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_p
     offs0 = tl.arange(0, BLOCK)
     for start in range(0, V, BLOCK):
         offs = start + offs0
-        p = _kept_q(_load_row(row_ptr, offs, V), offs, V, t, m, scale, min_p) * inv
+        l = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) + 0.0
+        bits = l.to(tl.int32, bitcast=True)
+        q = tl.exp2((l - m) * scale)
+        p = tl.where((bits ^ ((bits >> 31) & KEY_MAX) >= t) & (q >= min_p), q * inv, 0.0)
         p = tl.where(sampled, p, tl.where(greedy & (offs == arg), 1.0, 0.0))
         tl.store(out_row + offs, p, mask=offs < V)
