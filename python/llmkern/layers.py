@@ -93,7 +93,7 @@ def _launch_rmsnorm(x2, r2, weight, y2, ro2, eps, offset, casting):
 @torch.library.custom_op("llmkern::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str) -> torch.Tensor:
     if not _utils.use_triton(x):
-        return reference.rms_norm(x, weight, eps, offset=offset, casting=casting)
+        return reference.rms_norm(x, weight, eps, offset=offset, casting=casting).contiguous()  # as register_fake
     x2 = _rows("x", x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch_rmsnorm(x2, None, weight, y.view(-1, x.shape[-1]), None, eps, offset, casting)
@@ -109,7 +109,8 @@ def _(x, weight, eps, offset, casting):
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                      casting: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not _utils.use_triton(x):
-        return reference.add_rms_norm(x, residual, weight, eps, offset=offset, casting=casting)
+        y, r = reference.add_rms_norm(x, residual, weight, eps, offset=offset, casting=casting)
+        return y.contiguous(), r.contiguous()
     x2, r2 = _rows("x", x), _rows("residual", residual)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     r_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -230,7 +231,8 @@ def _launch_rope(q, k, q_out, k_out, positions, cos, sin, theta):
 def _rope_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor], cos: Optional[torch.Tensor],
              sin: Optional[torch.Tensor], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not _utils.use_triton(q):
-        return reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
+        q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
+        return q_rot.contiguous(), k_rot.contiguous()
     q_in, k_in = _utils.last_dim_contiguous("q", q), _utils.last_dim_contiguous("k", k)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
                                                                                    device=k.device)
