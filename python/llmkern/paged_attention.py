@@ -49,7 +49,8 @@ def _decode_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
     flight per step to stream from HBM with two pipeline stages; halved for head_dim 256 and for fp32 (same bytes)
     and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers).
     num_warps: 4 (one warpgroup) unless the fp32 accumulator GROUP_PAD x BLOCK_D exceeds 64 x 128, then 8, which
-    keeps it at <= 64 registers per thread.
+    keeps it at <= 64 registers per thread; also 8 for the fp32 dot path. `llmkern check-compile` shows each of
+    these choices without spills on sm_80 and sm_90 (4 warps spill in the cases moved to 8).
     """
     block_d = triton.next_power_of_2(head_dim)
     use_dot = group > 1
@@ -57,17 +58,23 @@ def _decode_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
     block_n = 64
     if block_d > 128 or dtype == torch.float32 or not use_dot:
         block_n = 32
-    num_warps = 8 if group_pad * block_d > 64 * 128 else 4
+    # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers.
+    num_warps = 8 if (group_pad * block_d > 64 * 128 or (use_dot and dtype == torch.float32)) else 4
     return dict(GROUP_PAD=group_pad, BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot, num_warps=num_warps,
                 num_stages=2)
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for the prefill kernel: FlashAttention-2's forward tiles on A100 (64 x 64, 4 warps for head_dim
-    <= 128), halving BLOCK_N for head_dim 256 and fp32 so the K/V tiles keep the same shared-memory footprint."""
+    """Tile sizes for the prefill kernel, from FlashAttention-2's forward tiles (BLOCK_M 64 query rows, 4 warps for
+    head_dim <= 64, 8 warps above so the (64 x head_dim) fp32 accumulator stays in registers), halving BLOCK_N for
+    head_dim 256 so the K/V tiles keep their shared-memory footprint. fp32 runs its IEEE dot on FMA units with the
+    operands in registers: 32 x 32 tiles (16 keys for head_dim 256) with 8 warps. Each choice compiles without
+    spills on sm_80 and sm_90 (`llmkern check-compile`); the next larger tile spills on sm_80."""
     block_d = triton.next_power_of_2(head_dim)
-    block_n = 32 if (block_d > 128 or dtype == torch.float32) else 64
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32 if block_d <= 128 else 16, BLOCK_D=block_d, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d,
+                num_warps=4 if block_d <= 64 else 8, num_stages=2)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
@@ -420,8 +427,9 @@ def _compile_specs():
     kd = K.paged_decode_kernel
     stride_sig, unit = _strides(kd)
     for dtype, groups, dims in ((torch.float16, (1, 4, 32, 64), (64, 128, 256)),
+                                (torch.float16, (1, 4), (80, 96)),
                                 (torch.bfloat16, (1, 8), (128,)),
-                                (torch.float32, (1, 8), (128,))):
+                                (torch.float32, (1, 8), (128, 256))):
         dt = str(dtype).replace("torch.", "")
         for group in groups:
             for head_dim in dims:
@@ -460,8 +468,8 @@ def _compile_specs():
                            **unit})
 
     kp = K.paged_prefill_kernel
-    for dtype, head_dim in ((torch.float16, 64), (torch.float16, 128), (torch.float16, 256), (torch.bfloat16, 128),
-                            (torch.float32, 128)):
+    for dtype, head_dim in ((torch.float16, 64), (torch.float16, 96), (torch.float16, 128), (torch.float16, 256),
+                            (torch.bfloat16, 128), (torch.float32, 64), (torch.float32, 128), (torch.float32, 256)):
         cfg = _prefill_config(head_dim, dtype)
         sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16", "CU_Q": "*i32:16",
                "SEQ_LENS": "*i32:16", "O": _ptr(dtype),

@@ -1,0 +1,162 @@
+"""Decode attention over a paged KV cache: llmkern.paged_decode_attention against PyTorch SDPA, flash-attn and
+FlashInfer.
+
+One new token per sequence attends to its whole cached context; every sequence in a shape has the same length.
+Shapes (bf16, block_size 16, block tables a random permutation of the cache's blocks, as a long-running server's
+cache looks):
+  * Llama-3-8B heads (32 query heads, 8 KV heads, head_dim 128) over batch 1..256 x context 512..32k, skipping
+    combinations whose K/V would take more than a quarter of the GPU's memory;
+  * an MQA shape (32 query heads, 1 KV head, head_dim 128: PaLM / Falcon style) and an MHA shape (Llama-2-7B: 32/32,
+    head_dim 128) over a smaller grid.
+Bytes are `perf.decode_attention_bytes`: every cached K/V element once plus q and o, the traffic decode cannot
+avoid; GB/s and "% of memory roofline" against the device's HBM bandwidth show how close to memory-bound it runs.
+FLOPs (`perf.decode_attention_flops`) are reported but are not the bound.
+
+Peers in the same run:
+  * torch_sdpa: scaled_dot_product_attention over K/V already gathered into contiguous (batch, kv_heads, ctx, dim)
+    tensors (the gather is outside the timing: this is what a dense, non-paged cache costs), with enable_gqa when
+    the installed PyTorch has it, else K/V repeated per query head beforehand;
+  * flash_attn: flash_attn_with_kvcache with its paged cache (FlashAttention-2 requires pages of 256 tokens, so its
+    cache uses block_size 256), when importable;
+  * flashinfer: BatchDecodeWithPagedKVCacheWrapper on the very same NHD pages and block ids as llmkern, when
+    importable.
+
+On CPU (no CUDA): two tiny fp32 shapes through the CPU path (the PyTorch reference, or the interpreter under
+TRITON_INTERPRET=1), seconds in total; they show that the suite runs, not a measurement.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from llmkern import perf
+from llmkern.bench.common import Case, optional_import
+from llmkern.paged_attention import paged_decode_attention
+
+BLOCK_SIZE = 16                                   # vLLM's default block size
+LLAMA3 = (32, 8, 128)                             # Llama-3-8B config.json: 32 heads, 8 KV heads, 4096 / 32
+MQA = (32, 1, 128)
+MHA = (32, 32, 128)                               # Llama-2-7B
+BATCHES = [1, 4, 16, 64, 256]
+CONTEXTS = [512, 2048, 8192, 32768]
+SMALL_GRID = [(1, 8192), (16, 2048), (64, 4096)]  # (batch, context) for the MQA and MHA shapes
+QUICK = [(1, 32768), (64, 2048)]
+MEMORY_FRACTION = 0.25                            # K/V of a shape may take this much of the GPU (peers copy it)
+CPU_SHAPES = [(2, 100, 4, 2, 64), (1, 300, 4, 1, 64)]  # (batch, context, heads, kv_heads, head_dim)
+
+
+def _shape(batch, ctx, h, hk, d, dtype) -> dict:
+    return dict(batch=batch, context=ctx, heads=h, kv_heads=hk, head_dim=d, dtype=str(dtype).replace("torch.", ""))
+
+
+def _paged(batch, ctx, hk, d, dtype, device, block_size):
+    """A cache holding exactly the batch's blocks, in a random order, and the matching tables and lengths."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    per_seq = -(-ctx // block_size)
+    num_blocks = batch * per_seq
+    k_cache = torch.randn(num_blocks, block_size, hk, d, dtype=dtype, device=device)
+    v_cache = torch.randn(num_blocks, block_size, hk, d, dtype=dtype, device=device)
+    tables = torch.randperm(num_blocks, generator=g).to(torch.int32).reshape(batch, per_seq).to(device)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    return k_cache, v_cache, tables, seq_lens
+
+
+def _cases_for(batch, ctx, h, hk, d, dtype, device, flash_attn, flashinfer) -> Iterable[Case]:
+    shape = _shape(batch, ctx, h, hk, d, dtype)
+    lens = [ctx] * batch
+    flops = perf.decode_attention_flops(lens, h, d)
+    nbytes = perf.decode_attention_bytes(lens, h, hk, d, perf.dtype_bytes(dtype))
+
+    def q_new():
+        return torch.randn(batch, h, d, dtype=dtype, device=device)
+
+    def make_llmkern():
+        kc, vc, bt, sl = _paged(batch, ctx, hk, d, dtype, device, BLOCK_SIZE)
+        q = q_new()
+        return lambda: paged_decode_attention(q, kc, vc, bt, sl)
+    yield Case(op="decode_attention", impl="llmkern", shape=shape, flops=flops, nbytes=nbytes, make=make_llmkern,
+               note=f"block_size {BLOCK_SIZE}, split-KV chosen automatically")
+
+    def make_sdpa():
+        q = q_new()[:, :, None]                                     # (batch, heads, 1, dim)
+        k = torch.randn(batch, hk, ctx, d, dtype=dtype, device=device)
+        v = torch.randn(batch, hk, ctx, d, dtype=dtype, device=device)
+        try:
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        except TypeError:                                           # PyTorch < 2.5 has no enable_gqa
+            kr, vr = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+            return lambda: F.scaled_dot_product_attention(q, kr, vr)
+    yield Case(op="decode_attention", impl="torch_sdpa", shape=shape, flops=flops, nbytes=nbytes, make=make_sdpa,
+               note="contiguous K/V (gathered outside the timing)")
+
+    if device.type != "cuda":
+        return
+    if flash_attn is not None and hasattr(flash_attn, "flash_attn_with_kvcache"):
+        def make_fa():
+            kc, vc, bt, sl = _paged(batch, ctx, hk, d, dtype, device, 256)
+            q = q_new()[:, None]                                    # (batch, 1, heads, dim)
+            return lambda: flash_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=sl, block_table=bt)
+        yield Case(op="decode_attention", impl="flash_attn", shape=shape, flops=flops, nbytes=nbytes, make=make_fa,
+                   note="paged, block_size 256 (FlashAttention-2's minimum page)")
+    if flashinfer is not None and hasattr(flashinfer, "BatchDecodeWithPagedKVCacheWrapper"):
+        def make_fi():
+            kc, vc, bt, sl = _paged(batch, ctx, hk, d, dtype, device, BLOCK_SIZE)
+            q = q_new()
+            per_seq = bt.shape[1]
+            indptr = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * per_seq
+            indices = bt.reshape(-1)
+            last = torch.full((batch,), ctx - (per_seq - 1) * BLOCK_SIZE, dtype=torch.int32, device=device)
+            workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)  # FlashInfer docs: 128 MB
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+            wrapper.plan(indptr, indices, last, h, hk, d, BLOCK_SIZE, q_data_type=dtype, kv_data_type=dtype)
+            return lambda: wrapper.run(q, (kc, vc))
+        yield Case(op="decode_attention", impl="flashinfer", shape=shape, flops=flops, nbytes=nbytes, make=make_fi,
+                   note=f"same pages as llmkern, block_size {BLOCK_SIZE}; plan() outside the timing")
+
+
+def cases(device: torch.device, quick: bool) -> Iterable[Case]:
+    if device.type != "cuda":
+        for batch, ctx, h, hk, d in CPU_SHAPES[:1] if quick else CPU_SHAPES:
+            yield from _cases_for(batch, ctx, h, hk, d, torch.float32, device, None, None)
+        return
+    flash_attn = optional_import("flash_attn")
+    flashinfer = optional_import("flashinfer")
+    budget = MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory
+    dtype = torch.bfloat16
+
+    def fits(batch, ctx, hk, d):
+        return 2 * batch * ctx * hk * d * perf.dtype_bytes(dtype) <= budget
+
+    h, hk, d = LLAMA3
+    grid = QUICK if quick else [(b, c) for b in BATCHES for c in CONTEXTS]
+    for batch, ctx in grid:
+        if fits(batch, ctx, hk, d):
+            yield from _cases_for(batch, ctx, h, hk, d, dtype, device, flash_attn, flashinfer)
+    for h, hk, d in (MQA, MHA):
+        for batch, ctx in (QUICK[:1] if quick else SMALL_GRID):
+            if fits(batch, ctx, hk, d):
+                yield from _cases_for(batch, ctx, h, hk, d, dtype, device, flash_attn, flashinfer)
+
+
+def summarize(records: list[dict]) -> str:
+    """Per shape: llmkern's time, its share of the HBM bandwidth, and the peers' time relative to it."""
+    by_shape: dict[str, dict[str, dict]] = {}
+    for r in records:
+        s = r["shape"]
+        key = f"h={s['heads']}/{s['kv_heads']} b={s['batch']} ctx={s['context']}"
+        by_shape.setdefault(key, {})[r["impl"]] = r
+    lines = ["", f"{'shape':<28} {'llmkern ms':>11} {'GB/s':>8} {'%HBM':>6} {'vs sdpa':>8} {'vs flash_attn':>14} "
+                 f"{'vs flashinfer':>14}"]
+    for key, t in by_shape.items():
+        if "llmkern" not in t:
+            continue
+        ours = t["llmkern"]
+        pct = "-" if ours["pct_roofline"] is None else f"{ours['pct_roofline']:.1f}"
+        vs = lambda peer: f"{t[peer]['median_ms'] / ours['median_ms']:.2f}x" if peer in t else "-"  # noqa: E731
+        lines.append(f"{key:<28} {ours['median_ms']:>11.4f} {ours['gbps']:>8.1f} {pct:>6} {vs('torch_sdpa'):>8} "
+                     f"{vs('flash_attn'):>14} {vs('flashinfer'):>14}")
+    lines.append("(vs X: X's time / llmkern's time; > 1 means llmkern is faster)")
+    return "\n".join(lines)
