@@ -213,8 +213,10 @@ def llmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     if sliding_window is not None:
         if sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-        # transformers keeps key j for query i when j > i - sliding_window (masking_utils.sliding_window_overlay)
-        window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
+        # causal: transformers keeps key j for query i when j > i - sliding_window (sliding_window_overlay);
+        # bidirectional: when |i - j| <= sliding_window (sliding_window_bidirectional_overlay)
+        w = int(sliding_window)
+        window = (w - 1, 0) if causal else (w, w)
     batch, _, seqlen_q, _ = query.shape
 
     if attention_mask is not None and attention_mask.dim() == 4:
