@@ -88,8 +88,9 @@ def attention_fwd_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if FP32_DOT:
         q = q.to(tl.float32)
-    k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
-    v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+    # tile offsets within one BLOCK_N-key tile fit in int32; the tile's start is added to the pointers in 64 bits
+    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
 
     # ---- the key range this tile may see (bottom-right alignment: query i sits at p = i + seqlen_k - seqlen_q)
     pos_q = offs_m + (seqlen_k - seqlen_q)
@@ -109,11 +110,17 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base-2 scores)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running softmax denominator
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)         # running unnormalised output
+    # the first visited tile; pointers then advance by one tile per step (pointer arithmetic is 64-bit, so a long
+    # sequence with wide rows cannot overflow the way n * stride in int32 could)
+    k_ptrs += lo.to(tl.int64) * stride_kn
+    v_ptrs += lo.to(tl.int64) * stride_vn
     for n in range(lo, hi, BLOCK_N):
         cols = n + offs_n
         # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_D); keys past the sequence end load as 0.
-        k = tl.load(k_ptrs + n * stride_kn, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
-        v = tl.load(v_ptrs + n * stride_vn, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
         if FP32_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)

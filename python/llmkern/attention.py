@@ -32,11 +32,12 @@ from llmkern.kernels.attention import attention_fwd_kernel
 _CONFIGS = {
     (64, False): [  # head_dim 32..64
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),  # 4 warps: 255 registers
     ],
     (128, False): [  # head_dim 72..128
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),  # fewer registers (~170)
     ],
     (256, False): [  # head_dim 136..256
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
@@ -285,13 +286,13 @@ def _spec(head_dim, cfg, dtype, *, varlen=False, softcap=False, lse=False):
 
 @compile_check.register
 def _compile_specs():
-    """Every config the dispatcher can pick, 12 builds in all: each 16-bit config in fp16 or bf16 (both for the
+    """Every config the dispatcher can pick, 13 builds in all: each 16-bit config in fp16 or bf16 (both for the
     Llama-like head_dim 128), the largest tile of each class with every optional feature on (varlen + softcap + lse,
     the most registers; at a padded head_dim, 80 -> 128, for the middle class), and the fp32 configs."""
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
     widest = dict(varlen=True, softcap=True, lse=True)
     small64, large64 = _CONFIGS[(64, False)]
-    small128, large128 = _CONFIGS[(128, False)]
+    small128, large128, narrow128 = _CONFIGS[(128, False)]
     small256, large256 = _CONFIGS[(256, False)]
     yield _spec(64, small64, f16)
     yield _spec(64, large64, bf16, **widest)
@@ -299,6 +300,7 @@ def _compile_specs():
         yield _spec(128, small128, dtype)
         yield _spec(128, large128, dtype)
     yield _spec(80, large128, bf16, **widest)
+    yield _spec(128, narrow128, f16)
     yield _spec(256, small256, f16)
     yield _spec(256, large256, bf16, **widest)
     yield _spec(64, _CONFIGS[(64, True)][0], f32)
