@@ -174,7 +174,8 @@ _ops = st.tuples(st.sampled_from(["append", "append", "append", "fork", "fork", 
                  st.sampled_from(_IDS), st.integers(0, 6))
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, database=None,  # no .hypothesis/ folder in the repository
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_ops, min_size=1, max_size=30))
 # Both sides of a fork append into their shared, partly filled block: the case copy-on-write exists for.
 @example(ops=[("append", "s0", "s0", 5), ("fork", "s0", "s1", 0), ("append", "s0", "s0", 2),

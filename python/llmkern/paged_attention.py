@@ -330,8 +330,8 @@ def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         if q_lens[b] > lens[b]:
             raise ValueError(f"seq_lens[{b}] = {lens[b]} is shorter than that sequence's {q_lens[b]} new tokens "
                              f"(seq_lens counts the cached prefix plus the new tokens)")
-    if batch == 0 or total_q == 0:
-        return out.zero_() if total_q else out
+    if total_q == 0:
+        return out
     _check_tables(block_tables, seq_lens, num_blocks, block_size, min_len=0)
     if causal:
         window_right = 0
@@ -418,42 +418,68 @@ def _strides(kernel) -> tuple[dict[str, str], dict[str, int]]:
     return sig, {n: 1 for n in names if n in _UNIT_STRIDES}
 
 
+def _decode_spec(dtype: torch.dtype, group: int, head_dim: int, *, split: bool = True,
+                 masks: bool = False) -> CompileSpec:
+    cfg = _decode_config(group, head_dim, dtype)
+    stride_sig, unit = _strides(K.paged_decode_kernel)
+    sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16", "SEQ_LENS": "*i32:16",
+           "O": _ptr(dtype), "PART_O": "*fp32:16", "PART_LSE": "*fp32:16", **stride_sig, "scale": "fp32",
+           "softcap": "fp32", "qk_scale": "fp32", "window_left": _I32, "group": _I32, "block_size": _I32,
+           "num_splits": _I32}
+    const = {k: cfg[k] for k in ("GROUP_PAD", "BLOCK_N", "BLOCK_D", "USE_DOT")}
+    const.update(unit, HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=masks, HAS_WINDOW=masks,
+                 IS_FP32=dtype == torch.float32, INTERPRET=False)
+    config = (f"{str(dtype)[6:]} g{group} d{head_dim} {'split' if split else 'direct'}"
+              f"{' softcap+window' if masks else ''} GP{cfg['GROUP_PAD']} BN{cfg['BLOCK_N']} w{cfg['num_warps']}")
+    return CompileSpec(K.paged_decode_kernel, "paged_decode", config, sig, const, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"], expect_mma=cfg["USE_DOT"] and dtype != torch.float32)
+
+
+def _prefill_spec(dtype: torch.dtype, head_dim: int, *, causal: bool = True, masks: bool = False) -> CompileSpec:
+    cfg = _prefill_config(head_dim, dtype)
+    stride_sig, unit = _strides(K.paged_prefill_kernel)
+    sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16", "CU_Q": "*i32:16",
+           "SEQ_LENS": "*i32:16", "O": _ptr(dtype), **stride_sig, "scale": "fp32", "softcap": "fp32",
+           "qk_scale": "fp32", "window_left": _I32, "window_right": _I32, "group": _I32, "block_size": _I32}
+    const = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+    const.update(unit, HEAD_DIM=head_dim, HAS_LEFT=masks, HAS_RIGHT=causal, HAS_SOFTCAP=masks,
+                 IS_FP32=dtype == torch.float32, INTERPRET=False)
+    config = (f"{str(dtype)[6:]} d{head_dim} {'causal' if causal else 'full'}{' softcap+window' if masks else ''} "
+              f"BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} w{cfg['num_warps']}")
+    return CompileSpec(K.paged_prefill_kernel, "paged_prefill", config, sig, const, num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"], expect_mma=dtype != torch.float32)
+
+
 @register
 def _compile_specs():
-    """Every config the dispatchers can pick. Decode: the group sizes that change its tile (1 = broadcast path;
-    4 -> 16 rows; 32; 64 = 8 warps) x head dims 64/128/256 in fp16, bf16 and fp32 spot checks; the split (partial
-    write) epilogue everywhere and the direct-output one once per dtype. Then the reduce, the write kernel, and
-    prefill per head dim and dtype."""
-    kd = K.paged_decode_kernel
-    stride_sig, unit = _strides(kd)
+    """Every config the dispatchers can pick. Tile sizes depend only on (group, head_dim, dtype):
+
+    decode: the groups that change the tile (1 = broadcast path; 4 -> 16 rows; 32; 64, which takes 8 warps at
+    head_dim 256) x head dims 64/128/256 (80/96: masked lanes) in fp16, bf16 and fp32 spot checks (fp32's dot path
+    takes 8 warps); the split (partial-write) epilogue everywhere, the direct-output one and the softcap + window
+    code at head_dim 128 and 256. prefill: per head dim and dtype, causal, plus the full (non-causal) and softcap +
+    window variants at the largest tiles. Then the reduce and the write kernel.
+    """
     for dtype, groups, dims in ((torch.float16, (1, 4, 32, 64), (64, 128, 256)),
                                 (torch.float16, (1, 4), (80, 96)),
                                 (torch.bfloat16, (1, 8), (128,)),
                                 (torch.float32, (1, 8), (128, 256))):
-        dt = str(dtype).replace("torch.", "")
         for group in groups:
             for head_dim in dims:
-                cfg = _decode_config(group, head_dim, dtype)
-                epilogues = (True, False) if (group > 1 and head_dim == 128) else (True,)
-                for split in epilogues:
-                    sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16",
-                           "SEQ_LENS": "*i32:16", "O": _ptr(dtype), "PART_O": "*fp32:16", "PART_LSE": "*fp32:16",
-                           **stride_sig, "scale": "fp32", "softcap": "fp32", "qk_scale": "fp32",
-                           "window_left": _I32, "group": _I32, "block_size": _I32, "num_splits": _I32}
-                    const = {k: cfg[k] for k in ("GROUP_PAD", "BLOCK_N", "BLOCK_D", "USE_DOT")}
-                    const.update(unit, HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=False, HAS_WINDOW=False,
-                                 IS_FP32=dtype == torch.float32, INTERPRET=False)
-                    config = (f"{dt} g{group} d{head_dim} {'split' if split else 'direct'} GP{cfg['GROUP_PAD']} "
-                              f"BN{cfg['BLOCK_N']} w{cfg['num_warps']}")
-                    yield CompileSpec(kd, "paged_decode", config, sig, const, num_warps=cfg["num_warps"],
-                                      num_stages=cfg["num_stages"],
-                                      expect_mma=cfg["USE_DOT"] and dtype != torch.float32)
+                yield _decode_spec(dtype, group, head_dim)
+                if head_dim in (128, 256) and dtype != torch.bfloat16:
+                    yield _decode_spec(dtype, group, head_dim, split=False, masks=True)
+
+    for dtype, head_dim in ((torch.float16, 64), (torch.float16, 96), (torch.float16, 128), (torch.float16, 256),
+                            (torch.bfloat16, 128), (torch.float32, 64), (torch.float32, 128), (torch.float32, 256)):
+        yield _prefill_spec(dtype, head_dim)
+        if head_dim in (128, 256):
+            yield _prefill_spec(dtype, head_dim, causal=False, masks=True)
 
     kr = K.paged_decode_reduce_kernel
     for head_dim in (64, 128, 256):
         stride_sig, unit = _strides(kr)
-        sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*fp16:16", **stride_sig,
-               "num_splits": _I32}
+        sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*fp16:16", **stride_sig, "num_splits": _I32}
         yield CompileSpec(kr, "paged_decode_reduce", f"fp16 d{head_dim} w4", sig,
                           {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), **unit}, num_warps=4)
 
@@ -464,20 +490,4 @@ def _compile_specs():
                **stride_sig, "num_kv_heads": _I32, "block_size": _I32}
         yield CompileSpec(kw, "paged_kv_write", f"{str(dtype)[6:]} h{heads} d{head_dim}", sig,
                           {"HEAD_DIM": head_dim, "BLOCK_H": triton.next_power_of_2(heads),
-                           "BLOCK_D": triton.next_power_of_2(head_dim),
-                           **unit})
-
-    kp = K.paged_prefill_kernel
-    for dtype, head_dim in ((torch.float16, 64), (torch.float16, 96), (torch.float16, 128), (torch.float16, 256),
-                            (torch.bfloat16, 128), (torch.float32, 64), (torch.float32, 128), (torch.float32, 256)):
-        cfg = _prefill_config(head_dim, dtype)
-        sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16", "CU_Q": "*i32:16",
-               "SEQ_LENS": "*i32:16", "O": _ptr(dtype),
-               **_strides(kp)[0], "scale": "fp32", "softcap": "fp32", "qk_scale": "fp32", "window_left": _I32, "window_right": _I32,
-               "group": _I32, "block_size": _I32}
-        const = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-        const.update(_strides(kp)[1], HEAD_DIM=head_dim, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, IS_FP32=dtype == torch.float32,
-                     INTERPRET=False)
-        yield CompileSpec(kp, "paged_prefill", f"{str(dtype)[6:]} d{head_dim} BM{cfg['BLOCK_M']} "
-                          f"BN{cfg['BLOCK_N']} w{cfg['num_warps']}", sig, const, num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"], expect_mma=dtype != torch.float32)
+                           "BLOCK_D": triton.next_power_of_2(head_dim), **unit})
