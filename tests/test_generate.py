@@ -19,24 +19,26 @@ NEW_TOKENS = 6
 WINDOW = 4  # Mistral's sliding window, far below prompt + generation (up to 15 tokens)
 
 
-def _model(kind: str):
+def _model(kind: str, device="cpu"):
     torch.manual_seed(0)
     if kind == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON)).eval()
-    if kind == "mistral":
-        return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=WINDOW, **COMMON)).eval()
-    if kind == "qwen2":
-        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON)).eval()
-    raise ValueError(kind)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=WINDOW, **COMMON))
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON))
+    else:
+        raise ValueError(kind)
+    return model.eval().to(device)
 
 
-def _batch():
+def _batch(device="cpu"):
     """Prompts of lengths 5, 8 and 9, left-padded to width 9."""
     ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     ids[0, :4], mask[0, :4] = 0, 0
     ids[1, :1], mask[1, :1] = 0, 0
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _hf_greedy(model, ids, mask, eos=2):
@@ -52,9 +54,9 @@ def _hf_greedy(model, ids, mask, eos=2):
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_greedy_matches_transformers(kind):
-    model = _model(kind)
-    ids, mask = _batch()
+def test_greedy_matches_transformers(kind, device):
+    model = _model(kind, device)
+    ids, mask = _batch(device)
     want = _hf_greedy(model, ids, mask)
     got = llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=2)
     assert got == want
@@ -63,9 +65,9 @@ def test_greedy_matches_transformers(kind):
         assert llmkern.generate(model, prompts, max_new_tokens=NEW_TOKENS, eos_token_id=2) == want
 
 
-def test_stops_at_eos_per_sequence():
-    model = _model("llama")
-    ids, mask = _batch()
+def test_stops_at_eos_per_sequence(device):
+    model = _model("llama", device)
+    ids, mask = _batch(device)
     free = llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
     assert all(len(r) == NEW_TOKENS for r in free)
     eos = free[1][2]   # make row 1's third token the EOS: row 1 stops there, the others run to the limit
@@ -76,9 +78,9 @@ def test_stops_at_eos_per_sequence():
         assert got[r] == want
 
 
-def test_sampling_seeded_and_topk1_is_greedy():
-    model = _model("llama")
-    ids, mask = _batch()
+def test_sampling_seeded_and_topk1_is_greedy(device):
+    model = _model("llama", device)
+    ids, mask = _batch(device)
     greedy = llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[])
     # top_k=1 keeps only the argmax, whatever the temperature
     assert llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[], temperature=1.0,
@@ -108,13 +110,13 @@ def test_bad_input():
         llmkern.generate(gemma, ids, attention_mask=mask, max_new_tokens=2)
 
 
-def test_quantized_model_composes():
+def test_quantized_model_composes(device):
     """quantize_model's QuantLinear layers serve the loop's projections and MLP: greedy output equals transformers'
     generate on the same int4 model (fp16 activations, which quant_matmul requires)."""
-    model = _model("llama").to(torch.float16)
+    model = _model("llama", device).to(torch.float16)
     llmkern.quantize_model(model, bits=4, group_size=64)   # group 64: hidden 128 holds two groups per row
     assert isinstance(model.model.layers[0].mlp.down_proj, llmkern.QuantLinear)
-    ids, mask = _batch()
+    ids, mask = _batch(device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
                              eos_token_id=[])

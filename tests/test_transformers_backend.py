@@ -26,7 +26,7 @@ NEW_TOKENS = 6
 ATOL = 2e-4
 
 
-def _build(kind: str, **overrides):
+def _build(kind: str, device="cpu", **overrides):
     torch.manual_seed(0)
     common = {**COMMON, **overrides}
     if kind == "llama":
@@ -44,10 +44,10 @@ def _build(kind: str, **overrides):
         cls = transformers.Gemma2ForCausalLM
     else:
         raise ValueError(kind)
-    return cls(cfg).eval()
+    return cls(cfg).eval().to(device)
 
 
-def _batch(pad: str = "left"):
+def _batch(pad: str = "left", device="cpu"):
     """Two prompts of lengths 5 and 9 in one batch of width 9 (pad id 0)."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (2, 9), generator=g)
@@ -56,7 +56,7 @@ def _batch(pad: str = "left"):
         ids[0, :4], mask[0, :4] = 0, 0
     elif pad == "right":
         ids[0, 5:], mask[0, 5:] = 0, 0
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _run(model, impl, ids, mask, **gen_kwargs):
@@ -76,9 +76,9 @@ def _run(model, impl, ids, mask, **gen_kwargs):
     ("llama", "sdpa", "left", {"cache_implementation": "static"}),    # static cache: unwritten tail slots
     ("mistral", "sdpa", "left", {"cache_implementation": "static"}),  # static sliding-window layers
 ], ids=["llama-leftpad", "qwen2-nopad", "mistral-window", "gemma2-softcap", "llama-static", "mistral-static"])
-def test_generate_matches_transformers(kind, ref, pad, gen_kwargs):
-    model = _build(kind)
-    ids, mask = _batch(pad)
+def test_generate_matches_transformers(kind, ref, pad, gen_kwargs, device):
+    model = _build(kind, device)
+    ids, mask = _batch(pad, device)
     want_tokens, want_logits = _run(model, ref, ids, mask, **gen_kwargs)
     got_tokens, got_logits = _run(model, "llmkern", ids, mask, **gen_kwargs)
     assert got_tokens.tolist() == want_tokens.tolist()
@@ -86,11 +86,11 @@ def test_generate_matches_transformers(kind, ref, pad, gen_kwargs):
     torch.testing.assert_close(got_logits[real], want_logits[real], atol=ATOL, rtol=0)
 
 
-def test_sliding_window_is_applied():
+def test_sliding_window_is_applied(device):
     """The window changes the answer here, so the test above can tell a window bug from no window at all."""
-    ids, mask = _batch("left")
-    windowed = _build("mistral")
-    full = _build("mistral")
+    ids, mask = _batch("left", device)
+    windowed = _build("mistral", device)
+    full = _build("mistral", device)
     full.config.sliding_window = None
     windowed.set_attn_implementation("llmkern")
     full.set_attn_implementation("llmkern")
@@ -103,10 +103,10 @@ def test_sliding_window_is_applied():
     assert (lw - lf)[real].abs().max() > 100 * ATOL
 
 
-def test_right_padding_forward():
+def test_right_padding_forward(device):
     """Right padding (a scoring batch): real positions match SDPA, padded query rows are never used."""
-    model = _build("llama")
-    ids, mask = _batch("right")
+    model = _build("llama", device)
+    ids, mask = _batch("right", device)
     logits = {}
     for impl in ("sdpa", "llmkern"):
         model.set_attn_implementation(impl)
@@ -116,12 +116,12 @@ def test_right_padding_forward():
     torch.testing.assert_close(logits["llmkern"][real], logits["sdpa"][real], atol=ATOL, rtol=0)
 
 
-def test_packed_sequences_use_the_fallback():
+def test_packed_sequences_use_the_fallback(device):
     """Packed sequences (position_ids restart, no mask) are not causal+padding: the dense fallback keeps them
     exact instead of attending across sequence boundaries."""
-    model = _build("llama")
-    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
-    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    model = _build("llama", device)
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2)).to(device)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]], device=device)
     logits = {}
     for impl in ("sdpa", "llmkern"):
         model.set_attn_implementation(impl)
@@ -203,7 +203,7 @@ def _sdpa_reference(q, k, v, keep, scale):
 
 
 @pytest.mark.parametrize("window", [None, 2])
-def test_padding_patterns_direct(window):
+def test_padding_patterns_direct(window, device):
     """The attention function on hand-made masks: an all-padding row, interior padding (varlen, no window), and
     interior padding under a sliding window (cache-position distances: the fallback). Real query rows must match
     SDPA with transformers' mask semantics; padding query rows are zeros."""
@@ -213,9 +213,10 @@ def test_padding_patterns_direct(window):
     q, k, v = torch.randn(3, 4, 5, 32, generator=g), torch.randn(3, 2, 5, 32, generator=g), \
         torch.randn(3, 2, 5, 32, generator=g)
     pad = torch.tensor([[0, 0, 0, 0, 0], [1, 0, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    q, k, v, pad = q.to(device), k.to(device), v.to(device), pad.to(device)
     out, _ = lkt.llmkern_attention_forward(Attn(), q, k, v, pad, scaling=0.3, sliding_window=window)
-    i = torch.arange(5)[:, None]
-    j = torch.arange(5)[None, :]
+    i = torch.arange(5, device=device)[:, None]
+    j = torch.arange(5, device=device)[None, :]
     keep = (j <= i) & pad[:, None, None, :]
     if window is not None:
         keep &= j > i - window          # masking_utils.sliding_window_overlay
