@@ -5,17 +5,16 @@ What it changes, per model instance (the way Liger-Kernel patches models, but fo
     Llama-style casting for Llama/Mistral/Qwen2, Gemma's (1 + weight) in float32 for Gemma2), by a class swap;
   * every `<Family>DecoderLayer` of Llama/Mistral/Qwen2 gets a forward whose post-attention residual add is fused
     into the following RMSNorm (`add_rms_norm`): one pass over the hidden states instead of two;
-  * the attention modules rotate q and k with llmkern's RoPE kernel (one launch for both) instead of
-    `apply_rotary_pos_emb`.
+  * every `<Family>Attention` module becomes a subclass that rotates q and k with llmkern's RoPE kernel (one launch
+    for both) instead of `apply_rotary_pos_emb`.
 
 The rotary function is a module-level function in transformers (`modeling_llama.apply_rotary_pos_emb`), called from
 the attention forward without the module; so that only *patched* models use llmkern, the function is replaced once by
-a wrapper that forwards to the original unless a patched attention module is running (a context variable set by
-forward hooks on the patched modules). Unpatched models of the same family are unaffected.
+a wrapper that forwards to the original unless a patched attention module (an llmkern subclass, by class swap) is
+running. Unpatched models of the same family are unaffected. Everything here traces under torch.compile.
 """
 from __future__ import annotations
 
-import contextvars
 import functools
 import importlib
 from dataclasses import dataclass
@@ -109,8 +108,14 @@ def _decoder_class(family: _Family) -> type:
 
 
 # -------------------------------------------------------------------------------------------------------- RoPE
-# True while a patched attention module runs its forward (set and reset by its hooks).
-_ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("llmkern_rope_active", default=False)
+class _RopeScope:
+    """How many patched attention forwards are running (nested calls count). A plain attribute rather than a
+    ContextVar so that torch.compile can trace it. Not per thread: a patched and an unpatched model of one family
+    running at once in two threads may both get llmkern's RoPE, which computes the same rotation."""
+    depth = 0
+
+
+_ROPE_SCOPE = _RopeScope()
 
 
 def _hf_rope_supported(q, k, cos, sin, unsqueeze_dim) -> bool:
@@ -147,7 +152,7 @@ def _install_rope(mod) -> None:
 
     @functools.wraps(original)
     def wrapper(q, k, cos, sin, unsqueeze_dim=1, *args, **kwargs):
-        if _ROPE_ACTIVE.get() and not args and not kwargs and _hf_rope_supported(q, k, cos, sin, unsqueeze_dim):
+        if _ROPE_SCOPE.depth > 0 and not args and not kwargs and _hf_rope_supported(q, k, cos, sin, unsqueeze_dim):
             return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
         return original(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
 
@@ -155,21 +160,21 @@ def _install_rope(mod) -> None:
     mod.apply_rotary_pos_emb = wrapper
 
 
-def _rope_enter(module, args, kwargs=None):
-    module._llmkern_rope_tokens.append(_ROPE_ACTIVE.set(True))
+@functools.lru_cache(maxsize=None)
+def _attention_class(family: _Family) -> type:
+    """A subclass of the family's attention whose forward runs inside the llmkern RoPE scope."""
+    base = getattr(_load(family), f"{family.prefix}Attention")
 
+    def forward(self, *args, **kwargs):
+        _ROPE_SCOPE.depth += 1
+        try:
+            return base.forward(self, *args, **kwargs)
+        finally:
+            _ROPE_SCOPE.depth -= 1
 
-def _rope_exit(module, args, *rest):
-    _ROPE_ACTIVE.reset(module._llmkern_rope_tokens.pop())
-
-
-def _hook_attention(attn: nn.Module) -> None:
-    if getattr(attn, "_llmkern_rope_tokens", None) is not None:
-        return  # already patched
-    attn._llmkern_rope_tokens = []  # a stack: a token per running forward (re-entrant calls stay balanced)
-    attn.register_forward_pre_hook(_rope_enter)
-    # always_call: the flag is reset even when the forward raises.
-    attn.register_forward_hook(_rope_exit, always_call=True)
+    return type(f"Llmkern{base.__name__}", (base,), {
+        "forward": forward,
+        "__doc__": f"{base.__name__} rotating q/k with llmkern.apply_rope (installed by llmkern.patch_model)."})
 
 
 # ------------------------------------------------------------------------------------------------------ public
@@ -213,9 +218,9 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True,
                     m.__class__ = _decoder_class(family)
             elif isinstance(m, attn_cls):
                 found += 1
-                if rope:
+                if rope and type(m) is attn_cls:
                     _install_rope(mod)
-                    _hook_attention(m)
+                    m.__class__ = _attention_class(family)
     if not found:
         names = ", ".join(f.prefix for f in _FAMILIES)
         raise ValueError(f"model ({type(model).__name__}) has no {names} RMSNorm/decoder/attention modules to patch")
