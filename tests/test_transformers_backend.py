@@ -164,6 +164,21 @@ def test_registered():
     assert AttentionMaskInterface._global_mapping["llmkern"] is lkt.llmkern_mask
 
 
+def test_from_pretrained_switch(tmp_path):
+    """The one-line switch at load time, from a local checkpoint (no download)."""
+    _build("llama").save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="llmkern")
+    assert model.config._attn_implementation == "llmkern"
+    ids, mask = _batch("left")
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+
+
 def test_bad_input():
     model = _build("llama")
     model.set_attn_implementation("llmkern")
