@@ -8,13 +8,15 @@ Device code only. The packed layout (llmkern.quant documents it in full):
           `group_size` rows of K (act-order checkpoints are sorted at conversion; `perm` then gathers x's columns).
   perm    int32 (K,), only with HAS_PERM: row j of the packed weight multiplies x[:, perm[j]].
 
-BLOCK_K is 32, the smallest group size, so a K-tile never straddles two groups: each tile needs one scale and one zero
-point per column. That lets the dot paths multiply the integer codes (q - z), which are exact in fp16 and bf16
-(|q - z| <= 256), and apply the scale to the fp32 partial product: the only rounding is fp32 accumulation and the final
-cast to the output dtype.
+Three kernels: quant_gemv_kernel (M = 1), quant_decode_kernel (M = 2..16) and quant_gemm_kernel (M > 16).
 
-`bits` and `pack_shift` (log2 PACK) are runtime arguments: they enter only per-row index arithmetic on a BLOCK_K
-vector, never per element, so one compiled kernel serves int4 and int8.
+Every K-tile lies inside one group (at most 32 rows of K, the smallest group size), so a tile needs one scale and one
+zero point per column. That lets the kernels multiply the integer codes (q - z), exact in fp16 and bf16 (|q - z| <=
+256), or exact fp32 products, and apply the scale to the fp32 tile product: the only roundings are fp32 accumulation
+and the final cast to the output dtype.
+
+`bits` and `pack_shift` (log2 PACK) are runtime arguments: they enter only per-row index arithmetic on a K vector (or a
+per-slot shift), never a tile shape, so one compiled kernel serves int4 and int8.
 """
 import triton
 import triton.language as tl
@@ -41,20 +43,83 @@ def _x_cols(perm_ptr, offs_k, k_mask, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
+def _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, stride_om,
+            HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """Decode epilogue for an fp32 (BLOCK_M, BLOCK_N) tile. ATOMIC: this program summed one of several K-ranges; add
+    the partial sum into the fp32 workspace (the host filled it with the bias and casts it to the output dtype)."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# int4 packs 8 codes per word (int8 4): the GEMV unrolls over the 8 slots and gives int8's slots 4..7 an x of zero.
+MAX_PACK = tl.constexpr(8)
+
+
+@triton.jit
+def quant_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr,
+    N, KW, stride_xk, group_size, bits, pack_shift, tiles_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """M = 1. Program (pid_n, pid_k) owns BLOCK_N output columns and one range of the KW = K / PACK word rows, so every
+    packed word is loaded exactly once, by one thread: a (BLOCK_W, BLOCK_N) tile of words is unpacked slot by slot in
+    registers (slot j of word row w is K row w * PACK + j) against the matching x values (a tiny, cached gather).
+
+    BLOCK_W * MAX_PACK = 32 rows of K at most, so a tile lies in one group: the codes minus the zero point (integer,
+    exact) are multiplied into an fp32 tile product, and the group's scale is applied once per tile. The fp32
+    (BLOCK_W, BLOCK_N) accumulator is reduced over its rows once, after the loop.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_begin = pid_k * tiles_per_split * BLOCK_W
+    w_end = tl.minimum(KW, w_begin + tiles_per_split * BLOCK_W)
+    slot_mask = (1 << pack_shift) - 1
+    code_mask = (1 << bits) - 1
+
+    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    for w0 in range(w_begin, w_end, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        w_mask = offs_w < w_end
+        words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=w_mask[:, None] & n_mask[None, :],
+                        other=0)
+        g = (w0 << pack_shift) // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+        part = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(MAX_PACK):
+            slot = j & slot_mask                                  # int8: slots 4..7 repeat 0..3 with x = 0
+            # a vector mask: the interpreter rejects a scalar bool broadcast into a load mask
+            in_word = w_mask & (tl.full((BLOCK_W,), j, tl.int32) <= slot_mask)
+            ks = (offs_w << pack_shift) + slot
+            cols = _x_cols(perm_ptr, ks, in_word, HAS_PERM)
+            xv = tl.load(x_ptr + cols * stride_xk, mask=in_word, other=0.0).to(tl.float32)
+            q = ((words >> (slot * bits)) & code_mask) - z[None, :]
+            part += xv[:, None] * q.to(tl.float32)
+        acc += part * s[None, :]
+
+    out = tl.sum(acc, axis=0)[None, :]
+    offs_m = tl.arange(0, 1)
+    _finish(out, offs_m, offs_m < 1, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, 0, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
 def quant_decode_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr,
     M, N, K, stride_xm, stride_xk, stride_om, group_size, bits, pack_shift, tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Small M (<= 16). Program (pid_n, pid_k) owns BLOCK_N output columns for ALL rows and one K-range, so every
-    packed word is read by exactly one program (split-K keeps the machine busy when N alone gives too few programs).
-
-    BLOCK_M == 1: a GEMV. The dequantized tile is multiplied into an fp32 (BLOCK_K, BLOCK_N) accumulator elementwise
-    and reduced over K once, after the loop (no cross-thread reduction per tile).
-    BLOCK_M == 16 (M in 2..16): the rows are padded to the MMA's minimum M of 16 and the tile goes through tl.dot.
-    ATOMIC: more than one K-range per column block; partial sums are added into the fp32 workspace (which the host
-    filled with the bias), and the host casts it to the output dtype.
+    """2 <= M <= 16. Program (pid_n, pid_k) owns BLOCK_N output columns for ALL rows and one K-range, so every packed
+    word is read by exactly one program (split-K keeps the machine busy when N alone gives too few programs). The rows
+    are padded to the MMA's minimum M of 16 and each K-tile of codes goes through tl.dot.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -65,10 +130,7 @@ def quant_decode_kernel(
     k_begin = pid_k * tiles_per_split * BLOCK_K
     k_end = tl.minimum(K, k_begin + tiles_per_split * BLOCK_K)
 
-    if BLOCK_M == 1:
-        acc_kn = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
@@ -77,27 +139,14 @@ def quant_decode_kernel(
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
         q = _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift) - z[None, :]
         cols = _x_cols(perm_ptr, offs_k, k_mask, HAS_PERM)
-        if BLOCK_M == 1:
-            xv = tl.load(x_ptr + cols * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
-            acc_kn += xv[:, None] * (q.to(tl.float32) * s[None, :])
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_FP32:   # the interpreter's bf16 dot is unreliable: same exact products, in fp32
+            part = tl.dot(xt.to(tl.float32), q.to(tl.float32), input_precision="ieee")
         else:
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT_FP32:   # the interpreter's bf16 dot is unreliable: same exact products, in fp32
-                part = tl.dot(xt.to(tl.float32), q.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(xt, q.to(xt.dtype))
-            acc += part * s[None, :]
-    if BLOCK_M == 1:
-        acc = tl.sum(acc_kn, axis=0)[None, :]
-
-    mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+            part = tl.dot(xt, q.to(xt.dtype))
+        acc += part * s[None, :]
+    _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, stride_om, HAS_BIAS, ATOMIC)
 
 
 @triton.jit

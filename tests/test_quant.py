@@ -130,12 +130,12 @@ def test_quantize_within_half_step(bits, group_size, symmetric):
 
 # --------------------------------------------------------------------------- both kernel paths
 # Each setting: (bits, group_size, symmetric, act_order, N, K, dtype). Odd N everywhere; K from 96 to 384 (several
-# 32-row K-tiles, and for group -1 a K that is not a multiple of 64); int4 and int8 at every group size.
+# 32-row K-tiles, and for group -1 a K that is not a multiple of the tiles: 104); int4 and int8 at every group size.
 SETTINGS = [
     (4, 32, False, False, 77, 96, torch.float16),
     (4, 64, True, False, 131, 128, torch.bfloat16),
     (4, 128, False, False, 45, 256, torch.float16),
-    (4, -1, False, False, 131, 96, torch.bfloat16),
+    (4, -1, False, False, 131, 104, torch.bfloat16),
     (8, 32, False, False, 45, 64, torch.bfloat16),
     (8, 64, False, False, 77, 128, torch.float16),
     (8, 128, True, False, 131, 384, torch.bfloat16),
@@ -180,8 +180,8 @@ def test_paths_against_float64(setting, device):
 
 @pytest.mark.parametrize("split_k", [1, 2, 3, 100])
 def test_decode_split_k(split_k, device):
-    """Every split of K (one K-range per program, uneven ranges, more splits than K-tiles), GEMV and 16-row dot,
-    with bias: the partial sums are added once each, the bias once."""
+    """Every split of K (one K-range per program, uneven ranges, more splits than K-tiles), GEMV (7 tiles of 4 word
+    rows) and 16-row dot (7 tiles of 32 rows), with bias: the partial sums are added once each, the bias once."""
     gen = torch.Generator().manual_seed(split_k)
     k, n = 224, 150                                   # 7 K-tiles; 2 column blocks of the GEMV, 3 of the dot
     w = torch.randn(n, k, generator=gen) * 0.05
@@ -400,19 +400,24 @@ def test_bad_input():
 
 
 def test_dispatch_cut_over(monkeypatch, device):
-    """M <= 16 rows (counted across leading dims) go to the decode kernel, more to the GEMM."""
+    """M = 1 goes to the GEMV, 2..16 rows (counted across leading dims) to the 16-row decode dot, more to the GEMM."""
     launched = []
 
     class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return quant.quant_decode_kernel_real[grid]
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
 
-    monkeypatch.setattr(quant, "quant_decode_kernel_real", quant.quant_decode_kernel, raising=False)
-    monkeypatch.setattr(quant, "quant_decode_kernel", Spy())
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("quant_gemv_kernel", "quant_decode_kernel"):
+        monkeypatch.setattr(quant, name, Spy(name, getattr(quant, name)))
     qw = llmkern.quantize_weight(torch.randn(24, 64).half(), bits=4, group_size=32).to(device)
-    for shape, decode in (((1, 64), True), ((4, 4, 64), True), ((17, 64), False), ((2, 9, 64), False)):
+    for shape, kernel in (((1, 64), "quant_gemv_kernel"), ((1, 1, 64), "quant_gemv_kernel"),
+                          ((4, 4, 64), "quant_decode_kernel"), ((2, 64), "quant_decode_kernel"),
+                          ((17, 64), None), ((2, 9, 64), None)):
         launched.clear()
         x = torch.randn(*shape).half().to(device)
         assert_quant_close(llmkern.quant_matmul(x, qw).cpu(), x.cpu(), qw.dequantize(torch.float64).cpu())
-        assert bool(launched) == decode, f"x{shape}: decode kernel launched={bool(launched)}"
+        assert launched == ([kernel] if kernel else []), f"x{shape}: launched {launched}"

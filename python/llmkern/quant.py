@@ -25,8 +25,10 @@ llmkern's packed layout (what QuantizedWeight holds; checkpoints are repacked in
            one row, and rules out applying the scale after the integer dot product (see kernels/quant.py).
 
 Two kernels (llmkern.kernels.quant); the dispatcher picks by M = rows of x (the product of its leading dims):
-  M <= 16  quant_decode_kernel: GEMV (M = 1) or 16-row tl.dot (M = 2..16), split over K so all SMs stream weights.
-  M > 16   quant_gemm_kernel: tiled GEMM, a K-tile of codes dequantized on chip and fed to tl.dot.
+  M = 1     quant_gemv_kernel: each packed word loaded once, unpacked slot by slot in registers, fp32 FMAs.
+  M 2..16   quant_decode_kernel: a 32-row K-tile of codes through a 16-row tl.dot (rows padded to 16).
+            Both decode kernels split K across programs (fp32 atomics into a workspace) so all SMs stream weights.
+  M > 16    quant_gemm_kernel: tiled GEMM, a K-tile of codes dequantized on chip and fed to tl.dot.
 """
 from __future__ import annotations
 
@@ -37,24 +39,24 @@ import triton
 from torch import nn
 
 from llmkern import _utils, compile_check, reference
-from llmkern.kernels.quant import quant_decode_kernel, quant_gemm_kernel
+from llmkern.kernels.quant import quant_decode_kernel, quant_gemm_kernel, quant_gemv_kernel
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128, -1)
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
 
-# Every K-tile is 32 rows: the smallest supported group size, so a tile lies inside one group whatever the group.
+# The dot kernels' K-tile is 32 rows: the smallest supported group size, so a tile lies inside one group.
 BLOCK_K = 32
 
 # ----------------------------------------------------------------------------------------------- tile configs
-# Decode (M <= 16). Per K-tile, a program streams 32 x BLOCK_N codes: 2 KB of int4 at BLOCK_N = 128. The GEMV keeps a
-# (32, 128) fp32 accumulator (32 registers per thread at 4 warps) and reduces it once at the end; the 16-row dot path
-# uses BLOCK_N = 64 (a 16 x 64 fp32 accumulator is tiny; narrower column blocks give more programs before split-K).
-# Three stages let the loads of the next tiles fly while this one is multiplied (a memory-bound loop).
-_DECODE_CONFIGS = {
-    1: triton.Config({"BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": BLOCK_K}, num_warps=4, num_stages=3),
-    16: triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": BLOCK_K}, num_warps=4, num_stages=3),
-}
+# Decode, M = 1 (GEMV): a tile is BLOCK_W = 4 word rows (32 rows of K at int4, 16 at int8: inside the smallest group)
+# by BLOCK_N = 256 columns, 4 KB of words, two 16-byte loads per thread at 4 warps (80 registers per thread, so six
+# programs fit on an SM). check-compile shows no shared-memory staging for these loads, so latency is hidden by
+# programs in flight rather than by stages: see _PROGRAMS_PER_SM.
+_GEMV_CONFIG = triton.Config({"BLOCK_N": 256, "BLOCK_W": 4}, num_warps=4, num_stages=4)
+# Decode, M = 2..16: rows padded to 16 for tl.dot; a 16 x 64 fp32 accumulator is tiny, and narrow column blocks give
+# more programs before split-K is needed. Three stages let the next tiles' loads fly during this one's dot.
+_DECODE_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": BLOCK_K}, num_warps=4, num_stages=3)
 # Prefill (M > 16): Triton's matmul tutorial tiles for fp16 on A100/H100 with BLOCK_K = 32 (64 x 128, 4 warps,
 # 4 stages; 128 x 128, 8 warps, 3 stages), GROUP_M = 8 as there. The 64-row tile is first: the interpreter runs
 # configs[0], and test shapes then cross several row tiles.
@@ -72,10 +74,12 @@ _gemm = _utils.autotune(_GEMM_CONFIGS, key=["N", "K"])(quant_gemm_kernel)
 # dequantized K-tile across many rows, and the work per weight byte grows until the op turns compute-bound.
 DECODE_MAX_M = 16
 
-# The decode grid aims at two programs per SM (one to compute while the other waits on memory).
-_PROGRAMS_PER_SM = 2
+# The decode grid aims at four programs per SM. Little's law: an H100 streams 3.35 TB/s with ~1 us of DRAM latency,
+# ~25 KB in flight per SM (132 SMs); four GEMV programs with a 4 KB tile each in flight, plus the next tile's loads
+# issued while the current one is multiplied, come close. (A guess from the datasheet: not yet timed on a GPU.)
+_PROGRAMS_PER_SM = 4
 # Under the interpreter there is no GPU to fill; a small pretend SM count makes the small test shapes split K.
-_INTERPRET_SMS = 4
+_INTERPRET_SMS = 2
 
 
 # ----------------------------------------------------------------------------------------------- the weight
@@ -350,18 +354,19 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     bias_arg = bias if bias is not None else out                          # never read without HAS_BIAS
     if path is None:
         path = "decode" if m <= DECODE_MAX_M else "gemm"
-    common = dict(HAS_PERM=perm is not None, DOT_FP32=_utils.INTERPRET)
     if path == "gemm":
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _utils.launch(_gemm, grid, x2, qweight, scales, zeros, perm_arg, bias_arg, out,
                       m, n, k, x2.stride(0), x2.stride(1), out.stride(0), gs, bits, pack_shift,
-                      HAS_BIAS=bias is not None, **common)
+                      HAS_PERM=perm is not None, HAS_BIAS=bias is not None, DOT_FP32=_utils.INTERPRET)
         return out
     if m > DECODE_MAX_M:
         raise ValueError(f"the decode path serves at most {DECODE_MAX_M} rows, got {m}")
-    cfg = _DECODE_CONFIGS[1 if m == 1 else 16]
-    block_n = cfg.kwargs["BLOCK_N"]
-    n_blocks, k_tiles = triton.cdiv(n, block_n), triton.cdiv(k, BLOCK_K)
+    gemv = m == 1
+    cfg = _GEMV_CONFIG if gemv else _DECODE_CONFIG
+    n_blocks = triton.cdiv(n, cfg.kwargs["BLOCK_N"])
+    # K is split in whole tiles: BLOCK_W word rows for the GEMV, BLOCK_K rows of K for the 16-row dot
+    k_tiles = triton.cdiv(k >> pack_shift, cfg.kwargs["BLOCK_W"]) if gemv else triton.cdiv(k, BLOCK_K)
     split = split_k if split_k is not None else _decode_split(n_blocks, k_tiles, x2.device)
     tiles_per_split = triton.cdiv(k_tiles, max(1, min(split, k_tiles)))
     split = triton.cdiv(k_tiles, tiles_per_split)                         # no empty K-ranges
@@ -371,10 +376,16 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         ws = (bias.float().expand(m, n).contiguous() if bias is not None
               else torch.zeros((m, n), dtype=torch.float32, device=x2.device))
     launch_opts = {} if _utils.INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    quant_decode_kernel[(n_blocks, split)](
-        x2, qweight, scales, zeros, perm_arg, bias_arg, out, ws,
-        m, n, k, x2.stride(0), x2.stride(1), out.stride(0), gs, bits, pack_shift, tiles_per_split,
-        HAS_BIAS=bias is not None, ATOMIC=atomic, **cfg.kwargs, **common, **launch_opts)
+    flags = dict(HAS_PERM=perm is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, **cfg.kwargs, **launch_opts)
+    if gemv:
+        quant_gemv_kernel[(n_blocks, split)](
+            x2, qweight, scales, zeros, perm_arg, bias_arg, out, ws,
+            n, k >> pack_shift, x2.stride(1), gs, bits, pack_shift, tiles_per_split, **flags)
+    else:
+        quant_decode_kernel[(n_blocks, split)](
+            x2, qweight, scales, zeros, perm_arg, bias_arg, out, ws,
+            m, n, k, x2.stride(0), x2.stride(1), out.stride(0), gs, bits, pack_shift, tiles_per_split,
+            DOT_FP32=_utils.INTERPRET, **flags)
     if atomic:
         out.copy_(ws)
     return out
@@ -515,48 +526,56 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _sig(dtype: torch.dtype, decode: bool) -> dict[str, str]:
+def _sig(dtype: torch.dtype) -> dict[str, str]:
+    """Every kernel's arguments (each kernel reads the ones it has)."""
     ty = _TRITON_DTYPE[dtype]
-    sig = {"x_ptr": f"*{ty}:16", "w_ptr": "*i32:16", "s_ptr": f"*{ty}:16", "z_ptr": "*i16:16", "perm_ptr": "*i32:16",
-           "b_ptr": f"*{ty}:16", "out_ptr": f"*{ty}:16",
-           # Llama shapes: every dimension and row stride is a multiple of 16, as the launcher would see them
-           "M": "i32", "N": "i32:16", "K": "i32:16", "stride_xm": "i32:16", "stride_xk": "i32", "stride_om": "i32:16",
-           "group_size": "i32:16", "bits": "i32", "pack_shift": "i32"}
-    if decode:
-        sig.update(ws_ptr="*fp32:16", tiles_per_split="i32")
-    return sig
+    return {"x_ptr": f"*{ty}:16", "w_ptr": "*i32:16", "s_ptr": f"*{ty}:16", "z_ptr": "*i16:16",
+            "perm_ptr": "*i32:16", "b_ptr": f"*{ty}:16", "out_ptr": f"*{ty}:16", "ws_ptr": "*fp32:16",
+            # Llama shapes: every dimension and row stride is a multiple of 16, as the launcher would see them
+            "M": "i32", "N": "i32:16", "K": "i32:16", "KW": "i32:16", "stride_xm": "i32:16", "stride_xk": "i32",
+            "stride_om": "i32:16", "group_size": "i32:16", "bits": "i32", "pack_shift": "i32",
+            "tiles_per_split": "i32"}
 
 
-def _decode_spec(block_m: int, dtype: torch.dtype, *, atomic: bool, perm: bool = False):
-    cfg = _DECODE_CONFIGS[block_m]
-    flags = ",atomic" if atomic else ""
-    flags += ",act_order" if perm else ""
+def _cfg_name(cfg, dtype, **flags) -> str:
+    tiles = "".join(f"{k[6:]}{v}" for k, v in cfg.kwargs.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_W"))
+    return (f"{_TRITON_DTYPE[dtype]},{tiles}w{cfg.num_warps}s{cfg.num_stages}"
+            + "".join(f",{name}" for name, on in flags.items() if on))
+
+
+def _gemv_spec(dtype: torch.dtype, *, atomic: bool, perm: bool = False):
+    cfg = _GEMV_CONFIG
     return compile_check.CompileSpec(
-        kernel=quant_decode_kernel, name="quant_decode", config=f"{_TRITON_DTYPE[dtype]},M{block_m}N"
-        f"{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}{flags}",
-        signature=_sig(dtype, True), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, ATOMIC=atomic, DOT_FP32=False, **cfg.kwargs),
-        expect_mma=block_m > 1)
+        kernel=quant_gemv_kernel, name="quant_gemv", config=_cfg_name(cfg, dtype, atomic=atomic, act_order=perm),
+        signature=_sig(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, ATOMIC=atomic, **cfg.kwargs))
+
+
+def _decode_spec(dtype: torch.dtype, *, atomic: bool, perm: bool = False):
+    cfg = _DECODE_CONFIG
+    return compile_check.CompileSpec(
+        kernel=quant_decode_kernel, name="quant_decode", config=_cfg_name(cfg, dtype, atomic=atomic, act_order=perm),
+        signature=_sig(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, ATOMIC=atomic, DOT_FP32=False, **cfg.kwargs), expect_mma=True)
 
 
 def _gemm_spec(cfg, dtype: torch.dtype, *, perm: bool = False):
     return compile_check.CompileSpec(
-        kernel=quant_gemm_kernel, name="quant_gemm", config=f"{_TRITON_DTYPE[dtype]},M{cfg.kwargs['BLOCK_M']}N"
-        f"{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}" + (",act_order" if perm else ""),
-        signature=_sig(dtype, False), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        kernel=quant_gemm_kernel, name="quant_gemm", config=_cfg_name(cfg, dtype, act_order=perm),
+        signature=_sig(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, DOT_FP32=False, **cfg.kwargs), expect_mma=True)
 
 
 @compile_check.register
 def _compile_specs():
-    """Both decode variants (GEMV, 16-row dot) with and without split-K atomics and every GEMM config, in fp16 and
-    bf16, without bias (Llama's linears have none); the two act-order variants also take a bias: 14 specs. bits is a
-    runtime argument, so int4 and int8 share each one. The 16-row decode dot must use tensor cores too."""
+    """The GEMV (M = 1) and the 16-row decode dot, each with and without split-K atomics, and every GEMM config, in
+    fp16 and bf16, without bias (Llama's linears have none); two act-order variants also take a bias: 14 specs. bits
+    is a runtime argument, so int4 and int8 share each one. The 16-row decode dot and the GEMM must use tensor cores."""
     for dtype in (torch.float16, torch.bfloat16):
-        for block_m in (1, 16):
-            for atomic in (False, True):
-                yield _decode_spec(block_m, dtype, atomic=atomic)
+        for atomic in (False, True):
+            yield _gemv_spec(dtype, atomic=atomic)
+            yield _decode_spec(dtype, atomic=atomic)
         for cfg in _GEMM_CONFIGS:
             yield _gemm_spec(cfg, dtype)
-    yield _decode_spec(16, torch.float16, atomic=True, perm=True)
-    yield _gemm_spec(_GEMM_CONFIGS[1], torch.bfloat16, perm=True)
+    yield _gemv_spec(torch.float16, atomic=True, perm=True)
+    yield _decode_spec(torch.bfloat16, atomic=True, perm=True)
