@@ -10,12 +10,14 @@ The weight is w[n, k] = (q[n, k] - z[g, n]) * s[g, n], g the group of k: N = out
 
 llmkern's packed layout (what QuantizedWeight holds; checkpoints are repacked into it once, at conversion):
   qweight  int32 (K // PACK, N), PACK = 32 // bits (8 int4 or 4 int8 codes per word), packed ALONG K: code (k, n)
-           sits in bits [(k % PACK) * bits, (k % PACK + 1) * bits) of word (k // PACK, n). This is GPTQ's qweight
-           layout (so GPTQ's qweight is used as is): a kernel K-tile of 32 rows reads 32 / PACK word rows, each
-           contiguous along N, so one coalesced load feeds PACK rows of the tile; codes are unsigned.
+           sits in bits [(k % PACK) * bits, (k % PACK + 1) * bits) of word (k // PACK, n); codes are unsigned. The
+           same bit layout as GPTQ's qweight. Packing along K means one word holds PACK consecutive K rows of ONE
+           output column, so a thread that loads it has everything one column's dot product needs from it: the GEMV
+           loads (BLOCK_W, BLOCK_N) words once, coalesced along N, and unpacks them in registers; the dot kernels
+           expand a (32, BLOCK_N) K-tile from 32 / PACK word rows.
   scales   (G, N) fp16 or bf16, G = K // group_size (1 for group_size -1); must match the activations' dtype.
   zeros    (G, N) int16, the integer zero point itself (not GPTQ's zero - 1). Always stored, also for symmetric
-           quantization (2**(bits-1) there): one code path, at 2 bytes per group per column (1.6% of int4 g128).
+           quantization (2**(bits-1) there): one code path, at 2 bytes per group per column (3% of int4 g128).
            int16 because GPTQ v1 checkpoints can hold a zero of 2**bits (stored zero-1 = 2**bits - 1 wraps to it).
   perm     optional int32 (K,): GPTQ act-order. The checkpoint's g_idx gives each k a group, and groups are not
            contiguous in k. We sort K by group ONCE at conversion (packed row j is original row perm[j]), so every
