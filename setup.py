@@ -22,7 +22,7 @@ setup(
     # torch is not pinned here: CPU machines install the CPU wheel first (see .ci/run), GPU machines bring their own.
     install_requires=["torch>=2.4", "triton>=3.6"],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers", "matplotlib"],
     },
     entry_points={"console_scripts": ["llmkern=llmkern.cli:main"]},
 )
