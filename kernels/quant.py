@@ -34,10 +34,12 @@ def _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift):
 
 
 @triton.jit
-def _x_cols(perm_ptr, offs_k, k_mask, HAS_PERM: tl.constexpr):
-    """The columns of x that packed rows offs_k multiply: offs_k itself, or perm[offs_k] for act-order."""
+def _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM: tl.constexpr):
+    """The columns of x that packed rows offs_k multiply: offs_k itself, or perm[offs_k] for act-order. A perm entry
+    outside [0, K) (only a corrupted buffer could hold one) is clamped, so x is never read out of bounds."""
     if HAS_PERM:
-        return tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
+        cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
+        return tl.minimum(tl.maximum(cols, 0), K - 1)
     else:
         return offs_k
 
@@ -99,7 +101,7 @@ def quant_gemv_kernel(
             # a vector mask: the interpreter rejects a scalar bool broadcast into a load mask
             in_word = w_mask & (tl.full((BLOCK_W,), j, tl.int32) <= slot_mask)
             ks = (offs_w << pack_shift) + slot
-            cols = _x_cols(perm_ptr, ks, in_word, HAS_PERM)
+            cols = _x_cols(perm_ptr, ks, in_word, KW << pack_shift, HAS_PERM)
             xv = tl.load(x_ptr + cols * stride_xk, mask=in_word, other=0.0).to(tl.float32)
             q = ((words >> (slot * bits)) & code_mask) - z[None, :]
             part += xv[:, None] * q.to(tl.float32)
@@ -138,7 +140,7 @@ def quant_decode_kernel(
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
         q = _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift) - z[None, :]
-        cols = _x_cols(perm_ptr, offs_k, k_mask, HAS_PERM)
+        cols = _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_FP32:   # the interpreter's bf16 dot is unreliable: same exact products, in fp32
@@ -183,7 +185,7 @@ def quant_gemm_kernel(
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
         q = _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift) - z[None, :]
-        cols = _x_cols(perm_ptr, offs_k, k_mask, HAS_PERM)
+        cols = _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM)
         xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_FP32:

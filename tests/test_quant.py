@@ -302,6 +302,10 @@ def test_quant_linear(device):
     bf = fresh.to(torch.bfloat16)
     assert bf.scales.dtype == torch.bfloat16 and bf.bias.dtype == torch.bfloat16 and bf.qweight.dtype == torch.int32
     assert bf(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    bad = llmkern.QuantLinear(128, 72, bits=4, group_size=32, act_order=True)
+    state = {**bad.state_dict(), "perm": torch.zeros(128, dtype=torch.int32)}
+    with pytest.raises(ValueError, match="perm must be a permutation"):
+        bad.load_state_dict(state)
     nobias = llmkern.QuantLinear.from_linear(nn.Linear(64, 8, bias=False).half(), bits=8, group_size=-1).to(device)
     assert nobias.bias is None and nobias(torch.randn(3, 64).half().to(device)).shape == (3, 8)
 
@@ -386,6 +390,13 @@ def test_bad_input():
         (ValueError, "scales", lambda: llmkern.QuantizedWeight.from_awq(aw, az, s[:2], group_size=32)),
         (TypeError, "qweight", lambda: llmkern.QuantizedWeight.from_awq(aw.to(torch.int16), az, s, group_size=32)),
         (ValueError, "group_size", lambda: llmkern.QuantizedWeight.from_awq(aw, az, s, group_size=16)),
+        # the registered op called directly still checks its tensors before any launch
+        (ValueError, "qweight", lambda: torch.ops.llmkern.quant_matmul(x, qw.qweight[:2], qw.scales, qw.zeros, None,
+                                                                       None, 4, 32)),
+        (ValueError, "zeros", lambda: torch.ops.llmkern.quant_matmul(x, qw.qweight, qw.scales, qw.zeros[:, :3], None,
+                                                                     None, 4, 32)),
+        (ValueError, "perm", lambda: torch.ops.llmkern.quant_matmul(x, qw.qweight, qw.scales, qw.zeros,
+                                                                    torch.arange(32, dtype=torch.int32), None, 4, 32)),
         # codes out of range, modules
         (ValueError, "codes", lambda: llmkern.QuantizedWeight.from_codes(q + 16, z, s, bits=4, group_size=32)),
         (TypeError, "linear", lambda: llmkern.QuantLinear.from_linear(nn.Conv1d(4, 4, 1))),

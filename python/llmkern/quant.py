@@ -398,15 +398,19 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 def _quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int,
                      group_size: int) -> torch.Tensor:
-    k = x.shape[-1]
+    # The op may be called directly (torch.ops.llmkern.quant_matmul): the same checks as the public function, so
+    # inconsistent tensors raise here and never reach a kernel as out-of-bounds reads.
+    qw = QuantizedWeight(qweight, scales, zeros, bits=bits, group_size=group_size,
+                         in_features=x.shape[-1] if x.dim() else 0,
+                         out_features=scales.shape[1] if scales.dim() == 2 else 0, perm=perm)
+    bias = _check_x_bias(x, qw, bias)
+    k = qw.in_features
     x2 = _utils.last_dim_contiguous("x", x.reshape(-1, k))
     if _utils.use_triton(x):
-        out = _launch(x2, qweight, scales, zeros, perm, bias, bits, group_size)
+        out = _launch(x2, qw.qweight, qw.scales, qw.zeros, qw.perm, bias, bits, group_size)
     else:
-        w = QuantizedWeight(qweight, scales, zeros, bits=bits, group_size=group_size, in_features=k,
-                            out_features=scales.shape[1], perm=perm).dequantize(torch.float32)
-        out = reference.quant_matmul(x2, w, bias)
-    return out.reshape(*x.shape[:-1], scales.shape[1])
+        out = reference.quant_matmul(x2, qw.dequantize(torch.float32), bias)
+    return out.reshape(*x.shape[:-1], qw.out_features)
 
 
 @_quant_matmul_op.register_fake
@@ -420,6 +424,12 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
     Accumulates in fp32. x's dtype must be the scales' dtype (convert with qweight.to(dtype=...))."""
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight must be a llmkern.QuantizedWeight, got {type(qweight).__name__}")
+    bias = _check_x_bias(x, qweight, bias)
+    return _quant_matmul_op(x, qweight.qweight, qweight.scales, qweight.zeros, qweight.perm, bias, qweight.bits,
+                            qweight.group_size)
+
+
+def _check_x_bias(x, qweight: QuantizedWeight, bias):
     _utils.check_tensor("x", x, dtypes=SCALE_DTYPES)
     if x.dim() < 1 or x.shape[-1] != qweight.in_features:
         raise ValueError(f"x's last dimension must be in_features={qweight.in_features}, got shape {tuple(x.shape)}")
@@ -434,8 +444,7 @@ def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch
             raise ValueError(f"bias must have shape ({qweight.out_features},), got {tuple(bias.shape)}")
         _utils.check_same(("x", "bias"), (x, bias))
         bias = bias.contiguous()
-    return _quant_matmul_op(x, qweight.qweight, qweight.scales, qweight.zeros, qweight.perm, bias, qweight.bits,
-                            qweight.group_size)
+    return bias
 
 
 # ----------------------------------------------------------------------------------------------- nn.Module
@@ -463,6 +472,15 @@ class QuantLinear(nn.Module):
                              if act_order else None)
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A loaded act-order permutation must be one (the kernels gather x's columns through it).
+        if self.perm is not None:
+            seen = torch.zeros(self.in_features, dtype=torch.bool, device=self.perm.device)
+            p = self.perm.long()
+            if int(p.min()) < 0 or int(p.max()) >= self.in_features or not bool(seen.index_fill_(0, p, True).all()):
+                raise ValueError(f"{prefix}perm must be a permutation of range({self.in_features})")
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
