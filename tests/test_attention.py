@@ -144,8 +144,8 @@ def _check_varlen(lens_q, lens_k, num_heads, num_kv_heads, head_dim, dtype, devi
     q = _randn((total_q, num_heads, head_dim), dtype, device, g)
     k = _randn((total_k, num_kv_heads, head_dim), dtype, device, g)
     v = _randn((total_k, num_kv_heads, head_dim), dtype, device, g)
-    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)  # noqa: E731
-    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+                  for lens in (lens_q, lens_k))
     o, lse = llmkern.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), return_lse=True, **kw)
     assert o.shape == q.shape and lse.shape == (num_heads, total_q)
     n = sum(lens_q)
