@@ -126,8 +126,9 @@ def test_skipped_tiles_are_never_read(device, causal, window):
         # than one BLOCK_N <= 64 away), then check those rows only
         poison, rows = slice(192, None), slice(0, 128)
     else:
-        # query i sees keys i - 10 .. 255: rows 192.. (one block for BLOCK_M <= 64) skip keys below 128
-        poison, rows = slice(0, 100), slice(192, None)
+        # query i sees keys i - 10 .. 255: every row block starting at 128 or later (BLOCK_M in 32..128) begins
+        # its loop at key floor(118 / BLOCK_N) * BLOCK_N >= 64 (BLOCK_N <= 64), so keys 0..63 are never read
+        poison, rows = slice(0, 64), slice(128, None)
     k_bad, v_bad = k.clone(), v.clone()
     k_bad[:, poison] = float("nan")
     v_bad[:, poison] = float("nan")
