@@ -129,8 +129,9 @@ def test_quantize_within_half_step(bits, group_size, symmetric):
 
 
 # --------------------------------------------------------------------------- both kernel paths
-# Each setting: (bits, group_size, symmetric, act_order, N, K, dtype). Odd N everywhere; K from 96 to 384 (several
-# 32-row K-tiles, and for group -1 a K that is not a multiple of the tiles: 104); int4 and int8 at every group size.
+# Each setting: (bits, group_size, symmetric, act_order, N, K, dtype). Odd N everywhere; K from 64 to 384 (several
+# 32-row K-tiles, and for group -1 a K that is not a multiple of the tiles: 104); int4 and int8 at every group size,
+# with and without act-order (act-order with group -1 is one group: nothing to reorder).
 SETTINGS = [
     (4, 32, False, False, 77, 96, torch.float16),
     (4, 64, True, False, 131, 128, torch.bfloat16),
@@ -143,6 +144,9 @@ SETTINGS = [
     (4, 128, False, True, 77, 384, torch.bfloat16),
     (4, 32, False, True, 131, 128, torch.float16),
     (8, 64, False, True, 45, 192, torch.float16),
+    (4, 64, False, True, 29, 192, torch.bfloat16),
+    (8, 32, False, True, 77, 96, torch.bfloat16),
+    (8, 128, False, True, 131, 256, torch.float16),
 ]
 
 
