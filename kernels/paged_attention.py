@@ -32,8 +32,7 @@ def _softcap_log2(s, scale, softcap, qk_scale, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _tile_mask(row_mask, d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Mask of a (rows, BLOCK_D) tile. The head-dim test is emitted only when head_dim is not a power of two: a mask
-    that may vary along the contiguous dim stops Triton from vectorizing the loads (one predicated load and one
-    64-bit pointer per element instead of one per 16 bytes), which costs registers and bandwidth."""
+    constant along the contiguous dim lets Triton keep 16-byte vector loads, one predicate per vector."""
     if HEAD_DIM == BLOCK_D:
         return row_mask[:, None]
     else:

@@ -68,11 +68,12 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes for the prefill kernel, from FlashAttention-2's forward tiles (BLOCK_M 64 query rows, 4 warps for
     head_dim <= 64, 8 warps above so the (64 x head_dim) fp32 accumulator stays in registers), halving BLOCK_N for
     head_dim 256 so the K/V tiles keep their shared-memory footprint. fp32 runs its IEEE dot on FMA units with the
-    operands in registers: 32 x 32 tiles (16 keys for head_dim 256) with 8 warps. Each choice compiles without
-    spills on sm_80 and sm_90 (`llmkern check-compile`); the next larger tile spills on sm_80."""
+    operands in registers: 32 x 16 tiles with 8 warps (32 x 32 spills on sm_80 with softcap and window). Each
+    choice compiles without spills on sm_80 and sm_90 (`llmkern check-compile`); the next larger tile spills on
+    sm_80."""
     block_d = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32 if block_d <= 128 else 16, BLOCK_D=block_d, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d,
                 num_warps=4 if block_d <= 64 else 8, num_stages=2)
 
@@ -252,8 +253,8 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         scale, softcap if has_softcap else 1.0, scale * math.log2(math.e), max(window_left, 0),
         group, block_size, num_splits,
-        HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=has_softcap, HAS_WINDOW=window_left >= 0, IS_FP32=q.dtype == torch.float32,
-        INTERPRET=_utils.INTERPRET, **cfg,
+        HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=has_softcap, HAS_WINDOW=window_left >= 0,
+        IS_FP32=q.dtype == torch.float32, INTERPRET=_utils.INTERPRET, **cfg,
     )
     if split:
         _utils.launch(
