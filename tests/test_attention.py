@@ -26,6 +26,16 @@ def _qkv(batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, dtype, de
             _randn((batch, seqlen_k, num_kv_heads, head_dim), dtype, device, g))
 
 
+def _assert_same_math(a, b):
+    """Two calls that differ only in what the autotuner keys on (return_lse, varlen): bit-identical under the
+    interpreter (one config per class); on a GPU each may be tuned to a different tile, which reorders the fp32
+    sums and the 16-bit rounding of p, so allow a couple of 16-bit ulps of a unit-scale output."""
+    if _utils.INTERPRET:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=4e-3 if a.dtype != F32 else 1e-5)
+
+
 def _check(q, k, v, **kw):
     """Ours vs float64, with PyTorch-in-the-input-dtype as the error baseline, for o and lse."""
     o, lse = llmkern.attention(q, k, v, return_lse=True, **kw)
@@ -37,7 +47,7 @@ def _check(q, k, v, **kw):
     # lse is fp32 in the kernel whatever the input dtype: hold it to the fp32 floor plus the input's own error
     assert_fa_close(lse.cpu(), ref_lse.cpu(), base_lse.cpu().float(), floor=1e-4, what="lse")
     o_only = llmkern.attention(q, k, v, **kw)  # the return_lse=False path computes the same o
-    torch.testing.assert_close(o_only, o, rtol=0, atol=0)
+    _assert_same_math(o_only, o)
     return o, lse
 
 
@@ -169,15 +179,15 @@ def test_varlen_window_softcap_bf16_padded_rows(device):
 
 
 def test_varlen_matches_batched(device):
-    """Equal-length sequences packed: the varlen call gives exactly the batched call's result."""
+    """Equal-length sequences packed: the varlen call gives the batched call's result."""
     q, k, v = _qkv(3, 40, 50, 4, 2, 64, F16, device)
     o, lse = llmkern.attention(q, k, v, causal=True, return_lse=True)
     cu_q = torch.arange(0, 121, 40, dtype=torch.int32, device=device)
     cu_k = torch.arange(0, 151, 50, dtype=torch.int32, device=device)
     ov, lsev = llmkern.attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 40, 50,
                                         causal=True, return_lse=True)
-    torch.testing.assert_close(ov, o.flatten(0, 1), rtol=0, atol=0)
-    torch.testing.assert_close(lsev, lse.permute(1, 0, 2).flatten(1), rtol=0, atol=0)
+    _assert_same_math(ov, o.flatten(0, 1))
+    _assert_same_math(lsev, lse.permute(1, 0, 2).flatten(1))
 
 
 # ----------------------------------------------------------------------------------------------- bad input
