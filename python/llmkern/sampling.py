@@ -125,7 +125,7 @@ def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
         return reference.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch:
-        _run(K._sampling_sample_kernel, logits, temperature, top_k, top_p, min_p, seed, out)
+        _run(logits, temperature, top_k, top_p, min_p, seed, out, 0, write_probs=False)
     return out
 
 
@@ -142,7 +142,8 @@ def _probs_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
         return probs.to(device=logits.device, dtype=torch.float32)
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
-        _run(K._sampling_probs_kernel, logits, temperature, top_k, top_p, min_p, out, out.stride(0))
+        no_seed = torch.zeros(1, dtype=torch.int64, device=logits.device)   # never read when writing probs
+        _run(logits, temperature, top_k, top_p, min_p, no_seed, out, out.stride(0), write_probs=True)
     return out
 
 
@@ -151,10 +152,12 @@ def _(logits, temperature, top_k, top_p, min_p):
     return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
-def _run(kernel, logits, *args) -> None:
-    grid = (logits.shape[0],)
-    meta = dict(CONFIG) if _utils.INTERPRET else {**CONFIG, "num_warps": NUM_WARPS}
-    kernel[grid](logits, logits.stride(0), logits.shape[1], *args, **meta)
+def _run(logits, *args, write_probs: bool) -> None:
+    """One program per row; the one fixed config (see CONFIG)."""
+    meta = dict(CONFIG, WRITE_PROBS=write_probs)
+    if not _utils.INTERPRET:
+        meta["num_warps"] = NUM_WARPS
+    K._sampling_kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], *args, **meta)
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -197,15 +200,15 @@ def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
 # --------------------------------------------------------------------------------------------- compile specs
 @compile_check.register
 def _compile_specs():
-    params = {"temp_ptr": "*fp32:16", "top_k_ptr": "*i32:16", "top_p_ptr": "*fp32:16", "min_p_ptr": "*fp32:16"}
-    for dt, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        head = {"logits_ptr": f"*{name}:16", "stride_row": "i64", "V": "i32"}
-        cfg = ",".join(f"{k}={v}" for k, v in CONFIG.items()) + f",w{NUM_WARPS},{name}"
-        yield compile_check.CompileSpec(
-            kernel=K._sampling_sample_kernel, name="_sampling_sample_kernel", config=cfg,
-            signature={**head, **params, "seed_ptr": "*i64:16", "out_ptr": "*i64:16"},
-            constexprs=dict(CONFIG), num_warps=NUM_WARPS)
-        yield compile_check.CompileSpec(
-            kernel=K._sampling_probs_kernel, name="_sampling_probs_kernel", config=cfg,
-            signature={**head, **params, "out_ptr": "*fp32:16", "stride_out": "i64"},
-            constexprs=dict(CONFIG), num_warps=NUM_WARPS)
+    """The one kernel, in both modes, for each logits dtype: every variant the dispatcher can launch."""
+    params = {"temp_ptr": "*fp32:16", "top_k_ptr": "*i32:16", "top_p_ptr": "*fp32:16", "min_p_ptr": "*fp32:16",
+              "seed_ptr": "*i64:16"}
+    for name in ("fp16", "bf16", "fp32"):
+        for write_probs in (False, True):
+            cfg = ",".join(f"{k}={v}" for k, v in CONFIG.items()) + f",w{NUM_WARPS},{name}"
+            yield compile_check.CompileSpec(
+                kernel=K._sampling_kernel, name="_sampling_kernel[probs]" if write_probs else "_sampling_kernel[sample]",
+                config=cfg,
+                signature={"logits_ptr": f"*{name}:16", "stride_row": "i32", "V": "i32", **params,
+                           "out_ptr": "*fp32:16" if write_probs else "*i64:16", "stride_out": "i32"},
+                constexprs=dict(CONFIG, WRITE_PROBS=write_probs), num_warps=NUM_WARPS)
