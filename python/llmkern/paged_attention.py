@@ -50,7 +50,7 @@ def _decode_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
     and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers).
     num_warps: 4 (one warpgroup) unless the fp32 accumulator GROUP_PAD x BLOCK_D exceeds 64 x 128, then 8, which
     keeps it at <= 64 registers per thread; also 8 for the fp32 dot path. `llmkern check-compile` shows each of
-    these choices without spills on sm_80 and sm_90 (4 warps spill in the cases moved to 8).
+    these choices without spills on sm_80 and sm_90 (the fp32 dot path spilled on sm_90 with 4 warps).
     """
     block_d = triton.next_power_of_2(head_dim)
     use_dot = group > 1
@@ -69,8 +69,8 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
     head_dim <= 64, 8 warps above so the (64 x head_dim) fp32 accumulator stays in registers), halving BLOCK_N for
     head_dim 256 so the K/V tiles keep their shared-memory footprint. fp32 runs its IEEE dot on FMA units with the
     operands in registers: 32 x 16 tiles with 8 warps (32 x 32 spills on sm_80 with softcap and window). Each
-    choice compiles without spills on sm_80 and sm_90 (`llmkern check-compile`); the next larger tile spills on
-    sm_80."""
+    choice compiles without spills on sm_80 and sm_90 (`llmkern check-compile`); 4 warps at head_dim 128 and 256
+    spilled on sm_80."""
     block_d = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=2)
