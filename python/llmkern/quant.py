@@ -34,6 +34,7 @@ Two kernels (llmkern.kernels.quant); the dispatcher picks by M = rows of x (the 
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional
 
 import torch
@@ -330,8 +331,13 @@ def _act_order_perm(g_idx: torch.Tensor, k: int, group_size: int, groups: int) -
 # ----------------------------------------------------------------------------------------------- launch
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return _INTERPRET_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:   # a device property query per decode call would cost more than the kernel
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _decode_split(n_blocks: int, k_tiles: int, device: torch.device) -> int:
