@@ -71,7 +71,7 @@ _GEMM_CONFIGS = [
 # prompt length does not re-run the tuner (Triton adds the argument dtypes to the key itself).
 _gemm = _utils.autotune(_GEMM_CONFIGS, key=["N", "K"])(quant_gemm_kernel)
 
-# Cut-over. Up to 16 rows a tensor-core tile (minimum M = 16) is not even full, each weight byte feeds at most 16
+# Cut-over. Up to 16 rows a tensor-core tile (minimum M = 16) is not even full, each weight feeds at most 16
 # multiply-adds, and the time is the weight bytes over HBM bandwidth: what matters is that every SM streams weights,
 # which the decode kernel's split-K gives. Beyond 16 rows the GEMM's BLOCK_M = 64/128 row tiles reuse each
 # dequantized K-tile across many rows, and the work per weight byte grows until the op turns compute-bound.
