@@ -35,5 +35,6 @@ def test_benchmark(benchmark, case: common.Case):
         benchmark(timed)
     else:
         benchmark(fn)
-    ms = benchmark.stats.stats.median * 1e3
-    benchmark.extra_info.update(common.to_record(case, ms, _DEVICE))
+    if benchmark.stats is not None:  # None under --benchmark-disable (the case then just runs once, as a smoke test)
+        ms = benchmark.stats.stats.median * 1e3
+        benchmark.extra_info.update(common.to_record(case, ms, _DEVICE))
