@@ -73,7 +73,7 @@ def test_kv_write_exact_with_skips(device, dtype):
 
 
 # ------------------------------------------------------------------------------------------------------ decode
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_decode_lengths_across_block_edges(device, block_size):
     """Lengths 1, block_size, block_size + 1 and several blocks in one batch (ragged), GQA group 4."""
     lens = [1, block_size, block_size + 1, 3 * block_size + 5]
@@ -123,7 +123,8 @@ def test_decode_forced_splits(device, group, num_splits):
     q = torch.randn(len(lens), 2 * group, 64, generator=g).half().to(device)
     one = llmkern.paged_decode_attention(q, kc, vc, bt, sl, num_splits=1)
     split = _check_decode(q, kc, vc, bt, sl, num_splits=num_splits)
-    assert (split.float() - one.float()).abs().max() <= 2e-3  # same softmax, merged differently: fp16 rounding only
+    # The same softmax merged differently: they may differ by the final fp16 rounding (2^-10 relative) and little else.
+    torch.testing.assert_close(split, one, rtol=2e-3, atol=2e-3)
 
 
 def test_decode_auto_split_long_sequence(device):
