@@ -39,6 +39,29 @@ def _tile_mask(row_mask, d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
         return row_mask[:, None] & (d < HEAD_DIM)[None, :]
 
 
+@triton.jit
+def _load_kv_tile(KC, VC, bt_row, stride_btn, n, n_mask, d, kvh, block_size,
+                  stride_kcb, stride_kct, stride_kch, stride_kcd,
+                  stride_vcb, stride_vct, stride_vch, stride_vcd,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
+    """Gather the K and V rows of logical tokens n (BLOCK_N,) of one KV head through the block table.
+
+    Token n lives in physical block bt_row[n // block_size] at offset n % block_size; masked tokens load as 0.
+    Returns (k, v), each (BLOCK_N, BLOCK_D), as fp32 under the interpreter (whose bf16 arithmetic is unreliable).
+    """
+    blk = tl.load(bt_row + (n // block_size) * stride_btn, mask=n_mask, other=0).to(tl.int64)
+    off = n % block_size
+    kv_mask = _tile_mask(n_mask, d, HEAD_DIM, BLOCK_D)
+    k = tl.load(KC + blk[:, None] * stride_kcb + off[:, None] * stride_kct + kvh * stride_kch
+                + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
+    v = tl.load(VC + blk[:, None] * stride_vcb + off[:, None] * stride_vct + kvh * stride_vch
+                + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
+    if INTERPRET:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
 # ------------------------------------------------------------------------------------------------------ cache write
 @triton.jit
 def paged_kv_write_kernel(
@@ -128,17 +151,9 @@ def paged_decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        # Physical location of each token: its block from the table, its offset inside the block.
-        blk = tl.load(bt_row + (n // block_size) * stride_btn, mask=n_mask, other=0).to(tl.int64)
-        off = n % block_size
-        kv_mask = _tile_mask(n_mask, d, HEAD_DIM, BLOCK_D)
-        k = tl.load(KC + blk[:, None] * stride_kcb + off[:, None] * stride_kct + kvh * stride_kch
-                    + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
-        v = tl.load(VC + blk[:, None] * stride_vcb + off[:, None] * stride_vct + kvh * stride_vch
-                    + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
-        if INTERPRET:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_tile(KC, VC, bt_row, stride_btn, n, n_mask, d, kvh, block_size,
+                             stride_kcb, stride_kct, stride_kch, stride_kcd,
+                             stride_vcb, stride_vct, stride_vch, stride_vcd, HEAD_DIM, BLOCK_D, INTERPRET)
 
         if USE_DOT:
             if IS_FP32:
@@ -274,16 +289,9 @@ def paged_prefill_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < hi
-            blk = tl.load(bt_row + (n // block_size) * stride_btn, mask=n_mask, other=0).to(tl.int64)
-            off = n % block_size
-            kv_mask = _tile_mask(n_mask, d, HEAD_DIM, BLOCK_D)
-            k = tl.load(KC + blk[:, None] * stride_kcb + off[:, None] * stride_kct + kvh * stride_kch
-                        + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
-            v = tl.load(VC + blk[:, None] * stride_vcb + off[:, None] * stride_vct + kvh * stride_vch
-                        + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
-            if INTERPRET:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _load_kv_tile(KC, VC, bt_row, stride_btn, n, n_mask, d, kvh, block_size,
+                                 stride_kcb, stride_kct, stride_kch, stride_kcd,
+                                 stride_vcb, stride_vct, stride_vch, stride_vcd, HEAD_DIM, BLOCK_D, INTERPRET)
             if IS_FP32:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
