@@ -78,7 +78,7 @@ def to_record(case: Case, ms: float, device: torch.device) -> dict[str, Any]:
         "median_ms": ms, "flops": case.flops, "bytes": case.nbytes,
         "tflops": case.flops / seconds / 1e12 if case.flops else 0.0,
         "gbps": case.nbytes / seconds / 1e9,
-        "roofline_ms": None, "pct_roofline": None, "bound": None,
+        "tensor_cores": case.tensor_cores, "roofline_ms": None, "pct_roofline": None, "bound": None,
     }
     if peak is not None:
         bound_s = perf.roofline_time_s(case.flops, case.nbytes, peak, tensor_cores=case.tensor_cores)

@@ -60,6 +60,12 @@ def _bench_run(args: argparse.Namespace) -> int:
         summarize = getattr(suite, "summarize", None)  # an optional per-suite table (e.g. speedups vs peers)
         if summarize is not None:
             print(summarize(suite_records))
+    # The main job ends with the roofline view of llmkern's own kernels: how far each is from the device's bound.
+    from llmkern.roofline import summary_table
+    ours = [r for r in records if str(r["impl"]).startswith("llmkern")]
+    if ours:
+        print("\n== roofline summary (llmkern kernels) ==")
+        print(summary_table(ours))
     if args.json:
         common.write_json(args.json, records, device, names)
         print(f"\nwrote {len(records)} records to {args.json}")

@@ -226,7 +226,7 @@ def summary_table(records: Iterable[dict], device: str | perf.DevicePeak | None 
     no known peak (CPU runs) the roofline columns show '-'.
     """
     fixed = resolve_device(device) if isinstance(device, str) else device
-    head = (f"{'op':<24} {'impl':<16} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'FLOP/B':>8} {'bound':>8} "
+    head = (f"{'op':<22} {'impl':<22} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'FLOP/B':>8} {'bound':>8} "
             f"{'floor ms':>10} {'% roof':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
@@ -243,7 +243,7 @@ def summary_table(records: Iterable[dict], device: str | perf.DevicePeak | None 
             roof = f"{floor_s * 1e3:>10.4f} {100 * floor_s / (ms * 1e-3):>6.1f}%"
         else:
             bnd, roof = "-", f"{'-':>10} {'-':>7}"
-        lines.append(f"{str(r.get('op', '?'))[:24]:<24} {str(r.get('impl', '?'))[:16]:<16} {ms:>10.4f} "
+        lines.append(f"{str(r.get('op', '?'))[:22]:<22} {str(r.get('impl', '?'))[:22]:<22} {ms:>10.4f} "
                      f"{tflops:>8.2f} {gbps:>8.1f} {ai:>8.2f} {bnd:>8} {roof}")
     return "\n".join(lines)
 
