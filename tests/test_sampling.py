@@ -214,6 +214,14 @@ def test_scalar_params_and_torch_compile(device):
     assert torch.equal(probs, llmkern.sampling_probs(logits, **kw))
 
 
+def test_huge_top_k_is_off(device):
+    # k >= vocab keeps everything, however large (clamped, not wrapped, on the way to the kernel's int32)
+    logits = _logits(2, 60, torch.float32, device, seed=12)
+    off = llmkern.sampling_probs(logits)
+    assert torch.equal(llmkern.sampling_probs(logits, top_k=2 ** 40), off)
+    assert torch.equal(llmkern.sampling_probs(logits, top_k=torch.tensor([2 ** 40, 2 ** 33], device=device)), off)
+
+
 def test_empty_batch(device):
     logits = torch.empty(0, 100, device=device)
     assert llmkern.sample(logits, seed=1).shape == (0,)
@@ -241,6 +249,8 @@ _BAD = [
     ("seed_dtype", "seed"),
     ("seed_len", "seed"),
     ("temperature_device", "temperature"),
+    ("temperature_f64_overflow", "temperature"),   # finite in float64, inf once cast to the kernel's float32
+    ("top_k_int64_negative", "top_k"),
 ]
 
 
@@ -255,6 +265,9 @@ def test_bad_parameters_raise_value_error(device, bad, name):
         "seed_dtype": dict(seed=torch.ones(3, dtype=torch.int32, device=device)),
         "seed_len": dict(seed=torch.ones(4, dtype=torch.int64, device=device)),
         "temperature_device": dict(temperature=torch.ones(3, device="meta")),
+        "temperature_f64_overflow": dict(temperature=torch.tensor([1.0, 1e300, 1.0], dtype=torch.float64,
+                                                                  device=device)),
+        "top_k_int64_negative": dict(top_k=torch.tensor([5, -2 ** 40, 0], device=device)),
     }
     kw = tensor_cases[bad] if isinstance(bad, str) else bad
     with pytest.raises(ValueError, match=name):

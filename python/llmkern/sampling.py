@@ -14,6 +14,7 @@ torch's default CPU generator; that is the only place where generator state is c
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -35,13 +36,19 @@ NUM_WARPS = 4
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
+_INT32_MAX = 2 ** 31 - 1
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
 def _param(name: str, value: Any, batch: int, device: torch.device, *, integer: bool, lo: float, hi: float,
            lo_open: bool = False, hi_open: bool = False) -> torch.Tensor:
-    """A per-row parameter as a (batch,) tensor on `device` (float32, or int32 for top_k), range-checked."""
-    dtype = torch.int32 if integer else torch.float32
+    """A per-row parameter as a (batch,) tensor on `device` (float32, or int32 for top_k), range-checked.
+
+    The range is checked on the value the kernel will see (after the cast to float32), so that e.g. a float64
+    temperature of 1e300 (inf in fp32) is refused rather than silently turned into inf. top_k is clamped to
+    2**31 - 1 before its int32 cast (after the check): every k >= vocab means "off" anyway.
+    Tensor parameters cost one device-to-host sync here (the range check), before any launch.
+    """
     what = "an int" if integer else "a float"
     if isinstance(value, torch.Tensor):
         if value.dim() != 1 or value.shape[0] != batch:
@@ -54,22 +61,41 @@ def _param(name: str, value: Any, batch: int, device: torch.device, *, integer: 
             raise ValueError(f"{name} must be an {'integer' if integer else 'floating-point'} tensor, "
                              f"got {value.dtype}")
         v = value.detach()
-        vmin, vmax = (float(x) for x in torch.aminmax(v.double())) if batch else (lo, hi)
-        bad = torch.isnan(v).any().item() if not integer and batch else False
+        if integer:
+            _check_range(name, v.to(torch.int64), lo, hi, lo_open, hi_open)
+            return v.clamp(max=_INT32_MAX).to(torch.int32).contiguous()
+        t = v.to(torch.float32).contiguous()
     else:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
             raise ValueError(f"{name} must be {what} or a ({batch},) tensor, got {value!r}")
-        vmin = vmax = float(value)
-        bad = vmin != vmin
+        # checked as a one-element CPU tensor (no device sync), then broadcast to the batch
+        if integer:
+            _check_range(name, torch.tensor([max(-(2 ** 63), min(int(value), 2 ** 63 - 1))]), lo, hi, lo_open, hi_open)
+            one = torch.tensor([min(int(value), _INT32_MAX)], dtype=torch.int32)
+        else:
+            big = abs(value) >= 1e300                      # beyond float32 (and maybe float64): +-inf
+            one = torch.tensor([math.inf if big and value > 0 else -math.inf if big else float(value)],
+                               dtype=torch.float32)
+            _check_range(name, one, lo, hi, lo_open, hi_open)
+        return torch.full((batch,), one.item(), dtype=one.dtype, device=device)
+    _check_range(name, t, lo, hi, lo_open, hi_open)
+    return t
+
+
+def _check_range(name: str, t: torch.Tensor, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+    if t.numel() == 0:
+        return
+    tf = t.double()
+    bad = bool(torch.isnan(tf).any())
+    vmin, vmax = (float(x) for x in torch.aminmax(tf))
     below = vmin <= lo if lo_open else vmin < lo
     above = vmax >= hi if hi_open else vmax > hi
     if bad or below or above:
         rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         got = "NaN" if bad else (vmin if below else vmax)
-        raise ValueError(f"{name} must be in {rng}, got {got}")
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(dtype).contiguous()
-    return torch.full((batch,), value, dtype=dtype, device=device)
+        as_f32 = " (as float32)" if t.dtype == torch.float32 else ""
+        got = got if as_f32 or bad else int(got)
+        raise ValueError(f"{name} must be in {rng}{as_f32}, got {got}")
 
 
 def _seeds(seed: Any, generator: Any, batch: int, device: torch.device) -> torch.Tensor:
