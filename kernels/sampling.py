@@ -24,8 +24,11 @@ How the cut-off is found: a multi-pivot search on the key ("threshold bisection 
     survivors is simply the mass of the row).
   * Pass count: each pass divides the key width by NPIV = 16; a bracket starts at most 2**32 wide, so a search ends
     after at most 8 passes (16**8 = 2**32); the min/max shrinking usually ends it after 3-5 (the bracket then holds
-    one distinct logit). Pivot-based rejection sampling (FlashInfer) reads a row fewer times on average but has no
-    fixed bound and does not give the exact kept set that `sampling_probs` must return; this search gives both.
+    one distinct logit). FlashInfer's pivot-based rejection sampling often reads a row fewer times, but its number
+    of rounds is random (no fixed bound) and it yields a token, not the kept set that `sampling_probs` must
+    return; this search has a hard bound and yields the exact set, which both ops share.
+    Cost: each element of a search pass is compared with all 16 pivots (about 8 integer/fp32 operations per
+    pivot), so these passes lean on the ALUs more than on bandwidth; the tiles are re-read from L2.
 Reads of one row, at most: 1 (max, argmax, normalizer) + 8 (top-k search, only when top-k is on) + 8 (top-p search,
 only when top-p is on) + 1 (kept mass, only when min-p is on) + 1 (the draw, or the normalize-and-write pass).
 Every read is a contiguous tile of the row (coalesced). The row stays in L2 between passes for moderate batches.

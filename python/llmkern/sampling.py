@@ -1,14 +1,14 @@
 """Fused sampling: `sample` (one token per row) and `sampling_probs` (the distribution it draws from).
 
 Host side: check the parameters, turn each into a per-row tensor, pick the backend (_utils dispatch rule), launch
-one program per row. The kernels are in llmkern.kernels.sampling, whose docstring explains the no-sort threshold
+one program per row. The kernel is in llmkern.kernels.sampling, whose docstring explains the no-sort threshold
 search and its pass count.
 
 How randomness flows: every row draws one uniform u from counter-based Philox keyed by that row's int64 seed
 (offset 0). `sample` with a seed tensor is therefore a pure function of (logits, parameters, seeds): the custom op
 is deterministic, batch-invariant (a row never reads another row or the batch size) and the same on the compiled
-GPU kernel, the interpreted kernel and the CPU reference (which replays the same Philox in Python). Up to fp32
-rounding: the GPU and the interpreter may sum a row's mass in a different order, which moves a draw only when u
+GPU kernel, the interpreted kernel and the CPU reference (which replays the same Philox in Python), up to
+rounding: they may sum a row's mass in different orders (the reference in float64), which moves a draw only when u
 falls within rounding of a CDF step. When no seed is given, one seed per row is drawn first from `generator` or
 torch's default CPU generator; that is the only place where generator state is consumed.
 """
