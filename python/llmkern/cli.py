@@ -97,7 +97,7 @@ def _check_run(args: argparse.Namespace) -> int:
     records = compile_check.run(archs, args.filter, jobs=args.jobs)
     print(compile_check.format_table(records))
     if args.json:
-        keys = ("kernel", "config", "arch", "regs", "spill_bytes", "smem_bytes", "mma")
+        keys = ("kernel", "config", "arch", "regs", "spill_bytes", "stack_bytes", "smem_bytes", "mma")
         with open(args.json, "w") as f:
             json.dump([{k: r[k] for k in keys} for r in records], f, indent=1)
     bad = [r for r in records if not r["ok"]]

@@ -4,15 +4,20 @@ Each op module registers a function that yields `CompileSpec`s (one per kernel x
 dispatcher uses, so a config cannot be added to an op without being compiled here. For each spec and arch we:
 
   1. build the kernel with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`;
-  2. read the cubin's resource usage with the `cuobjdump --dump-resource-usage` shipped in the Triton wheel
-     (registers, stack/local bytes = spills, static shared memory) and add Triton's dynamic shared memory;
-  3. count tensor-core instructions in the SASS from `nvdisasm` (HMMA on sm_80; HGMMA or HMMA on sm_90).
+  2. read the spill bytes from the `ptxas -v` log of that very build (Triton runs ptxas with -v; its log is printed
+     when `knobs.nvidia.dump_ptxas_log` is set, and always_compile makes sure ptxas runs rather than a cache hit);
+  3. read the cubin's resource usage with the `cuobjdump --dump-resource-usage` shipped in the Triton wheel
+     (registers, stack frame, static shared memory) and add Triton's dynamic shared memory;
+  4. count tensor-core instructions in the SASS from `nvdisasm` (HMMA on sm_80; HGMMA or HMMA on sm_90).
 
-A spec fails when it spills (any local/stack bytes), needs more shared memory than the arch allows a block, or
-expected tensor cores and got none.
+A spec fails when it spills registers, needs more shared memory than the arch allows a block, or expected tensor
+cores and got none. A stack frame without spills is reported, not failed: CUDA's sin/cos keep a small local array
+for the range reduction of large arguments (the RoPE kernel's position path has one), which is not a spill.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -91,6 +96,28 @@ def _compile(spec: CompileSpec, cap: int):
     return triton.compile(src, target=target, options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
 
+_PTXAS_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _compile_with_ptxas_log(spec: CompileSpec, cap: int):
+    """Compile, and return (compiled kernel, spill bytes) with the spills as ptxas reported them for this build."""
+    from triton import knobs
+
+    saved = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = _compile(spec, cap)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    found = _PTXAS_RE.findall(log.getvalue())
+    if not found:
+        raise RuntimeError(f"{spec.name}: no ptxas -v log captured; cannot tell spills")
+    spill = max(max(int(stores), int(loads)) for _, stores, loads in found)
+    return compiled, spill
+
+
 _RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -98,10 +125,11 @@ def check_one(spec: CompileSpec, cap: int) -> dict:
     """Compile one spec for one arch and return its record (with an `ok` flag and a `problem` string)."""
     rec = {"kernel": spec.name, "config": spec.config, "arch": f"sm_{cap}"}
     try:
-        compiled = _compile(spec, cap)
+        compiled, spill = _compile_with_ptxas_log(spec, cap)
     except Exception as e:  # a compile error is a failed check, reported, not a crash of the whole run
         first = str(e).strip().splitlines()
-        return {**rec, "regs": None, "spill_bytes": None, "smem_bytes": None, "mma": None, "ok": False,
+        return {**rec, "regs": None, "spill_bytes": None, "stack_bytes": None, "smem_bytes": None, "mma": None,
+                "ok": False,
                 "problem": f"compile error: {type(e).__name__}: {first[-1] if first else ''}"}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -118,13 +146,13 @@ def check_one(spec: CompileSpec, cap: int) -> dict:
     smem = int(compiled.metadata.shared) + static_smem
     mma = len(re.findall(r"\b(?:HGMMA|HMMA)\b", sass))
     problems = []
-    if stack or local:
-        problems.append(f"spills ({max(stack, local)} bytes of local memory)")
+    if spill:
+        problems.append(f"spills {spill} bytes of registers to local memory")
     if smem > MAX_SMEM_BYTES[cap]:
         problems.append(f"needs {smem} bytes of shared memory, sm_{cap} allows {MAX_SMEM_BYTES[cap]}")
     if spec.expect_mma and mma == 0:
         problems.append("expected tensor-core MMA instructions, found none")
-    return {**rec, "regs": regs, "spill_bytes": max(stack, local), "smem_bytes": smem, "mma": mma,
+    return {**rec, "regs": regs, "spill_bytes": spill, "stack_bytes": max(stack, local), "smem_bytes": smem, "mma": mma,
             "ok": not problems, "problem": "; ".join(problems)}
 
 
@@ -151,12 +179,14 @@ def _check_indexed(item: tuple[int, int], name_filter: str | None) -> dict:
 
 
 def format_table(records: list[dict]) -> str:
-    header = f"{'kernel':<34} {'config':<44} {'arch':<6} {'regs':>5} {'spill':>6} {'smem':>7} {'mma':>5}  status"
+    header = (f"{'kernel':<34} {'config':<44} {'arch':<6} {'regs':>5} {'spill':>6} {'stack':>6} {'smem':>7} "
+              f"{'mma':>5}  status")
     lines = [header, "-" * len(header)]
     for r in records:
         status = "ok" if r["ok"] else "FAIL: " + r["problem"]
         fmt = lambda v: "-" if v is None else str(v)  # noqa: E731
         lines.append(f"{r['kernel']:<34} {r['config']:<44} {r['arch']:<6} {fmt(r['regs']):>5} "
-                     f"{fmt(r['spill_bytes']):>6} {fmt(r['smem_bytes']):>7} {fmt(r['mma']):>5}  {status}")
+                     f"{fmt(r['spill_bytes']):>6} {fmt(r['stack_bytes']):>6} {fmt(r['smem_bytes']):>7} "
+                     f"{fmt(r['mma']):>5}  {status}")
     return "\n".join(lines)
 

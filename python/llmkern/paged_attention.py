@@ -58,6 +58,8 @@ def _decode_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
     block_n = 64
     if block_d > 128 or dtype == torch.float32 or not use_dot:
         block_n = 32
+    if not use_dot and block_d > 128:
+        block_n = 16  # the broadcast product (BLOCK_N x 256) fp32 at 32 tokens spilled on sm_90 with triton 3.6
     # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers.
     num_warps = 8 if (group_pad * block_d > 64 * 128 or (use_dot and dtype == torch.float32)) else 4
     return dict(GROUP_PAD=group_pad, BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot, num_warps=num_warps,
@@ -68,12 +70,13 @@ def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes for the prefill kernel, from FlashAttention-2's forward tiles (BLOCK_M 64 query rows, 4 warps for
     head_dim <= 64, 8 warps above so the (64 x head_dim) fp32 accumulator stays in registers), halving BLOCK_N for
     head_dim 256 so the K/V tiles keep their shared-memory footprint. fp32 runs its IEEE dot on FMA units with the
-    operands in registers: 32 x 16 tiles with 8 warps (32 x 32 spills on sm_80 with softcap and window). Each
-    choice compiles without spills on sm_80 and sm_90 (`llmkern check-compile`); 4 warps at head_dim 128 and 256
-    spilled on sm_80."""
+    operands in registers: 32 x 16 tiles (32 x 32 spills on sm_80 with softcap and window), 4 warps up to head_dim
+    128 (8 spilled 4 bytes on sm_90 with triton 3.6) and 8 at 256 (4 spilled there). Each choice compiles without
+    spills on sm_80 and sm_90 with triton 3.6 and 3.9 (`llmkern check-compile`); for 16-bit inputs, 4 warps at
+    head_dim 128 and 256 spilled on sm_80."""
     block_d = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d,
                 num_warps=4 if block_d <= 64 else 8, num_stages=2)
 
