@@ -34,6 +34,15 @@ def _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift):
 
 
 @triton.jit
+def _centered_tile(w_ptr, s_ptr, z_ptr, g, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift):
+    """A K-tile of group g: the integer codes minus their zero points, (BLOCK_K, BLOCK_N) int32, and the group's
+    fp32 scales (BLOCK_N,). The weight is their product; the kernels apply the scale after the exact integer dot."""
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+    return _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift) - z[None, :], s
+
+
+@triton.jit
 def _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM: tl.constexpr):
     """The columns of x that packed rows offs_k multiply: offs_k itself, or perm[offs_k] for act-order. A perm entry
     outside [0, K) (only a corrupted buffer could hold one) is clamped, so x is never read out of bounds."""
@@ -137,9 +146,7 @@ def quant_decode_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
         g = k0 // group_size                                     # the tile's single group (BLOCK_K divides it)
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
-        q = _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift) - z[None, :]
+        q, s = _centered_tile(w_ptr, s_ptr, z_ptr, g, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift)
         cols = _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -182,9 +189,7 @@ def quant_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         g = k0 // group_size
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
-        q = _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift) - z[None, :]
+        q, s = _centered_tile(w_ptr, s_ptr, z_ptr, g, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift)
         cols = _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM)
         xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
