@@ -23,6 +23,30 @@ def _cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _load_sum(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL: tl.constexpr, DT: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """Columns c of r = x (+ residual) as fp32. With a residual the sum is rounded to the input dtype DT and stored
+    as the new residual, and the norm is taken of that rounded value (what the unfused model computes)."""
+    v = tl.load(x_row + c, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
+        v = _cast(v.to(tl.float32) + res, DT, INTERPRET)
+        tl.store(ro_row + c, v, mask=mask)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _store_normed(y_row, W, c, mask, v, rstd, offset, CAST_BEFORE_WEIGHT: tl.constexpr, DT: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """y[c] = v * rstd * (offset + w[c]) in DT; Llama rounds v * rstd to DT before the weight (CAST_BEFORE_WEIGHT)."""
+    w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32) + offset
+    n = v * rstd
+    if CAST_BEFORE_WEIGHT:
+        n = _cast(n, DT, INTERPRET).to(tl.float32)
+    tl.store(y_row + c, _cast(n * w, DT, INTERPRET), mask=mask)
+
+
+@triton.jit
 def _rmsnorm_kernel(
     X, R, W, Y, R_OUT,                   # R / R_OUT (residual in, new residual out) only read when HAS_RESIDUAL
     stride_x, stride_r, stride_y, stride_ro,  # row strides; the hidden dim is contiguous (host guarantees it)
@@ -48,31 +72,16 @@ def _rmsnorm_kernel(
     if N <= BLOCK:
         # The whole row fits in one tile: one read of x (and the residual), kept in registers for both passes.
         mask = cols < N
-        v = tl.load(x_row + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            res = tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
-            v = _cast(v.to(tl.float32) + res, DT, INTERPRET)
-            tl.store(ro_row + cols, v, mask=mask)
-        v = v.to(tl.float32)
+        v = _load_sum(x_row, r_row, ro_row, cols, mask, HAS_RESIDUAL, DT, INTERPRET)
         rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / N + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-        n = v * rstd
-        if CAST_BEFORE_WEIGHT:
-            n = _cast(n, DT, INTERPRET).to(tl.float32)
-        tl.store(y_row + cols, _cast(n * w, DT, INTERPRET), mask=mask)
+        _store_normed(y_row, W, cols, mask, v, rstd, offset, CAST_BEFORE_WEIGHT, DT, INTERPRET)
     else:
         # Wide rows: a first pass accumulates the sum of squares (and writes the new residual), a second pass
         # re-reads the row (from L2, just touched) and writes y. Register use stays bounded by BLOCK.
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             c = start + cols
-            mask = c < N
-            v = tl.load(x_row + c, mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                res = tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
-                v = _cast(v.to(tl.float32) + res, DT, INTERPRET)
-                tl.store(ro_row + c, v, mask=mask)
-            v = v.to(tl.float32)
+            v = _load_sum(x_row, r_row, ro_row, c, c < N, HAS_RESIDUAL, DT, INTERPRET)
             acc += v * v
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         for start in range(0, N, BLOCK):
@@ -82,11 +91,7 @@ def _rmsnorm_kernel(
                 v = tl.load(ro_row + c, mask=mask, other=0.0).to(tl.float32)
             else:
                 v = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32) + offset
-            n = v * rstd
-            if CAST_BEFORE_WEIGHT:
-                n = _cast(n, DT, INTERPRET).to(tl.float32)
-            tl.store(y_row + c, _cast(n * w, DT, INTERPRET), mask=mask)
+            _store_normed(y_row, W, c, mask, v, rstd, offset, CAST_BEFORE_WEIGHT, DT, INTERPRET)
 
 
 @triton.jit
