@@ -175,18 +175,13 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
         return Case(op=op, impl=impl, shape={"model": name, "batch": batch, "context": context, "tokens": step.tokens},
                     flops=step.flops, nbytes=step.bytes, make=make, note=note)
 
-    for batch, context in prefill:
-        yield case("e2e_prefill", "llmkern", batch, context,
-                   lambda b=batch, c=context: _llmkern_step(device, b, c, decode=False))
-        for attn in ("sdpa", "llmkern"):
-            yield case("e2e_prefill", f"transformers_{attn}", batch, context,
-                       lambda b=batch, c=context, a=attn: _hf_step(device, b, c, decode=False, attn=a))
-    for batch, context in decode:
-        yield case("e2e_decode", "llmkern", batch, context,
-                   lambda b=batch, c=context: _llmkern_step(device, b, c, decode=True))
-        for attn in ("sdpa", "llmkern"):
-            yield case("e2e_decode", f"transformers_{attn}", batch, context,
-                       lambda b=batch, c=context, a=attn: _hf_step(device, b, c, decode=True, attn=a))
+    for op, shapes, is_decode in (("e2e_prefill", prefill, False), ("e2e_decode", decode, True)):
+        for batch, context in shapes:
+            yield case(op, "llmkern", batch, context,
+                       lambda b=batch, c=context, d=is_decode: _llmkern_step(device, b, c, decode=d))
+            for attn in ("sdpa", "llmkern"):
+                yield case(op, f"transformers_{attn}", batch, context,
+                           lambda b=batch, c=context, d=is_decode, a=attn: _hf_step(device, b, c, decode=d, attn=a))
     # int4 last: it quantizes the shared model in place
     for batch, context in decode:
         yield case("e2e_decode", "llmkern_int4", batch, context,
