@@ -12,7 +12,7 @@ The GEMMs read and write rows by slot; the token of a slot is slot // top_k.
 import triton
 import triton.language as tl
 
-from llmkern.kernels.quant import _centered_tile, _x_cols
+from llmkern.kernels.quant import _centered_tile, _grouped_order, _x_cols
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -209,15 +209,8 @@ def moe_gemm_kernel(
     QUANT weights are (E, K // PACK, W_N) int32 words with (E, groups, W_N) scales and zero points, HAS_PERM an
     (E, K) act-order permutation of x's columns; dense weights are (E, W_N, K) with any strides.
     """
-    pid = tl.program_id(0)
-    # Grouped launch order (Triton's matmul tutorial): GROUP_M row blocks, mostly of one expert, sweep the column
-    # blocks together, so a weight tile read for one is still in L2 for the next.
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_here = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_here
-    pid_n = (pid % per_group) // rows_here
+    # grouped launch order: the row blocks of one group are mostly one expert's, sharing its weight tiles in L2
+    pid_m, pid_n = _grouped_order(tl.program_id(0), num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return                                                   # past the last expert's run: reads nothing
 

@@ -6,10 +6,10 @@ import torch
 
 import llmkern
 from llmkern import moe
+from test_patch import VOCAB, _compiled_logits, _inputs, _Spy
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 128
 _COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_experts_per_tok=2)
 _FAMILIES = {   # model class, config: each family's own names for the expert count and size
@@ -40,27 +40,8 @@ def _model(family: str, dtype=torch.float32, device="cpu", layers=2):
     return model.to(device=device, dtype=dtype)
 
 
-def _inputs(device):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, VOCAB, (2, 7), generator=g).to(device)
-    mask = torch.ones_like(ids)
-    ids[0, :2] = 0                    # left padding of the first sequence
-    mask[0, :2] = 0
-    return ids, mask
-
-
-class _Spy:
-    """Counts the MoE kernel calls patch_model routes to."""
-    def __init__(self, monkeypatch):
-        self.calls = {"moe_topk": 0, "fused_moe": 0}
-        for name in self.calls:
-            monkeypatch.setattr(moe, name, self._wrap(name, getattr(moe, name)))
-
-    def _wrap(self, name, fn):
-        def counted(*a, **k):
-            self.calls[name] += 1
-            return fn(*a, **k)
-        return counted
+def _spy(monkeypatch):
+    return _Spy(monkeypatch, moe, ("moe_topk", "fused_moe"))
 
 
 def _generate(model, ids, mask):
@@ -80,7 +61,7 @@ def test_patched_moe_model_matches(device, family, full, monkeypatch):
     model = _model(family, device=device)
     ids, mask = _inputs(device)
     ref_logits, ref_tokens = _generate(model, ids, mask)
-    spy = _Spy(monkeypatch)
+    spy = _spy(monkeypatch)
     flags = {} if full else dict(rms_norm=False, rope=False, fuse_residual=False)
     assert llmkern.patch_model(model, **flags) is model
     logits, tokens = _generate(model, ids, mask)
@@ -157,11 +138,7 @@ def test_patch_moe_option_and_compile(device, monkeypatch):
     model = llmkern.patch_model(model, rms_norm=False, rope=False, fuse_residual=False)   # the MoE ops only
     with torch.no_grad():
         eager = model(input_ids=ids, attention_mask=mask).logits
-    spy = _Spy(monkeypatch)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        out = compiled(input_ids=ids, attention_mask=mask).logits
-    torch._dynamo.reset()
+    spy = _spy(monkeypatch)
+    out = _compiled_logits(model, ids, mask)
     assert spy.calls["fused_moe"] > 0
     assert torch.equal(out, eager)

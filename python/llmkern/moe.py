@@ -388,9 +388,10 @@ class _Weight:
                                           out_features=tensor.shape[2], perm=perm))
 
     def dense(self) -> torch.Tensor:
-        """(E, N, K) float32 (the reference path)."""
+        """(E, N, K) for the reference path: the tensor itself (the reference converts the experts it uses), or the
+        dequantized experts in float32."""
         if not self.quantized:
-            return self.tensor.float()
+            return self.tensor
         q = QuantizedExperts(self.tensor, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
                              in_features=self.k, out_features=self.n, perm=self.perm)
         return q.dequantize(torch.float32)
