@@ -169,9 +169,9 @@ def moe_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = Tru
 
     Order and ties: each row lists its experts by key, best first; equal keys go to the lower expert index (as
     torch.argmax, or torch.sort(descending=True, stable=True)); groups likewise. torch.topk returns the same
-    values, but its order among equal values is unspecified and differs by device (torch 2.13's CPU topk of three
-    equal maxima at indices 1, 2, 4 returns 4 first), so ties are resolved by the stable rule, and the tests check
-    values against torch.topk and ids against the stable sort. NaN logits never win a choice (ids stay in [0, E))
+    values, but its order among equal values is not specified (torch 2.13 on CPU: the top 3 of
+    [1, 3, 3, 2, 3, 0, 3, 3] are indices [4, 7, 6]; here [1, 2, 4]), so ties follow the stable rule, and the tests
+    check values against torch.topk and ids against the stable sort. NaN logits never win a choice (ids stay in [0, E))
     but give NaN weights.
     One kernel launch: a program keeps a block of tokens' logits in registers and takes the best remaining key
     top_k times (no sort). Raises TypeError/ValueError naming the argument for bad input.
