@@ -12,8 +12,8 @@ RoPE uses the rotate-half convention of Hugging Face Llama/Mistral/Qwen2/Gemma (
 head are the pair rotated together). The angles come either from `positions` and `theta`, or from the caller's
 cos/sin tables exactly as Hugging Face's rotary embedding module returns them.
 
-Dispatch (llmkern._utils): CUDA -> Triton; CPU -> the same Triton kernel under TRITON_INTERPRET, else
-llmkern.reference.
+Dispatch (llmkern._dispatch): CUDA -> Triton; CPU -> the same Triton kernel under TRITON_INTERPRET, else the C++
+CPU backend when built, else llmkern.reference.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from llmkern import _utils, compile_check, reference
+from llmkern import _dispatch, _utils, compile_check, reference
 from llmkern.compile_check import CompileSpec
 from llmkern.kernels import layers as K
 
@@ -90,10 +90,12 @@ def _launch_rmsnorm(x2, r2, weight, y2, ro2, eps, offset, casting):
     )
 
 
-@torch.library.custom_op("llmkern::rms_norm", mutates_args=())
+def _rms_norm_reference(x, weight, eps, offset, casting):
+    return reference.rms_norm(x, weight, eps, offset=offset, casting=casting).contiguous()  # as register_fake
+
+
+@_dispatch.custom_op("rms_norm", mutates_args=(), reference=_rms_norm_reference)
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str) -> torch.Tensor:
-    if not _utils.use_triton(x):
-        return reference.rms_norm(x, weight, eps, offset=offset, casting=casting).contiguous()  # as register_fake
     x2 = _rows("x", x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch_rmsnorm(x2, None, weight, y.view(-1, x.shape[-1]), None, eps, offset, casting)
@@ -105,12 +107,14 @@ def _(x, weight, eps, offset, casting):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("llmkern::add_rms_norm", mutates_args=())
+def _add_rms_norm_reference(x, residual, weight, eps, offset, casting):
+    y, r = reference.add_rms_norm(x, residual, weight, eps, offset=offset, casting=casting)
+    return y.contiguous(), r.contiguous()
+
+
+@_dispatch.custom_op("add_rms_norm", mutates_args=(), reference=_add_rms_norm_reference)
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                      casting: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _utils.use_triton(x):
-        y, r = reference.add_rms_norm(x, residual, weight, eps, offset=offset, casting=casting)
-        return y.contiguous(), r.contiguous()
     x2, r2 = _rows("x", x), _rows("residual", residual)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     r_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -227,12 +231,20 @@ def _launch_rope(q, k, q_out, k_out, positions, cos, sin, theta):
     )
 
 
-@torch.library.custom_op("llmkern::rope", mutates_args=())
+def _rope_reference(q, k, positions, cos, sin, theta):
+    q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
+    return q_rot.contiguous(), k_rot.contiguous()
+
+
+def _rope_inplace_reference(q, k, positions, cos, sin, theta):
+    q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
+    q.copy_(q_rot)
+    k.copy_(k_rot)
+
+
+@_dispatch.custom_op("rope", mutates_args=(), reference=_rope_reference)
 def _rope_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor], cos: Optional[torch.Tensor],
              sin: Optional[torch.Tensor], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _utils.use_triton(q):
-        q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
-        return q_rot.contiguous(), k_rot.contiguous()
     q_in, k_in = _utils.last_dim_contiguous("q", q), _utils.last_dim_contiguous("k", k)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
                                                                                    device=k.device)
@@ -246,14 +258,9 @@ def _(q, k, positions, cos, sin, theta):
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("llmkern::rope_", mutates_args=("q", "k"))
+@_dispatch.custom_op("rope_", mutates_args=("q", "k"), reference=_rope_inplace_reference)
 def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor],
                      cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], theta: float) -> None:
-    if not _utils.use_triton(q):
-        q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
-        q.copy_(q_rot)
-        k.copy_(k_rot)
-        return
     _launch_rope(_as4d(q), _as4d(k), _as4d(q), _as4d(k), positions, cos, sin, theta)
 
 
