@@ -191,16 +191,18 @@ class TunedKernel:
         canon = _canonical(fields)
         tuner = self.tuners.get((device, canon))
         if tuner is None:
-            candidates = self.configs(fields)
             entry = SHIPPED.lookup(device, self.name, canon) if _use_shipped else None
-            if entry is not None:
-                expected = set(candidates[0].kwargs)
-                if set(entry.config.kwargs) != expected:
-                    raise ValueError(f"{entry.source}: the {self.name} config for {_key_to_json(canon)} sets "
-                                     f"{sorted(entry.config.kwargs)}, expected {sorted(expected)}")
-                candidates = [entry.config]
+            candidates = self.configs(fields) if entry is None else [self.shipped_config(canon, entry)]
             tuner = self.tuners[(device, canon)] = _utils.autotune(candidates, key=[])(self.kernel)
         return tuner
+
+    def shipped_config(self, canon: Key, entry: _Entry) -> triton.Config:
+        """A shipped entry's config, once it is known to set exactly the tile names of this kernel's configs."""
+        expected = set(self.configs(dict(canon))[0].kwargs)
+        if set(entry.config.kwargs) != expected:
+            raise ValueError(f"{entry.source}: the {self.name} config for {_key_to_json(canon)} sets "
+                             f"{sorted(entry.config.kwargs)}, expected {sorted(expected)}")
+        return entry.config
 
     def winners(self, device: str) -> dict[Key, triton.Config]:
         """The config each autotuner of `device` chose, by tuning key (keys with a single candidate never tune)."""
@@ -210,21 +212,27 @@ class TunedKernel:
 
 
 def write_winners(path: str, device: torch.device) -> tuple[str, int]:
-    """Write the configs the autotuners of `device` chose to `path` (a JSON file, or a folder: then the GPU's
-    file_name there), merged over the entries already in that file. Returns (file, entries written); nothing is
-    written when no autotuner ran (a CPU device, or no autotuned kernel launched)."""
-    name = device_name(device)
-    found = {tuned.name: tuned.winners(name) for tuned in KERNELS.values()}
+    """Write the configs the autotuners of `device` chose (see save_winners); nothing for a non-CUDA device."""
+    if device.type != "cuda":
+        return path, 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return save_winners(path, device_name(device), f"sm_{major}{minor}")
+
+
+def save_winners(path: str, device: str, arch: str) -> tuple[str, int]:
+    """Write the configs the autotuners of the GPU named `device` chose to `path` (a JSON file, or a folder: then
+    file_name(device) in it), merged over the entries already in that file. Returns (file, entries written); writes
+    nothing when no autotuner of that GPU ran."""
+    found = {tuned.name: tuned.winners(device) for tuned in KERNELS.values()}
     count = sum(len(w) for w in found.values())
-    target = os.path.join(path, file_name(name)) if os.path.isdir(path) else path
-    if device.type != "cuda" or count == 0:
+    target = os.path.join(path, file_name(device)) if os.path.isdir(path) else path
+    if count == 0:
         return target, 0
     data = {"kernels": {}}
     if os.path.exists(target):
         with open(target) as f:
             data = json.load(f)
-    major, minor = torch.cuda.get_device_capability(device)
-    data.update(device=name, arch=f"sm_{major}{minor}", triton=triton.__version__)
+    data.update(device=device, arch=arch, triton=triton.__version__)
     for kernel, winners in found.items():
         merged = {_key_from_json(e["key"], target): e for e in data["kernels"].get(kernel, [])}
         merged.update({canon: {"key": _key_to_json(canon), "config": config_to_json(cfg)}
@@ -242,6 +250,7 @@ def _compile_specs():
     for device, kernel, key, entry in SHIPPED.entries():
         if kernel not in KERNELS:
             raise KeyError(f"{entry.source}: no autotuned kernel is named {kernel!r} (known: {sorted(KERNELS)})")
-        spec = KERNELS[kernel].spec(dict(key), entry.config)
+        tuned = KERNELS[kernel]
+        spec = tuned.spec(dict(key), tuned.shipped_config(key, entry))
         yield dataclasses.replace(spec, config=f"{spec.config},tuned:{file_name(device)[:-5]}",
                                   archs=(90 if SHIPPED.arch[device] >= 90 else 80,))
