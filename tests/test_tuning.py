@@ -1,15 +1,15 @@
 """Tuned configs: bucketed tuning keys, shipped JSON files (load, lookup, errors), the winners `llmkern bench` writes,
 and the compile specs check-compile builds from a file. A small hand-written file stands in for a GPU's."""
-import importlib
 import json
 
 import pytest
 import torch
 import triton
 
-from llmkern import quant, tuning
+from llmkern import tuning
+from llmkern.kernels.attention import attention_fwd_kernel
 
-attention = importlib.import_module("llmkern.attention")   # the package attribute `llmkern.attention` is the function
+ATTN, GEMM = tuning.KERNELS["attention_fwd"], tuning.KERNELS["quant_gemm"]
 
 GPU = "NVIDIA Test GPU"
 ATTN_KEY = {"head_dim": 128, "dtype": "bfloat16", "varlen": False, "softcap": False, "lse": False, "seqlen_q": 1024}
@@ -30,13 +30,13 @@ def shipped(tmp_path, monkeypatch):
     table.load([_write(tmp_path / "gpu.json", {"attention_fwd": [{"key": ATTN_KEY, "config": ATTN_CFG}],
                                                 "quant_gemm": [{"key": GEMM_KEY, "config": GEMM_CFG}]})])
     monkeypatch.setattr(tuning, "SHIPPED", table)
-    for tuned in (attention._TUNED, quant._GEMM):
+    for tuned in (ATTN, GEMM):
         monkeypatch.setattr(tuned, "tuners", {})
     return table
 
 
 def _attn(seqlen_q, device=GPU, head_dim=128):
-    return attention._TUNED.get_for(device, head_dim=head_dim, dtype=torch.bfloat16, varlen=False, softcap=False,
+    return ATTN.get_for(device, head_dim=head_dim, dtype=torch.bfloat16, varlen=False, softcap=False,
                                     lse=False, seqlen_q=seqlen_q)
 
 
@@ -49,14 +49,16 @@ def test_shipped_config_replaces_autotuning_for_its_key(shipped):
     tuner = _attn(700)                                       # 700 tokens: the 1024 bucket of the file's entry
     assert [tuning.config_to_json(c) for c in tuner.llmkern_configs] == [ATTN_CFG]
     assert _attn(1024) is tuner                              # one autotuner per key, made once
-    full = attention._CONFIGS[(128, False)]
+    full = ATTN.configs({"head_dim": 128, "dtype": torch.bfloat16})
     assert _attn(1025).llmkern_configs == full               # the next bucket autotunes over the whole list
     assert _attn(700, device="NVIDIA Other GPU").llmkern_configs == full
-    assert _attn(700, head_dim=64).llmkern_configs == attention._CONFIGS[(64, False)]
-    gemm = quant._GEMM.get_for(GPU, dtype=torch.float16, bits=4, n=4096, k=4096, m=33)   # M 33 -> bucket 64
+    assert _attn(700, head_dim=64).llmkern_configs == ATTN.configs({"head_dim": 64, "dtype": torch.bfloat16})
+    assert len(full) > 1 and full != ATTN.configs({"head_dim": 64, "dtype": torch.bfloat16})
+    gemm = GEMM.get_for(GPU, dtype=torch.float16, bits=4, n=4096, k=4096, m=33)   # M 33 -> bucket 64
     assert [tuning.config_to_json(c) for c in gemm.llmkern_configs] == [GEMM_CFG]
-    assert quant._GEMM.get_for(GPU, dtype=torch.float16, bits=4, n=4096, k=4096, m=65).llmkern_configs == \
-        quant._GEMM_CONFIGS
+    all_gemm = GEMM.configs({})
+    assert len(all_gemm) > 1
+    assert GEMM.get_for(GPU, dtype=torch.float16, bits=4, n=4096, k=4096, m=65).llmkern_configs == all_gemm
     tuning.use_shipped(False)                                # what `llmkern bench --tuned-configs` does
     try:
         assert _attn(700).llmkern_configs == full
@@ -65,10 +67,10 @@ def test_shipped_config_replaces_autotuning_for_its_key(shipped):
 
 
 def test_check_compile_builds_every_shipped_entry(shipped):
-    specs = list(tuning._compile_specs())
+    specs = list(tuning.compile_specs())
     assert len(specs) == 2 and all(s.archs == (90,) for s in specs)
     attn = next(s for s in specs if s.name == "attention_fwd")
-    assert attn.kernel is attention.attention_fwd_kernel and "tuned:NVIDIA_Test_GPU" in attn.config
+    assert attn.kernel is attention_fwd_kernel and "tuned:NVIDIA_Test_GPU" in attn.config
     assert {k: attn.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "HEAD_DIM")} == {"BLOCK_M": 128, "BLOCK_N": 32,
                                                                                    "HEAD_DIM": 128}
     assert attn.num_warps == 8 and attn.num_stages == 3 and attn.signature["Q"] == "*bf16:16"
@@ -79,20 +81,20 @@ def test_check_compile_builds_every_shipped_entry(shipped):
 def test_winners_round_trip(shipped, tmp_path):
     """What bench writes is what a later import reads back; a second run merges into the same file."""
     tuner = _attn(3000)                                      # bucket 4096: no shipped entry, a real autotuner
-    chosen = attention._CONFIGS[(128, False)][1]
+    chosen = ATTN.configs({"head_dim": 128, "dtype": torch.bfloat16})[1]
     tuner.cache = {("torch.bfloat16",): chosen}              # as triton's Autotuner records its winner
     out = tmp_path / "out"
     out.mkdir()
     path, count = tuning.save_winners(str(out), GPU, "sm_90")
     assert count == 1 and path == str(out / "NVIDIA_Test_GPU.json")
-    gemm = quant._GEMM.get_for(GPU, dtype=torch.float16, bits=8, n=256, k=512, m=300)
-    gemm.cache = {("torch.float16",): quant._GEMM_CONFIGS[0]}
+    gemm = GEMM.get_for(GPU, dtype=torch.float16, bits=8, n=256, k=512, m=300)
+    gemm.cache = {("torch.float16",): GEMM.configs({})[0]}
     assert tuning.save_winners(path, GPU, "sm_90") == (path, 2)
     table = tuning.TunedConfigs()
     table.load([path])
-    key = tuning._canonical({**ATTN_KEY, "dtype": torch.bfloat16, "seqlen_q": 4096})
+    key = {**ATTN_KEY, "dtype": torch.bfloat16, "seqlen_q": 4096}
     assert tuning.config_to_json(table.lookup(GPU, "attention_fwd", key).config) == tuning.config_to_json(chosen)
-    gkey = tuning._canonical({"dtype": torch.float16, "bits": 8, "n": 256, "k": 512, "m": 512})
+    gkey = {"dtype": torch.float16, "bits": 8, "n": 256, "k": 512, "m": 512}
     assert table.lookup(GPU, "quant_gemm", gkey) is not None and table.arch[GPU] == 90
 
 
@@ -110,8 +112,8 @@ def test_bad_files(tmp_path, shipped):
     with pytest.raises(ValueError, match="d.json"):
         _attn(1000)
     with pytest.raises(ValueError, match="d.json"):
-        list(tuning._compile_specs())
+        list(tuning.compile_specs())
     shipped.table.clear()
     shipped.load_file(_write(tmp_path / "e.json", {"no_such_kernel": [{"key": {"m": 1}, "config": {"X": 1}}]}))
     with pytest.raises(KeyError, match="no_such_kernel"):
-        list(tuning._compile_specs())
+        list(tuning.compile_specs())

@@ -138,8 +138,9 @@ class TunedConfigs:
             for f in files:
                 self.load_file(f)
 
-    def lookup(self, device: str, kernel: str, key: Key) -> _Entry | None:
-        return self.table.get(device, {}).get(kernel, {}).get(key)
+    def lookup(self, device: str, kernel: str, key: dict[str, Any]) -> _Entry | None:
+        """The entry of a tuning key (its fields as `TunedKernel.get` takes them, sizes bucketed), or None."""
+        return self.table.get(device, {}).get(kernel, {}).get(_canonical(key))
 
     def entries(self) -> Iterable[tuple[str, str, Key, _Entry]]:
         for device, kernels in self.table.items():
@@ -191,7 +192,7 @@ class TunedKernel:
         canon = _canonical(fields)
         tuner = self.tuners.get((device, canon))
         if tuner is None:
-            entry = SHIPPED.lookup(device, self.name, canon) if _use_shipped else None
+            entry = SHIPPED.lookup(device, self.name, fields) if _use_shipped else None
             candidates = self.configs(fields) if entry is None else [self.shipped_config(canon, entry)]
             tuner = self.tuners[(device, canon)] = _utils.autotune(candidates, key=[])(self.kernel)
         return tuner
@@ -245,7 +246,7 @@ def save_winners(path: str, device: str, arch: str) -> tuple[str, int]:
 
 
 @compile_check.register
-def _compile_specs():
+def compile_specs():
     """Every shipped entry, for the arch check-compile covers nearest its device's (sm_80 below sm_90, else sm_90)."""
     for device, kernel, key, entry in SHIPPED.entries():
         if kernel not in KERNELS:
