@@ -1,12 +1,12 @@
 """Weight-only quantized matmul, the host side: int8 / int4 weights, fp16 / bf16 activations.
 
     quant_matmul(x, qweight, bias=None)     x (..., K) -> (..., N) = x @ qweight.dequantize().T + bias
-    triton_matmul(x, qweight, bias=None, *, path=None, split_k=None)     the Triton kernels, paths chosen by hand
+    triton_matmul(x, weight, bias=None, *, path=None, split_k=None)      the Triton kernels, path chosen by hand
 
 The weight format (QuantizedWeight: packed codes, scales, zero points, act-order) and the GPTQ/AWQ conversions are in
 llmkern.quant_weight; the nn.Module (QuantLinear, quantize_model) in llmkern.quant_linear.
 
-Two kernels (llmkern.kernels.quant); the dispatcher picks by M = rows of x (the product of its leading dims):
+Three kernels (llmkern.kernels.quant); the dispatcher picks by M = rows of x (the product of its leading dims):
   M = 1     quant_gemv_kernel: each packed word loaded once, unpacked slot by slot in registers, fp32 FMAs.
   M 2..16   quant_decode_kernel: a 32-row K-tile of codes through a 16-row tl.dot (rows padded to 16).
             Both decode kernels split K across programs (fp32 atomics into a workspace) so all SMs stream weights.
