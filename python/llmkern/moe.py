@@ -34,8 +34,10 @@ from typing import Optional, Sequence
 import torch
 import triton
 
-from llmkern import _utils, compile_check, quant, reference
-from llmkern.kernels import moe as K
+from llmkern import _dispatch, _utils, compile_check, quant_weight, reference, tuning
+from llmkern.kernels import moe as kernels
+from llmkern.quant import BLOCK_K as QUANT_BLOCK_K
+from llmkern.quant_weight import SCALE_DTYPES, QuantizedWeight, check_bits_group, quantize_weight
 
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu",)
@@ -108,7 +110,7 @@ def _topk_triton(logits, top_k, renormalize, scoring, num_expert_group, topk_gro
     groups = num_expert_group or 1
     bias = None if bias is None else bias.contiguous()
     launch_opts = {} if _utils.INTERPRET else dict(num_warps=TOPK_WARPS)
-    K.moe_topk_kernel[(triton.cdiv(tokens, block_t),)](
+    kernels.moe_topk_kernel[(triton.cdiv(tokens, block_t),)](
         logits, logits.stride(0), logits.stride(1), bias if bias is not None else logits, weights, ids,
         tokens, num_experts, top_k, num_experts // groups, groups, topk_group or groups, float(scaling),
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, SIGMOID=scoring == "sigmoid", HAS_BIAS=bias is not None,
@@ -116,30 +118,29 @@ def _topk_triton(logits, top_k, renormalize, scoring, num_expert_group, topk_gro
     return weights, ids
 
 
-# The op takes num_expert_group = topk_group = 0 for "no groups". Called directly (torch.ops.llmkern.moe_topk), it
-# checks what the public function checks.
-@torch.library.custom_op("llmkern::moe_topk", mutates_args=(), device_types="cuda")
+# The op takes num_expert_group = topk_group = 0 for "no groups".
+def _check_topk_op(router_logits, top_k, renormalize, scoring, num_expert_group, topk_group, correction_bias,
+                   routed_scaling_factor) -> None:
+    """The op may be called directly (torch.ops.llmkern.moe_topk): the public function's checks again, before any
+    implementation runs (llmkern._dispatch)."""
+    _check_topk(router_logits, top_k, renormalize, scoring, num_expert_group or None, topk_group or None,
+                correction_bias, routed_scaling_factor)
+
+
+def _topk_reference(router_logits, top_k, renormalize, scoring, num_expert_group, topk_group, correction_bias,
+                    routed_scaling_factor):
+    w, ids = reference.moe_topk(router_logits, top_k, renormalize=renormalize, scoring=scoring,
+                                num_expert_group=num_expert_group or None, topk_group=topk_group or None,
+                                correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor)
+    return w.float(), ids.int()
+
+
+@_dispatch.custom_op("moe_topk", mutates_args=(), reference=_topk_reference, check=_check_topk_op)
 def _moe_topk_op(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring: str, num_expert_group: int,
                  topk_group: int, correction_bias: Optional[torch.Tensor],
                  routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (router_logits, top_k, renormalize, scoring, num_expert_group or None, topk_group or None,
-            correction_bias, routed_scaling_factor)
-    _check_topk(*args)
-    return _topk_triton(*args)
-
-
-@_moe_topk_op.register_kernel("cpu")
-def _(router_logits, top_k, renormalize, scoring, num_expert_group, topk_group, correction_bias,
-      routed_scaling_factor):
-    args = (router_logits, top_k, renormalize, scoring, num_expert_group or None, topk_group or None,
-            correction_bias, routed_scaling_factor)
-    _check_topk(*args)
-    if _utils.INTERPRET:
-        return _topk_triton(*args)
-    w, ids = reference.moe_topk(router_logits, top_k, renormalize=renormalize, scoring=scoring,
-                                num_expert_group=args[4], topk_group=args[5], correction_bias=correction_bias,
-                                routed_scaling_factor=routed_scaling_factor)
-    return w.float(), ids.int()
+    return _topk_triton(router_logits, top_k, renormalize, scoring, num_expert_group or None, topk_group or None,
+                        correction_bias, routed_scaling_factor)
 
 
 @_moe_topk_op.register_fake
@@ -198,19 +199,19 @@ class QuantizedExperts:
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int,
                  group_size: int, in_features: int, out_features: int, perm: Optional[torch.Tensor] = None):
-        quant._check_bits_group(bits, group_size, in_features)
+        check_bits_group(bits, group_size, in_features)
         _utils.check_tensor("qweight", qweight, ndim=3, dtypes=(torch.int32,))
-        _utils.check_tensor("scales", scales, ndim=3, dtypes=quant.SCALE_DTYPES)
+        _utils.check_tensor("scales", scales, ndim=3, dtypes=SCALE_DTYPES)
         _utils.check_tensor("zeros", zeros, ndim=3, dtypes=(torch.int16,))
         num_experts = qweight.shape[0]
         groups = 1 if group_size == -1 else in_features // group_size
-        quant._expect_shape("qweight", qweight, (num_experts, in_features // (32 // bits), out_features))
-        quant._expect_shape("scales", scales, (num_experts, groups, out_features))
-        quant._expect_shape("zeros", zeros, (num_experts, groups, out_features))
+        quant_weight._expect_shape("qweight", qweight, (num_experts, in_features // (32 // bits), out_features))
+        quant_weight._expect_shape("scales", scales, (num_experts, groups, out_features))
+        quant_weight._expect_shape("zeros", zeros, (num_experts, groups, out_features))
         tensors = [qweight, scales, zeros]
         if perm is not None:
             _utils.check_tensor("perm", perm, ndim=2, dtypes=(torch.int32,))
-            quant._expect_shape("perm", perm, (num_experts, in_features))
+            quant_weight._expect_shape("perm", perm, (num_experts, in_features))
             tensors.append(perm)
         _utils.check_same(("qweight", "scales", "zeros", "perm")[:len(tensors)], tensors, dtype=False)
         self.qweight, self.scales, self.zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
@@ -241,9 +242,9 @@ class QuantizedExperts:
                 f"in_features={self.in_features}, bits={self.bits}, group_size={self.group_size}, dtype={self.dtype}, "
                 f"device={self.device}, act_order={self.perm is not None})")
 
-    def expert(self, e: int) -> quant.QuantizedWeight:
+    def expert(self, e: int) -> QuantizedWeight:
         """Expert e as a QuantizedWeight (views of the stacked tensors, no copy)."""
-        return quant.QuantizedWeight(self.qweight[e], self.scales[e], self.zeros[e], bits=self.bits,
+        return QuantizedWeight(self.qweight[e], self.scales[e], self.zeros[e], bits=self.bits,
                                      group_size=self.group_size, in_features=self.in_features,
                                      out_features=self.out_features, perm=None if self.perm is None else self.perm[e])
 
@@ -256,10 +257,10 @@ class QuantizedExperts:
         return QuantizedExperts.from_weights([self.expert(e).to(device, dtype) for e in range(self.num_experts)])
 
     @classmethod
-    def from_weights(cls, weights: Sequence[quant.QuantizedWeight]) -> "QuantizedExperts":
+    def from_weights(cls, weights: Sequence[QuantizedWeight]) -> "QuantizedExperts":
         """Stack per-expert QuantizedWeights that agree on shape, bits, group size, dtype, device and act-order."""
         weights = list(weights)
-        if not weights or not all(isinstance(w, quant.QuantizedWeight) for w in weights):
+        if not weights or not all(isinstance(w, QuantizedWeight) for w in weights):
             raise TypeError("weights must be a non-empty sequence of llmkern.QuantizedWeight")
         first = weights[0]
         for i, w in enumerate(weights):
@@ -273,8 +274,8 @@ class QuantizedExperts:
                    perm=None if first.perm is None else stack("perm"))
 
     @classmethod
-    def from_gate_up(cls, gates: Sequence[quant.QuantizedWeight],
-                     ups: Sequence[quant.QuantizedWeight]) -> "QuantizedExperts":
+    def from_gate_up(cls, gates: Sequence[QuantizedWeight],
+                     ups: Sequence[QuantizedWeight]) -> "QuantizedExperts":
         """w13 from separate gate and up projections (as GPTQ/AWQ MoE checkpoints store them): expert e's rows are
         gates[e]'s then ups[e]'s. With act-order, an expert's gate and up must share their permutation."""
         gates, ups = list(gates), list(ups)
@@ -287,7 +288,7 @@ class QuantizedExperts:
                                  "dtype and device")
             if (g.perm is None) != (u.perm is None) or (g.perm is not None and not torch.equal(g.perm, u.perm)):
                 raise ValueError(f"expert {e}: gate and up have different act-order permutations; w13 needs one")
-            joined.append(quant.QuantizedWeight(
+            joined.append(QuantizedWeight(
                 torch.cat([g.qweight, u.qweight], 1), torch.cat([g.scales, u.scales], 1),
                 torch.cat([g.zeros, u.zeros], 1), bits=g.bits, group_size=g.group_size, in_features=g.in_features,
                 out_features=2 * g.out_features, perm=g.perm))
@@ -299,7 +300,7 @@ def quantize_experts(w: torch.Tensor, *, bits: int = 4, group_size: int = 128,
     """Round-to-nearest quantization of each expert of a dense (E, out_features, in_features) weight (w13 or w2),
     exactly as llmkern.quantize_weight does for one nn.Linear weight."""
     _utils.check_tensor("w", w, ndim=3, dtypes=_utils.FLOAT_DTYPES)
-    return QuantizedExperts.from_weights([quant.quantize_weight(w[e], bits=bits, group_size=group_size,
+    return QuantizedExperts.from_weights([quantize_weight(w[e], bits=bits, group_size=group_size,
                                                                 symmetric=symmetric) for e in range(w.shape[0])])
 
 
@@ -337,11 +338,21 @@ _CONFIGS = {   # (weight kind, row tile) -> configs; kind: "dense" (fp16/bf16), 
     ("dense", 64): [_cfg(64, 64, 64, 4, 4), _cfg(64, 128, 32, 8, 3)],
     ("fp32", 16): [_cfg(16, 32, 32, 4, 2)],
     ("fp32", 64): [_cfg(64, 32, 32, 4, 2)],
-    ("quant", 16): [_cfg(16, 64, quant.BLOCK_K, 4, 3), _cfg(16, 32, quant.BLOCK_K, 4, 4)],
-    ("quant", 64): [_cfg(64, 64, quant.BLOCK_K, 4, 4), _cfg(64, 128, quant.BLOCK_K, 8, 3)],
+    ("quant", 16): [_cfg(16, 64, QUANT_BLOCK_K, 4, 3), _cfg(16, 32, QUANT_BLOCK_K, 4, 4)],
+    ("quant", 64): [_cfg(64, 64, QUANT_BLOCK_K, 4, 4), _cfg(64, 128, QUANT_BLOCK_K, 8, 3)],
 }
-# One autotuner per (weight kind, row tile): the row tile is not the autotuner's to change.
-_GEMMS = {key: _utils.autotune(cfgs, key=["N", "K"])(K.moe_gemm_kernel) for key, cfgs in _CONFIGS.items()}
+def _kind(dtype: torch.dtype, quantized: bool) -> str:
+    return "quant" if quantized else "fp32" if dtype == torch.float32 else "dense"
+
+
+# One autotuner per tuning key (llmkern.tuning): the weight kind and dtype, gate/up or down, the row tile (fixed by
+# the alignment, not the autotuner's to change), the weight's N and K, and the slot count A bucketed to the next
+# power of two (how many row blocks there are decides how wide a column tile may be). A config shipped for the GPU
+# in python/llmkern/configs/ replaces autotuning for its key.
+_GEMM = tuning.TunedKernel(
+    "moe_gemm", kernels.moe_gemm_kernel, buckets=("slots",),
+    configs=lambda key: _CONFIGS[(_kind(key["dtype"], key["quantized"]), key["block_m"])],
+    spec=lambda key, cfg: _gemm_spec(cfg, key["dtype"], quantized=key["quantized"], gated=key["gated"]))
 
 
 def block_m(num_slots: int, num_experts: int) -> int:
@@ -447,8 +458,9 @@ def _gemm(x: torch.Tensor, w: _Weight, out: torch.Tensor, align, topk_weights: t
         strides = (w.tensor.stride(0), w.tensor.stride(1), w.tensor.stride(2), 0)
         qkw = dict(group_size=w.k, bits=0, pack_shift=0)
     grid = lambda meta: (max_blocks * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    kind = "quant" if w.quantized else "fp32" if x.dtype == torch.float32 else "dense"
-    _utils.launch(_GEMMS[(kind, bm)], grid,
+    gemm = _GEMM.get(x.device, dtype=x.dtype, quantized=w.quantized, gated=gated, block_m=bm, n=n, k=w.k,
+                     slots=topk_weights.shape[0] * top_k)
+    _utils.launch(gemm, grid,
                   x, *args, out, topk_weights, sorted_ids, block_expert, total,
                   n, w.k, w.n, topk_weights.shape[0] * top_k, top_k, max_blocks,
                   x.stride(0), x.stride(1), *strides, out.stride(0), topk_weights.stride(0), topk_weights.stride(1),
@@ -467,7 +479,7 @@ def _align(topk_ids: torch.Tensor, num_experts: int, bm: int):
     cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
     block_e = max(16, triton.next_power_of_2(num_experts))
     launch_opts = {} if _utils.INTERPRET else dict(num_warps=ALIGN_WARPS)
-    K.moe_align_kernel[(1,)](topk_ids, topk_ids.stride(0), topk_ids.stride(1), sorted_ids, block_expert, total,
+    kernels.moe_align_kernel[(1,)](topk_ids, topk_ids.stride(0), topk_ids.stride(1), sorted_ids, block_expert, total,
                              cursor, slots, num_experts, top_k, max_blocks, BLOCK_M=bm, BLOCK_A=ALIGN_BLOCK_A,
                              BLOCK_E=block_e, BLOCK_B=ALIGN_TILE // block_e, **launch_opts)
     return sorted_ids, block_expert, total, bm, max_blocks
@@ -487,17 +499,30 @@ def _fused_moe_triton(hidden_states, w13: _Weight, w2: _Weight, topk_weights, to
     down = torch.empty((slots, hidden), dtype=x.dtype, device=x.device)    # weighted expert outputs, per slot
     _gemm(inter, w2, down, align, topk_weights, top_k, gated=False)
     launch_opts = {} if _utils.INTERPRET else dict(num_warps=SUM_WARPS)
-    K.moe_sum_kernel[(tokens, triton.cdiv(hidden, SUM_BLOCK_H))](
+    kernels.moe_sum_kernel[(tokens, triton.cdiv(hidden, SUM_BLOCK_H))](
         down, topk_ids, out, hidden, w13.num_experts, top_k, topk_ids.stride(0), topk_ids.stride(1), out.stride(0),
         BLOCK_H=SUM_BLOCK_H, **launch_opts)
     return out
 
 
-def _fused_moe_reference(hidden_states, w13: _Weight, w2: _Weight, topk_weights, topk_ids, activation):
+def _weights(args) -> tuple["_Weight", "_Weight"]:
+    """w13 and w2 from the op's schema arguments (6 each: tensor, scales, zeros, perm, bits, group_size)."""
+    return _Weight.from_op_args("w13", *args[:6]), _Weight.from_op_args("w2", *args[6:12])
+
+
+def _check_fused_moe_op(hidden_states, *args) -> None:
+    """The op may be called directly (torch.ops.llmkern.fused_moe): the public function's checks again, before any
+    implementation runs (llmkern._dispatch), so inconsistent tensors never reach a kernel."""
+    _check_moe(hidden_states, *_weights(args), *args[12:])
+
+
+def _fused_moe_reference(hidden_states, *args):
+    w13, w2 = _weights(args)
+    topk_weights, topk_ids, activation = args[12:]
     return reference.fused_moe(hidden_states, w13.dense(), w2.dense(), topk_weights, topk_ids, activation=activation)
 
 
-@torch.library.custom_op("llmkern::fused_moe", mutates_args=(), device_types="cuda")
+@_dispatch.custom_op("fused_moe", mutates_args=(), reference=_fused_moe_reference, check=_check_fused_moe_op)
 def _fused_moe_op(hidden_states: torch.Tensor,
                   w13: torch.Tensor, w13_scales: Optional[torch.Tensor], w13_zeros: Optional[torch.Tensor],
                   w13_perm: Optional[torch.Tensor], w13_bits: int, w13_group_size: int,
@@ -505,32 +530,16 @@ def _fused_moe_op(hidden_states: torch.Tensor,
                   w2_perm: Optional[torch.Tensor], w2_bits: int, w2_group_size: int,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str) -> torch.Tensor:
     """The op behind fused_moe. Each weight is either dense (bits=16; no scales, zeros, perm) or llmkern's packed
-    format (bits 4/8; QuantizedExperts' tensors). Called directly, it checks what fused_moe checks."""
-    return _run_fused_moe(_fused_moe_triton, hidden_states, w13, w13_scales, w13_zeros, w13_perm, w13_bits,
-                          w13_group_size, w2, w2_scales, w2_zeros, w2_perm, w2_bits, w2_group_size, topk_weights,
-                          topk_ids, activation)
-
-
-@_fused_moe_op.register_kernel("cpu")
-def _(hidden_states, w13, w13_scales, w13_zeros, w13_perm, w13_bits, w13_group_size, w2, w2_scales, w2_zeros,
-      w2_perm, w2_bits, w2_group_size, topk_weights, topk_ids, activation):
-    impl = _fused_moe_triton if _utils.INTERPRET else _fused_moe_reference
-    return _run_fused_moe(impl, hidden_states, w13, w13_scales, w13_zeros, w13_perm, w13_bits, w13_group_size, w2,
-                          w2_scales, w2_zeros, w2_perm, w2_bits, w2_group_size, topk_weights, topk_ids, activation)
+    format (bits 4/8; QuantizedExperts' tensors)."""
+    args = (w13, w13_scales, w13_zeros, w13_perm, w13_bits, w13_group_size,
+            w2, w2_scales, w2_zeros, w2_perm, w2_bits, w2_group_size)
+    return _fused_moe_triton(hidden_states, *_weights(args), topk_weights, topk_ids, activation)
 
 
 @_fused_moe_op.register_fake
 def _(hidden_states, w13, w13_scales, w13_zeros, w13_perm, w13_bits, w13_group_size, w2, w2_scales, w2_zeros,
       w2_perm, w2_bits, w2_group_size, topk_weights, topk_ids, activation):
     return hidden_states.new_empty(hidden_states.shape)
-
-
-def _run_fused_moe(impl, hidden_states, *args):
-    w13 = _Weight.from_op_args("w13", *args[:6])
-    w2 = _Weight.from_op_args("w2", *args[6:12])
-    topk_weights, topk_ids, activation = args[12:]
-    _check_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation)
-    return impl(hidden_states, w13, w2, topk_weights, topk_ids, activation)
 
 
 def fused_moe(hidden_states: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
@@ -566,7 +575,7 @@ def _topk_spec(block_e: int, block_k: int, dtype: torch.dtype, *, sigmoid: bool,
                renormalize: bool = True):
     flags = dict(SIGMOID=sigmoid, HAS_BIAS=bias, GROUPED=grouped, RENORMALIZE=renormalize)
     return compile_check.CompileSpec(
-        kernel=K.moe_topk_kernel, name="moe_topk",
+        kernel=kernels.moe_topk_kernel, name="moe_topk",
         config=f"{_TY[dtype]},T{TOPK_TILE // block_e}E{block_e}K{block_k}w{TOPK_WARPS}"
                + "".join(f",{k.lower()}" for k, on in flags.items() if on),
         signature={"logits_ptr": f"*{_TY[dtype]}:16", "stride_lt": "i32", "stride_le": "i32", "bias_ptr": "*fp32:16",
@@ -578,7 +587,7 @@ def _topk_spec(block_e: int, block_k: int, dtype: torch.dtype, *, sigmoid: bool,
 
 def _align_spec(bm: int, block_e: int, ids_dtype: str = "i32"):
     return compile_check.CompileSpec(
-        kernel=K.moe_align_kernel, name="moe_align", config=f"M{bm}E{block_e}w{ALIGN_WARPS},ids {ids_dtype}",
+        kernel=kernels.moe_align_kernel, name="moe_align", config=f"M{bm}E{block_e}w{ALIGN_WARPS},ids {ids_dtype}",
         signature={"ids_ptr": f"*{ids_dtype}:16", "stride_it": "i32", "stride_ik": "i32", "sorted_ptr": "*i32:16",
                    "block_expert_ptr": "*i32:16", "total_ptr": "*i32:16", "cursor_ptr": "*i32:16", "A": "i32",
                    "E": "i32", "top_k": "i32", "max_blocks": "i32"},
@@ -591,7 +600,7 @@ def _gemm_spec(cfg: triton.Config, dtype: torch.dtype, *, quantized: bool, gated
     w_ty, z_ty, p_ty = ("i32", "i16", "i32") if quantized else (ty, ty, ty)   # dense: the weight passed for all
     tiles = "".join(f"{k[6:]}{v}" for k, v in cfg.kwargs.items() if k.startswith("BLOCK"))
     return compile_check.CompileSpec(
-        kernel=K.moe_gemm_kernel, name="moe_gemm_gate_up" if gated else "moe_gemm_down",
+        kernel=kernels.moe_gemm_kernel, name="moe_gemm_gate_up" if gated else "moe_gemm_down",
         config=f"{ty},{'int4/8' if quantized else 'dense'},{tiles}w{cfg.num_warps}s{cfg.num_stages}"
                + (",act_order" if perm else ""),
         # Mixtral/Qwen shapes: every dimension and row stride a multiple of 16, as the launcher would see them
@@ -608,7 +617,7 @@ def _gemm_spec(cfg: triton.Config, dtype: torch.dtype, *, quantized: bool, gated
 
 def _sum_spec(dtype: torch.dtype, ids_dtype: str = "i32"):
     return compile_check.CompileSpec(
-        kernel=K.moe_sum_kernel, name="moe_sum", config=f"{_TY[dtype]},H{SUM_BLOCK_H}w{SUM_WARPS},ids {ids_dtype}",
+        kernel=kernels.moe_sum_kernel, name="moe_sum", config=f"{_TY[dtype]},H{SUM_BLOCK_H}w{SUM_WARPS},ids {ids_dtype}",
         signature={"y_ptr": f"*{_TY[dtype]}:16", "ids_ptr": f"*{ids_dtype}:16", "out_ptr": f"*{_TY[dtype]}:16",
                    "H": "i32:16", "E": "i32", "top_k": "i32", "stride_it": "i32", "stride_ik": "i32",
                    "stride_ot": "i32:16"},
