@@ -317,12 +317,13 @@ SUM_WARPS = 4
 # Grouped GEMM tiles. The row tile BLOCK_M is fixed before the launch (the alignment pads runs to it), from the
 # average run length A / E: up to 32 rows per expert (decode, small batches: Mixtral up to 128 tokens, Qwen3-30B-A3B
 # up to 512) 16-row tiles, the MMA's minimum, so a run of a few tokens wastes little; longer runs 64-row tiles, which
-# reuse each weight tile across more rows. Within a bucket Triton's autotuner picks the column/K tiles per (N, K) on
-# the first call (configs[0] under the interpreter). 16-row tiles stream weights: the choice trades columns per
+# reuse each weight tile across more rows. For each tuning key (_GEMM below) Triton's autotuner picks among the
+# row tile's configs on the first call (configs[0] under the interpreter). 16-row tiles stream weights: the choice trades columns per
 # program (more programs when few experts are hit) against K depth per load. The 64-row tiles follow Triton's matmul
-# tutorial (64 x 64 and 64 x 128, GROUP_M 8); the gate/up kernel keeps two accumulators, so the 64 x 128 tile runs at
-# 8 warps with BLOCK_K 32 (BLOCK_K 64 spilled on sm_80 in check-compile). fp32 activations use exact fp32 dots on
-# CUDA cores, whose operands live in registers: small tiles (a 64 x 64 x 64 one spilled kilobytes on sm_80).
+# tutorial (64 x 64 and 64 x 128, GROUP_M 8) with BLOCK_K 32: the gate/up kernel keeps two accumulators, and with
+# BLOCK_K 64 its 64 x 128 tile (8 warps) spilled on sm_80, its 64 x 64 one (4 warps) with triton 3.6. fp32
+# activations use exact fp32 dots on CUDA cores, whose operands live in registers: small tiles (a 64 x 64 x 64 one
+# spilled kilobytes on sm_80).
 # Quantized weights use BLOCK_K = 32, the smallest group size, so a K-tile lies in one group (as in llmkern.quant);
 # their 16-row 128-column tile spilled on sm_90, hence 32 and 64 columns.
 SMALL_RUN = 32
@@ -335,12 +336,14 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
 
 _CONFIGS = {   # (weight kind, row tile) -> configs; kind: "dense" (fp16/bf16), "fp32", "quant"
     ("dense", 16): [_cfg(16, 64, 64, 4, 4), _cfg(16, 32, 128, 4, 4)],
-    ("dense", 64): [_cfg(64, 64, 64, 4, 4), _cfg(64, 128, 32, 8, 3)],
+    ("dense", 64): [_cfg(64, 64, 32, 4, 4), _cfg(64, 128, 32, 8, 3)],
     ("fp32", 16): [_cfg(16, 32, 32, 4, 2)],
     ("fp32", 64): [_cfg(64, 32, 32, 4, 2)],
     ("quant", 16): [_cfg(16, 64, QUANT_BLOCK_K, 4, 3), _cfg(16, 32, QUANT_BLOCK_K, 4, 4)],
     ("quant", 64): [_cfg(64, 64, QUANT_BLOCK_K, 4, 4), _cfg(64, 128, QUANT_BLOCK_K, 8, 3)],
 }
+
+
 def _kind(dtype: torch.dtype, quantized: bool) -> str:
     return "quant" if quantized else "fp32" if dtype == torch.float32 else "dense"
 
