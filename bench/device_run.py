@@ -10,7 +10,8 @@ sweep    the `device` sweep (llmkern.bench.device) on the present device, OUT/re
          case, so whatever finished survives a kill. A case that raises is recorded as an error and the sweep goes
          on; cases left when the budget runs out are listed as skipped. A fault that poisons the CUDA context
          (illegal address, launch failure) ends the process with exit code 3, and the shell script starts it again
-         with the finished cases kept (`--resume`).
+         with the finished cases kept (`--resume`); the dry run leaves that way once, after its first decode
+         record, so the restart is exercised too.
 summary  merges the stage outcomes (W/stages.tsv), the junit XML, the sanitizer log and the records into
          OUT/records.json, writes OUT/summary.md and OUT/roofline.png, and prints the final table last.
 """
@@ -156,6 +157,9 @@ def sweep_stage(args: argparse.Namespace) -> int:
                     print("  " + common.format_record(rec) + ("" if pct is None else f" | {pct:5.1f}% of measured"),
                           flush=True)
                     _write_json(path, data)
+                    if args.dry_run and not args.resume and name == "decode":
+                        print("dry run: leaving as if the CUDA context were lost, to exercise the restart", flush=True)
+                        return CONTEXT_LOST
             except Exception as e:                     # listing the suite's cases failed
                 lost = _case_error(data, name, f"{name}: listing its cases", e)
                 _write_json(path, data)

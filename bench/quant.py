@@ -64,8 +64,8 @@ def _dense_case(m, k, n, dtype, device) -> Case:
 def _torchao_int4_quantizer():
     """torchao's int4 weight-only quantization as a function of an nn.Linear, across its API versions; None when
     torchao is missing or cannot quantize on this machine."""
-    tq = optional_import("torchao.quantization")
-    if tq is None or not torch.cuda.is_available():
+    tq = optional_import("torchao.quantization") if torch.cuda.is_available() else None
+    if tq is None:
         return None
     if hasattr(tq, "Int4WeightOnlyConfig"):
         config = lambda: tq.Int4WeightOnlyConfig(group_size=128)  # noqa: E731

@@ -94,12 +94,12 @@ def measure_roofs(device: torch.device | str | None = None, *, copy_bytes: int |
 
     copy_bytes / matmul_n default to CUDA_COPY_BYTES / CUDA_MATMUL_N on CUDA and CPU_COPY_BYTES / CPU_MATMUL_N on
     CPU; smaller values give a quick but less faithful figure (the dry run uses tiny ones). Takes about a second on
-    an H200 and a few seconds on a 2-core CPU. Raises ValueError for non-positive sizes.
+    an H200 and several seconds on a 2-core CPU. Raises ValueError for non-positive sizes.
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
-    copy_bytes = int(copy_bytes or (CUDA_COPY_BYTES if cuda else CPU_COPY_BYTES))
-    matmul_n = int(matmul_n or (CUDA_MATMUL_N if cuda else CPU_MATMUL_N))
+    copy_bytes = int((CUDA_COPY_BYTES if cuda else CPU_COPY_BYTES) if copy_bytes is None else copy_bytes)
+    matmul_n = int((CUDA_MATMUL_N if cuda else CPU_MATMUL_N) if matmul_n is None else matmul_n)
     if copy_bytes < 4 or matmul_n < 1 or reps < 1:
         raise ValueError(f"copy_bytes, matmul_n and reps must be positive, got {copy_bytes}, {matmul_n}, {reps}")
 
