@@ -15,6 +15,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from llmkern.bench.pytest_deadline import SKIP_REASON
+
 FORMAT_KEYS = ("bits", "group")      # describe an implementation's weights, not the problem
 TABLE_LIMIT = 10_000                 # characters: the final table must fit the device tool's reply
 
@@ -103,6 +105,7 @@ def junit_outcome(path: str, log_text: str = "") -> dict[str, Any]:
     for key in ("tests", "failures", "errors", "skipped"):
         out[key] = sum(int(s.get(key, 0)) for s in suites)
     out["passed"] = out["tests"] - out["failures"] - out["errors"] - out["skipped"]
+    out["not_run"] = sum(SKIP_REASON in (s.get("message") or "") for s in root.iter("skipped"))
     failed = []
     for case in root.iter("testcase"):
         bad = case.find("failure")
@@ -133,11 +136,10 @@ def _stage_lines(stages: Sequence[dict]) -> list[str]:
 def tests_line(t: dict[str, Any]) -> str:
     if "tests" not in t:
         return f"tests: {t.get('error', 'no report')}"
-    cut = ""
-    if t.get("collected") and t["collected"] > t["tests"]:
-        cut = f", {t['collected'] - t['tests']} not run (time cap)"
-    return (f"tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped "
-            f"of {t['collected'] or t['tests']}{cut}")
+    not_run = t.get("not_run", 0) + max(0, (t.get("collected") or 0) - t["tests"])   # skipped at, or cut by, the cap
+    return (f"tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
+            f"{t['skipped'] - t.get('not_run', 0)} skipped, {not_run} not run (time cap) of "
+            f"{t['collected'] or t['tests']}")
 
 
 def sanitizer_line(s: dict[str, Any]) -> str:
@@ -283,7 +285,7 @@ def plot(path: str, run: dict[str, Any]) -> int:
     grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     for label, gbps, tflops, style in roofs:
         ax.plot(grid, [min(tflops, x * gbps / 1e3) for x in grid], style, color="black", lw=1.2,
-                label=f"{label}: {gbps:.0f} GB/s, {tflops:.1f} TFLOP/s")
+                label=f"{label}: {gbps:.4g} GB/s, {tflops:.4g} TFLOP/s")
     seen = set()
     for r in compute:
         s, ours = r.get("suite", r["op"]), is_ours(r["impl"])
@@ -303,7 +305,7 @@ def plot(path: str, run: dict[str, Any]) -> int:
                    label=None if (s, ours) in seen else f"{s}: {'llmkern' if ours else 'peers'}")
         seen.add((s, ours))
     for label, gbps, _, style in roofs:
-        bx.axhline(gbps, linestyle=style, color="black", lw=1.2, label=f"{label}: {gbps:.0f} GB/s")
+        bx.axhline(gbps, linestyle=style, color="black", lw=1.2, label=f"{label}: {gbps:.4g} GB/s")
     bx.set(yscale="log", xlabel="record (norms, RoPE, sampling: no FLOPs counted)", ylabel="GB/s",
            title="Memory-bound ops: achieved bandwidth")
     bx.grid(True, which="both", alpha=0.3)

@@ -14,6 +14,7 @@ import torch
 
 from llmkern import measure, perf
 from llmkern.bench import device, device_report, results_table
+from llmkern.bench.pytest_deadline import SKIP_REASON
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = {"records.json", "summary.md", "roofline.png", "junit.xml", "pytest.log", "sanitizer.log", "run.log"}
@@ -42,6 +43,16 @@ def test_dry_run_runs_every_stage(tmp_path):
     table = res.stdout[res.stdout.rindex("llmkern device run:"):]
     assert len(table) < device_report.TABLE_LIMIT and table.rstrip().endswith("datasheet roofs")
     assert "sanitize_ops" in (tmp_path / "sanitizer.log").read_text()
+
+
+def test_tests_past_the_deadline_are_skipped_as_not_run(tmp_path):
+    (tmp_path / "test_x.py").write_text("def test_a():\n    assert False\n")
+    env = {**os.environ, "LLMKERN_TEST_DEADLINE": "1"}          # long past
+    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "llmkern.bench.pytest_deadline", "-p", "no:xdist",
+                          "-p", "no:cacheprovider", str(tmp_path / "test_x.py"), f"--junitxml={tmp_path / 'j.xml'}",
+                          "-q", "--rootdir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout
+    assert device_report.junit_outcome(str(tmp_path / "j.xml"))["not_run"] == 1
 
 
 def test_device_sweep_selects_the_issue_shapes(monkeypatch):
@@ -95,12 +106,14 @@ def test_report_compares_with_the_best_peer_and_fits_the_reply(tmp_path):
     rows = device_report.compare(recs)
     assert [(r.shape, r.peer, r.speedup) for r in rows] == [("M=1", "torchao", 1.5), ("M=2", None, None)]
     junit = tmp_path / "j.xml"
-    junit.write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+    junit.write_text('<testsuites><testsuite tests="4" failures="1" errors="0" skipped="2">'
                      '<testcase classname="tests.test_x" name="test_a"><failure message="boom"/></testcase>'
-                     '</testsuite></testsuites>')
-    t = device_report.junit_outcome(str(junit), "8 workers [5 items]")
-    assert (t["passed"], t["collected"], t["failed"][0]["test"]) == (1, 5, "tests/test_x.py::test_a")
-    assert "2 not run" in device_report.tests_line(t)
+                     '<testcase classname="tests.test_x" name="test_b"><skipped message="no GPU"/></testcase>'
+                     f'<testcase classname="tests.test_x" name="test_c"><skipped message="{SKIP_REASON}"/>'
+                     '</testcase></testsuite></testsuites>')
+    t = device_report.junit_outcome(str(junit), "8 workers [6 items]")
+    assert (t["passed"], t["collected"], t["failed"][0]["test"]) == (1, 6, "tests/test_x.py::test_a")
+    assert "1 skipped, 3 not run (time cap) of 6" in device_report.tests_line(t)   # 1 at the cap, 2 cut off
     assert device_report.sanitizer_outcome("========= Invalid __global__ read of size 2\n"
                                            "========= ERROR SUMMARY: 3 errors\n")["errors"] == 3
     many = [_rec("op", "llmkern", 1.0, n=i) for i in range(1000)]
