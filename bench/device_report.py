@@ -129,7 +129,7 @@ def sanitizer_outcome(log_text: str) -> dict[str, Any]:
 def _stage_lines(stages: Sequence[dict]) -> list[str]:
     lines = [f"{'stage':<10} {'outcome':<10} {'s':>5}  note"]
     for s in stages:
-        lines.append(f"{s['name']:<10} {s['status']:<10} {s['seconds']:>5}  {s.get('note', '')}"[:160].rstrip())
+        lines.append(f"{s['name']:<10} {s['status']:<10} {s['seconds']:>5}  {s.get('note', '')}"[:120].rstrip())
     return lines
 
 
@@ -174,17 +174,21 @@ def text_table(run: dict[str, Any], limit: int = TABLE_LIMIT) -> str:
     head += _stage_lines(run.get("stages", []))
     head += [tests_line(run.get("tests", {})), sanitizer_line(run.get("sanitizer", {})),
              roof_line(env, run.get("measured_roof"))]
-    for f in run.get("tests", {}).get("failed", [])[:12]:
-        head.append(f"  FAILED {f['test']}"[:150])
+    failed = run.get("tests", {}).get("failed", [])
+    head += [f"  FAILED {f['test']}"[:120] for f in failed[:8]] + ([f"  ... {len(failed) - 8} more"] if failed[8:] else [])
     bench = run.get("bench", {})
     head.append(f"bench: {len(run.get('records', []))} records, {len(bench.get('errors', []))} errors, "
                 f"{len(bench.get('skipped', []))} skipped (time budget)")
-    for e in bench.get("errors", [])[:6]:
-        head.append(f"  ERROR {e['case']}: {e['error']}"[:150])
-    cols = f"{'op':<17} {'shape':<28} {'impl':<20} {'ms':>9} {'best peer':<18} {'x':>6} {'%meas':>6} {'%sheet':>6}"
+    head += [f"  ERROR {e['case']}: {e['error']}"[:120] for e in bench.get("errors", [])[:5]]
+    head += ["", f"{'suite':<10} {'llmkern records':>15}  {'vs best peer: geomean (min - max)':<36} "
+                 f"% of measured roof: median (best)"]
+    for s in suite_summary(run.get("records", [])):
+        spread = f"{_x(s['geomean'])} ({_x(s['min'])} - {_x(s['max'])})"
+        head.append(f"{s['suite']:<10} {s['rows']:>15}  {spread:<36} {_pct(s['pct_median'])} ({_pct(s['pct_max'])})")
+    cols = f"{'op':<17} {'shape':<22} {'impl':<20} {'ms':>9} {'best peer':<17} {'x':>6} {'%meas':>6} {'%sheet':>6}"
     lines = head + ["", cols]
     for r in compare(run.get("records", [])):
-        lines.append(f"{r.op[:17]:<17} {r.shape[:28]:<28} {r.impl[:20]:<20} {r.ms:>9.4f} {str(r.peer or '-')[:18]:<18} "
+        lines.append(f"{r.op[:17]:<17} {r.shape[:22]:<22} {r.impl[:20]:<20} {r.ms:>9.4f} {str(r.peer or '-')[:17]:<17} "
                      f"{_x(r.speedup):>6} {_pct(r.pct_measured):>6} {_pct(r.pct_datasheet):>6}")
     lines.append("x = best peer's time / llmkern's (> 1: llmkern faster); %meas / %sheet = roofline floor / time "
                  "with the measured / datasheet roofs")
@@ -297,7 +301,7 @@ def plot(path: str, run: dict[str, Any]) -> int:
     ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte)", ylabel="TFLOP/s",
            title=f"Roofline: {env.get('device', '?')}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
 
     for i, r in enumerate(memory):
         s, ours = r.get("suite", r["op"]), is_ours(r["impl"])
@@ -310,7 +314,7 @@ def plot(path: str, run: dict[str, Any]) -> int:
            title="Memory-bound ops: achieved bandwidth")
     bx.grid(True, which="both", alpha=0.3)
     if memory or roofs:
-        bx.legend(fontsize=7, loc="lower right")
+        bx.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
