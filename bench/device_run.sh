@@ -30,8 +30,9 @@
 #
 # --dry-run runs every stage on the CPU with tiny shapes, so the script cannot rot between GPU days (a test runs it
 # in CI on 2 cores): install becomes `pip install --dry-run` (the tree is already installed there), the test stage
-# runs the few tests in TESTS, the sanitizer driver runs under the Triton interpreter, the sweep runs each
-# suite's CPU cases; caps scale down so it ends in well under 3 minutes.
+# runs the few tests in TESTS, the sanitizer driver runs plain on CPU tensors (its calls against the API; the
+# kernels' CPU checks are the test suite's), the sweep runs each suite's CPU cases; caps scale down so it ends in
+# well under 3 minutes.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -56,7 +57,7 @@ unset TRITON_INTERPRET          # compiled kernels on the GPU; the dry run asks 
 if [ "$DRY" = 1 ]; then
     DEADLINE=170 RESERVE=20 TEST_MARGIN=10
     CAP_INSTALL=30 CAP_ENV=30 CAP_TESTS=50 CAP_SANITIZER=45 CAP_BENCH=75 CAP_SUMMARY=20
-    export LLMKERN_TEST_DEVICE=cpu DRY_FLAG=--dry-run
+    export LLMKERN_TEST_DEVICE=cpu DRY_FLAG=--dry-run CUDA_VISIBLE_DEVICES=   # the CPU, also on a GPU machine
     # A few fast tests that still go through conftest and the junit report (in-process: -n 0); never the suite.
     TESTS="tests/test_layers.py::test_rms_norm_strides_and_edges tests/test_layers.py::test_rope_bad_input
            tests/test_roofline.py::test_llama3_8b_sizes -n 0"
@@ -140,7 +141,7 @@ sanitizer_stage() {
     if [ "$DRY" = 1 ] || [ -z "$san" ]; then
         echo "compute-sanitizer ${san:+not used in the dry run}${san:-not found}: the driver ran without it" \
             > "$WORK/sanitizer.note"
-        TRITON_INTERPRET=$DRY "$PY" -m llmkern.bench.sanitize_ops 2>&1 | tee -i "$OUT_DIR/sanitizer.log"
+        "$PY" -m llmkern.bench.sanitize_ops 2>&1 | tee -i "$OUT_DIR/sanitizer.log"
         return "${PIPESTATUS[0]}"
     fi
     # Each tensor its own cudaMalloc, so a read past a tensor's end is outside an allocation (see sanitize_ops.py).

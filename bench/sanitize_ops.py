@@ -10,8 +10,8 @@ two inside the kernels), scattered and non-monotone block tables, a slot mapping
 split-KV, the three quant matmul paths (M = 1, 5, 33). Autotuned kernels run every config of their list once
 (the autotuner times each), so each config is checked too.
 
-Without CUDA the same calls run on CPU in fp16 with fewer heads (the Triton interpreter when TRITON_INTERPRET=1):
-the dry run's check that this driver still matches the API. Prints one line per op and exits 0 when every call returned a finite result.
+Without CUDA the same calls run on CPU in fp16 with fewer heads (the CPU path; the Triton interpreter when
+TRITON_INTERPRET=1): the dry run's check that this driver still matches the API. Prints one line per op and exits 0 when every call returned a finite result.
 """
 from __future__ import annotations
 
