@@ -10,12 +10,11 @@ cap)", apart from the suite's own skips. Without the variable the plugin does no
 import os
 import time
 
-import pytest
-
 SKIP_REASON = "not run: the time cap of a time-boxed run (LLMKERN_TEST_DEADLINE)"
 
 
 def pytest_runtest_setup(item):
     deadline = os.environ.get("LLMKERN_TEST_DEADLINE")
     if deadline and time.time() > float(deadline):
+        import pytest        # here, so that reading SKIP_REASON (bench/device_report.py) needs no pytest
         pytest.skip(SKIP_REASON)
