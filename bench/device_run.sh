@@ -56,7 +56,8 @@ unset TRITON_INTERPRET          # compiled kernels on the GPU; the dry run asks 
 
 if [ "$DRY" = 1 ]; then
     DEADLINE=170 RESERVE=20 TEST_MARGIN=10
-    CAP_INSTALL=30 CAP_ENV=30 CAP_TESTS=50 CAP_SANITIZER=45 CAP_BENCH=75 CAP_SUMMARY=20
+    # ~30 CPU-seconds in all; the caps leave each stage room for a busy machine, the deadline bounds the sum
+    CAP_INSTALL=30 CAP_ENV=45 CAP_TESTS=60 CAP_SANITIZER=60 CAP_BENCH=90 CAP_SUMMARY=20
     export LLMKERN_TEST_DEVICE=cpu DRY_FLAG=--dry-run CUDA_VISIBLE_DEVICES=   # the CPU, also on a GPU machine
     # A few fast tests that still go through conftest and the junit report (in-process: -n 0); never the suite.
     TESTS="tests/test_layers.py::test_rms_norm_strides_and_edges tests/test_layers.py::test_rope_bad_input
