@@ -24,10 +24,14 @@ OUTPUTS = {"records.json", "summary.md", "roofline.png", "junit.xml", "pytest.lo
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("bash") is None, reason="needs bash and timeout")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CI's check of the CPU dry run; on a GPU the real run is made")
 def test_dry_run_runs_every_stage(tmp_path):
+    """About 35 CPU-seconds: under a minute on 2 idle cores, inside the script's own 3-minute limit. On a machine
+    oversubscribed by other processes (load average above twice the cores) the limits stretch by that factor: what
+    is checked there is that every stage works, not how long a crowded machine takes."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
-    env["PYTHON"] = sys.executable
+    slack = min(4, max(1, int(os.getloadavg()[0] / (2 * (os.cpu_count() or 1)))))
+    env.update(PYTHON=sys.executable, LLMKERN_DRY_RUN_SLACK=str(slack))
     res = subprocess.run(["bash", "bench/device_run.sh", "--dry-run", str(tmp_path)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=240)
+                         capture_output=True, text=True, timeout=240 * slack)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     files = {p.name for p in tmp_path.iterdir()}
     assert OUTPUTS <= files and len(files) <= 8, files        # the device tool brings back at most 8 files
