@@ -11,7 +11,7 @@ random data (datasheet: 989.5 dense). `measure_roofs` measures both, the way MET
     on CUDA in bf16 (the tensor-core roof, cuBLAS) and in fp32 with TF32 off (the CUDA-core roof); on CPU in fp32.
 
 `annotate` then adds to benchmark records (bench.common's format) the floor and the "% of measured roof" computed
-with the same formula as the datasheet's (llmkern.perf.roofline_time_s), so the two percentages sit side by side.
+with the same formula as the datasheet's (llmkern.perf.roofline), so the two percentages sit side by side.
 `llmkern roofline --measure` and the GPU-day run (bench/device_run.sh) share this module.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ class MeasuredRoof:
     method: str
 
     def as_peak(self) -> perf.DevicePeak:
-        """The measured roofs as a DevicePeak, for perf.roofline_time_s and the roofline plot."""
+        """The measured roofs as a DevicePeak, for perf.roofline and the roofline plot."""
         return perf.DevicePeak(f"{self.device} (measured)", self.copy_gbps, self.matmul_tflops, self.fp32_tflops,
                                self.method)
 
@@ -134,7 +134,7 @@ def measure_roofs(device: torch.device | str | None = None, *, copy_bytes: int |
 def annotate(records: Iterable[dict], roof: MeasuredRoof | None) -> None:
     """Add `measured_roof_ms` and `pct_measured_roof` to each record, in place.
 
-    The floor is perf.roofline_time_s(flops, bytes) with the measured roofs (the tensor roof for records with
+    The floor is perf.roofline(flops, bytes).time_s with the measured roofs (the tensor roof for records with
     tensor_cores=True, the fp32 one otherwise), exactly as `pct_roofline` uses the datasheet. With no roof both
     fields are None.
     """
@@ -144,6 +144,6 @@ def annotate(records: Iterable[dict], roof: MeasuredRoof | None) -> None:
         flops, nbytes, ms = float(r.get("flops") or 0.0), float(r.get("bytes") or 0.0), float(r["median_ms"])
         if peak is None or ms <= 0 or not (flops or nbytes):
             continue
-        floor_s = perf.roofline_time_s(flops, nbytes, peak, tensor_cores=r.get("tensor_cores", True))
+        floor_s = perf.roofline(flops, nbytes, peak, tensor_cores=r.get("tensor_cores", True)).time_s
         r["measured_roof_ms"] = floor_s * 1e3
         r["pct_measured_roof"] = 100.0 * floor_s / (ms * 1e-3)
