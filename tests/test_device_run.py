@@ -99,7 +99,7 @@ def test_measured_roof_and_annotate():
     measure.annotate(recs, fixed)
     assert [r["pct_measured_roof"] for r in recs[:3]] == pytest.approx([50.0, 50.0, 50.0])
     assert recs[3]["pct_measured_roof"] is None
-    assert fixed.as_peak().hbm_gbps == 4000.0 and perf.roofline_time_s(0, 4e9, fixed.as_peak()) == pytest.approx(1e-3)
+    assert fixed.as_peak().hbm_gbps == 4000.0 and perf.roofline(0, 4e9, fixed.as_peak()).time_s == pytest.approx(1e-3)
 
 
 def _rec(op, impl, ms, suite="s", **shape):
