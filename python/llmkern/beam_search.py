@@ -155,7 +155,7 @@ def beam_search(model: Any, input_ids: Any, *, num_beams: int, max_new_tokens: i
     """Beam search with transformers' semantics on llmkern's kernels and paged cache (module docstring).
 
     model, input_ids, attention_mask, eos_token_id, block_size: as in `llmkern.generate`.
-    num_beams >= 1, with max(2, 1 + number of EOS ids) * num_beams <= 64 (the candidates `llmkern.beam_topk` keeps).
+    num_beams >= 1, with max(2, 1 + number of EOS ids) * num_beams <= 32 (the candidates `llmkern.beam_topk` keeps).
     max_new_tokens >= 1. length_penalty: a finite float, the exponent of the length in a finished hypothesis'
       score (> 0 favours longer ones, < 0 shorter ones; transformers' default 1.0). Lengths are at most
       max_new_tokens, so every power is finite and nonzero for any exponent whose power fits in float32; beyond

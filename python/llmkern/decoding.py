@@ -32,11 +32,12 @@ BLOCK_H = 256
 NUM_WARPS = 4
 # Chain lengths: KP = the power of two above k; up to 15 draft tokens (chains in practice use 1-8: Leviathan et al.
 # report gains up to about 7, EAGLE uses 5-6). Beam candidates: K = 2 * num_beams (transformers keeps (1 + number of
-# EOS ids) * num_beams) up to 64, so the (KP, KP) rank tile of the final sort stays at 32 values per thread.
+# EOS ids) * num_beams) up to 32, i.e. 16 beams with one EOS id: check-compile found KP = 64 spilling on sm_90 with
+# triton 3.6 (12 bytes), and beam widths above 16 are rare.
 MAX_DRAFT_TOKENS = 15
-MAX_BEAM_CANDIDATES = 64
+MAX_BEAM_CANDIDATES = 32
 SPEC_KP = (2, 4, 8, 16)
-BEAM_KP = (2, 4, 8, 16, 32, 64)
+BEAM_KP = (2, 4, 8, 16, 32)
 # Histories longer than this are refused: the counts live in fp32, exact up to 2**24.
 MAX_HISTORY = 2 ** 24
 
@@ -139,9 +140,11 @@ def speculative_sample(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     if tuple(draft_token_ids.shape) != (batch, k):
         raise ValueError(f"draft_token_ids must have shape (batch, k) = {(batch, k)}, got "
                          f"{tuple(draft_token_ids.shape)}")
-    _index_values("draft_token_ids", draft_token_ids, 0, vocab)
+    # int32 ids become an int64 copy (one kernel signature); the ids checked are the ids the kernel reads.
+    ids = draft_token_ids if draft_token_ids.dtype == torch.int64 else draft_token_ids.to(torch.int64)
+    _index_values("draft_token_ids", ids, 0, vocab)
     seeds = row_seeds(seed, generator, batch, draft_probs.device, like="draft_probs")
-    return _speculative_op(_utils.last_dim_contiguous("draft_probs", draft_probs), draft_token_ids,
+    return _speculative_op(_utils.last_dim_contiguous("draft_probs", draft_probs), ids,
                            _utils.last_dim_contiguous("target_probs", target_probs), seeds)
 
 
@@ -187,7 +190,7 @@ def beam_topk(logits: torch.Tensor, beam_scores: torch.Tensor, *, num_beams: int
     beam_scores: (batch * num_beams,) float, each beam's running sum of log-probabilities (transformers starts beams
       1.. at -1e9 so that the first step expands beam 0 only). A NaN or -inf score gives that beam no candidates.
     num_beams >= 1; k: candidates kept per sequence, default 2 * num_beams (transformers keeps (1 + number of EOS
-      ids) * num_beams), at most 64 and at most num_beams * vocab.
+      ids) * num_beams), at most 32 and at most num_beams * vocab.
     Returns (scores, indices): float32 (batch, k), best first, and int64 (batch, k) flat indices
       beam * vocab + token (transformers' `topk_indices`: beam = index // vocab, token = index % vocab). Ties go to the
       lower flat index. A beam row holding NaN or +inf, or all -inf, has no candidates; -inf logits are no
@@ -303,7 +306,8 @@ def apply_penalties(logits: torch.Tensor, token_ids: torch.Tensor, *, repetition
                          f"{tuple(token_ids.shape)}")
     if token_ids.shape[1] >= MAX_HISTORY:
         raise ValueError(f"token_ids: histories must be shorter than 2**24 tokens, got {token_ids.shape[1]}")
-    ids = token_ids if token_ids.dtype == torch.int64 else token_ids.to(torch.int64)   # what is checked is read
+    # int32 ids become an int64 copy (one kernel signature); the ids checked are the ids the kernel reads.
+    ids = token_ids if token_ids.dtype == torch.int64 else token_ids.to(torch.int64)
     _index_values("token_ids", ids, -1, vocab)
     params = penalty_params(batch, vocab, logits.device, repetition_penalty=repetition_penalty,
                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
