@@ -277,7 +277,8 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
     temperature/top_k/top_p/min_p: llmkern.sample's parameters; temperature 0 (the default) is greedy.
     repetition_penalty/presence_penalty/frequency_penalty (numbers) and logit_bias (a (vocab,) float tensor):
       llmkern.apply_penalties' controls, counted over each sequence's prompt and generated tokens (transformers'
-      repetition penalty sees the same), applied before the sampler.
+      repetition penalty sees the same, except that it also counts the pad ids of a padded batch), applied before
+      the sampler.
     seed: makes sampling reproducible (each step draws per-sequence seeds from a generator seeded with it).
     eos_token_id: an int or list of ints (default: model.generation_config.eos_token_id); a sequence stops after
       emitting one of them.
