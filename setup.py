@@ -13,6 +13,7 @@ setup(
     description="Verified Triton kernels for LLM inference: attention, paged KV cache, sampling, quantized matmul",
     python_requires=">=3.10",
     packages=["llmkern", "llmkern.kernels", "llmkern.bench", "llmkern.integrations"],
+    package_data={"llmkern": ["configs/*.json"]},   # tuned configs per GPU (llmkern/tuning.py)
     package_dir={
         "llmkern": "python/llmkern",
         "llmkern.kernels": "kernels",
@@ -20,7 +21,8 @@ setup(
         "llmkern.integrations": "python/llmkern/integrations",
     },
     # torch is not pinned here: CPU machines install the CPU wheel first (see .ci/run), GPU machines bring their own.
-    install_requires=["torch>=2.4", "triton>=3.6"],
+    # torch 2.5: torch.library.infer_schema (llmkern/_dispatch.py)
+    install_requires=["torch>=2.5", "triton>=3.6"],
     extras_require={
         "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers", "matplotlib"],
     },

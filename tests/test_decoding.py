@@ -256,21 +256,6 @@ def test_penalties_extremes_and_compile(device):
     assert all(torch.equal(a, b) for a, b in zip(compiled(logits, s), llmkern.beam_topk(logits, s, num_beams=2)))
 
 
-def test_opcheck(device):
-    """torch.library's own checks of the three ops (schema, fake tensors, dispatch) on tiny inputs."""
-    g = torch.Generator().manual_seed(40)
-    q = torch.softmax(torch.randn(2, 2, 16, generator=g), -1).to(device)
-    p = torch.softmax(torch.randn(2, 3, 16, generator=g), -1).to(device)
-    ids = torch.randint(0, 16, (2, 2), generator=g).to(device)
-    seeds = torch.tensor([1, 2], device=device)
-    torch.library.opcheck(torch.ops.llmkern.speculative_sample, (q, ids, p, seeds))
-    logits = torch.randn(4, 16, generator=g).to(device)
-    torch.library.opcheck(torch.ops.llmkern.beam_topk, (logits, torch.zeros(4, device=device), 2, 3))
-    params = [torch.full((4,), v, device=device) for v in (1.3, 0.2, 0.1)]
-    hist = torch.randint(-1, 16, (4, 5), generator=g).to(device)
-    torch.library.opcheck(torch.ops.llmkern.apply_penalties, (logits, hist, *params, torch.randn(16, device=device)))
-
-
 # ------------------------------------------------------------------------------------------------------ bad input
 def test_bad_input_raises_before_launch(device):
     d = device

@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-import llmkern
 from llmkern import _utils, decoding
-from llmkern.generate import BLOCK_SIZE, _check_model, _eos_set, _prompts, _Runner
+from llmkern.generate import BLOCK_SIZE, ModelRunner, _check_model, _eos_set, _prompts
+from llmkern.kv_cache import PagedKVCache
 
 # transformers' marker score: beams 1.. start at -1e9 (only beam 0 expands at the first step), and an empty
 # finished slot counts as -1e9 in the stopping heuristic.
@@ -59,7 +59,7 @@ class BeamSearch:
     old beams are freed, and a finished search frees everything it held.
     """
 
-    def __init__(self, cache: llmkern.PagedKVCache, prompt_id: int, prompt: list[int], *, num_beams: int,
+    def __init__(self, cache: PagedKVCache, prompt_id: int, prompt: list[int], *, num_beams: int,
                  max_new_tokens: int, length_penalty: float, early_stopping: bool | str, eos: set[int],
                  new_ids: Iterator[int]):
         self.cache, self.prompt, self.num_beams = cache, prompt, num_beams
@@ -139,7 +139,7 @@ def run_searches(searches: list[BeamSearch], feed: Callable[[dict[int, list[int]
             logits = logits.repeat_interleave(num_beams, 0)
         beam_scores = torch.tensor([x for s in active for x in s.beam_scores()], dtype=torch.float32,
                                    device=logits.device)
-        top_scores, top_idx = llmkern.beam_topk(logits, beam_scores, num_beams=num_beams, k=k)
+        top_scores, top_idx = decoding.beam_topk(logits, beam_scores, num_beams=num_beams, k=k)
         top_scores, top_idx = top_scores.cpu(), top_idx.cpu()
         for row, search in enumerate(active):
             search.advance(top_scores[row], top_idx[row].tolist(), vocab)
@@ -191,9 +191,9 @@ def beam_search(model: Any, input_ids: Any, *, num_beams: int, max_new_tokens: i
     weight = model.model.embed_tokens.weight
     num_blocks = sum(_utils.cdiv(p.numel(), block_size) + num_beams * (_utils.cdiv(max_new_tokens, block_size) + 1)
                      for p in prompts)
-    cache = llmkern.PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+    cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                  model.model.layers[0].self_attn.head_dim, dtype=weight.dtype, device=weight.device)
-    runner = _Runner(model, cache)
+    runner = ModelRunner(model, cache)
     new_ids = itertools.count(len(prompts))
     searches = [BeamSearch(cache, i, p.tolist(), num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
                            length_penalty=float(length_penalty), early_stopping=early_stopping, eos=eos,

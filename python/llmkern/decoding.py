@@ -8,19 +8,22 @@ row's int64 seed (offset i for draft token i's test, offset k for the one draw),
 its own inputs and seed: deterministic and batch-invariant, on the GPU, under the interpreter and in the CPU
 reference (up to rounding at a CDF step, as for `sample`).
 
-Dispatch: each op is a `torch.library.custom_op` whose body (the CUDA implementation) launches the Triton kernel;
-its CPU registration runs the same kernel under TRITON_INTERPRET=1, else `llmkern.reference`.
+Dispatch: each op is declared with `llmkern._dispatch.custom_op` (CUDA: the Triton kernel; CPU: the same kernel
+under TRITON_INTERPRET=1, else the C++ backend when it has the op, else `llmkern.reference`). Value checks that read
+tensor contents (draft ids, histories, the bias) are the ops' `check`: they run inside the op, before any
+implementation, so they also hold under torch.compile.
 """
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import triton
 
-from llmkern import _utils, compile_check, reference
-from llmkern.kernels import decoding as K
+from llmkern import _dispatch, _utils, compile_check, reference
+from llmkern.kernels import decoding as kernels
 from llmkern.sampling import per_row_param, row_seeds
 
 # One fixed tile per kernel, not autotuned: a different tile changes the fp32 summation order of a row's mass and so
@@ -54,16 +57,11 @@ def _launch_meta(**meta: Any) -> dict:
     return meta
 
 
-def _register_cpu(op: Any, triton_impl: Callable, reference_impl: Callable) -> None:
-    """CPU tensors: the Triton kernel under TRITON_INTERPRET=1 (read once at import), else the reference."""
-    op.register_kernel("cpu")(lambda *args: (triton_impl if _utils.INTERPRET else reference_impl)(*args))
-
-
 def _index_values(name: str, ids: torch.Tensor, lo: int, hi: int) -> None:
-    """ValueError unless every value of the (logical) index tensor is in [lo, hi). One device-to-host sync, so it is
-    skipped while torch.compile traces (a graph cannot branch on values); the kernels never read or write outside
-    their tensors whatever the ids (an out-of-range draft token is rejected, an out-of-range history entry skipped)."""
-    if ids.numel() == 0 or torch.compiler.is_compiling():
+    """ValueError unless every value of the (logical) index tensor is in [lo, hi). One device-to-host sync (an op's
+    `check`). The kernels never read or write outside their tensors whatever the ids anyway: an out-of-range draft
+    token is rejected, an out-of-range history entry skipped."""
+    if ids.numel() == 0:
         return
     vmin, vmax = (int(v) for v in torch.aminmax(ids))
     if vmin < lo or vmax >= hi:
@@ -72,26 +70,27 @@ def _index_values(name: str, ids: torch.Tensor, lo: int, hi: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- speculative sampling
-def _speculative_triton(draft_probs, draft_token_ids, target_probs, seed):
+def _speculative_values(draft_probs, draft_token_ids, target_probs, seed):
+    _index_values("draft_token_ids", draft_token_ids, 0, draft_probs.shape[-1])
+
+
+def _speculative_reference(draft_probs, draft_token_ids, target_probs, seed):
+    return reference.speculative_sample(draft_probs, draft_token_ids, target_probs, seed=seed)
+
+
+@_dispatch.custom_op("speculative_sample", mutates_args=(), reference=_speculative_reference,
+                     check=_speculative_values)
+def _speculative_op(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, target_probs: torch.Tensor,
+                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, k, vocab = draft_probs.shape
     out = torch.empty(batch, k + 1, dtype=torch.int64, device=draft_probs.device)
     accepted = torch.empty(batch, dtype=torch.int64, device=draft_probs.device)
     if batch:
-        K._speculative_kernel[(batch,)](
+        kernels._speculative_kernel[(batch,)](
             draft_probs, draft_probs.stride(0), draft_probs.stride(1), draft_token_ids, draft_token_ids.stride(0),
             draft_token_ids.stride(1), target_probs, target_probs.stride(0), target_probs.stride(1), seed,
             out, out.stride(0), accepted, k, vocab, **_launch_meta(KP=_pow2_above(k), BLOCK=BLOCK))
     return out, accepted
-
-
-@torch.library.custom_op("llmkern::speculative_sample", mutates_args=(), device_types="cuda")
-def _speculative_op(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, target_probs: torch.Tensor,
-                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _speculative_triton(draft_probs, draft_token_ids, target_probs, seed)
-
-
-_register_cpu(_speculative_op, _speculative_triton,
-              lambda q, ids, p, seed: reference.speculative_sample(q, ids, p, seed=seed))
 
 
 @_speculative_op.register_fake
@@ -111,8 +110,8 @@ def speculative_sample(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
       (batch, k + 1, vocab), the target's distributions at the same k positions plus one. fp32/fp16/bf16, the same
       dtype; each row a probability vector (nonnegative, summing to 1: e.g. `llmkern.sampling_probs`). Any strides
       (a strided vocab dim is copied). k <= 15.
-    draft_token_ids: (batch, k) int32/int64, draft token i drawn from draft_probs[:, i]; values in [0, vocab) (checked,
-      one device-to-host sync). Any strides (honoured).
+    draft_token_ids: (batch, k) int32/int64, draft token i drawn from draft_probs[:, i]; values in [0, vocab) (checked
+      inside the op, one device-to-host sync). Any strides (honoured).
     seed / generator: as in `llmkern.sample`: an int, an int64 (batch,) tensor, or None (one seed per row drawn from
       `generator` or torch's default generator).
     Per row: draft token i is accepted with probability min(1, p_i(x) / q_i(x)) (tested as u_i * q < p, u_i from
@@ -140,38 +139,32 @@ def speculative_sample(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     if tuple(draft_token_ids.shape) != (batch, k):
         raise ValueError(f"draft_token_ids must have shape (batch, k) = {(batch, k)}, got "
                          f"{tuple(draft_token_ids.shape)}")
-    # int32 ids become an int64 copy (one kernel signature); the ids checked are the ids the kernel reads.
+    # int32 ids become an int64 copy (one kernel signature); the op checks the ids the kernel reads.
     ids = draft_token_ids if draft_token_ids.dtype == torch.int64 else draft_token_ids.to(torch.int64)
-    _index_values("draft_token_ids", ids, 0, vocab)
     seeds = row_seeds(seed, generator, batch, draft_probs.device, like="draft_probs")
     return _speculative_op(_utils.last_dim_contiguous("draft_probs", draft_probs), ids,
                            _utils.last_dim_contiguous("target_probs", target_probs), seeds)
 
 
 # ------------------------------------------------------------------------------------------------ beam search top-k
-def _beam_topk_triton(logits, beam_scores, num_beams, k):
-    batch = logits.shape[0] // num_beams
-    values = torch.empty(batch, k, dtype=torch.float32, device=logits.device)
-    indices = torch.empty(batch, k, dtype=torch.int64, device=logits.device)
-    if batch:
-        K._beam_topk_kernel[(batch,)](logits, logits.stride(0), beam_scores, values, indices, num_beams, k,
-                                      logits.shape[1], **_launch_meta(KP=_beam_kp(k), BLOCK=BLOCK))
-    return values, indices
-
-
 def _beam_kp(k: int) -> int:
     return max(2, triton.next_power_of_2(k))
 
 
-@torch.library.custom_op("llmkern::beam_topk", mutates_args=(), device_types="cuda")
+def _beam_topk_reference(logits, beam_scores, num_beams, k):
+    return tuple(t.to(logits.device) for t in reference.beam_topk(logits, beam_scores, num_beams, k))
+
+
+@_dispatch.custom_op("beam_topk", mutates_args=(), reference=_beam_topk_reference)
 def _beam_topk_op(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams: int,
                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _beam_topk_triton(logits, beam_scores, num_beams, k)
-
-
-_register_cpu(_beam_topk_op, _beam_topk_triton,
-              lambda logits, scores, nb, k: tuple(t.to(logits.device)
-                                                  for t in reference.beam_topk(logits, scores, nb, k)))
+    batch = logits.shape[0] // num_beams
+    values = torch.empty(batch, k, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(batch, k, dtype=torch.int64, device=logits.device)
+    if batch:
+        kernels._beam_topk_kernel[(batch,)](logits, logits.stride(0), beam_scores, values, indices, num_beams, k,
+                                            logits.shape[1], **_launch_meta(KP=_beam_kp(k), BLOCK=BLOCK))
+    return values, indices
 
 
 @_beam_topk_op.register_fake
@@ -223,7 +216,22 @@ def beam_topk(logits: torch.Tensor, beam_scores: torch.Tensor, *, num_beams: int
 
 
 # ----------------------------------------------------------------------------------------------- penalties
-def _penalties_triton(logits, token_ids, repetition, presence, frequency, logit_bias):
+def _penalties_values(logits, token_ids, repetition_penalty, presence_penalty, frequency_penalty, logit_bias):
+    _index_values("token_ids", token_ids, -1, logits.shape[1])
+    if logit_bias is not None and bool((torch.isnan(logit_bias) | (logit_bias == math.inf)).any()):
+        raise ValueError("logit_bias must hold no NaN and no +inf (as float32); -inf bans a token")
+
+
+def _penalties_reference(logits, token_ids, repetition_penalty, presence_penalty, frequency_penalty, logit_bias):
+    return reference.apply_penalties(logits, token_ids, repetition_penalty=repetition_penalty,
+                                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                     logit_bias=logit_bias).to(torch.float32)
+
+
+@_dispatch.custom_op("apply_penalties", mutates_args=(), reference=_penalties_reference, check=_penalties_values)
+def _penalties_op(logits: torch.Tensor, token_ids: torch.Tensor, repetition_penalty: torch.Tensor,
+                  presence_penalty: torch.Tensor, frequency_penalty: torch.Tensor,
+                  logit_bias: torch.Tensor | None) -> torch.Tensor:
     batch, vocab = logits.shape
     length = token_ids.shape[1]
     out = torch.empty(batch, vocab, dtype=torch.float32, device=logits.device)
@@ -232,24 +240,11 @@ def _penalties_triton(logits, token_ids, repetition, presence, frequency, logit_
         has_bias = logit_bias is not None
         bias = logit_bias if has_bias else out              # never read without a bias
         stride_bias = (logit_bias.stride(0) if logit_bias.dim() == 2 else 0) if has_bias else 0
-        K._penalties_kernel[(batch,)](
+        kernels._penalties_kernel[(batch,)](
             logits, logits.stride(0), token_ids, token_ids.stride(0), token_ids.stride(1), length, bias, stride_bias,
-            repetition, presence, frequency, out, out.stride(0), work, vocab,
+            repetition_penalty, presence_penalty, frequency_penalty, out, out.stride(0), work, vocab,
             **_launch_meta(HAS_BIAS=has_bias, BLOCK=BLOCK, BLOCK_H=BLOCK_H))
     return out
-
-
-@torch.library.custom_op("llmkern::apply_penalties", mutates_args=(), device_types="cuda")
-def _penalties_op(logits: torch.Tensor, token_ids: torch.Tensor, repetition_penalty: torch.Tensor,
-                  presence_penalty: torch.Tensor, frequency_penalty: torch.Tensor,
-                  logit_bias: torch.Tensor | None) -> torch.Tensor:
-    return _penalties_triton(logits, token_ids, repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
-
-
-_register_cpu(_penalties_op, _penalties_triton,
-              lambda logits, ids, rep, pres, freq, bias: reference.apply_penalties(
-                  logits, ids, repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
-                  logit_bias=bias).to(torch.float32))
 
 
 @_penalties_op.register_fake
@@ -258,7 +253,7 @@ def _(logits, token_ids, repetition_penalty, presence_penalty, frequency_penalty
 
 
 def _check_bias(logit_bias: Any, batch: int, vocab: int, device: torch.device) -> torch.Tensor | None:
-    """The bias as the fp32 tensor the kernel reads, (vocab,) or (batch, vocab), checked for NaN and +inf."""
+    """The bias as the fp32 tensor the kernel reads, (vocab,) or (batch, vocab) (its values: the op's check)."""
     if logit_bias is None:
         return None
     _utils.check_tensor("logit_bias", logit_bias)
@@ -268,11 +263,7 @@ def _check_bias(logit_bias: Any, batch: int, vocab: int, device: torch.device) -
         raise ValueError(f"logit_bias must have shape ({vocab},) or ({batch}, {vocab}), got {tuple(logit_bias.shape)}")
     if logit_bias.device != device:
         raise ValueError(f"logit_bias is on {logit_bias.device} but logits is on {device}; they must share a device")
-    bias = _utils.last_dim_contiguous("logit_bias", logit_bias.detach().to(torch.float32))
-    checked = bias.numel() and not torch.compiler.is_compiling()      # a value check: a sync, not traceable
-    if checked and bool((torch.isnan(bias) | (bias == float("inf"))).any()):
-        raise ValueError("logit_bias must hold no NaN and no +inf (as float32); -inf bans a token")
-    return bias
+    return _utils.last_dim_contiguous("logit_bias", logit_bias.detach().to(torch.float32))
 
 
 def apply_penalties(logits: torch.Tensor, token_ids: torch.Tensor, *, repetition_penalty=1.0, presence_penalty=0.0,
@@ -280,8 +271,8 @@ def apply_penalties(logits: torch.Tensor, token_ids: torch.Tensor, *, repetition
     """Repetition controls in one kernel, with no (batch, vocab) count tensor: float32 (batch, vocab) logits.
 
     logits: (batch, vocab) fp32/fp16/bf16, any row stride. token_ids: (batch, max_len) int64 (or int32) history of
-    each row, padded with -1 anywhere; values in [-1, vocab) (checked, one device-to-host sync); any strides
-    (honoured). For every token t that occurs c_t > 0 times in the row's history, in this order:
+    each row, padded with -1 anywhere; values in [-1, vocab) (checked inside the op, one device-to-host sync); any
+    strides (honoured). For every token t that occurs c_t > 0 times in the row's history, in this order:
       repetition_penalty r in (0, inf): x_t / r if x_t >= 0 else x_t * r (transformers'
         RepetitionPenaltyLogitsProcessor; 1 = off, > 1 discourages repeats);
       presence_penalty a and frequency_penalty f, finite: x_t - f * c_t - a (OpenAI's definition; 0 = off,
@@ -306,9 +297,8 @@ def apply_penalties(logits: torch.Tensor, token_ids: torch.Tensor, *, repetition
                          f"{tuple(token_ids.shape)}")
     if token_ids.shape[1] >= MAX_HISTORY:
         raise ValueError(f"token_ids: histories must be shorter than 2**24 tokens, got {token_ids.shape[1]}")
-    # int32 ids become an int64 copy (one kernel signature); the ids checked are the ids the kernel reads.
+    # int32 ids become an int64 copy (one kernel signature); the op checks the ids the kernel reads.
     ids = token_ids if token_ids.dtype == torch.int64 else token_ids.to(torch.int64)
-    _index_values("token_ids", ids, -1, vocab)
     params = penalty_params(batch, vocab, logits.device, repetition_penalty=repetition_penalty,
                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                             logit_bias=logit_bias)
@@ -342,7 +332,7 @@ def _compile_specs():
     for name in ("fp16", "bf16", "fp32"):
         for kp in SPEC_KP:
             yield compile_check.CompileSpec(
-                kernel=K._speculative_kernel, name="_speculative_kernel", config=f"KP={kp},BLOCK={BLOCK},{name}",
+                kernel=kernels._speculative_kernel, name="_speculative_kernel", config=f"KP={kp},BLOCK={BLOCK},{name}",
                 signature={"draft_ptr": f"*{name}:16", "sd_b": "i32", "sd_i": "i32", "ids_ptr": "*i64:16",
                            "si_b": "i32", "si_i": "i32", "target_ptr": f"*{name}:16", "st_b": "i32", "st_i": "i32",
                            "seed_ptr": "*i64:16", "out_ptr": "*i64:16", "so_b": "i32", "accepted_ptr": "*i64:16",
@@ -350,13 +340,13 @@ def _compile_specs():
                 constexprs=dict(KP=kp, BLOCK=BLOCK), num_warps=NUM_WARPS)
         for kp in BEAM_KP:
             yield compile_check.CompileSpec(
-                kernel=K._beam_topk_kernel, name="_beam_topk_kernel", config=f"KP={kp},BLOCK={BLOCK},{name}",
+                kernel=kernels._beam_topk_kernel, name="_beam_topk_kernel", config=f"KP={kp},BLOCK={BLOCK},{name}",
                 signature={"logits_ptr": f"*{name}:16", "stride_row": "i32", "scores_ptr": "*fp32:16",
                            "out_val_ptr": "*fp32:16", "out_idx_ptr": "*i64:16", "NB": "i32", "K": "i32", "V": "i32"},
                 constexprs=dict(KP=kp, BLOCK=BLOCK), num_warps=NUM_WARPS)
         for has_bias in (False, True):
             yield compile_check.CompileSpec(
-                kernel=K._penalties_kernel, name="_penalties_kernel",
+                kernel=kernels._penalties_kernel, name="_penalties_kernel",
                 config=f"HAS_BIAS={has_bias},BLOCK={BLOCK},BLOCK_H={BLOCK_H},{name}",
                 signature={"logits_ptr": f"*{name}:16", "stride_l": "i32", "ids_ptr": "*i64:16", "si_b": "i32",
                            "si_j": "i32", "L": "i32", "bias_ptr": "*fp32:16", "stride_bias": "i32",

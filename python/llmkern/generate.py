@@ -30,14 +30,13 @@ raise ValueError.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
-
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
-import llmkern
-from llmkern import _utils, decoding
+from llmkern import _utils, decoding, layers, paged_attention, sampling
+from llmkern.kv_cache import PagedKVCache
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 # Cache block size: 16 tokens is FlashAttention's / vLLM's usual page size and a size the paged kernels are tested at.
@@ -101,10 +100,16 @@ def _eos_set(eos_token_id: Any, model: Any) -> set[int]:
     return {int(t) for t in ids}
 
 
-class _Runner:
-    """The model's weights seen as llmkern ops, plus the paged cache of one generate() call."""
+class ModelRunner:
+    """A Llama-family model's forward pass on llmkern ops over a PagedKVCache: the step `generate` runs.
 
-    def __init__(self, model: Any, cache: llmkern.PagedKVCache):
+    ModelRunner(model, cache): model as `generate` takes it; cache a PagedKVCache with one layer per decoder layer,
+    the model's KV heads, head_dim and dtype. `forward` runs one step for tokens whose cache slots the caller has
+    reserved (cache.append); the end-to-end benchmark times it. `feed` reserves the slots itself, for sequences
+    given as all their tokens (generate's loops and llmkern.beam_search use it).
+    """
+
+    def __init__(self, model: Any, cache: PagedKVCache):
         self.model = model
         self.inner = model.model
         self.cache = cache
@@ -142,31 +147,31 @@ class _Runner:
             norm = layer.input_layernorm
             if residual is None:
                 residual = hidden
-                x = llmkern.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+                x = layers.rms_norm(hidden, norm.weight, norm.variance_epsilon)
             else:
-                x, residual = llmkern.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+                x, residual = layers.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
             attn = layer.self_attn
             q = attn.q_proj(x).view(total, self.num_heads, attn.head_dim)
             k = attn.k_proj(x).view(total, self.num_kv_heads, attn.head_dim)
             v = attn.v_proj(x).view(total, self.num_kv_heads, attn.head_dim)
-            q, k = llmkern.apply_rope(q, k, cos=cos[0], sin=sin[0])
+            q, k = layers.apply_rope(q, k, cos=cos[0], sin=sin[0])
             k_cache, v_cache = cache.k_cache(i), cache.v_cache(i)
-            llmkern.paged_kv_write(k, v.contiguous(), k_cache, v_cache, slots)
+            paged_attention.paged_kv_write(k, v.contiguous(), k_cache, v_cache, slots)
             if decode:
-                o = llmkern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
-                                                   scale=attn.scaling, window=self.windows[i])
+                o = paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                                           scale=attn.scaling, window=self.windows[i])
             else:
-                o = llmkern.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q, seq_lens, causal=True,
-                                                    scale=attn.scaling, window=self.windows[i])
+                o = paged_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q, seq_lens,
+                                                            causal=True, scale=attn.scaling, window=self.windows[i])
             hidden = attn.o_proj(o.reshape(total, self.num_heads * attn.head_dim))
             post = layer.post_attention_layernorm
-            x, residual = llmkern.add_rms_norm(hidden, residual, post.weight, post.variance_epsilon)
+            x, residual = layers.add_rms_norm(hidden, residual, post.weight, post.variance_epsilon)
             hidden = layer.mlp(x)
         if not all_logits:
             last = cu_q[1:].long() - 1
             hidden, residual = hidden[last], residual[last]
         norm = self.inner.norm
-        x, _ = llmkern.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+        x, _ = layers.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
         return self.model.lm_head(x).float()
 
     def feed(self, seqs: dict[int, list[int]], all_logits: bool = False) -> torch.Tensor:
@@ -219,10 +224,10 @@ class _Sampler:
         ids = torch.full((len(histories), max(map(len, histories))), -1, dtype=torch.int64)
         for row, h in enumerate(histories):
             ids[row, :len(h)] = torch.tensor(h)
-        return llmkern.apply_penalties(logits, ids.to(self.device), **self.penalties)
+        return decoding.apply_penalties(logits, ids.to(self.device), **self.penalties)
 
     def draw(self, scores: torch.Tensor) -> list[int]:
-        return _valid(llmkern.sample(scores, seed=self.seeds(scores.shape[0]), **self.sampling).tolist())
+        return _valid(sampling.sample(scores, seed=self.seeds(scores.shape[0]), **self.sampling).tolist())
 
 
 def _valid(tokens: list[int]) -> list[int]:
@@ -232,12 +237,12 @@ def _valid(tokens: list[int]) -> list[int]:
     return tokens
 
 
-def _new_cache(model: Any, prompts: list[torch.Tensor], extra_tokens: int, block_size: int) -> llmkern.PagedKVCache:
+def _new_cache(model: Any, prompts: list[torch.Tensor], extra_tokens: int, block_size: int) -> PagedKVCache:
     """A cache with enough blocks for every sequence at its longest (prompt + extra_tokens): no CacheFullError."""
     weight = model.model.embed_tokens.weight
     cfg = model.config
     num_blocks = sum(_utils.cdiv(p.numel() + extra_tokens, block_size) for p in prompts)
-    return llmkern.PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+    return PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                 model.model.layers[0].self_attn.head_dim, dtype=weight.dtype, device=weight.device)
 
 
@@ -313,11 +318,11 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
     stats = GenerateStats()
     # Speculation may run k + 1 tokens past the end before the surplus is cut: room for them too.
     extra = max_new_tokens + (k + 1 if draft_model is not None else 0)
-    target = _Runner(model, _new_cache(model, prompts, extra, block_size))
+    target = ModelRunner(model, _new_cache(model, prompts, extra, block_size))
     if draft_model is None:
         _plain_loop(target, sampler, seqs, stats)
     else:
-        draft = _Runner(draft_model, _new_cache(draft_model, prompts, extra, block_size))
+        draft = ModelRunner(draft_model, _new_cache(draft_model, prompts, extra, block_size))
         _speculative_loop(target, draft, sampler, seqs, k, stats)
     return (seqs.new, stats) if return_stats else seqs.new
 
@@ -349,7 +354,7 @@ def _check_draft(draft_model: Any, model: Any, k: Any) -> int:
     return int(k)
 
 
-def _plain_loop(target: _Runner, sampler: _Sampler, seqs: _Sequences, stats: GenerateStats) -> None:
+def _plain_loop(target: ModelRunner, sampler: _Sampler, seqs: _Sequences, stats: GenerateStats) -> None:
     """Prefill every prompt in one pass, then one token per running sequence per step."""
     while seqs.tokens:
         ids = list(seqs.tokens)
@@ -360,7 +365,7 @@ def _plain_loop(target: _Runner, sampler: _Sampler, seqs: _Sequences, stats: Gen
                 target.cache.free(i)
 
 
-def _speculative_loop(target: _Runner, draft: _Runner, sampler: _Sampler, seqs: _Sequences, k: int,
+def _speculative_loop(target: ModelRunner, draft: ModelRunner, sampler: _Sampler, seqs: _Sequences, k: int,
                       stats: GenerateStats) -> None:
     """The target's prefill draws the first token; then rounds of k draft proposals and one verification pass.
 
@@ -379,16 +384,16 @@ def _speculative_loop(target: _Runner, draft: _Runner, sampler: _Sampler, seqs: 
         draft_probs = []
         for _ in range(k):
             scores = sampler.scores(draft.feed(ext), list(ext.values()))
-            draft_probs.append(llmkern.sampling_probs(scores, **sampler.sampling))
+            draft_probs.append(sampling.sampling_probs(scores, **sampler.sampling))
             for i, t in zip(ids, sampler.draw(scores)):
                 ext[i].append(t)
         # One pass of the target over [last token, k proposals]: the distributions at all k + 1 positions.
         logits = target.feed(ext, all_logits=True)
         stats.target_passes += 1
         histories = [ext[i][:n + j] for i, n in zip(ids, lens) for j in range(k + 1)]
-        target_probs = llmkern.sampling_probs(sampler.scores(logits, histories), **sampler.sampling)
+        target_probs = sampling.sampling_probs(sampler.scores(logits, histories), **sampler.sampling)
         proposals = torch.tensor([ext[i][n:] for i, n in zip(ids, lens)], dtype=torch.int64, device=logits.device)
-        tokens, accepted = llmkern.speculative_sample(torch.stack(draft_probs, 1), proposals,
+        tokens, accepted = decoding.speculative_sample(torch.stack(draft_probs, 1), proposals,
                                                       target_probs.view(len(ids), k + 1, -1),
                                                       seed=sampler.seeds(len(ids)))
         for i, row, a in zip(ids, tokens.tolist(), accepted.tolist()):
