@@ -251,6 +251,8 @@ def test_penalties_extremes_and_compile(device):
     kw = dict(repetition_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.2)
     compiled = torch.compile(lambda x, h: llmkern.apply_penalties(x, h, **kw), fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(logits, ids), llmkern.apply_penalties(logits, ids, **kw))
+    with pytest.raises(ValueError, match="token_ids"):      # the value check is inside the op: compiled too
+        compiled(logits, ids + 5)
     compiled = torch.compile(lambda x, s: llmkern.beam_topk(x, s, num_beams=2), fullgraph=True, backend="aot_eager")
     s = torch.zeros(2, device=device)
     assert all(torch.equal(a, b) for a, b in zip(compiled(logits, s), llmkern.beam_topk(logits, s, num_beams=2)))
