@@ -14,6 +14,7 @@ from llmkern.decoding import apply_penalties, beam_topk, speculative_sample  # n
 from llmkern.quant import quant_matmul  # noqa: F401
 from llmkern.quant_weight import QuantizedWeight, quantize_weight  # noqa: F401
 from llmkern.quant_linear import QuantLinear, quantize_model  # noqa: F401
+from llmkern.moe import QuantizedExperts, fused_moe, moe_topk, quantize_experts  # noqa: F401
 from llmkern.generate import generate  # noqa: F401
 from llmkern.beam_search import beam_search  # noqa: F401
 
