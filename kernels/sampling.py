@@ -46,15 +46,30 @@ KEY_MAX = tl.constexpr(2 ** 31 - 1)
 KEY_NEG_INF = tl.constexpr(-2139095041)  # key(-inf), the smallest key of a non-NaN fp32
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * log2(e)); exp2 is the hardware instruction
 
-# Two one-liners recur in every pass and are written out inline. (This file is one kernel body, not a set of
-# @triton.jit helpers, because the Triton interpreter re-patches its language module on every nested jit call, a
-# few ms each, which dominated the test time.)
+# Two one-liners recur in every pass and are written out inline. (The search passes are one kernel body, not a set
+# of @triton.jit helpers, because the Triton interpreter re-patches its language module on every nested jit call,
+# which dominated the test time when it happened per search tile. The draw's per-tile step, `inverse_cdf_step`, is a
+# helper: it is shared with llmkern.kernels.decoding and runs once per tile of one pass only, about 0.2 ms per call
+# under triton 3.9's interpreter.)
 #   load:  tl.load(row + offs, mask=offs < n, other=-inf).to(fp32) + 0.0      (`+ 0.0` maps -0.0 to +0.0, so a
 #          zero logit has one key; n = V, or 0 to switch a pass's loads off)
 #   key:   bits ^ ((bits >> 31) & KEY_MAX), bits = the fp32 bit pattern as int32: an int32 key that orders like the
 #          floats (same-sign IEEE floats order like their bit patterns; negative ones backwards, so the arithmetic
 #          shift selects them and the xor flips their magnitude bits). key(-inf) = -2139095041 is the smallest key
 #          of a non-NaN value; KEY_MIN stands for "past the row end".
+
+
+@triton.jit
+def inverse_cdf_step(w, offs, running, goal, token, last):
+    """One tile of an inverse-CDF draw over nonnegative weights streamed in index order (shared with
+    llmkern.kernels.decoding). running: the weight of the earlier tiles; goal: u times the total weight.
+    token: the first index whose running sum exceeds goal (KEY_MAX while none has); a zero weight is never drawn.
+    last: the last index of positive weight, taken when rounding leaves goal at or above the final running sum.
+    Returns (running, token, last) after this tile."""
+    hit = ((running + tl.cumsum(w, 0)) > goal) & (w > 0.0)
+    token = tl.minimum(token, tl.min(tl.where(hit, offs, KEY_MAX), 0))
+    last = tl.maximum(last, tl.max(tl.where(w > 0.0, offs, -1), 0))
+    return running + tl.sum(w, 0), token, last
 
 
 @triton.jit
@@ -190,10 +205,7 @@ def _sampling_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_p_ptr, 
             bits = l.to(tl.int32, bitcast=True)
             q = tl.exp2((l - m) * scale)
             q = tl.where((bits ^ ((bits >> 31) & KEY_MAX) >= t) & (q >= min_p), q, 0.0)   # kept tokens only
-            hit = ((running + tl.cumsum(q, 0)) > goal) & (q > 0.0)
-            token = tl.minimum(token, tl.min(tl.where(hit, offs, KEY_MAX), 0))
-            last = tl.maximum(last, tl.max(tl.where(q > 0.0, offs, -1), 0))
-            running += tl.sum(q, 0)
+            running, token, last = inverse_cdf_step(q, offs, running, goal, token, last)
         token = tl.where(token == KEY_MAX, last, token)
         token = tl.where(greedy, arg, tl.where(sampled, token, -1))
         tl.store(out_ptr + row, token.to(tl.int64))

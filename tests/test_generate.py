@@ -47,7 +47,7 @@ def _hf_greedy(model, ids, mask, eos=2):
                              eos_token_id=eos)
     rows = []
     for row in out[:, ids.shape[1]:].tolist():
-        if eos in row:
+        if eos is not None and eos in row:
             row = row[:row.index(eos) + 1]
         rows.append(row)
     return rows
@@ -122,3 +122,78 @@ def test_quantized_model_composes(device):
                              eos_token_id=[])
     want = out[:, ids.shape[1]:].tolist()
     assert llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[]) == want
+
+
+# ------------------------------------------------------------------------------------- speculative decoding, penalties
+# Smaller than the tests above (the interpreter runs every kernel of every draft step and verification pass): a
+# one-layer target, a smaller random draft, two short prompts.
+def _spec_models(device):
+    torch.manual_seed(0)
+    target = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(COMMON, num_hidden_layers=1)))
+    torch.manual_seed(5)
+    draft_cfg = dict(COMMON, num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                     num_key_value_heads=1)
+    draft = transformers.LlamaForCausalLM(transformers.LlamaConfig(**draft_cfg))
+    return target.eval().to(device), draft.eval().to(device)
+
+
+def _spec_batch(device):
+    """Prompts of lengths 3 and 6, left-padded to width 6."""
+    ids, mask = _batch(device)
+    return ids[:2, 3:], mask[:2, 3:]
+
+
+def test_speculative_greedy_equals_target_alone(device):
+    """Greedy speculative decoding with a random smaller draft (mostly rejected) gives the target's greedy tokens,
+    one sequence stopping at an EOS inside a round. The reference is transformers' greedy output, which
+    test_greedy_matches_transformers shows plain llmkern.generate reproduces. (The all-accepted path, where the
+    draft's cache lags by two tokens, is in test_repetition_penalty_matches_transformers.)"""
+    model, draft = _spec_models(device)
+    ids, mask = _spec_batch(device)
+    free = _hf_greedy(model, ids, mask, eos=None)
+    eos = free[1][3]
+    want = [r[:r.index(eos) + 1] if eos in r else r for r in free]
+    got, stats = llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS - 1, eos_token_id=eos,
+                                  draft_model=draft, num_speculative_tokens=2, return_stats=True)
+    assert got == [r[:NEW_TOKENS - 1] for r in want]
+    assert stats.draft_tokens % 2 == 0 and 0 <= stats.accepted_tokens <= stats.draft_tokens
+    assert stats.target_passes <= NEW_TOKENS - 1      # the prefill, then at least one token per pass
+
+
+def test_repetition_penalty_matches_transformers(device):
+    """transformers' greedy generate with repetition_penalty (prompt and new tokens counted) equals llmkern.generate
+    with the same keyword, with and without a draft model (whose proposals are penalized position by position)."""
+    model, _ = _spec_models(device)
+    ids, mask = _spec_batch(device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, repetition_penalty=1.5)
+    want = out[:, ids.shape[1]:].tolist()
+    assert want != _hf_greedy(model, ids, mask, eos=None)   # the penalty changes the answer here
+    assert llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[],
+                            repetition_penalty=1.5) == want
+    # The target as its own draft: every proposal is accepted only if the draft's penalized distributions (each
+    # position counting the proposals before it) equal the target's.
+    got, stats = llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=[],
+                                  repetition_penalty=1.5, draft_model=model, num_speculative_tokens=2,
+                                  return_stats=True)
+    assert got == want and stats.acceptance_rate == 1.0
+    assert stats.target_passes == 1 + -(-(NEW_TOKENS - 1) // 3)   # the prefill, then 3 tokens per pass
+
+
+def test_speculative_and_penalty_bad_input():
+    model = _model("llama")
+    ids, mask = _batch()
+    for kw, err, name in ((dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+                          (dict(presence_penalty=float("nan")), ValueError, "presence_penalty"),
+                          (dict(frequency_penalty=torch.ones(3)), TypeError, "frequency_penalty"),
+                          (dict(logit_bias=torch.zeros(3, 128)), ValueError, "logit_bias"),
+                          (dict(logit_bias=torch.zeros(127)), ValueError, "logit_bias"),
+                          (dict(draft_model=model, num_speculative_tokens=0), ValueError, "num_speculative_tokens"),
+                          (dict(draft_model=model, num_speculative_tokens=16), ValueError, "num_speculative_tokens")):
+        with pytest.raises(err, match=name):
+            llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=2, **kw)
+    torch.manual_seed(0)
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(COMMON, vocab_size=64))).eval()
+    with pytest.raises(ValueError, match="vocab"):
+        llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=2, draft_model=other)

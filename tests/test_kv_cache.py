@@ -167,11 +167,47 @@ def test_bad_arguments(device):
     assert cache.seq_len("a") == 3 and cache.num_free_blocks == 3
 
 
+def test_truncate_rolls_back_and_frees(device):
+    """truncate keeps a prefix: blocks past it are released (freed unless shared), a shared partly filled block at
+    the new end is copied on the next append, and the other sequence keeps its tokens."""
+    g = torch.Generator().manual_seed(2)
+    cache = PagedKVCache(2, 8, 16, 1, 32, dtype=torch.float32, device=device)
+    _write_layers(cache, "a", 40, g, device)                      # 3 blocks
+    cache.truncate("a", 33)
+    assert cache.seq_len("a") == 33 and len(cache.block_table("a")) == 3 and cache.num_free_blocks == 5
+    cache.truncate("a", 32)
+    assert len(cache.block_table("a")) == 2 and cache.num_free_blocks == 6
+    q = torch.randn(1, 2, 32, generator=g).to(device)
+    cache.fork("a", "b")
+    before = _attend(cache, ["a"], q)
+    cache.truncate("b", 20)                                        # into the shared second block
+    assert cache.block_table("b") == cache.block_table("a") and cache.num_free_blocks == 6
+    new_kv = _write_layers(cache, "b", 5, g, device)               # copy-on-write of the shared block
+    assert cache.block_table("b")[1] != cache.block_table("a")[1] and cache.num_free_blocks == 5
+    after = _attend(cache, ["a"], q)
+    for layer in range(2):
+        assert torch.equal(before[layer], after[layer])
+        mine = ref.paged_gather(cache.k_cache(layer), cache.block_tables(["b"])[0], 25)
+        theirs = ref.paged_gather(cache.k_cache(layer), cache.block_tables(["a"])[0], 20)
+        assert torch.equal(mine[:20], theirs) and torch.equal(mine[20:], new_kv[layer][0])
+    cache.truncate("b", 0)
+    assert cache.seq_len("b") == 0 and cache.block_table("b") == [] and cache.num_free_blocks == 6
+    with pytest.raises(ValueError, match="num_tokens"):
+        cache.truncate("a", 33)
+    with pytest.raises(ValueError, match="num_tokens"):
+        cache.truncate("a", -1)
+    with pytest.raises(TypeError, match="num_tokens"):
+        cache.truncate("a", 3.0)
+    with pytest.raises(ValueError, match="unknown"):
+        cache.truncate("zz", 0)
+    assert cache.seq_len("a") == 32 and cache.num_free_blocks == 6
+
+
 # ------------------------------------------------------------------------------------------------- property test
 _IDS = ["s0", "s1", "s2"]
 # Appends and forks weighted above frees, so that forked sequences live long enough to both append.
-_ops = st.tuples(st.sampled_from(["append", "append", "append", "fork", "fork", "free"]), st.sampled_from(_IDS),
-                 st.sampled_from(_IDS), st.integers(0, 6))
+_ops = st.tuples(st.sampled_from(["append", "append", "append", "fork", "fork", "free", "truncate"]),
+                 st.sampled_from(_IDS), st.sampled_from(_IDS), st.integers(0, 6))
 
 
 @settings(max_examples=50, deadline=None, database=None,  # no .hypothesis/ folder in the repository
@@ -180,34 +216,36 @@ _ops = st.tuples(st.sampled_from(["append", "append", "append", "fork", "fork", 
 # Both sides of a fork append into their shared, partly filled block: the case copy-on-write exists for.
 @example(ops=[("append", "s0", "s0", 5), ("fork", "s0", "s1", 0), ("append", "s0", "s0", 2),
               ("append", "s1", "s1", 2)])
+# A rollback into a shared block, then an append there.
+@example(ops=[("append", "s0", "s0", 6), ("fork", "s0", "s1", 0), ("truncate", "s1", "s1", 3),
+              ("append", "s1", "s1", 2), ("truncate", "s0", "s0", 6)])
 def test_random_append_fork_free_matches_model(device, ops):
     """Random programs against a model of token contents. Token values are unique, written into every layer with a
     per-layer offset; after each step every sequence must read back exactly its model tokens, in every layer, and
-    the free blocks must be exactly those no sequence references."""
-    bs, num_blocks, layers = 4, 12, 2
-    cache = PagedKVCache(layers, num_blocks, bs, 1, 32, dtype=torch.float32, device=device)
+    the free blocks must be exactly those no sequence references. truncate rolls back n tokens."""
+    cache = PagedKVCache(_LAYERS, 12, _BS, 1, 32, dtype=torch.float32, device=device)
     model: dict[str, list[int]] = {}
-    next_token = 1
+    counter = [1]
     for op, a, b, n in ops:
         if op == "append":
             table, length = (cache.block_table(a), cache.seq_len(a)) if a in model else ([], 0)
             shared = {blk for s in model if s != a for blk in cache.block_table(s)}
-            cow = n > 0 and length % bs != 0 and table[-1] in shared
-            needed = -(-(length + n) // bs) - len(table) + int(cow)
+            cow = n > 0 and length % _BS != 0 and table[-1] in shared
+            needed = -(-(length + n) // _BS) - len(table) + int(cow)
             if needed > cache.num_free_blocks:
                 snap = _snapshot(cache)
                 with pytest.raises(CacheFullError):
                     cache.append(a, n)
                 _assert_same(snap, _snapshot(cache))
                 continue
-            slots = cache.append(a, n)
-            values = list(range(next_token, next_token + n))
-            next_token += n
-            for layer in range(layers):
-                kv = torch.tensor(values, dtype=torch.float32, device=device) + 1000 * layer
-                kv = kv[:, None, None].expand(n, 1, 32)
-                ref.paged_kv_write(kv, -kv, cache.k_cache(layer), cache.v_cache(layer), slots)
-            model[a] = model.get(a, []) + values
+            _append_values(cache, model, a, n, counter, device)
+        elif op == "truncate":
+            if a not in model or n > len(model[a]):
+                with pytest.raises(ValueError):
+                    cache.truncate(a, len(model.get(a, [])) - n)
+                continue
+            cache.truncate(a, len(model[a]) - n)
+            model[a] = model[a][:len(model[a]) - n]
         elif op == "fork":
             if a not in model or b in model:
                 with pytest.raises(ValueError):
@@ -222,17 +260,66 @@ def test_random_append_fork_free_matches_model(device, ops):
                 continue
             cache.free(a)
             del model[a]
+        _check_against_model(cache, model, device)
 
-        assert sorted(cache.seq_ids) == sorted(model)
-        used = set()
-        for s, tokens in model.items():
-            table = cache.block_table(s)
-            assert cache.seq_len(s) == len(tokens) and len(table) == -(-len(tokens) // bs)
-            used.update(table)
-            bt = cache.block_tables([s])[0]
-            for layer in range(layers):
-                k = ref.paged_gather(cache.k_cache(layer), bt, len(tokens))[:, 0, 0]
-                v = ref.paged_gather(cache.v_cache(layer), bt, len(tokens))[:, 0, 0]
-                want = torch.tensor(tokens, dtype=torch.float32, device=device) + 1000 * layer
-                assert torch.equal(k, want) and torch.equal(v, -want), f"{s} layer {layer}"
-        assert cache.num_free_blocks == num_blocks - len(used)
+
+_BS, _LAYERS = 4, 2
+
+
+def _append_values(cache, model, seq, n, counter, device):
+    """Append n slots to seq and write fresh token values into them, in every layer (K = value + 1000 * layer,
+    V = -K)."""
+    slots = cache.append(seq, n)
+    values = list(range(counter[0], counter[0] + n))
+    counter[0] += n
+    for layer in range(_LAYERS):
+        kv = torch.tensor(values, dtype=torch.float32, device=device) + 1000 * layer
+        kv = kv[:, None, None].expand(n, 1, 32)
+        ref.paged_kv_write(kv, -kv, cache.k_cache(layer), cache.v_cache(layer), slots)
+    model[seq] = model.get(seq, []) + values
+
+
+def _check_against_model(cache, model, device):
+    """Every sequence reads back exactly its model tokens in every layer; the free blocks are exactly those no
+    sequence references."""
+    assert sorted(cache.seq_ids) == sorted(model)
+    used = set()
+    for s, tokens in model.items():
+        table = cache.block_table(s)
+        assert cache.seq_len(s) == len(tokens) and len(table) == -(-len(tokens) // _BS)
+        used.update(table)
+        bt = cache.block_tables([s])[0]
+        for layer in range(_LAYERS):
+            k = ref.paged_gather(cache.k_cache(layer), bt, len(tokens))[:, 0, 0]
+            v = ref.paged_gather(cache.v_cache(layer), bt, len(tokens))[:, 0, 0]
+            want = torch.tensor(tokens, dtype=torch.float32, device=device) + 1000 * layer
+            assert torch.equal(k, want) and torch.equal(v, -want), f"{s} layer {layer}"
+    assert cache.num_free_blocks == cache.num_blocks - len(used)
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.integers(1, 9), cycles=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 5), st.integers(0, 5)),
+                                                 min_size=1, max_size=25))
+def test_speculative_cycles_keep_blocks_exact(device, prompt, cycles):
+    """Speculative decoding's cache use: three sequences forked from one prompt; each cycle appends k + 1 tokens to
+    one of them (the verification pass) and rolls back the k - accepted rejected ones. Contents and block
+    accounting stay exact after every cycle, and freeing everything returns every block."""
+    cache = PagedKVCache(_LAYERS, 3 * 12, _BS, 1, 32, dtype=torch.float32, device=device)
+    model: dict[str, list[int]] = {}
+    counter = [1]
+    _append_values(cache, model, "s0", prompt, counter, device)
+    for s in ("s1", "s2"):
+        cache.fork("s0", s)
+        model[s] = list(model["s0"])
+    for which, k, accepted in cycles:
+        seq = _IDS[which]
+        if len(model[seq]) + k + 1 > 30:           # keep within the pool (each sequence <= 30 tokens)
+            continue
+        _append_values(cache, model, seq, k + 1, counter, device)
+        rejected = k - min(accepted, k)
+        cache.truncate(seq, len(model[seq]) - rejected)
+        model[seq] = model[seq][:len(model[seq]) - rejected]
+        _check_against_model(cache, model, device)
+    for s in _IDS:
+        cache.free(s)
+    assert cache.num_free_blocks == cache.num_blocks

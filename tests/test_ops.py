@@ -89,6 +89,23 @@ def _quant_matmul(device):
     return [(_randn(2, 3, 64, dtype=F16, device=device), qw.qweight, qw.scales, qw.zeros, None, None, 8, 32)]
 
 
+def _speculative_sample(device):
+    q = torch.softmax(_randn(2, 2, 16, device=device), -1)
+    p = torch.softmax(_randn(2, 3, 16, device=device, seed=1), -1)
+    return [(q, _ints([[3, 5], [0, 15]], torch.int64, device), p, _ints([1, 2], torch.int64, device))]
+
+
+def _beam_topk(device):
+    return [(_randn(4, 16, device=device), _ints([0.0, -1.0, -0.5, -2.0], torch.float32, device), 2, 3)]
+
+
+def _apply_penalties(device):
+    params = [_ints([v, v, v, v], torch.float32, device) for v in (1.3, 0.2, 0.1)]
+    history = _ints([[1, 1, -1], [4, 0, 15], [-1, -1, -1], [2, 9, 2]], torch.int64, device)
+    return [(_randn(4, 16, device=device), history, *params, _randn(16, device=device, seed=1)),
+            (_randn(4, 16, device=device), history, *params, None)]
+
+
 def _moe_topk(device):
     logits = _randn(5, 16, device=device)
     return [(logits, 2, True, "softmax", 0, 0, None, 1.0),
@@ -109,7 +126,8 @@ CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_
          "paged_decode_attention": _paged_decode_attention, "paged_prefill_attention": _paged_prefill_attention,
          "rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "rope_": _rope, "sample": _sample,
          "sampling_probs": _sampling_probs, "quant_matmul": _quant_matmul, "moe_topk": _moe_topk,
-         "fused_moe": _fused_moe}
+         "fused_moe": _fused_moe, "speculative_sample": _speculative_sample, "beam_topk": _beam_topk,
+         "apply_penalties": _apply_penalties}
 
 
 def _clone(args):

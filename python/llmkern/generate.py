@@ -14,7 +14,14 @@ no scheduler, no request queue, no CUDA graphs. One step of the loop, for every 
 
 Prefill runs all prompts packed together (varlen: no padding is ever computed); each decode step runs one token per
 running sequence. A sequence stops at an EOS token or after max_new_tokens; its cache blocks are then freed and the
-batch shrinks.
+batch shrinks. Repetition controls (`llmkern.apply_penalties`) run between lm_head and the sampler when any is on.
+
+Speculative decoding (`draft_model=`, Leviathan et al., arXiv 2211.17192): each round the draft model proposes k
+tokens (k decode steps on its own paged cache, drawn with `llmkern.sample` from `llmkern.sampling_probs`), the
+target scores all k + 1 positions in one paged-prefill pass over its cache, `llmkern.speculative_sample` keeps a
+prefix of the proposal plus one token of its own, and both caches roll back to the kept tokens
+(`PagedKVCache.truncate`). The tokens follow the target's distribution exactly; greedy decoding gives the
+target-only tokens.
 
 Supported: the model types in `SUPPORTED` (Llama, Mistral with its sliding window, Qwen2 with its q/k/v biases):
 pre-norm decoder layers of `input_layernorm -> self_attn -> post_attention_layernorm -> mlp` with RMSNorm. Others
@@ -23,11 +30,12 @@ raise ValueError.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from llmkern import _utils, layers, paged_attention, sampling
+from llmkern import _utils, decoding, layers, paged_attention, sampling
 from llmkern.kv_cache import PagedKVCache
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -97,7 +105,8 @@ class ModelRunner:
 
     ModelRunner(model, cache): model as `generate` takes it; cache a PagedKVCache with one layer per decoder layer,
     the model's KV heads, head_dim and dtype. `forward` runs one step for tokens whose cache slots the caller has
-    reserved (cache.append); the end-to-end benchmark times it.
+    reserved (cache.append); the end-to-end benchmark times it. `feed` reserves the slots itself, for sequences
+    given as all their tokens (generate's loops and llmkern.beam_search use it).
     """
 
     def __init__(self, model: Any, cache: PagedKVCache):
@@ -117,9 +126,9 @@ class ModelRunner:
             self.windows.append((-1, -1) if w is None else (int(w) - 1, 0))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: list[int], q_lens: list[int],
-                slots: torch.Tensor) -> torch.Tensor:
+                slots: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
         """Run packed new tokens (their K/V slots already reserved) through the model; logits of each sequence's
-        last new token, (len(seq_ids), vocab) float32."""
+        last new token, (len(seq_ids), vocab) float32, or with all_logits those of every new token (total, vocab)."""
         cache = self.cache
         device = tokens.device
         block_tables = cache.block_tables(seq_ids)
@@ -158,17 +167,112 @@ class ModelRunner:
             post = layer.post_attention_layernorm
             x, residual = layers.add_rms_norm(hidden, residual, post.weight, post.variance_epsilon)
             hidden = layer.mlp(x)
-        last = cu_q[1:].long() - 1
+        if not all_logits:
+            last = cu_q[1:].long() - 1
+            hidden, residual = hidden[last], residual[last]
         norm = self.inner.norm
-        x, _ = layers.add_rms_norm(hidden[last], residual[last], norm.weight, norm.variance_epsilon)
+        x, _ = layers.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
         return self.model.lm_head(x).float()
+
+    def feed(self, seqs: dict[int, list[int]], all_logits: bool = False) -> torch.Tensor:
+        """Append each sequence's tokens past its cached length (seqs: id -> all its tokens) and run them: prefill
+        for several tokens, decode for one each. Returns `forward`'s logits."""
+        ids = list(seqs)
+        lens = [self.cache.seq_len(i) if i in self.cache else 0 for i in ids]
+        new = [seqs[i][n:] for i, n in zip(ids, lens)]
+        slots = torch.cat([self.cache.append(i, len(t)) for i, t in zip(ids, new)])
+        device = self.model.model.embed_tokens.weight.device
+        tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.int64, device=device)
+        positions = torch.cat([torch.arange(n, n + len(t)) for n, t in zip(lens, new)]).to(device)
+        return self.forward(tokens, positions, ids, [len(t) for t in new], slots, all_logits=all_logits)
+
+
+@dataclass
+class GenerateStats:
+    """What one `generate` call did (returned with return_stats=True)."""
+    target_passes: int = 0      # forward passes of the target model, prefill included
+    draft_tokens: int = 0       # tokens the draft model proposed (speculative decoding)
+    accepted_tokens: int = 0    # proposed tokens that llmkern.speculative_sample accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted_tokens / draft_tokens (NaN without a draft model): FlashInfer's and vLLM's draft acceptance
+        rate. A round emits accepted + 1 tokens for one target pass."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else float("nan")
+
+
+class _Sampler:
+    """One step's choice of tokens: the repetition controls (when any is on), then llmkern.sample, with per-row
+    seeds drawn from a generator seeded once per generate() call (or none: llmkern.sample draws its own)."""
+
+    def __init__(self, sampling: dict, penalties: dict, seed: int | None, device: torch.device):
+        self.sampling = sampling
+        self.penalties = penalties if decoding.penalties_active(**penalties) else None
+        self.rng = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.device = device
+
+    def seeds(self, n: int) -> torch.Tensor | None:
+        if self.rng is None:
+            return None
+        return torch.randint(0, _SEED_MAX, (n,), generator=self.rng, dtype=torch.int64).to(self.device)
+
+    def scores(self, logits: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
+        """The logits the sampler sees: penalized by each row's history (prompt + tokens so far) when a control is
+        on."""
+        if self.penalties is None:
+            return logits
+        ids = torch.full((len(histories), max(map(len, histories))), -1, dtype=torch.int64)
+        for row, h in enumerate(histories):
+            ids[row, :len(h)] = torch.tensor(h)
+        return decoding.apply_penalties(logits, ids.to(self.device), **self.penalties)
+
+    def draw(self, scores: torch.Tensor) -> list[int]:
+        return _valid(sampling.sample(scores, seed=self.seeds(scores.shape[0]), **self.sampling).tolist())
+
+
+def _valid(tokens: list[int]) -> list[int]:
+    if any(t < 0 for t in tokens):
+        raise RuntimeError("llmkern.generate: NaN/inf logits (from the model, or the repetition controls pushed a "
+                           "logit to +inf): the sampler returned -1")
+    return tokens
+
+
+def _new_cache(model: Any, prompts: list[torch.Tensor], extra_tokens: int, block_size: int) -> PagedKVCache:
+    """A cache with enough blocks for every sequence at its longest (prompt + extra_tokens): no CacheFullError."""
+    weight = model.model.embed_tokens.weight
+    cfg = model.config
+    num_blocks = sum(_utils.cdiv(p.numel() + extra_tokens, block_size) for p in prompts)
+    return PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+                                model.model.layers[0].self_attn.head_dim, dtype=weight.dtype, device=weight.device)
+
+
+class _Sequences:
+    """The running sequences of one generate() call: all tokens (prompt + new), the new ones, the stop rules."""
+
+    def __init__(self, prompts: list[torch.Tensor], max_new_tokens: int, eos: set[int]):
+        self.tokens = {i: p.tolist() for i, p in enumerate(prompts)}       # running sequences only
+        self.new: list[list[int]] = [[] for _ in prompts]
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos
+
+    def emit(self, i: int, tokens: list[int]) -> bool:
+        """Append tokens to sequence i up to its stop (EOS, max_new_tokens); True when it stopped."""
+        for t in tokens:
+            self.tokens[i].append(t)
+            self.new[i].append(t)
+            if t in self.eos or len(self.new[i]) == self.max_new_tokens:
+                del self.tokens[i]
+                return True
+        return False
 
 
 @torch.no_grad()
 def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None = None, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-             block_size: int = BLOCK_SIZE) -> list[list[int]]:
+             repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             logit_bias: torch.Tensor | None = None, seed: int | None = None,
+             eos_token_id: int | Sequence[int] | None = None, block_size: int = BLOCK_SIZE,
+             draft_model: Any = None, num_speculative_tokens: int = 4, return_stats: bool = False):
     """Generate up to max_new_tokens tokens per prompt with llmkern kernels; see the module docstring.
 
     model: a Hugging Face Llama/Mistral/Qwen2 *ForCausalLM (any dtype and device the kernels support; its Linear
@@ -176,10 +280,19 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
     input_ids: a (batch, seqlen) int tensor, with `attention_mask` (1 = token, 0 = padding, any side) when prompts
       have different lengths; or a list of token-id lists (or 1-D tensors) of any lengths.
     temperature/top_k/top_p/min_p: llmkern.sample's parameters; temperature 0 (the default) is greedy.
+    repetition_penalty/presence_penalty/frequency_penalty (numbers) and logit_bias (a (vocab,) float tensor):
+      llmkern.apply_penalties' controls, counted over each sequence's prompt and generated tokens (transformers'
+      repetition penalty sees the same, except that it also counts the pad ids of a padded batch), applied before
+      the sampler.
     seed: makes sampling reproducible (each step draws per-sequence seeds from a generator seeded with it).
     eos_token_id: an int or list of ints (default: model.generation_config.eos_token_id); a sequence stops after
       emitting one of them.
-    Returns, per prompt, the list of new token ids (ending with the EOS token when one stopped it).
+    draft_model: a smaller model of a supported type with the same vocabulary: speculative decoding, proposing
+      num_speculative_tokens (1..15) tokens per round (module docstring). Same output distribution as without it;
+      with greedy settings, the same tokens.
+    return_stats: also return a GenerateStats (target passes, proposed and accepted draft tokens, acceptance rate).
+    Returns, per prompt, the list of new token ids (ending with the EOS token when one stopped it); with
+    return_stats, (that list, GenerateStats).
     """
     _check_model(model)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
@@ -195,48 +308,101 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
         if p.numel() == 0:
             raise ValueError(f"prompt {i} has no tokens (all padding?)")
     eos = _eos_set(eos_token_id, model)
+    device = model.model.embed_tokens.weight.device
+    penalties = _check_penalties(model, device, repetition_penalty=repetition_penalty,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 logit_bias=logit_bias)
+    k = _check_draft(draft_model, model, num_speculative_tokens)
+    sampler = _Sampler(dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p), penalties, seed, device)
+    seqs = _Sequences(prompts, max_new_tokens, eos)
+    stats = GenerateStats()
+    # Speculation may run k + 1 tokens past the end before the surplus is cut: room for them too.
+    extra = max_new_tokens + (k + 1 if draft_model is not None else 0)
+    target = ModelRunner(model, _new_cache(model, prompts, extra, block_size))
+    if draft_model is None:
+        _plain_loop(target, sampler, seqs, stats)
+    else:
+        draft = ModelRunner(draft_model, _new_cache(draft_model, prompts, extra, block_size))
+        _speculative_loop(target, draft, sampler, seqs, k, stats)
+    return (seqs.new, stats) if return_stats else seqs.new
 
-    weight = model.model.embed_tokens.weight
-    device, dtype = weight.device, weight.dtype
-    cfg = model.config
-    head_dim = model.model.layers[0].self_attn.head_dim
-    # Enough blocks for every sequence at its longest: no CacheFullError mid-generation.
-    num_blocks = sum(_utils.cdiv(p.numel() + max_new_tokens, block_size) for p in prompts)
-    cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, head_dim,
-                                 dtype=dtype, device=device)
-    runner = ModelRunner(model, cache)
-    rng = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    def draw(logits: torch.Tensor) -> list[int]:
-        seeds = None
-        if rng is not None:
-            seeds = torch.randint(0, _SEED_MAX, (logits.shape[0],), generator=rng, dtype=torch.int64).to(device)
-        tok = sampling.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seeds)
-        out = tok.tolist()
-        if any(t < 0 for t in out):
-            raise RuntimeError("llmkern.generate: the model produced NaN/inf logits (llmkern.sample returned -1)")
-        return out
+def _check_penalties(model: Any, device: torch.device, **penalties: Any) -> dict:
+    """The repetition controls, checked once before the model runs (llmkern.apply_penalties' own checks)."""
+    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        value = penalties[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number in generate (one value for every sequence), got {value!r}")
+    bias = penalties["logit_bias"]
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1):
+        raise ValueError("logit_bias must be a (vocab,) float tensor in generate (one row for every sequence)")
+    decoding.penalty_params(1, model.config.vocab_size, device, **penalties)
+    return penalties
 
-    # Prefill: every prompt packed into one varlen pass.
-    running = list(range(len(prompts)))
-    slots = torch.cat([cache.append(i, p.numel()) for i, p in enumerate(prompts)])
-    tokens = torch.cat(prompts).to(device)
-    positions = torch.cat([torch.arange(p.numel()) for p in prompts]).to(device)
-    first = draw(runner.forward(tokens, positions, running, [p.numel() for p in prompts], slots))
-    outputs: list[list[int]] = [[t] for t in first]
 
-    # Decode: one token per running sequence per step.
-    for _ in range(max_new_tokens - 1):
-        for i in list(running):
-            if outputs[i][-1] in eos:
-                running.remove(i)
-                cache.free(i)
-        if not running:
-            break
-        positions = cache.seq_lens(running).to(torch.int64)     # the new token's position = current length
-        slots = torch.cat([cache.append(i, 1) for i in running])
-        tokens = torch.tensor([outputs[i][-1] for i in running], dtype=torch.int64, device=device)
-        new = draw(runner.forward(tokens, positions, running, [1] * len(running), slots))
-        for i, t in zip(running, new):
-            outputs[i].append(t)
-    return outputs
+def _check_draft(draft_model: Any, model: Any, k: Any) -> int:
+    if draft_model is None:
+        return 0
+    _check_model(draft_model)
+    if draft_model.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"draft_model must share the target's vocabulary: vocab_size {draft_model.config.vocab_size}"
+                         f" != {model.config.vocab_size}")
+    if draft_model.model.embed_tokens.weight.device != model.model.embed_tokens.weight.device:
+        raise ValueError("draft_model must be on the target model's device")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= decoding.MAX_DRAFT_TOKENS:
+        raise ValueError(f"num_speculative_tokens must be an int in [1, {decoding.MAX_DRAFT_TOKENS}], got {k!r}")
+    return int(k)
+
+
+def _plain_loop(target: ModelRunner, sampler: _Sampler, seqs: _Sequences, stats: GenerateStats) -> None:
+    """Prefill every prompt in one pass, then one token per running sequence per step."""
+    while seqs.tokens:
+        ids = list(seqs.tokens)
+        logits = target.feed(seqs.tokens)
+        stats.target_passes += 1
+        for i, t in zip(ids, sampler.draw(sampler.scores(logits, list(seqs.tokens.values())))):
+            if seqs.emit(i, [t]):
+                target.cache.free(i)
+
+
+def _speculative_loop(target: ModelRunner, draft: ModelRunner, sampler: _Sampler, seqs: _Sequences, k: int,
+                      stats: GenerateStats) -> None:
+    """The target's prefill draws the first token; then rounds of k draft proposals and one verification pass.
+
+    Cache invariant at the start of a round: the target holds every token of a sequence but its last; the draft
+    holds a prefix of that (it never ran the last proposal of a fully accepted round), and feeds what it lacks.
+    """
+    logits = target.feed(seqs.tokens)
+    stats.target_passes += 1
+    for i, t in zip(list(seqs.tokens), sampler.draw(sampler.scores(logits, list(seqs.tokens.values())))):
+        if seqs.emit(i, [t]):
+            target.cache.free(i)
+    while seqs.tokens:
+        ids = list(seqs.tokens)
+        lens = [len(seqs.tokens[i]) for i in ids]
+        ext = {i: list(seqs.tokens[i]) for i in ids}          # the tokens plus the proposals so far
+        draft_probs = []
+        for _ in range(k):
+            scores = sampler.scores(draft.feed(ext), list(ext.values()))
+            draft_probs.append(sampling.sampling_probs(scores, **sampler.sampling))
+            for i, t in zip(ids, sampler.draw(scores)):
+                ext[i].append(t)
+        # One pass of the target over [last token, k proposals]: the distributions at all k + 1 positions.
+        logits = target.feed(ext, all_logits=True)
+        stats.target_passes += 1
+        histories = [ext[i][:n + j] for i, n in zip(ids, lens) for j in range(k + 1)]
+        target_probs = sampling.sampling_probs(sampler.scores(logits, histories), **sampler.sampling)
+        proposals = torch.tensor([ext[i][n:] for i, n in zip(ids, lens)], dtype=torch.int64, device=logits.device)
+        tokens, accepted = decoding.speculative_sample(torch.stack(draft_probs, 1), proposals,
+                                                      target_probs.view(len(ids), k + 1, -1),
+                                                      seed=sampler.seeds(len(ids)))
+        for i, row, a in zip(ids, tokens.tolist(), accepted.tolist()):
+            stats.draft_tokens += k
+            stats.accepted_tokens += a
+            if seqs.emit(i, _valid(row[:a + 1])):
+                target.cache.free(i)
+                draft.cache.free(i)
+            else:   # roll both caches back to the kept tokens (all but the last, which the next round feeds)
+                kept = len(seqs.tokens[i]) - 1
+                target.cache.truncate(i, kept)
+                draft.cache.truncate(i, min(draft.cache.seq_len(i), kept))

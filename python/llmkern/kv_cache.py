@@ -172,14 +172,36 @@ class PagedKVCache:
         self._tables[new_seq_id] = table
         self._lens[new_seq_id] = self._lens[src_seq_id]
 
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Keep the first num_tokens tokens of seq_id (0 <= num_tokens <= its length), e.g. to roll back the draft
+        tokens a speculative step rejected. Blocks left without a token are released (freed when no other sequence
+        shares them). The kept part needs nothing else: if its last block is partly filled and shared, the next
+        append copies it first (copy-on-write, as after `fork`); slots past the new length are never read."""
+        self._require(seq_id, "seq_id")
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool):
+            raise TypeError(f"num_tokens must be an int, got {num_tokens!r}")
+        length = self._lens[seq_id]
+        if not 0 <= num_tokens <= length:
+            raise ValueError(f"num_tokens must be in [0, {length}] (the length of {seq_id!r}), got {num_tokens}")
+        table = self._tables[seq_id]
+        keep = _utils.cdiv(num_tokens, self.block_size)
+        self._release(table[keep:])
+        del table[keep:]
+        self._lens[seq_id] = num_tokens
+
     def free(self, seq_id: Hashable) -> None:
         """Drop a sequence; blocks no other sequence shares return to the free pool."""
         self._require(seq_id, "seq_id")
-        for blk in reversed(self._tables.pop(seq_id)):
+        self._release(self._tables.pop(seq_id))
+        del self._lens[seq_id]
+
+    def _release(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; unshared ones return to the free pool (last block first, so the
+        stack hands out the first block first again)."""
+        for blk in reversed(blocks):
             self._refs[blk] -= 1
             if self._refs[blk] == 0:
                 self._free.append(blk)
-        del self._lens[seq_id]
 
     # ------------------------------------------------------------------------------------------------ checks
     def _require(self, seq_id: Hashable, name: str) -> None:

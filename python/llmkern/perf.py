@@ -168,6 +168,23 @@ def sampling_bytes(batch: int, vocab: int, elem: int) -> float:
     return float(batch * vocab * elem + batch * 8)
 
 
+def speculative_bytes(batch: int, k: int, vocab: int, elem: int) -> float:
+    """Chain speculative sampling's compulsory traffic: per row the two probability rows of the final draw (target
+    and draft at the first rejection; the bonus row alone needs less) plus the k + 1 output tokens. The other rows
+    are touched at one entry each (the draft token's probability)."""
+    return float(batch * (2 * vocab * elem + (k + 1) * 8))
+
+
+def beam_topk_bytes(batch: int, num_beams: int, vocab: int, elem: int) -> float:
+    """Beam search's selection: every beam's logits read once (the k outputs are negligible)."""
+    return float(batch * num_beams * vocab * elem)
+
+
+def penalties_bytes(batch: int, vocab: int, history: int, elem: int) -> float:
+    """Repetition controls: the logits read once, float32 logits written once, the int64 history read once."""
+    return float(batch * (vocab * (elem + 4) + history * 8))
+
+
 # ------------------------------------------------------------------------------------------------------- matmul
 def matmul_flops(m: int, n: int, k: int) -> float:
     return 2.0 * m * n * k

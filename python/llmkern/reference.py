@@ -270,15 +270,16 @@ def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
     return (probs, kept) if return_kept else probs
 
 
-def philox_uniform(seed: int) -> float:
-    """The float32 uniform that Triton's `tl.rand(seed, 0)` returns (Philox-4x32, 10 rounds), in plain Python.
+def philox_uniform(seed: int, offset: int = 0) -> float:
+    """The float32 uniform that Triton's `tl.rand(seed, offset)` returns (Philox-4x32, 10 rounds), in plain Python.
 
-    Lets the CPU reference sampler draw the same u as the kernels for the same seed.
+    Lets the CPU references draw the same u as the kernels for the same seed (sampling uses offset 0; speculative
+    sampling uses offset i for draft token i's test and offset k for its draw).
     """
     mask32 = 0xFFFFFFFF
     s = seed & 0xFFFFFFFFFFFFFFFF
     k0, k1 = s & mask32, s >> 32
-    c0, c1, c2, c3 = 0, 0, 0, 0          # counter = (offset 0, offset high word 0, 0, 0)
+    c0, c1, c2, c3 = offset & mask32, (offset >> 32) & mask32, 0, 0   # counter = (offset low, offset high, 0, 0)
     for _ in range(10):
         prod_b, prod_a = 0xCD9E8D57 * c2, 0xD2511F53 * c0
         c0, c1, c2, c3 = ((prod_b >> 32) ^ c1 ^ k0) & mask32, prod_b & mask32, \
@@ -287,6 +288,16 @@ def philox_uniform(seed: int) -> float:
     v = c0 - (1 << 32) if c0 >= (1 << 31) else c0       # as int32
     v = ~v if v < 0 else v
     return float(torch.tensor(float(v), dtype=torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32))
+
+
+def _inverse_cdf(w: torch.Tensor, u: float) -> int:
+    """The first index whose running sum of the nonnegative weights w exceeds u * sum(w) (a zero weight is never
+    drawn; the last positive weight when rounding leaves none); -1 when w has no positive finite mass."""
+    mass = float(w.sum())
+    if not 0.0 < mass < math.inf:
+        return -1
+    hit = torch.nonzero((torch.cumsum(w, 0) > u * mass) & (w > 0))
+    return int(hit[0]) if len(hit) else int(torch.nonzero(w > 0)[-1])
 
 
 def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -302,11 +313,88 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     for b in range(logits.shape[0]):
         if not kept[b].any():
             continue
-        cdf = torch.cumsum(probs[b], dim=0)
-        goal = philox_uniform(int(seeds[b])) * float(cdf[-1])
-        hit = torch.nonzero((cdf > goal) & (probs[b] > 0))
-        out[b] = int(hit[0]) if len(hit) else int(torch.nonzero(probs[b] > 0)[-1])
+        out[b] = _inverse_cdf(probs[b], philox_uniform(int(seeds[b])))
     return out.to(logits.device)
+
+
+# ---------------------------------------------------------------------------------------- decoding controls
+def speculative_sample(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, target_probs: torch.Tensor, *,
+                       seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chain speculative sampling (Leviathan et al., arXiv 2211.17192), in float64, with the kernel's uniforms.
+
+    Per row: draft token i is accepted when philox_uniform(seed, i) * q_i(x_i) < p_i(x_i); at the first rejection j
+    (or j = k when all are accepted) one token is drawn with philox_uniform(seed, k) from max(0, p_j - q_j) (q_k = 0:
+    the bonus row p_k), or from p_j when that residual has no mass. Returns tokens (batch, k + 1) int64 (accepted
+    draft tokens, the drawn token, then -1) and the accepted counts (batch,) int64.
+    """
+    batch, k, _ = draft_probs.shape
+    q = draft_probs.detach().to("cpu", torch.float64)
+    p = target_probs.detach().to("cpu", torch.float64)
+    ids = draft_token_ids.detach().to("cpu", torch.int64)
+    seeds = seed.detach().to("cpu", torch.int64)
+    out = torch.full((batch, k + 1), -1, dtype=torch.int64)
+    accepted = torch.zeros(batch, dtype=torch.int64)
+    for b in range(batch):
+        s = int(seeds[b])
+        j = k
+        for i in range(k):
+            x = int(ids[b, i])
+            if not philox_uniform(s, i) * float(q[b, i, x]) < float(p[b, i, x]):
+                j = i
+                break
+            out[b, i] = x
+        w = (p[b, j] - q[b, j]).clamp(min=0) if j < k else p[b, j].clamp(min=0)
+        if not float(w.sum()) > 0:
+            w = p[b, j].clamp(min=0)
+        out[b, j] = _inverse_cdf(w, philox_uniform(s, k))
+        accepted[b] = j
+    return out.to(draft_probs.device), accepted.to(draft_probs.device)
+
+
+def beam_topk(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams: int, k: int, *,
+              compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best continuations per sequence by beam_score + log_softmax(logits), as transformers' beam search
+    computes them (log_softmax of the float32 logits, plus the running beam score, top-k over beams x vocab).
+
+    logits (batch * num_beams, vocab), beam_scores (batch * num_beams,). Returns scores (batch, k) float32 and flat
+    indices beam * vocab + token (batch, k) int64, best first, ties to the lower index. A row holding NaN or +inf,
+    or all -inf, has no candidates; -inf scores are no candidates either; missing ones are (-inf, -1).
+    """
+    cd = _compute_dtype(logits, compute_dtype)
+    rows, vocab = logits.shape
+    x = logits.detach().to(cd)
+    bad = torch.isnan(x).any(1) | (x == math.inf).any(1) | (x == -math.inf).all(1)
+    scores = torch.log_softmax(x, dim=-1) + beam_scores.detach().to(cd)[:, None]
+    scores = scores.masked_fill(bad[:, None] | torch.isnan(scores), -math.inf)
+    vals, order = torch.sort(scores.reshape(rows // num_beams, num_beams * vocab), dim=1, descending=True,
+                             stable=True)
+    vals, idx = vals[:, :k], order[:, :k]
+    return vals.to(torch.float32), torch.where(vals == -math.inf, -1, idx)
+
+
+def apply_penalties(logits: torch.Tensor, token_ids: torch.Tensor, *, repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0, logit_bias: torch.Tensor | None = None,
+                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Penalized logits, with a dense count per token (fine here, the kernel has none).
+
+    For every token t that occurs c_t > 0 times in the row's history token_ids (batch, max_len; -1 = padding):
+    x_t -> (x_t * r if x_t < 0 else x_t / r) - frequency * c_t - presence (transformers' repetition penalty, then
+    OpenAI's presence/frequency); then every token gets logit_bias ((vocab,) or (batch, vocab)) added.
+    """
+    cd = _compute_dtype(logits, compute_dtype)
+    batch, vocab = logits.shape
+    x = logits.detach().to("cpu", cd)
+    ids = token_ids.detach().to("cpu", torch.int64)
+    counts = torch.zeros(batch, vocab + 1, dtype=cd)
+    counts.scatter_add_(1, torch.where(ids >= 0, ids, vocab), (ids >= 0).to(cd))
+    counts = counts[:, :vocab]
+    rep, pres, freq = (_per_row(v, batch, cd)[:, None] for v in (repetition_penalty, presence_penalty,
+                                                                 frequency_penalty))
+    penalized = torch.where(x < 0, x * rep, x / rep) - freq * counts - pres
+    x = torch.where(counts > 0, penalized, x)
+    if logit_bias is not None:
+        x = x + logit_bias.detach().to("cpu", cd)
+    return x.to(logits.device)
 
 
 # ------------------------------------------------------------------------------------------ quantized matmul

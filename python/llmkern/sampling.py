@@ -40,14 +40,15 @@ _INT32_MAX = 2 ** 31 - 1
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
-def _param(name: str, value: Any, batch: int, device: torch.device, *, integer: bool, lo: float, hi: float,
-           lo_open: bool = False, hi_open: bool = False) -> torch.Tensor:
+def per_row_param(name: str, value: Any, batch: int, device: torch.device, *, integer: bool, lo: float, hi: float,
+                  lo_open: bool = False, hi_open: bool = False, like: str = "logits") -> torch.Tensor:
     """A per-row parameter as a (batch,) tensor on `device` (float32, or int32 for top_k), range-checked.
 
     The range is checked on the value the kernel will see (after the cast to float32), so that e.g. a float64
     temperature of 1e300 (inf in fp32) is refused rather than silently turned into inf. top_k is clamped to
     2**31 - 1 before its int32 cast (after the check): every k >= vocab means "off" anyway.
-    Tensor parameters cost one device-to-host sync here (the range check), before any launch.
+    Tensor parameters cost one device-to-host sync here (the range check), before any launch. `like` names the
+    tensor whose device the parameter must share (in error messages). Shared with llmkern.decoding.
     """
     what = "an int" if integer else "a float"
     if isinstance(value, torch.Tensor):
@@ -55,7 +56,7 @@ def _param(name: str, value: Any, batch: int, device: torch.device, *, integer: 
             raise ValueError(f"{name} must be {what} or a ({batch},) tensor (one value per row), "
                              f"got shape {tuple(value.shape)}")
         if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but logits is on {device}; they must share a device")
+            raise ValueError(f"{name} is on {value.device} but {like} is on {device}; they must share a device")
         ok_dtype = value.dtype in _INT_DTYPES if integer else value.dtype.is_floating_point
         if not ok_dtype:
             raise ValueError(f"{name} must be an {'integer' if integer else 'floating-point'} tensor, "
@@ -98,8 +99,9 @@ def _check_range(name: str, t: torch.Tensor, lo: float, hi: float, lo_open: bool
         raise ValueError(f"{name} must be in {rng}{as_f32}, got {got}")
 
 
-def _seeds(seed: Any, generator: Any, batch: int, device: torch.device) -> torch.Tensor:
-    """int64 (batch,) seeds on `device`: given, one int for every row, or drawn from the generator."""
+def row_seeds(seed: Any, generator: Any, batch: int, device: torch.device, like: str = "logits") -> torch.Tensor:
+    """int64 (batch,) seeds on `device`: given, one int for every row, or drawn from the generator. Shared with
+    llmkern.decoding; `like` names the tensor whose device the seeds must share (in error messages)."""
     if seed is not None and generator is not None:
         raise ValueError("seed and generator are exclusive: pass at most one")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -115,7 +117,7 @@ def _seeds(seed: Any, generator: Any, batch: int, device: torch.device) -> torch
         if seed.dtype != torch.int64:
             raise ValueError(f"seed must be an int64 tensor, got {seed.dtype}")
         if seed.device != device:
-            raise ValueError(f"seed is on {seed.device} but logits is on {device}; they must share a device")
+            raise ValueError(f"seed is on {seed.device} but {like} is on {device}; they must share a device")
         return seed.detach().contiguous()
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int or a ({batch},) int64 tensor, got {seed!r}")
@@ -134,10 +136,10 @@ def _check(logits: Any, temperature, top_k, top_p, min_p):
         raise ValueError(f"logits: vocab must be below 2**24 = 16777216, got {vocab}")
     dev = logits.device
     params = (
-        _param("temperature", temperature, batch, dev, integer=False, lo=0.0, hi=float("inf"), hi_open=True),
-        _param("top_k", top_k, batch, dev, integer=True, lo=0, hi=float("inf"), hi_open=True),
-        _param("top_p", top_p, batch, dev, integer=False, lo=0.0, hi=1.0, lo_open=True),
-        _param("min_p", min_p, batch, dev, integer=False, lo=0.0, hi=1.0),
+        per_row_param("temperature", temperature, batch, dev, integer=False, lo=0.0, hi=float("inf"), hi_open=True),
+        per_row_param("top_k", top_k, batch, dev, integer=True, lo=0, hi=float("inf"), hi_open=True),
+        per_row_param("top_p", top_p, batch, dev, integer=False, lo=0.0, hi=1.0, lo_open=True),
+        per_row_param("min_p", min_p, batch, dev, integer=False, lo=0.0, hi=1.0),
     )
     return _utils.last_dim_contiguous("logits", logits), params
 
@@ -212,7 +214,7 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     every loop has a fixed bound). Bad parameters raise ValueError naming the argument.
     """
     logits, (temp, k, p, mp) = _check(logits, temperature, top_k, top_p, min_p)
-    seeds = _seeds(seed, generator, logits.shape[0], logits.device)
+    seeds = row_seeds(seed, generator, logits.shape[0], logits.device)
     return _sample_op(logits, temp, k, p, mp, seeds)
 
 
