@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 from llmkern.quant import quant_matmul
-from llmkern.quant_weight import SCALE_DTYPES, QuantizedWeight, check_bits_group, quantize_weight
+from llmkern.quant_weight import (SCALE_DTYPES, QuantizedWeight, check_bits_group, check_finite_scales,
+                                  quantize_weight)
 
 
 class QuantLinear(nn.Module):
     """A drop-in nn.Linear with a quantized weight: same in_features/out_features/bias contract, forward = quant_matmul.
 
     The packed weight, scales, zeros and act-order permutation are buffers (so .to(device), state_dict and
-    .half()/.bfloat16() act on them: a dtype change converts the scales and bias, the activation dtype it serves).
+    .half()/.bfloat16()/.float() act on them: a dtype change converts the scales and bias, the activation dtype it
+    serves; a float32 model quantized by quantize_model keeps running in float32).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 4,
@@ -27,7 +29,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         check_bits_group(bits, group_size, in_features)
         if dtype not in SCALE_DTYPES:
-            raise TypeError(f"dtype must be float16 or bfloat16, got {dtype}")
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         groups = 1 if group_size == -1 else in_features // group_size
@@ -42,6 +44,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        check_finite_scales(f"{prefix}scales", self.scales)
         # A loaded act-order permutation must be one (the kernels gather x's columns through it).
         if self.perm is not None:
             seen = torch.zeros(self.in_features, dtype=torch.bool, device=self.perm.device)
