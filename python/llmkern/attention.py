@@ -72,7 +72,8 @@ def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_stri
             batch, max_seqlen_q, causal, scale, window, softcap, return_lse, varlen):
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     group = num_heads // k.shape[-2]
-    left, right = window
+    longest = k.shape[-3]  # seqlen_k, or total_k for varlen: no sequence has more keys
+    left, right = (_utils.unbounded_beyond(w, longest) for w in window)
     if causal:
         right = 0  # causal is the window (left, 0)
     kernel = _tuned_kernel(q, max_seqlen_q, varlen, softcap, return_lse)
@@ -114,7 +115,8 @@ def _check_options(causal, scale, window, softcap, return_lse, head_dim):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    return _utils.check_scale(scale, head_dim), _utils.check_window(window), _utils.check_softcap(softcap)
+    scale = _utils.check_scale(scale, head_dim)
+    return scale, _utils.check_window(window), _utils.check_softcap(softcap, scale)
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, q: torch.Tensor):
@@ -222,7 +224,7 @@ def _attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 
 
 @_dispatch.custom_op("attention_varlen", mutates_args=(), reference=_attention_varlen_reference,
-                     check=_check_varlen_values)
+                     check=_check_varlen_values, contiguous=("cu_seqlens_q", "cu_seqlens_k"))
 def _attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
                          window_left: int, window_right: int, softcap: Optional[float],

@@ -195,6 +195,7 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
         if p.numel() == 0:
             raise ValueError(f"prompt {i} has no tokens (all padding?)")
     eos = _eos_set(eos_token_id, model)
+    sampling.check_params(temperature, top_k, top_p, min_p)   # refused here, not after the first forward
 
     weight = model.model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype

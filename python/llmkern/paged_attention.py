@@ -158,7 +158,10 @@ def _cache_strides(c: torch.Tensor) -> tuple[int, int, int, int]:
 
 # ---------------------------------------------------------------------------------------------------- kv write
 def _check_slots(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Every slot within the cache or -1 (one sync), before any implementation runs (llmkern._dispatch)."""
+    """Caches that can be written (no element at two indices) and every slot within the cache or -1 (one sync),
+    before any implementation runs (llmkern._dispatch)."""
+    _utils.check_writable("k_cache", k_cache)
+    _utils.check_writable("v_cache", v_cache)
     num_blocks, block_size = k_cache.shape[:2]
     if slot_mapping.numel() == 0:
         return
@@ -169,7 +172,7 @@ def _check_slots(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 @_dispatch.custom_op("paged_kv_write", mutates_args=("k_cache", "v_cache"), reference=reference.paged_kv_write,
-                     check=_check_slots)
+                     check=_check_slots, contiguous=("slot_mapping",))
 def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -231,7 +234,7 @@ def _paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, 
 
 
 @_dispatch.custom_op("paged_decode_attention", mutates_args=(), reference=_paged_decode_reference,
-                     check=_check_decode_values)
+                     check=_check_decode_values, contiguous=("seq_lens",))
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, softcap: float | None, window_left: int,
                      window_right: int, num_splits: int) -> torch.Tensor:
@@ -241,6 +244,7 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
+    window_left = _utils.unbounded_beyond(window_left, block_tables.shape[1] * block_size)
     cfg = _decode_config(group, head_dim, q.dtype)
     if num_splits == 0:
         num_splits = choose_num_splits(batch, num_kv_heads, int(seq_lens.max()), q.device)
@@ -307,7 +311,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"block_tables ({tuple(block_tables.shape)}) and seq_lens ({tuple(seq_lens.shape)}) must "
                          f"have one row per sequence of q (batch {batch})")
     scale = _utils.check_scale(scale, head_dim)
-    softcap = _utils.check_softcap(softcap)
+    softcap = _utils.check_softcap(softcap, scale)
     left, right = _utils.check_window(window)
     if num_splits is not None:
         if not isinstance(num_splits, int) or isinstance(num_splits, bool):
@@ -349,7 +353,7 @@ def _paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, se
 
 
 @_dispatch.custom_op("paged_prefill_attention", mutates_args=(), reference=_paged_prefill_reference,
-                     check=_check_prefill_values)
+                     check=_check_prefill_values, contiguous=("cu_seqlens_q", "seq_lens"))
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, causal: bool, scale: float,
                       softcap: float | None, window_left: int, window_right: int) -> torch.Tensor:
@@ -360,6 +364,8 @@ def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if total_q == 0:
         return out
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    longest = block_tables.shape[1] * block_size   # no sequence outgrows its block table (checked)
+    window_left, window_right = (_utils.unbounded_beyond(w, longest) for w in (window_left, window_right))
     if causal:
         window_right = 0
     cfg = _prefill_config(head_dim, q.dtype)
@@ -409,7 +415,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     scale = _utils.check_scale(scale, head_dim)
-    softcap = _utils.check_softcap(softcap)
+    softcap = _utils.check_softcap(softcap, scale)
     left, right = _utils.check_window(window)
     q = _utils.last_dim_contiguous("q", q)
     k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
