@@ -300,7 +300,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None 
         returns them (its cat(freqs, freqs) layout: only the first head_dim/2 columns are read), or with a last dim
         of head_dim/2. For (tokens, ...) inputs, seq = tokens.
     Any strides with a contiguous head_dim. inplace=False returns new tensors; inplace=True rotates q and k in place
-    (they must then have a contiguous last dim, and must not overlap) and returns them.
+    (they must then have a contiguous last dim, and must not overlap each other or themselves) and returns them.
+    theta: 1 < theta < inf (ValueError otherwise; used through log2(theta), so any finite value works).
     """
     _utils.check_tensor("q", q, dtypes=_utils.FLOAT_DTYPES)
     _utils.check_tensor("k", k, dtypes=_utils.FLOAT_DTYPES)

@@ -200,7 +200,9 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     """Copy k, v (num_tokens, num_kv_heads, head_dim) into the cache slots `slot_mapping` (int64, num_tokens).
 
     Slot s is block s // block_size, offset s % block_size; -1 skips the token (padding). Bit-exact copies: k, v
-    must have the cache's dtype. Slots must be distinct (two tokens in one slot leave either one there).
+    must have the cache's dtype. Slots must be distinct (two tokens in one slot leave either one there). The caches
+    are written through their strides (any view that does not overlap itself: an expanded cache raises ValueError);
+    slot_mapping may be any view, read as its values.
     """
     _utils.check_tensor("k", k, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     _utils.check_tensor("v", v, ndim=3, dtypes=_utils.FLOAT_DTYPES)
@@ -298,6 +300,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_heads % num_kv_heads == 0 (GQA/MQA); block_tables int32 (batch, max_blocks); seq_lens int32 (batch,), the
     cached length including the new token (>= 1). window=(left, right): the token at position seq_len - 1 sees keys
     from seq_len - 1 - left (-1: unbounded); right has nothing to mask in decode. softcap: Gemma-2 tanh capping.
+    scale, softcap and window take the values llmkern.attention documents (inf softcap: no cap). Every tensor may be
+    any view: the cache, q and block_tables (either stride) are read through their strides, seq_lens as its values.
     num_splits: programs per sequence (split-KV); None picks one from batch, length and SM count.
     Returns (batch, num_heads, head_dim) in q's dtype.
     """
@@ -401,6 +405,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     int32 (batch + 1,)); their K/V are already in the cache. seq_lens int32 (batch,) is each sequence's total
     length, prefix plus new tokens, so new token i sits at position seq_len - q_len + i (bottom-right alignment, as
     FlashAttention's kvcache API). This is chunked prefill and prefix caching. Returns (total_q, num_heads, head_dim).
+    scale, softcap and window as in llmkern.attention; tensors in any layout, as in paged_decode_attention.
     """
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)

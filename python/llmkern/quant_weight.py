@@ -17,6 +17,7 @@ llmkern's packed layout (what QuantizedWeight holds; checkpoints are repacked in
            loads (BLOCK_W, BLOCK_N) words once, coalesced along N, and unpacks them in registers; the dot kernels
            expand a (32, BLOCK_N) K-tile from 32 / PACK word rows.
   scales   (G, N) fp16, bf16 or fp32, G = K // group_size (1 for group_size -1); must match the activations' dtype.
+           Finite (every conversion checks it: check_finite_scales); 0, subnormal and negative scales are used as is.
   zeros    (G, N) int16, the integer zero point itself (not GPTQ's zero - 1). Always stored, also for symmetric
            quantization (2**(bits-1) there): one code path, at 2 bytes per group per column (3% of int4 g128).
            int16 because GPTQ v1 checkpoints can hold a zero of 2**bits (stored zero-1 = 2**bits - 1 wraps to it).
