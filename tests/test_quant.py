@@ -413,6 +413,7 @@ def test_bad_input():
         (TypeError, "exclude", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(64, 8)), exclude="lm_head")),
         (ValueError, "exclude", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(48, 8)), group_size=32)),
         (ValueError, "bits", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(64, 8)), bits=5)),
+        (TypeError, "model.float", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(64, 8)).double())),
     ]
     for exc, word, fn in cases:
         with pytest.raises(exc, match=word):

@@ -199,6 +199,9 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
 
     weight = model.model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
+    if dtype not in _utils.FLOAT_DTYPES:     # refused here, before the cache and the first forward
+        raise TypeError(f"model: dtype {dtype} is not one the kernels run (float16, bfloat16, float32); convert it "
+                        f"first (e.g. model.float())")
     cfg = model.config
     head_dim = model.model.layers[0].self_attn.head_dim
     # Enough blocks for every sequence at its longest: no CacheFullError mid-generation.

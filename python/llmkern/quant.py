@@ -55,7 +55,8 @@ _GEMM_FP32_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP_M": 8}, num_warps=8, num_stages=1),
 ]
 _GEMM = tuning.TunedKernel("quant_gemm", quant_gemm_kernel, buckets=("m",),
-                           configs=lambda key: _GEMM_FP32_CONFIGS if key["dtype"] == torch.float32 else _GEMM_CONFIGS,
+                           configs=lambda key: (_GEMM_FP32_CONFIGS if key.get("dtype") == torch.float32
+                                                else _GEMM_CONFIGS),
                            spec=lambda key, cfg: _gemm_spec(cfg, key["dtype"]))
 
 # Cut-over. Up to 16 rows a tensor-core tile (minimum M = 16) is not even full, each weight feeds at most 16

@@ -88,7 +88,8 @@ class QuantLinear(nn.Module):
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
                    exclude: Iterable[str] = ("lm_head",), *, symmetric: bool = False) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by a QuantLinear, except those whose qualified name, or its
-    last component, is in `exclude`. Returns the model."""
+    last component, is in `exclude`. Returns the model. Each layer keeps its dtype (float16, bfloat16 or float32: the
+    activations it then takes); every layer is checked before any is replaced (TypeError/ValueError naming it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(exclude, str):
@@ -98,6 +99,9 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
     targets = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and name not in exclude and name.rsplit(".", 1)[-1] not in exclude:
+            if mod.weight.dtype not in SCALE_DTYPES:
+                raise TypeError(f"layer {name!r} has dtype {mod.weight.dtype}; quantized layers run float16, bfloat16 "
+                                f"or float32 activations: convert the model first (e.g. model.float())")
             if (group_size != -1 and mod.in_features % group_size) or mod.in_features % (32 // bits):
                 raise ValueError(f"layer {name!r}: in_features={mod.in_features} does not fit bits={bits}, "
                                  f"group_size={group_size}; add it to exclude")
