@@ -6,20 +6,7 @@ Host logic (checks, dispatch, configs) lives in llmkern/layers.py.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """x (fp32) rounded to DTYPE, to nearest even as the GPU does.
-
-    Triton's interpreter truncates fp32 -> bf16 casts instead of rounding, so there bf16 rounding is done on the
-    bits: add half an ulp of bf16 (0x7FFF, plus the lowest kept bit for ties to even), clear the 16 dropped bits,
-    and the cast that follows is exact.
-    """
-    if INTERPRET and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
+from .rounding import round_to
 
 
 @triton.jit
@@ -30,7 +17,7 @@ def _load_sum(x_row, r_row, ro_row, c, mask, HAS_RESIDUAL: tl.constexpr, DT: tl.
     v = tl.load(x_row + c, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         res = tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
-        v = _cast(v.to(tl.float32) + res, DT, INTERPRET)
+        v = round_to(v.to(tl.float32) + res, DT, INTERPRET)
         tl.store(ro_row + c, v, mask=mask)
     return v.to(tl.float32)
 
@@ -42,8 +29,8 @@ def _store_normed(y_row, W, c, mask, v, rstd, offset, CAST_BEFORE_WEIGHT: tl.con
     w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32) + offset
     n = v * rstd
     if CAST_BEFORE_WEIGHT:
-        n = _cast(n, DT, INTERPRET).to(tl.float32)
-    tl.store(y_row + c, _cast(n * w, DT, INTERPRET), mask=mask)
+        n = round_to(n, DT, INTERPRET).to(tl.float32)
+    tl.store(y_row + c, round_to(n * w, DT, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -54,7 +41,7 @@ def _rmsnorm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr,    # Llama: round x*rstd to the input dtype, then multiply by the weight
     BLOCK: tl.constexpr,
-    INTERPRET: tl.constexpr,             # running under TRITON_INTERPRET (see _cast)
+    INTERPRET: tl.constexpr,             # running under TRITON_INTERPRET (see round_to)
 ):
     """One program per row. y = norm(r) * (offset + w), r = x (+ residual); math in fp32.
 
@@ -110,8 +97,8 @@ def _rope_rotate_heads(
         x2 = tl.load(in_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
         y1 = x1 * c[None, :] - x2 * s[None, :]
         y2 = x2 * c[None, :] + x1 * s[None, :]
-        tl.store(out_ptr, _cast(y1, OUT.dtype.element_ty, INTERPRET), mask=mask)
-        tl.store(out_ptr + HALF, _cast(y2, OUT.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(out_ptr, round_to(y1, OUT.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(out_ptr + HALF, round_to(y2, OUT.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -130,7 +117,7 @@ def _rope_kernel(
     HALF_P2: tl.constexpr,                # HALF rounded up to a power of two (tile width)
     USE_TABLE: tl.constexpr,              # True: read cos/sin from COS/SIN; False: compute them from POS and theta
     BLOCK_H: tl.constexpr,
-    INTERPRET: tl.constexpr,              # running under TRITON_INTERPRET (see _cast)
+    INTERPRET: tl.constexpr,              # running under TRITON_INTERPRET (see round_to)
 ):
     """One program per token: q's and k's heads rotated by the same angles, in one launch.
 

@@ -21,6 +21,8 @@ per-slot shift), never a tile shape, so one compiled kernel serves int4 and int8
 import triton
 import triton.language as tl
 
+from .rounding import round_to
+
 
 @triton.jit
 def _codes(w_ptr, offs_k, offs_n, k_mask, n_mask, N, bits, pack_shift):
@@ -55,16 +57,18 @@ def _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM: tl.constexpr):
 
 @triton.jit
 def _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, stride_om,
-            HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+            HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr):
     """Decode epilogue for an fp32 (BLOCK_M, BLOCK_N) tile. ATOMIC: this program summed one of several K-ranges; add
-    the partial sum into the fp32 workspace (the host filled it with the bias and casts it to the output dtype)."""
+    the partial sum into the fp32 workspace (the host filled it with the bias and casts it to the output dtype).
+    Otherwise round to the output dtype to nearest even (round_to), as the atomic path's host cast does."""
     mask = m_mask[:, None] & n_mask[None, :]
     if ATOMIC:
         tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                 round_to(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -87,7 +91,7 @@ def quant_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr,
     N, KW, stride_xk, group_size, bits, pack_shift, tiles_per_split,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """M = 1. Program (pid_n, pid_k) owns BLOCK_N output columns and one range of the KW = K / PACK word rows, so every
     packed word is loaded exactly once, by one thread: a (BLOCK_W, BLOCK_N) tile of words is unpacked slot by slot in
@@ -129,7 +133,7 @@ def quant_gemv_kernel(
 
     out = tl.sum(acc, axis=0)[None, :]
     offs_m = tl.arange(0, 1)
-    _finish(out, offs_m, offs_m < 1, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, 0, HAS_BIAS, ATOMIC)
+    _finish(out, offs_m, offs_m < 1, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, 0, HAS_BIAS, ATOMIC, INTERPRET)
 
 
 @triton.jit
@@ -138,6 +142,7 @@ def quant_decode_kernel(
     M, N, K, stride_xm, stride_xk, stride_om, group_size, bits, pack_shift, tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """2 <= M <= 16. Program (pid_n, pid_k) owns BLOCK_N output columns for ALL rows and one K-range, so every packed
     word is read by exactly one program (split-K keeps the machine busy when N alone gives too few programs). The rows
@@ -161,12 +166,12 @@ def quant_decode_kernel(
         cols = _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if DOT_FP32:   # the interpreter's bf16 dot is unreliable: same exact products, in fp32
+        if DOT_FP32:   # fp32 x, or the interpreter (its bf16 dot is unreliable): an IEEE fp32 dot, no TF32
             part = tl.dot(xt.to(tl.float32), q.to(tl.float32), input_precision="ieee")
         else:
             part = tl.dot(xt, q.to(xt.dtype))
         acc += part * s[None, :]
-    _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, stride_om, HAS_BIAS, ATOMIC)
+    _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, stride_om, HAS_BIAS, ATOMIC, INTERPRET)
 
 
 @triton.jit
@@ -174,7 +179,7 @@ def quant_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr,
     M, N, K, stride_xm, stride_xk, stride_om, group_size, bits, pack_shift,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Large M: a tiled GEMM. Each K-tile of codes is unpacked on chip, its zero point subtracted, and fed to tl.dot
     (tensor cores); the group's scale multiplies the fp32 tile product. One dequantized tile serves BLOCK_M rows."""
@@ -203,5 +208,5 @@ def quant_gemm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out_ptr + rows64[:, None] * stride_om + offs_n[None, :],
+             round_to(acc, out_ptr.dtype.element_ty, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])

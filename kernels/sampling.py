@@ -45,6 +45,9 @@ KEY_MIN = tl.constexpr(-(2 ** 31))
 KEY_MAX = tl.constexpr(2 ** 31 - 1)
 KEY_NEG_INF = tl.constexpr(-2139095041)  # key(-inf), the smallest key of a non-NaN fp32
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * log2(e)); exp2 is the hardware instruction
+# Temperatures below float32's smallest normal (2**-126: 0 and the subnormals) are greedy. At and above it the scale
+# log2(e) / T <= 1.2e38 is finite, so (l - max) * scale never computes 0 * inf = NaN for the top token.
+GREEDY_BELOW = tl.constexpr(2.0 ** -126)
 
 # Two one-liners recur in every pass and are written out inline. (The search passes are one kernel body, not a set
 # of @triton.jit helpers, because the Triton interpreter re-patches its language module on every nested jit call,
@@ -86,15 +89,16 @@ def _sampling_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_p_ptr, 
     top_k = tl.load(top_k_ptr + row)
     top_p = tl.load(top_p_ptr + row)
     min_p = tl.load(min_p_ptr + row)
-    scale = LOG2E / tl.where(T > 0, T, 1.0)      # T == 0 (greedy) never uses the scale
+    t_greedy = T < GREEDY_BELOW
+    scale = LOG2E / tl.where(t_greedy, 1.0, T)   # greedy rows never use the scale
     offs0 = tl.arange(0, BLOCK)
 
     # ---- Pass 1: max logit, its first index, NaN count, Z = sum exp2((l - max) * scale) (online, rescaled as the
     # running max grows, as in flash attention).
-    m = T * 0.0 + float("-inf")      # scalar accumulators, built by arithmetic on scalars (T is finite)
+    m = scale * 0.0 + float("-inf")  # scalar accumulators, built by arithmetic on scalars (scale is finite)
     arg = row * 0
     nans = row * 0
-    z = T * 0.0
+    z = scale * 0.0
     for start in range(0, V, BLOCK):
         offs = start + offs0
         l = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) + 0.0
@@ -107,8 +111,8 @@ def _sampling_kernel(logits_ptr, stride_row, V, temp_ptr, top_k_ptr, top_p_ptr, 
         z = z * tl.exp2((m - m_safe) * scale) + tl.sum(tl.exp2((l - m_safe) * scale), 0)
         m = m_new
     valid = (nans == 0) & (m > float("-inf")) & (m < float("inf"))
-    greedy = valid & (T == 0)
-    sampled = valid & (T > 0)
+    greedy = valid & t_greedy
+    sampled = valid & (T >= GREEDY_BELOW)
     m_bits = m.to(tl.int32, bitcast=True)
     key_top = (m_bits ^ ((m_bits >> 31) & KEY_MAX)) + 1        # one past the largest key: F there is 0
 

@@ -55,6 +55,8 @@ def _check(q, k, v, **kw):
 @pytest.mark.parametrize("seqlen_q,seqlen_k,causal,window", [
     (70, 70, False, (-1, -1)),     # lengths not a multiple of either tile
     (70, 70, True, (-1, -1)),      # causal, the diagonal crosses boundary tiles
+    (33, 33, True, (-1, -1)),      # causal, one key past a 32-key tile: the last key of the last row counts
+    (65, 65, True, (-1, -1)),      # causal, one row and one key past a 64-row / 32-key tile
     (1, 77, False, (-1, -1)),      # one query token
     (1, 77, True, (-1, -1)),       # one query token, causal: sees every key (bottom-right)
     (40, 100, True, (-1, -1)),     # seqlen_q < seqlen_k, causal: interior tiles fully visible, diagonal masked
@@ -108,6 +110,22 @@ def test_softcap_and_scale(device, dtype):
     q = q * 3  # large scores so the cap matters: tanh saturates for some of them
     _check(q, k, v, softcap=5.0)
     _check(q, k, v, causal=True, softcap=2.0, scale=0.3, window=(30, -1))
+
+
+def test_infinite_softcap_is_no_cap(device):
+    """softcap=inf (and any cap above 2**127) means no cap: the same numbers as softcap=None, not NaN."""
+    q, k, v = _qkv(1, 20, 30, 2, 1, 64, F32, device)
+    plain = llmkern.attention(q, k, v, causal=True)
+    for cap in (float("inf"), 1e300, 2.0 ** 128):
+        torch.testing.assert_close(llmkern.attention(q, k, v, causal=True, softcap=cap), plain, rtol=0, atol=0)
+
+
+def test_window_reaching_past_every_key(device):
+    """A window side of 2**31 - 1 (or more) is unbounded: position + window used to wrap around in int32 and hide
+    every key (an error of about 1)."""
+    q, k, v = _qkv(1, 40, 40, 2, 2, 32, F32, device)
+    for window in ((2 ** 31 - 1, 2 ** 31 - 1), (5, 2 ** 31 - 2), (2 ** 40, 3)):
+        _check(q, k, v, window=window)
 
 
 def test_non_contiguous(device):
@@ -224,6 +242,12 @@ _CU = torch.tensor([0, 8], dtype=torch.int32)
     (lambda: llmkern.attention(_Q, _K, _K, softcap=0.0), ValueError, "softcap"),
     (lambda: llmkern.attention(_Q, _K, _K, softcap=-1.0), ValueError, "softcap"),
     (lambda: llmkern.attention(_Q, _K, _K, scale="x"), TypeError, "scale"),
+    (lambda: llmkern.attention(_Q, _K, _K, scale=float("inf")), ValueError, "scale"),
+    (lambda: llmkern.attention(_Q, _K, _K, scale=float("nan")), ValueError, "scale"),
+    (lambda: llmkern.attention(_Q, _K, _K, scale=3e38), ValueError, "scale"),     # scale * log2(e) overflows
+    (lambda: llmkern.attention(_Q, _K, _K, softcap=float("nan")), ValueError, "softcap"),
+    (lambda: llmkern.attention(_Q, _K, _K, softcap=1e-40), ValueError, "softcap"),    # subnormal
+    (lambda: llmkern.attention(_Q, _K, _K, scale=1e30, softcap=1e-9), ValueError, "softcap"),  # scale/softcap: inf
     (lambda: llmkern.attention(_Q, _K, _K, causal=1), TypeError, "causal"),
     (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU.long(), _CU, 8, 8), TypeError, "cu_seqlens_q"),
     (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, torch.tensor([0, 4, 8], dtype=torch.int32), 8, 8),

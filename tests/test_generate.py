@@ -4,6 +4,8 @@ Tiny random-weight models built locally (no downloads), float32, head_dim 32 wit
 prompts of different lengths in one batch. Greedy tokens must equal `model.generate(..., do_sample=False)` token for
 token (up to each sequence's EOS, after which transformers pads).
 """
+import importlib
+
 import pytest
 import torch
 
@@ -93,9 +95,18 @@ def test_sampling_seeded_and_topk1_is_greedy(device):
     assert all(0 <= t < COMMON["vocab_size"] for row in a for t in row)
 
 
-def test_bad_input():
+def test_bad_input(monkeypatch):
     model = _model("llama")
     ids, mask = _batch()
+    # refused before the first forward: the step the caller can fix, not a failure deep inside the model
+    monkeypatch.setattr(importlib.import_module("llmkern.generate").ModelRunner, "forward",
+                        lambda *a, **k: pytest.fail("the model ran before the bad argument was refused"))
+    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(min_p=float("nan")), dict(top_k=-3)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=2, **bad)
+    with pytest.raises(TypeError, match="model.float"):
+        llmkern.generate(_model("llama").double(), ids, attention_mask=mask, max_new_tokens=2)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="max_new_tokens"):
         llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=0)
     with pytest.raises(ValueError, match="attention_mask"):
@@ -110,10 +121,12 @@ def test_bad_input():
         llmkern.generate(gemma, ids, attention_mask=mask, max_new_tokens=2)
 
 
-def test_quantized_model_composes(device):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_quantized_model_composes(device, dtype):
     """quantize_model's QuantLinear layers serve the loop's projections and MLP: greedy output equals transformers'
-    generate on the same int4 model (fp16 activations, which quant_matmul requires)."""
-    model = _model("llama", device).to(torch.float16)
+    generate on the same int4 model. float32 is the issue's case: a float32 model (the usual dtype on a CPU) used to
+    be accepted by quantize_model and refused at its first forward."""
+    model = _model("llama", device).to(dtype)
     llmkern.quantize_model(model, bits=4, group_size=64)   # group 64: hidden 128 holds two groups per row
     assert isinstance(model.model.layers[0].mlp.down_proj, llmkern.QuantLinear)
     ids, mask = _batch(device)

@@ -62,6 +62,18 @@ def test_wide_rows_two_pass(device, dtype):
     _check_norm(y, r, w, 1e-6, 1.0, "gemma")
 
 
+@pytest.mark.parametrize("n", [4000, 9000], ids=["one-tile", "two-pass"])
+def test_rms_norm_mean_square_comparable_to_eps(device, n):
+    """Rows with mean(x^2) ~ eps (x ~ 1e-3, eps 1e-6): eps changes the result by a factor sqrt(2), so an eps added
+    in the wrong place (outside the square root) shows; both the one-tile path (n <= 8192) and the two-pass one."""
+    x = _randn(2, n, device=device) * 1e-3
+    w = _randn(n, device=device, seed=1)
+    _check_norm(llmkern.rms_norm(x, w, 1e-6), x, w, 1e-6, 0.0, "llama")
+    res = _randn(2, n, device=device, seed=2) * 1e-3
+    y, r = llmkern.add_rms_norm(x, res, w, 1e-6)
+    _check_norm(y, r, w, 1e-6, 0.0, "llama")
+
+
 def test_rms_norm_matches_hf_modules(device):
     """The same bf16 numbers as transformers' LlamaRMSNorm and Gemma2RMSNorm, rounding steps included: only a
     float32 sum taken in another order may move an element by one bf16 ulp, rarely (0 of 8192 here at writing;
@@ -114,6 +126,12 @@ def test_rms_norm_bad_input(device):
         llmkern.rms_norm(x, w, casting="t5")
     with pytest.raises(TypeError, match="offset"):
         llmkern.rms_norm(x, w, offset=True)
+    for eps in (float("nan"), float("inf"), 1e-40, 1e39):          # NaN, inf, subnormal, beyond float32
+        with pytest.raises(ValueError, match="eps"):
+            llmkern.rms_norm(x, w, eps)
+    for offset in (float("nan"), float("inf"), -1e39):
+        with pytest.raises(ValueError, match="offset"):
+            llmkern.rms_norm(x, w, offset=offset)
     with pytest.raises(ValueError, match="residual"):
         llmkern.add_rms_norm(x, x[:1], w)
     with pytest.raises(TypeError, match="residual"):
@@ -229,6 +247,12 @@ def test_rope_bad_input(device):
         llmkern.apply_rope(q, k, pos, theta=1.0)
     with pytest.raises(TypeError, match="k"):
         llmkern.apply_rope(q, k.half(), pos)
+    # in place: an element at two indices (expanded), also through the op itself (its check), before any launch
+    qe = _randn(1, 3, 4, 32, device=device).expand(2, 3, 4, 32)
+    with pytest.raises(ValueError, match="q is written in place"):
+        llmkern.apply_rope(qe, k, pos, inplace=True)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        torch.ops.llmkern.rope_(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, pos, None, None, 1e4)
 
 
 # ----------------------------------------------------------------------------------------- torch.library/compile

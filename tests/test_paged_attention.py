@@ -161,6 +161,33 @@ def test_decode_strided_q_and_table_padding(device):
     _check_decode(qkv[:, 2:6], kc, vc, bt, sl)
 
 
+def test_block_table_column_stride(device):
+    """A block table whose column stride is not 1 (bt.t().contiguous().t(): stride(1) = batch) is read through its
+    strides by decode and prefill (ignoring stride(1) reads other sequences' entries: an error of about 1)."""
+    lens = [37, 21, 9]
+    kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=4, num_kv_heads=2, head_dim=64, block_size=8,
+                              dtype=torch.float32, seed=11)
+    col = bt.t().contiguous().t()
+    assert col.stride(1) == bt.shape[0] and torch.equal(col, bt)
+    _check_decode(torch.randn(3, 4, 64, generator=g).to(device), kc, vc, col, sl, num_splits=2)
+    cu = torch.tensor([0, 5, 6, 9], dtype=torch.int32, device=device)
+    _check_prefill(torch.randn(9, 4, 64, generator=g).to(device), kc, vc, col, cu, sl)
+
+
+def test_infinite_softcap_is_no_cap(device):
+    """softcap=inf means no cap (paged decode and prefill): the numbers of softcap=None, not NaN."""
+    kc, vc, bt, sl, g = _make(device, seq_lens=[20, 5], num_heads=2, num_kv_heads=1, head_dim=32, block_size=16,
+                              dtype=torch.float32, seed=12)
+    q = torch.randn(2, 2, 32, generator=g).to(device)
+    plain = llmkern.paged_decode_attention(q, kc, vc, bt, sl)
+    torch.testing.assert_close(llmkern.paged_decode_attention(q, kc, vc, bt, sl, softcap=float("inf")), plain,
+                               rtol=0, atol=0)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+    plain = llmkern.paged_prefill_attention(q, kc, vc, bt, cu, sl)
+    torch.testing.assert_close(llmkern.paged_prefill_attention(q, kc, vc, bt, cu, sl, softcap=float("inf")), plain,
+                               rtol=0, atol=0)
+
+
 def test_decode_torch_compile_fullgraph(device):
     lens = [9, 33]
     kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
@@ -261,10 +288,14 @@ def test_decode_bad_inputs(device):
         (TypeError, "num_splits", dict(num_splits=2.0)),
         (ValueError, "window", dict(window=(-2, 0))),
         (ValueError, "softcap", dict(softcap=0.0)),
+        (ValueError, "softcap", dict(softcap=float("nan"))),
+        (ValueError, "softcap", dict(softcap=1e-40)),
+        (ValueError, "scale", dict(scale=float("inf"))),
+        (ValueError, "scale", dict(scale=float("nan"))),
     ]
     for exc, msg, change in cases:
         args = dict(q=q, k_cache=kc, v_cache=vc, block_tables=bt, seq_lens=sl)
-        kwargs = {k: change.pop(k) for k in ("num_splits", "window", "softcap") if k in change}
+        kwargs = {k: change.pop(k) for k in ("num_splits", "window", "softcap", "scale") if k in change}
         args.update(change)
         with pytest.raises(exc, match=msg):
             llmkern.paged_decode_attention(*args.values(), **kwargs)
@@ -292,6 +323,26 @@ def test_prefill_bad_inputs(device):
         llmkern.paged_prefill_attention(qp, kc, vc, bt + 100, cu, sl)
 
 
+@pytest.mark.parametrize("head_dim", [20, 264])
+def test_unsupported_head_dim_refused_before_launch(device, head_dim, monkeypatch):
+    """A cache of head_dim 20 or 264 (outside multiples of 8 in [32, 256]) is refused by every paged op, with a
+    ValueError naming head_dim, before any kernel is launched."""
+    def boom(*a, **k):
+        raise AssertionError("a kernel was launched")
+    monkeypatch.setattr(pa._utils, "launch", boom)
+    kc = torch.zeros(4, 16, 1, head_dim, device=device)
+    bt = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    sl = torch.tensor([20], dtype=torch.int32, device=device)
+    q = torch.zeros(1, 2, head_dim, device=device)
+    with pytest.raises(ValueError, match="head_dim"):
+        llmkern.paged_decode_attention(q, kc, kc.clone(), bt, sl)
+    with pytest.raises(ValueError, match="head_dim"):
+        llmkern.paged_prefill_attention(q, kc, kc.clone(), bt, torch.tensor([0, 1], dtype=torch.int32,
+                                                                             device=device), sl)
+    with pytest.raises(ValueError, match="head_dim"):
+        llmkern.paged_kv_write(q[:, :1], q[:, :1], kc, kc.clone(), torch.tensor([3], device=device))
+
+
 def test_kv_write_bad_inputs_change_nothing(device):
     _, kc, vc, _, _ = _bad_setup(device)
     k = torch.randn(3, 2, 64, device=device).half()
@@ -306,6 +357,8 @@ def test_kv_write_bad_inputs_change_nothing(device):
         (TypeError, "dtype", dict(k=k.float(), v=k.float())),
         (ValueError, "to match the cache", dict(k=k[:, :1], v=k[:, :1])),
         (ValueError, "same shape", dict(v=k[:2])),
+        # a cache with one element at two indices (stride 0) cannot be written: the op's check refuses it
+        (ValueError, "k_cache is written in place", dict(k_cache=kc[:1].expand(kc.shape))),
     ]
     for exc, msg, change in cases:
         args = dict(k=k, v=k, k_cache=kc, v_cache=vc, slot_mapping=slots)

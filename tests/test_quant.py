@@ -7,9 +7,10 @@ Error budget. Both kernels multiply the integer codes (q - z) (exact in fp16/bf1
 (q - z) * s (exact in fp32: an 8-bit integer times an 11-bit mantissa) by x, so every product is exact or rounded once
 in fp32, and the only other roundings are (a) fp32 accumulation over K terms (plus the scale multiply, the bias add,
 and split-K's partial sums), bounded by Higham's gamma_n = n * 2^-24 times sum_k |x_k| |w_kn| with n = K + 4, and (b)
-the final rounding to the output dtype: half an ulp, u = 2^-11 (fp16) or 2^-8 (bf16) relative. (The Triton interpreter
-converts fp32 to bf16 by truncation, a whole ulp, so on CPU bf16 gets u = 2^-7; a GPU rounds to nearest.) A floor of
-2^-24 covers fp16's subnormal spacing near zero. This is a worst case, so it cannot flake, and it is tight enough that
+the final rounding to the output dtype: half an ulp, u = 2^-11 (fp16), 2^-8 (bf16) or 2^-24 (fp32) relative, on every
+path and under the interpreter too (whose own fp32 -> bf16 cast truncates: the kernels round on the bits there). fp32
+activations get IEEE fp32 products (x times an exact small integer), no TF32. A floor of 2^-24 covers fp16's
+subnormal spacing near zero. This is a worst case, so it cannot flake, and it is tight enough that
 one wrong code, zero point or scale (an error of one quantization step times |x|) fails it.
 """
 import copy
@@ -21,8 +22,7 @@ from torch import nn
 import llmkern
 from llmkern import quant, reference
 
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-INTERPRETER_BF16_ROUNDOFF = 2.0 ** -7     # truncation: a whole bf16 ulp (8 significant bits)
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 
 
 def assert_quant_close(out, x, w64, bias=None, *, what="output"):
@@ -36,8 +36,6 @@ def assert_quant_close(out, x, w64, bias=None, *, what="output"):
     k = x.shape[-1]
     acc_err = (k + 4) * 2.0 ** -24 * mag
     u = UNIT_ROUNDOFF[x.dtype]
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        u = INTERPRETER_BF16_ROUNDOFF
     budget = u * (ref.abs() + acc_err) + acc_err + 2.0 ** -24
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert out.dtype == x.dtype, f"{what}: dtype {out.dtype} != {x.dtype}"
@@ -124,8 +122,8 @@ def test_quantize_within_half_step(bits, group_size, symmetric):
         assert bool((err <= 0.5 * step * (1 + 1e-12)).all()), f"max err/step {float((err / step).max()):.6f}"
         if symmetric:
             assert bool((qw.zeros == 2 ** (bits - 1)).all())
-        # the returned dtype is the scales' by default; the fp32 weight gets fp16 scales
-    assert llmkern.quantize_weight(w, bits=bits, group_size=group_size).dtype == torch.float16
+    # the scales take the weight's dtype, fp32 included: the activation dtype the weight serves
+    assert llmkern.quantize_weight(w, bits=bits, group_size=group_size).dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- both kernel paths
@@ -147,6 +145,8 @@ SETTINGS = [
     (4, 64, False, True, 29, 192, torch.bfloat16),
     (8, 32, False, True, 77, 96, torch.bfloat16),
     (8, 128, False, True, 131, 256, torch.float16),
+    (4, 32, False, False, 45, 96, torch.float32),
+    (8, 64, False, True, 29, 128, torch.float32),
 ]
 
 
@@ -185,15 +185,17 @@ def test_paths_against_float64(setting, device):
 @pytest.mark.parametrize("split_k", [1, 2, 3, 100])
 def test_decode_split_k(split_k, device):
     """Every split of K (one K-range per program, uneven ranges, more splits than K-tiles), GEMV (7 tiles of 4 word
-    rows) and 16-row dot (7 tiles of 32 rows), with bias: the partial sums are added once each, the bias once."""
+    rows) and 16-row dot (7 tiles of 32 rows), with bias: the partial sums are added once each, the bias once.
+    split_k=1 runs in bf16: the kernels' own epilogue (no atomics) then rounds to bf16, where truncating shows."""
     gen = torch.Generator().manual_seed(split_k)
+    dtype = torch.bfloat16 if split_k == 1 else torch.float16
     k, n = 224, 150                                   # 7 K-tiles; 2 column blocks of the GEMV, 3 of the dot
     w = torch.randn(n, k, generator=gen) * 0.05
-    qw = llmkern.quantize_weight(w.half(), bits=4, group_size=32).to(device)
+    qw = llmkern.quantize_weight(w.to(dtype), bits=4, group_size=32).to(device)
     w64 = qw.dequantize(torch.float64)
-    bias = torch.randn(n, generator=gen).half().to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device)
     for m in (1, 5):
-        x = torch.randn(m, k, generator=gen).half().to(device)
+        x = torch.randn(m, k, generator=gen).to(dtype).to(device)
         out = quant.triton_matmul(x, qw, bias, path="decode", split_k=split_k)
         assert_quant_close(out.cpu(), x.cpu(), w64, bias.cpu(), what=f"M={m} split_k={split_k}")
 
@@ -312,7 +314,10 @@ def test_quant_linear(device):
     assert nobias.bias is None and nobias(torch.randn(3, 64).half().to(device)).shape == (3, 8)
 
 
-def test_quantize_model(device):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_quantize_model(dtype, device):
+    """float32 too: the usual dtype of a model on a CPU; its QuantLinear layers keep float32 scales and activations
+    (a float32 model used to be accepted here and refused only at its first forward)."""
     torch.manual_seed(0)
 
     class Tiny(nn.Module):
@@ -325,7 +330,7 @@ def test_quantize_model(device):
         def forward(self, ids):
             return self.lm_head(self.mlp(self.embed(ids)))
 
-    model = Tiny().half().to(device)
+    model = Tiny().to(dtype).to(device)
     ids = torch.randint(0, 50, (2, 7), device=device)
     # the expected model: float32 copies of the layers, with the quantized-then-dequantized weights
     ref_model = copy.deepcopy(model).float()
@@ -335,7 +340,9 @@ def test_quantize_model(device):
     assert llmkern.quantize_model(model, bits=4, group_size=32) is model
     assert isinstance(model.mlp[0], llmkern.QuantLinear) and isinstance(model.mlp[2], llmkern.QuantLinear)
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, llmkern.QuantLinear)
+    assert model.mlp[0].scales.dtype == dtype
     out = model(ids)
+    assert out.dtype == dtype
     # fp16 activations between layers (|h| ~ 1): a few fp16 ulps of error per layer
     torch.testing.assert_close(out.float(), ref_model(ids), rtol=1e-2, atol=1e-2)
     # exclude by full name; a Sequential is a model too
@@ -369,11 +376,11 @@ def test_bad_input():
         (ValueError, "bias", lambda: llmkern.quant_matmul(x, qw, torch.zeros(15).half())),
         (TypeError, "bias", lambda: llmkern.quant_matmul(x, qw, torch.zeros(16).bfloat16())),
         (ValueError, "device", lambda: llmkern.quant_matmul(x.to("meta"), qw)),
-        (TypeError, "dtype", lambda: qw.to(dtype=torch.float32)),
+        (TypeError, "dtype", lambda: qw.to(dtype=torch.float64)),
         # GPTQ: dtypes, shapes, bits, group size, g_idx
         (TypeError, "qweight", lambda: llmkern.QuantizedWeight.from_gptq(qweight.float(), qzeros, s, group_size=32)),
         (TypeError, "qzeros", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros.long(), s, group_size=32)),
-        (TypeError, "scales", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros, s.float(), group_size=32)),
+        (TypeError, "scales", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros, s.double(), group_size=32)),
         (ValueError, "qzeros", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros[:2], s, group_size=32)),
         (ValueError, "scales", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros, s[:, :8], group_size=32)),
         (ValueError, "qzeros", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros, s, group_size=64)),
@@ -406,6 +413,7 @@ def test_bad_input():
         (TypeError, "exclude", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(64, 8)), exclude="lm_head")),
         (ValueError, "exclude", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(48, 8)), group_size=32)),
         (ValueError, "bits", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(64, 8)), bits=5)),
+        (TypeError, "model.float", lambda: llmkern.quantize_model(nn.Sequential(nn.Linear(64, 8)).double())),
     ]
     for exc, word, fn in cases:
         with pytest.raises(exc, match=word):

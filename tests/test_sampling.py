@@ -142,6 +142,28 @@ def test_greedy_and_top1_are_argmax(device):
                        torch.nn.functional.one_hot(argmax, 500).float())
 
 
+def test_greedy_tie_across_tiles_takes_the_first(device):
+    """The maximum twice, in two different 1024-column tiles of the first pass: greedy takes the first one."""
+    logits = torch.zeros(1, 2048, device=device)
+    logits[0, 5] = logits[0, 1500] = 3.0
+    assert llmkern.sample(logits, temperature=0.0).tolist() == [5]
+    probs = llmkern.sampling_probs(logits, temperature=0.0)
+    assert probs[0, 5] == 1.0 and probs.sum() == 1.0
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-45, 2.0 ** -127])
+def test_subnormal_temperature_is_greedy(device, temperature):
+    """Below float32's smallest normal (2**-126), 1 / temperature overflows: such rows are greedy, the argmax, as in
+    the float64 reference (which uses the same rule: reference.GREEDY_BELOW), not -1 and NaN."""
+    logits = _logits(3, 256, torch.float32, device, seed=12)
+    argmax = logits.argmax(1).cpu()
+    assert torch.equal(llmkern.sample(logits, temperature=temperature, seed=torch.arange(3, device=device)).cpu(),
+                       argmax)
+    probs = llmkern.sampling_probs(logits, temperature=temperature).cpu()
+    assert torch.equal(probs, torch.nn.functional.one_hot(argmax, 256).float())
+    assert torch.equal(probs.double(), reference.sampling_probs(logits, temperature=temperature))
+
+
 def test_same_seed_same_token_and_batch_invariance(device):
     logits = _logits(6, 700, torch.float32, device, seed=7, scale=0.5)   # flat rows: many plausible tokens
     seeds = torch.tensor([11, 22, 33, 44, 55, 66], device=device)

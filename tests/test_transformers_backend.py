@@ -191,11 +191,27 @@ def test_bad_input():
         lkt.llmkern_attention_forward(attn, q, k, k[..., :16], None, scaling=0.2)
     with pytest.raises(ValueError, match="sliding_window"):
         lkt.llmkern_attention_forward(attn, q, k, k, None, scaling=0.2, sliding_window=0)
-    # head_dim 16 is outside llmkern's supported set: a clear error, not a crash
-    small = _build("llama", hidden_size=64)
-    small.set_attn_implementation("llmkern")
-    with pytest.raises(ValueError, match="head_dim"):
-        small(torch.tensor([[5, 6, 7]]))
+
+
+@pytest.mark.parametrize("overrides,dtype", [({"hidden_size": 64}, torch.float32), ({}, torch.float64)])
+def test_layers_the_kernels_cannot_run_fall_back(overrides, dtype, caplog):
+    """head_dim 16 and float64 are outside what the kernels run. Choosing attn_implementation="llmkern" is the step
+    the user could change, but transformers checks nothing there, so those layers take the PyTorch fallback (with a
+    warning) instead of failing at the first forward; the logits of the real tokens are SDPA's."""
+    model = _build("llama", **overrides).to(dtype)
+    ids, mask = _batch("left")
+
+    def logits(impl):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            return model(ids, attention_mask=mask).logits
+    want = logits("sdpa")
+    lkt._warned.clear()
+    with caplog.at_level("WARNING"):
+        got = logits("llmkern")
+    assert "outside what the kernels run" in caplog.text
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
 
 
 def test_continuous_batching_is_refused_by_transformers():

@@ -20,14 +20,19 @@ Which implementation runs (torch.library's per-device registration, as vLLM and 
       2. the C++ CPU backend, when `llmkern.cpu.kernel(name)` returns a callable;
       3. `reference`, the plain-PyTorch adapter over `llmkern.reference`.
 The three take exactly the op's schema arguments, positionally, and return what the op returns (a mutating op
-mutates its arguments and returns None). `check` (optional, same arguments, returns nothing) holds the value checks
-that need the tensors' contents (a device-to-host sync: block ids within the cache, lengths within the tables). It
-runs before every implementation, on every device, so no implementation ever sees values that would make it read
-or write outside the caller's tensors, and it lives inside the op so a `torch.compile(fullgraph=True)` graph holds
-the op without a data-dependent break.
+mutates its arguments and returns None). `contiguous` names the tensor arguments the kernels read with unit stride
+(index tensors such as seq_lens or slot_mapping, whose kernels take no strides): each is made contiguous (a copy only
+when it is not) before `check` and before every implementation, so that what `check` validates is exactly what every
+implementation reads, whatever view the caller passed. A mutated argument is never copied (the copy would be
+written instead of the caller's tensor): its kernels honour its strides.
+`check` (optional, same arguments, returns nothing) holds the value checks that need the tensors' contents (a
+device-to-host sync: block ids within the cache, lengths within the tables). It runs before every implementation, on
+every device, so no implementation ever sees values that would make it read or write outside the caller's tensors,
+and it lives inside the op so a `torch.compile(fullgraph=True)` graph holds the op without a data-dependent break.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -41,19 +46,24 @@ OPS: dict[str, torch.library.CustomOpDef] = {}
 
 
 def custom_op(name: str, *, mutates_args: Iterable[str] | str, reference: Callable,
-              check: Optional[Callable] = None) -> Callable[[Callable], torch.library.CustomOpDef]:
+              check: Optional[Callable] = None,
+              contiguous: Iterable[str] = ()) -> Callable[[Callable], torch.library.CustomOpDef]:
     """Declare `llmkern::<name>` from its Triton implementation (the decorated function, whose annotations give the
     schema); CUDA runs it, CPU runs it under the interpreter or else the C++ backend or `reference` (module
-    docstring). Returns the op; register its fake implementation with `@op.register_fake`."""
+    docstring). `contiguous`: arguments every implementation receives contiguous (module docstring). Returns the op;
+    register its fake implementation with `@op.register_fake`."""
     def declare(triton_impl: Callable) -> torch.library.CustomOpDef:
         schema = torch.library.infer_schema(triton_impl, mutates_args=mutates_args)
+        prepare = _contiguous_args(triton_impl, contiguous, mutates_args)
 
         def on_cuda(*args):
+            args = prepare(args)
             if check is not None:
                 check(*args)
             return triton_impl(*args)
 
         def on_cpu(*args):
+            args = prepare(args)
             if check is not None:
                 check(*args)
             return cpu_implementation(name, triton_impl, reference)(*args)
@@ -64,6 +74,27 @@ def custom_op(name: str, *, mutates_args: Iterable[str] | str, reference: Callab
         OPS[name] = op
         return op
     return declare
+
+
+def _contiguous_args(fn: Callable, names: Iterable[str], mutates_args: Iterable[str] | str) -> Callable:
+    """args -> args with the arguments called `names` made contiguous (None stays None)."""
+    params = list(inspect.signature(fn).parameters)
+    names = tuple(names)
+    unknown = [n for n in names if n not in params]
+    mutated = [n for n in names if mutates_args == "unknown" or n in mutates_args]
+    if unknown or mutated:
+        raise ValueError(f"contiguous: {unknown or mutated} are not read-only arguments of {fn.__name__}")
+    positions = [params.index(n) for n in names]
+
+    def prepare(args: tuple) -> tuple:
+        if not positions:
+            return args
+        args = list(args)
+        for i in positions:
+            if args[i] is not None:
+                args[i] = args[i].contiguous()
+        return tuple(args)
+    return prepare
 
 
 def cpu_implementation(name: str, triton_impl: Callable, reference: Callable) -> Callable:

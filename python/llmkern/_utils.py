@@ -17,6 +17,8 @@ import triton
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+F32_TINY = 2.0 ** -126   # float32's smallest normal number; below it GPUs may flush values to zero
+F32_MAX = float(torch.finfo(torch.float32).max)   # 3.4028e38
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
@@ -41,37 +43,90 @@ def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor], *, dtype: 
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
 
 
-def check_head_dim(name: str, head_dim: int) -> None:
+def supported_head_dim(head_dim: int) -> bool:
     """Every multiple of 8 from 32 to 256: the set the attention kernels are compiled and tested for."""
-    if head_dim % 8 != 0 or not (32 <= head_dim <= 256):
+    return head_dim % 8 == 0 and 32 <= head_dim <= 256
+
+
+def check_head_dim(name: str, head_dim: int) -> None:
+    if not supported_head_dim(head_dim):
         raise ValueError(f"{name}: head_dim must be a multiple of 8 in [32, 256], got {head_dim}")
 
 
 def check_window(window: Any) -> tuple[int, int]:
-    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+    """(left, right) with -1 for an unbounded side; ValueError below -1. A side of 2**31 - 1 or more reaches every key
+    of any sequence (lengths are int32) and is returned as -1."""
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
         raise TypeError(f"window must be a pair of ints (left, right), got {window!r}")
     left, right = int(window[0]), int(window[1])
     if left < -1 or right < -1:
         raise ValueError(f"window values must be >= -1 (-1 means unbounded), got {window!r}")
-    return left, right
+    # Lengths are int32 (cu_seqlens, seq_lens): a window of 2**31 - 1 or more reaches every key, which is what -1 says.
+    return tuple(-1 if w >= 2 ** 31 - 1 else w for w in (left, right))
 
 
-def check_softcap(softcap: Any) -> float | None:
+def unbounded_beyond(window: int, longest: int) -> int:
+    """A window side as the kernels take it: -1 (unbounded) when it reaches at least `longest` keys, the longest
+    sequence the call can hold. The mask is the same, and the kernels' int32 position arithmetic (position + window)
+    cannot overflow: a window of 2**31 - 1 would otherwise wrap and hide every key."""
+    return -1 if window >= longest else window
+
+
+# Attention's float parameters at their extremes. The kernels take scale and softcap as float32 and work in the
+# log2 domain (exp2), multiplying by log2(e) = 1.44.
+#   scale: any finite value with |scale| <= 2**127 (then scale * log2(e) is a finite float32). 0 or a subnormal
+#     scale: every visible key weighs the same (uniform attention); a negative scale favours the smallest scores.
+#     Scores q.k * scale beyond float32 range give NaN rows, as PyTorch's float32 attention does.
+#   softcap: None, or a cap in [max(2**-126, |scale| * 2**-127), inf]: a normal float32 (a subnormal one is flushed
+#     to zero by GPUs) no smaller than |scale| / 2**127, so that scale / softcap stays a finite float32. A cap above
+#     2**127, inf included, is no cap (None): softcap * log2(e) would overflow float32, and such a cap changes a
+#     scaled score s by the factor tanh(x)/x, x = s / softcap, which is within float32 rounding (1 - x^2/3 > 1 - 2**-24)
+#     for every |s| < 7e34.
+MAX_SCALE = 2.0 ** 127
+NO_CAP_ABOVE = 2.0 ** 127
+MIN_SOFTCAP = F32_TINY
+
+
+def check_scale(scale: Any, head_dim: int) -> float:
+    """scale (default head_dim ** -0.5) as the kernels take it; ValueError outside its range (see MAX_SCALE)."""
+    if scale is None:
+        return head_dim ** -0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    if not abs(scale) <= MAX_SCALE:   # also refuses NaN
+        raise ValueError(f"scale must be finite with |scale| <= 2**127 (about 1.7e38), got {scale!r}")
+    return float(scale)
+
+
+def check_softcap(softcap: Any, scale: float) -> float | None:
+    """softcap as the kernels take it: None for no cap (also for caps above NO_CAP_ABOVE, inf included); ValueError
+    for caps too small for float32 (see MIN_SOFTCAP), zero, negative or NaN. `scale` is the checked scale."""
     if softcap is None:
         return None
     if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
         raise TypeError(f"softcap must be a positive float or None, got {softcap!r}")
     if not softcap > 0:
         raise ValueError(f"softcap must be > 0 (or None for no capping), got {softcap!r}")
+    if softcap > NO_CAP_ABOVE:
+        return None
+    smallest = max(MIN_SOFTCAP, abs(scale) / MAX_SCALE)
+    if softcap < smallest:
+        raise ValueError(f"softcap must be >= {smallest:.3g} (a normal float32, and scale / softcap must stay "
+                         f"finite in float32), got {softcap!r}")
     return float(softcap)
 
 
-def check_scale(scale: Any, head_dim: int) -> float:
-    if scale is None:
-        return head_dim ** -0.5
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a float or None, got {scale!r}")
-    return float(scale)
+def check_writable(name: str, t: torch.Tensor) -> None:
+    """ValueError when t may hold one memory location at two indices (an expanded, stride-0 view, or any layout whose
+    strides interleave): a kernel writing it would race with itself. Sufficient test: with the dims sorted by stride,
+    each stride exceeds the farthest offset the smaller dims reach."""
+    reach = 0
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride <= reach:
+            raise ValueError(f"{name} is written in place, so it must not overlap itself (an expanded or stride-0 "
+                             f"view); got shape {tuple(t.shape)} with strides {t.stride()}")
+        reach += stride * (size - 1)
 
 
 def last_dim_contiguous(name: str, t: torch.Tensor) -> torch.Tensor:

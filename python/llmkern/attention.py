@@ -72,7 +72,8 @@ def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_stri
             batch, max_seqlen_q, causal, scale, window, softcap, return_lse, varlen):
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     group = num_heads // k.shape[-2]
-    left, right = window
+    longest = k.shape[-3]  # seqlen_k, or total_k for varlen: no sequence has more keys
+    left, right = (_utils.unbounded_beyond(w, longest) for w in window)
     if causal:
         right = 0  # causal is the window (left, 0)
     kernel = _tuned_kernel(q, max_seqlen_q, varlen, softcap, return_lse)
@@ -114,7 +115,8 @@ def _check_options(causal, scale, window, softcap, return_lse, head_dim):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    return _utils.check_scale(scale, head_dim), _utils.check_window(window), _utils.check_softcap(softcap)
+    scale = _utils.check_scale(scale, head_dim)
+    return scale, _utils.check_window(window), _utils.check_softcap(softcap, scale)
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, q: torch.Tensor):
@@ -188,8 +190,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     q (batch, seqlen_q, num_heads, head_dim); k, v (batch, seqlen_k, num_kv_heads, head_dim), num_heads a multiple of
     num_kv_heads (GQA/MQA without repeating K/V). head_dim: a multiple of 8 in [32, 256]. fp16, bf16 or fp32.
     causal aligns bottom-right: query i sits at p = i + seqlen_k - seqlen_q and sees keys j <= p.
-    window=(left, right): the query at p sees p - left <= j <= p + right (-1 unbounded; causal means right = 0).
+    window=(left, right): the query at p sees p - left <= j <= p + right (-1 unbounded; causal means right = 0; a side
+    reaching past every key, 2**31 - 1 or more included, is unbounded too; below -1: ValueError).
     softcap: scores become softcap * tanh(scores / softcap). scale defaults to 1/sqrt(head_dim).
+    Extremes (llmkern._utils): scale finite with |scale| <= 2**127 (0 or subnormal: uniform over the visible keys);
+    softcap None or > 0, a cap above 2**127 (inf included) is no cap, one below max(2**-126, |scale| / 2**127) is
+    refused; NaN anywhere is refused. Scores q.k * scale beyond float32 range give NaN rows, as in PyTorch.
     Returns o like q; with return_lse also the float32 (batch, num_heads, seqlen_q) natural-log softmax denominator.
     A query that sees no key gets o = 0 and lse = -inf.
     """
@@ -222,7 +228,7 @@ def _attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 
 
 @_dispatch.custom_op("attention_varlen", mutates_args=(), reference=_attention_varlen_reference,
-                     check=_check_varlen_values)
+                     check=_check_varlen_values, contiguous=("cu_seqlens_q", "cu_seqlens_k"))
 def _attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
                          window_left: int, window_right: int, softcap: Optional[float],
@@ -261,6 +267,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and k/v rows cu_seqlens_k[b]:cu_seqlens_k[b+1]
     (int32, length batch + 1, starting at 0) and attends only within itself. max_seqlen_q/k bound the longest
     sequence (the grid is sized from max_seqlen_q). Returns o like q; with return_lse also lse (num_heads, total_q).
+    cu_seqlens may be any view (strided, expanded): they are read as their values. scale, softcap and window take the
+    same values as in attention().
     """
     _check_qkv(q, k, v, ndim=3)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)

@@ -56,6 +56,10 @@ def _check_model(model: Any) -> None:
             raise ValueError(f"model: expected model.model.{name} (a *ForCausalLM of type {model_type})")
     if not hasattr(model, "lm_head"):
         raise ValueError("model: expected model.lm_head (a *ForCausalLM model)")
+    dtype = inner.embed_tokens.weight.dtype
+    if dtype not in _utils.FLOAT_DTYPES:     # refused here, before the cache and the first forward
+        raise TypeError(f"model: dtype {dtype} is not one the kernels run (float16, bfloat16, float32); convert it "
+                        f"first (e.g. model.float())")
 
 
 def _prompts(input_ids: Any, attention_mask: Any) -> list[torch.Tensor]:
@@ -308,6 +312,7 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
         if p.numel() == 0:
             raise ValueError(f"prompt {i} has no tokens (all padding?)")
     eos = _eos_set(eos_token_id, model)
+    sampling.check_params(temperature, top_k, top_p, min_p)   # refused here, not after the first forward
     device = model.model.embed_tokens.weight.device
     penalties = _check_penalties(model, device, repetition_penalty=repetition_penalty,
                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,

@@ -61,10 +61,14 @@ def _check_rms_args(x, weight, eps, offset, casting, residual=None):
         _utils.check_same(("x", "residual"), (x, residual))
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"eps must be a float, got {eps!r}")
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
-        raise TypeError(f"offset must be a finite float (0.0 for Llama, 1.0 for Gemma), got {offset!r}")
+    if not (eps == 0 or _utils.F32_TINY <= eps <= _utils.F32_MAX):
+        raise ValueError(f"eps must be 0 or a normal float32 in [2**-126, 3.4e38] (GPUs may flush a subnormal one "
+                         f"to 0), got {eps!r}")
+    if not isinstance(offset, (int, float)) or isinstance(offset, bool):
+        raise TypeError(f"offset must be a float (0.0 for Llama, 1.0 for Gemma), got {offset!r}")
+    if not abs(offset) <= _utils.F32_MAX:
+        raise ValueError(f"offset must be finite in float32, |offset| <= 3.4e38 (0.0 for Llama, 1.0 for Gemma), "
+                         f"got {offset!r}")
     if casting not in _CASTINGS:
         raise ValueError(f"casting must be one of {_CASTINGS}, got {casting!r}")
 
@@ -94,7 +98,7 @@ def _rms_norm_reference(x, weight, eps, offset, casting):
     return reference.rms_norm(x, weight, eps, offset=offset, casting=casting).contiguous()  # as register_fake
 
 
-@_dispatch.custom_op("rms_norm", mutates_args=(), reference=_rms_norm_reference)
+@_dispatch.custom_op("rms_norm", mutates_args=(), reference=_rms_norm_reference, contiguous=("weight",))
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str) -> torch.Tensor:
     x2 = _rows("x", x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -112,7 +116,7 @@ def _add_rms_norm_reference(x, residual, weight, eps, offset, casting):
     return y.contiguous(), r.contiguous()
 
 
-@_dispatch.custom_op("add_rms_norm", mutates_args=(), reference=_add_rms_norm_reference)
+@_dispatch.custom_op("add_rms_norm", mutates_args=(), reference=_add_rms_norm_reference, contiguous=("weight",))
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                      casting: str) -> tuple[torch.Tensor, torch.Tensor]:
     x2, r2 = _rows("x", x), _rows("residual", residual)
@@ -135,6 +139,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
 
     Statistics in float32; output in x's dtype. casting="llama" (LlamaRMSNorm, Mistral, Qwen2) rounds the normalized
     x to x's dtype before the weight multiply; casting="gemma" (Gemma2RMSNorm, with offset=1.0) rounds once at the end.
+    weight: (hidden,), any float dtype and strides. eps: 0 or a normal float32, [2**-126, 3.4e38] (subnormals are
+    refused: GPUs may flush them to 0); eps = 0 is the plain RMS (an all-zero row then gives 0/0 = NaN, as Hugging
+    Face's modules do). offset: finite in float32 (|offset| <= 3.4e38). Both are used as float32. TypeError /
+    ValueError name the bad argument.
     """
     _check_rms_args(x, weight, eps, offset, casting)
     return _rms_norm_op(x, weight, float(eps), float(offset), casting)
@@ -258,7 +266,18 @@ def _(q, k, positions, cos, sin, theta):
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-@_dispatch.custom_op("rope_", mutates_args=("q", "k"), reference=_rope_inplace_reference)
+def _check_inplace(q, k, *tables) -> None:
+    """What rotating q and k in place needs (no sync; the op's check, so a direct call of llmkern::rope_ gets it too):
+    a contiguous head_dim (the kernel's only unit-stride dim), no element at two indices, q and k apart."""
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"inplace=True needs {name} with a contiguous last dim, got strides {t.stride()}")
+        _utils.check_writable(name, t)
+    if _overlap(q, k):
+        raise ValueError("inplace=True needs q and k not to overlap in memory")
+
+
+@_dispatch.custom_op("rope_", mutates_args=("q", "k"), reference=_rope_inplace_reference, check=_check_inplace)
 def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor],
                      cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], theta: float) -> None:
     _launch_rope(_as4d(q), _as4d(k), _as4d(q), _as4d(k), positions, cos, sin, theta)
@@ -281,7 +300,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None 
         returns them (its cat(freqs, freqs) layout: only the first head_dim/2 columns are read), or with a last dim
         of head_dim/2. For (tokens, ...) inputs, seq = tokens.
     Any strides with a contiguous head_dim. inplace=False returns new tensors; inplace=True rotates q and k in place
-    (they must then have a contiguous last dim, and must not overlap) and returns them.
+    (they must then have a contiguous last dim, and must not overlap each other or themselves) and returns them.
+    theta: 1 < theta < inf (ValueError otherwise; used through log2(theta), so any finite value works).
     """
     _utils.check_tensor("q", q, dtypes=_utils.FLOAT_DTYPES)
     _utils.check_tensor("k", k, dtypes=_utils.FLOAT_DTYPES)
@@ -317,11 +337,6 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None 
         if not (theta > 1 and math.isfinite(theta)):
             raise ValueError(f"theta must be a finite float > 1, got {theta!r}")
     if inplace:
-        for name, t in (("q", q), ("k", k)):
-            if t.stride(-1) != 1:
-                raise ValueError(f"inplace=True needs {name} with a contiguous last dim, got strides {t.stride()}")
-        if _overlap(q, k):
-            raise ValueError("inplace=True needs q and k not to overlap in memory")
         _rope_inplace_op(q, k, positions, cos, sin, float(theta))
         return q, k
     return _rope_op(q, k, positions, cos, sin, float(theta))

@@ -158,7 +158,10 @@ def _cache_strides(c: torch.Tensor) -> tuple[int, int, int, int]:
 
 # ---------------------------------------------------------------------------------------------------- kv write
 def _check_slots(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Every slot within the cache or -1 (one sync), before any implementation runs (llmkern._dispatch)."""
+    """Caches that can be written (no element at two indices) and every slot within the cache or -1 (one sync),
+    before any implementation runs (llmkern._dispatch)."""
+    _utils.check_writable("k_cache", k_cache)
+    _utils.check_writable("v_cache", v_cache)
     num_blocks, block_size = k_cache.shape[:2]
     if slot_mapping.numel() == 0:
         return
@@ -169,7 +172,7 @@ def _check_slots(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 @_dispatch.custom_op("paged_kv_write", mutates_args=("k_cache", "v_cache"), reference=reference.paged_kv_write,
-                     check=_check_slots)
+                     check=_check_slots, contiguous=("slot_mapping",))
 def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -197,7 +200,9 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     """Copy k, v (num_tokens, num_kv_heads, head_dim) into the cache slots `slot_mapping` (int64, num_tokens).
 
     Slot s is block s // block_size, offset s % block_size; -1 skips the token (padding). Bit-exact copies: k, v
-    must have the cache's dtype. Slots must be distinct (two tokens in one slot leave either one there).
+    must have the cache's dtype. Slots must be distinct (two tokens in one slot leave either one there). The caches
+    are written through their strides (any view that does not overlap itself: an expanded cache raises ValueError);
+    slot_mapping may be any view, read as its values.
     """
     _utils.check_tensor("k", k, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     _utils.check_tensor("v", v, ndim=3, dtypes=_utils.FLOAT_DTYPES)
@@ -231,7 +236,7 @@ def _paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, 
 
 
 @_dispatch.custom_op("paged_decode_attention", mutates_args=(), reference=_paged_decode_reference,
-                     check=_check_decode_values)
+                     check=_check_decode_values, contiguous=("seq_lens",))
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, softcap: float | None, window_left: int,
                      window_right: int, num_splits: int) -> torch.Tensor:
@@ -241,6 +246,7 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
+    window_left = _utils.unbounded_beyond(window_left, block_tables.shape[1] * block_size)
     cfg = _decode_config(group, head_dim, q.dtype)
     if num_splits == 0:
         num_splits = choose_num_splits(batch, num_kv_heads, int(seq_lens.max()), q.device)
@@ -294,6 +300,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_heads % num_kv_heads == 0 (GQA/MQA); block_tables int32 (batch, max_blocks); seq_lens int32 (batch,), the
     cached length including the new token (>= 1). window=(left, right): the token at position seq_len - 1 sees keys
     from seq_len - 1 - left (-1: unbounded); right has nothing to mask in decode. softcap: Gemma-2 tanh capping.
+    scale, softcap and window take the values llmkern.attention documents (inf softcap: no cap). Every tensor may be
+    any view: the cache, q and block_tables (either stride) are read through their strides, seq_lens as its values.
     num_splits: programs per sequence (split-KV); None picks one from batch, length and SM count.
     Returns (batch, num_heads, head_dim) in q's dtype.
     """
@@ -307,7 +315,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"block_tables ({tuple(block_tables.shape)}) and seq_lens ({tuple(seq_lens.shape)}) must "
                          f"have one row per sequence of q (batch {batch})")
     scale = _utils.check_scale(scale, head_dim)
-    softcap = _utils.check_softcap(softcap)
+    softcap = _utils.check_softcap(softcap, scale)
     left, right = _utils.check_window(window)
     if num_splits is not None:
         if not isinstance(num_splits, int) or isinstance(num_splits, bool):
@@ -349,7 +357,7 @@ def _paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, se
 
 
 @_dispatch.custom_op("paged_prefill_attention", mutates_args=(), reference=_paged_prefill_reference,
-                     check=_check_prefill_values)
+                     check=_check_prefill_values, contiguous=("cu_seqlens_q", "seq_lens"))
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, causal: bool, scale: float,
                       softcap: float | None, window_left: int, window_right: int) -> torch.Tensor:
@@ -360,6 +368,8 @@ def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if total_q == 0:
         return out
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    longest = block_tables.shape[1] * block_size   # no sequence outgrows its block table (checked)
+    window_left, window_right = (_utils.unbounded_beyond(w, longest) for w in (window_left, window_right))
     if causal:
         window_right = 0
     cfg = _prefill_config(head_dim, q.dtype)
@@ -395,6 +405,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     int32 (batch + 1,)); their K/V are already in the cache. seq_lens int32 (batch,) is each sequence's total
     length, prefix plus new tokens, so new token i sits at position seq_len - q_len + i (bottom-right alignment, as
     FlashAttention's kvcache API). This is chunked prefill and prefix caching. Returns (total_q, num_heads, head_dim).
+    scale, softcap and window as in llmkern.attention; tensors in any layout, as in paged_decode_attention.
     """
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
@@ -409,7 +420,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     scale = _utils.check_scale(scale, head_dim)
-    softcap = _utils.check_softcap(softcap)
+    softcap = _utils.check_softcap(softcap, scale)
     left, right = _utils.check_window(window)
     q = _utils.last_dim_contiguous("q", q)
     k_cache = _utils.last_dim_contiguous("k_cache", k_cache)

@@ -1,4 +1,4 @@
-"""Weight-only quantized matmul, the host side: int8 / int4 weights, fp16 / bf16 activations.
+"""Weight-only quantized matmul, the host side: int8 / int4 weights, fp16 / bf16 / fp32 activations.
 
     quant_matmul(x, qweight, bias=None)     x (..., K) -> (..., N) = x @ qweight.dequantize().T + bias
     triton_matmul(x, weight, bias=None, *, path=None, split_k=None)      the Triton kernels, path chosen by hand
@@ -45,7 +45,18 @@ _GEMM_CONFIGS = [
 # The best tile depends on the weight shape and on M, which changes every prefill call: one autotuner per tuning key
 # (llmkern.tuning) with M bucketed to the next power of two, so a new prompt length re-runs the tuner only when it
 # crosses into a new bucket. A config shipped for the GPU in python/llmkern/configs/ replaces autotuning for its key.
-_GEMM = tuning.TunedKernel("quant_gemm", quant_gemm_kernel, buckets=("m",), configs=lambda key: _GEMM_CONFIGS,
+# fp32 activations: the IEEE fp32 dot runs on the FMA units with its operand tiles in registers (no tensor cores).
+# A software pipeline keeps the next tiles in registers too: with num_stages >= 2 even 32 x 64 tiles took 255
+# registers and spilled on sm_90, while one stage needs 120-190 (llmkern check-compile, triton 3.9). Latency is
+# hidden by the FMA work per tile instead. The 32-row tile is first: the interpreter runs configs[0].
+_GEMM_FP32_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP_M": 8}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": BLOCK_K, "GROUP_M": 8}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP_M": 8}, num_warps=8, num_stages=1),
+]
+_GEMM = tuning.TunedKernel("quant_gemm", quant_gemm_kernel, buckets=("m",),
+                           configs=lambda key: (_GEMM_FP32_CONFIGS if key.get("dtype") == torch.float32
+                                                else _GEMM_CONFIGS),
                            spec=lambda key, cfg: _gemm_spec(cfg, key["dtype"]))
 
 # Cut-over. Up to 16 rows a tensor-core tile (minimum M = 16) is not even full, each weight feeds at most 16
@@ -96,12 +107,16 @@ def triton_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch
         path = "decode" if m <= DECODE_MAX_M else "gemm"
     if path not in ("decode", "gemm"):
         raise ValueError(f"path must be 'decode', 'gemm' or None, got {path!r}")
+    # The dot kernels' fp32 tiles and IEEE dot: fp32 activations keep fp32 accuracy (no TF32), and the interpreter
+    # gets fp32 tiles (its bf16 dot is unreliable). The codes (q - z) are small integers, exact in every dtype.
+    dot_fp32 = _utils.INTERPRET or x2.dtype == torch.float32
     if path == "gemm":
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         gemm = _GEMM.get(x2.device, dtype=x2.dtype, bits=bits, n=n, k=k, m=m)
         _utils.launch(gemm, grid, x2, qweight, scales, zeros, perm_arg, bias_arg, out,
                       m, n, k, x2.stride(0), x2.stride(1), out.stride(0), gs, bits, pack_shift,
-                      HAS_PERM=perm is not None, HAS_BIAS=bias is not None, DOT_FP32=_utils.INTERPRET)
+                      HAS_PERM=perm is not None, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
+                      INTERPRET=_utils.INTERPRET)
         return out
     if m > DECODE_MAX_M:
         raise ValueError(f"the decode path serves at most {DECODE_MAX_M} rows, got {m}")
@@ -119,7 +134,8 @@ def triton_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch
         ws = (bias.float().expand(m, n).contiguous() if bias is not None
               else torch.zeros((m, n), dtype=torch.float32, device=x2.device))
     launch_opts = {} if _utils.INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    flags = dict(HAS_PERM=perm is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, **cfg.kwargs, **launch_opts)
+    flags = dict(HAS_PERM=perm is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, INTERPRET=_utils.INTERPRET,
+                 **cfg.kwargs, **launch_opts)
     if gemv:
         quant_gemv_kernel[(n_blocks, split)](
             x2, qweight, scales, zeros, perm_arg, bias_arg, out, ws,
@@ -128,7 +144,7 @@ def triton_matmul(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch
         quant_decode_kernel[(n_blocks, split)](
             x2, qweight, scales, zeros, perm_arg, bias_arg, out, ws,
             m, n, k, x2.stride(0), x2.stride(1), out.stride(0), gs, bits, pack_shift, tiles_per_split,
-            DOT_FP32=_utils.INTERPRET, **flags)
+            DOT_FP32=dot_fp32, **flags)
     if atomic:
         out.copy_(ws)
     return out
@@ -154,7 +170,8 @@ def _quant_matmul_reference(x, qweight, scales, zeros, perm, bias, bits, group_s
     return out.reshape(*x.shape[:-1], qw.out_features)
 
 
-@_dispatch.custom_op("quant_matmul", mutates_args=(), reference=_quant_matmul_reference, check=_check_op_args)
+@_dispatch.custom_op("quant_matmul", mutates_args=(), reference=_quant_matmul_reference, check=_check_op_args,
+                     contiguous=("qweight", "scales", "zeros", "perm", "bias"))
 def _quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      perm: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int,
                      group_size: int) -> torch.Tensor:
@@ -169,9 +186,10 @@ def _(x, qweight, scales, zeros, perm, bias, bits, group_size):
 
 
 def quant_matmul(x: torch.Tensor, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x (..., in_features) fp16/bf16 -> x @ qweight.dequantize().T + bias, (..., out_features) in x's dtype.
+    """x (..., in_features) fp16/bf16/fp32 -> x @ qweight.dequantize().T + bias, (..., out_features) in x's dtype.
 
-    Accumulates in fp32. x's dtype must be the scales' dtype (convert with qweight.to(dtype=...))."""
+    Accumulates in fp32 (fp32 x: IEEE fp32 products too, no TF32); the result is rounded to nearest even into x's
+    dtype on every path. x's dtype must be the scales' dtype (convert with qweight.to(dtype=...)). Any strides."""
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight must be a llmkern.QuantizedWeight, got {type(qweight).__name__}")
     bias = _check_x_bias(x, qweight, bias)
@@ -198,7 +216,7 @@ def _check_x_bias(x, qweight: QuantizedWeight, bias):
 
 
 # ----------------------------------------------------------------------------------------------- compile specs
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _sig(dtype: torch.dtype) -> dict[str, str]:
@@ -223,7 +241,7 @@ def _gemv_spec(dtype: torch.dtype, *, atomic: bool, perm: bool = False):
     return compile_check.CompileSpec(
         kernel=quant_gemv_kernel, name="quant_gemv", config=_cfg_name(cfg, dtype, atomic=atomic, act_order=perm),
         signature=_sig(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, ATOMIC=atomic, **cfg.kwargs))
+        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, ATOMIC=atomic, INTERPRET=False, **cfg.kwargs))
 
 
 def _decode_spec(dtype: torch.dtype, *, atomic: bool, perm: bool = False):
@@ -231,26 +249,31 @@ def _decode_spec(dtype: torch.dtype, *, atomic: bool, perm: bool = False):
     return compile_check.CompileSpec(
         kernel=quant_decode_kernel, name="quant_decode", config=_cfg_name(cfg, dtype, atomic=atomic, act_order=perm),
         signature=_sig(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, ATOMIC=atomic, DOT_FP32=False, **cfg.kwargs), expect_mma=True)
+        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, ATOMIC=atomic, DOT_FP32=dtype == torch.float32,
+                        INTERPRET=False, **cfg.kwargs),
+        expect_mma=dtype != torch.float32)
 
 
 def _gemm_spec(cfg, dtype: torch.dtype, *, perm: bool = False):
     return compile_check.CompileSpec(
         kernel=quant_gemm_kernel, name="quant_gemm", config=_cfg_name(cfg, dtype, act_order=perm),
         signature=_sig(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, DOT_FP32=False, **cfg.kwargs), expect_mma=True)
+        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, DOT_FP32=dtype == torch.float32, INTERPRET=False,
+                        **cfg.kwargs),
+        expect_mma=dtype != torch.float32)
 
 
 @compile_check.register
 def _compile_specs():
     """The GEMV (M = 1) and the 16-row decode dot, each with and without split-K atomics, and every GEMM config, in
-    fp16 and bf16, without bias (Llama's linears have none); two act-order variants also take a bias: 14 specs. bits
-    is a runtime argument, so int4 and int8 share each one. The 16-row decode dot and the GEMM must use tensor cores."""
-    for dtype in (torch.float16, torch.bfloat16):
+    fp16, bf16 and fp32, without bias (Llama's linears have none); two act-order variants also take a bias: 21 specs.
+    bits is a runtime argument, so int4 and int8 share each one. The 16-bit dot kernels must use tensor cores (fp32
+    runs an IEEE fp32 dot on the FMA units)."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for atomic in (False, True):
             yield _gemv_spec(dtype, atomic=atomic)
             yield _decode_spec(dtype, atomic=atomic)
-        for cfg in _GEMM_CONFIGS:
+        for cfg in (_GEMM_FP32_CONFIGS if dtype == torch.float32 else _GEMM_CONFIGS):
             yield _gemm_spec(cfg, dtype)
     yield _gemv_spec(torch.float16, atomic=True, perm=True)
     yield _decode_spec(torch.bfloat16, atomic=True, perm=True)

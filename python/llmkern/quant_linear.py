@@ -14,14 +14,16 @@ from torch import nn
 
 from llmkern import patch_moe
 from llmkern.quant import quant_matmul
-from llmkern.quant_weight import SCALE_DTYPES, QuantizedWeight, check_bits_group, quantize_weight
+from llmkern.quant_weight import (SCALE_DTYPES, QuantizedWeight, check_bits_group, check_finite_scales,
+                                  quantize_weight)
 
 
 class QuantLinear(nn.Module):
     """A drop-in nn.Linear with a quantized weight: same in_features/out_features/bias contract, forward = quant_matmul.
 
     The packed weight, scales, zeros and act-order permutation are buffers (so .to(device), state_dict and
-    .half()/.bfloat16() act on them: a dtype change converts the scales and bias, the activation dtype it serves).
+    .half()/.bfloat16()/.float() act on them: a dtype change converts the scales and bias, the activation dtype it
+    serves; a float32 model quantized by quantize_model keeps running in float32).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 4,
@@ -29,7 +31,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         check_bits_group(bits, group_size, in_features)
         if dtype not in SCALE_DTYPES:
-            raise TypeError(f"dtype must be float16 or bfloat16, got {dtype}")
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         groups = 1 if group_size == -1 else in_features // group_size
@@ -44,6 +46,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        check_finite_scales(f"{prefix}scales", self.scales)
         # A loaded act-order permutation must be one (the kernels gather x's columns through it).
         if self.perm is not None:
             seen = torch.zeros(self.in_features, dtype=torch.bool, device=self.perm.device)
@@ -88,7 +91,9 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
                    exclude: Iterable[str] = ("lm_head",), *, symmetric: bool = False) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by a QuantLinear, and quantize the experts of every Hugging Face
     MoE block llmkern.patch_model knows (their 3D weights, per expert, run by llmkern.fused_moe: llmkern.patch_moe),
-    except modules whose qualified name, or its last component, is in `exclude`. Returns the model."""
+    except modules whose qualified name, or its last component, is in `exclude`. Returns the model. Each layer keeps
+    its dtype (float16, bfloat16 or float32: the activations it then takes); every layer is checked before any is
+    replaced (TypeError/ValueError naming it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(exclude, str):
@@ -98,6 +103,9 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
     targets = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and name not in exclude and name.rsplit(".", 1)[-1] not in exclude:
+            if mod.weight.dtype not in SCALE_DTYPES:
+                raise TypeError(f"layer {name!r} has dtype {mod.weight.dtype}; quantized layers run float16, bfloat16 "
+                                f"or float32 activations: convert the model first (e.g. model.float())")
             if (group_size != -1 and mod.in_features % group_size) or mod.in_features % (32 // bits):
                 raise ValueError(f"layer {name!r}: in_features={mod.in_features} does not fit bits={bits}, "
                                  f"group_size={group_size}; add it to exclude")

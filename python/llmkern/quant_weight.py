@@ -16,7 +16,8 @@ llmkern's packed layout (what QuantizedWeight holds; checkpoints are repacked in
            output column, so a thread that loads it has everything one column's dot product needs from it: the GEMV
            loads (BLOCK_W, BLOCK_N) words once, coalesced along N, and unpacks them in registers; the dot kernels
            expand a (32, BLOCK_N) K-tile from 32 / PACK word rows.
-  scales   (G, N) fp16 or bf16, G = K // group_size (1 for group_size -1); must match the activations' dtype.
+  scales   (G, N) fp16, bf16 or fp32, G = K // group_size (1 for group_size -1); must match the activations' dtype.
+           Finite (every conversion checks it: check_finite_scales); 0, subnormal and negative scales are used as is.
   zeros    (G, N) int16, the integer zero point itself (not GPTQ's zero - 1). Always stored, also for symmetric
            quantization (2**(bits-1) there): one code path, at 2 bytes per group per column (3% of int4 g128).
            int16 because GPTQ v1 checkpoints can hold a zero of 2**bits (stored zero-1 = 2**bits - 1 wraps to it).
@@ -38,7 +39,8 @@ from llmkern import _utils, reference
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128, -1)
-SCALE_DTYPES = (torch.float16, torch.bfloat16)
+# The scales' dtype is the activation dtype the weight serves (quant_matmul needs x in it).
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class QuantizedWeight:
@@ -116,12 +118,12 @@ class QuantizedWeight:
                                           dtype=dtype or self.dtype)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "QuantizedWeight":
-        """A copy on `device`; `dtype` (fp16/bf16) converts the scales, i.e. the activation dtype it serves.
+        """A copy on `device`; `dtype` (fp16/bf16/fp32) converts the scales, i.e. the activation dtype it serves.
         `.to(torch.bfloat16)` is read as a dtype, as torch.Tensor.to reads it (the integer tensors keep theirs)."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
         if dtype is not None and dtype not in SCALE_DTYPES:
-            raise TypeError(f"dtype must be float16 or bfloat16 (the scales' dtype), got {dtype}")
+            raise TypeError(f"dtype must be float16, bfloat16 or float32 (the scales' dtype), got {dtype}")
         mv = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return QuantizedWeight(mv(self.qweight), mv(self.scales).to(dtype or self.dtype), mv(self.zeros),
                                bits=self.bits, group_size=self.group_size, in_features=self.in_features,
@@ -135,6 +137,7 @@ class QuantizedWeight:
         check_bits_group(bits, group_size, k)
         if int(q.min()) < 0 or int(q.max()) >= 2 ** bits:
             raise ValueError(f"codes must lie in [0, {2 ** bits}) for bits={bits}")
+        check_finite_scales("scales", scales)
         perm = None
         if g_idx is not None:
             perm = _act_order_perm(g_idx, k, group_size, scales.shape[0])
@@ -193,8 +196,9 @@ def quantize_weight(weight: torch.Tensor, *, bits: int = 4, group_size: int = 12
                     symmetric: bool = False) -> QuantizedWeight:
     """Round-to-nearest quantization of an nn.Linear weight (out_features, in_features).
 
-    Scales are stored in the weight's dtype when it is fp16/bf16 (fp16 for fp32 weights): the activation dtype the
-    result multiplies. Every dequantized element is within half a quantization step (its scale / 2) of the original.
+    Scales are stored in the weight's dtype (fp16, bf16 or fp32): the activation dtype the result multiplies, so a
+    float32 model (the usual dtype on a CPU) runs in float32. Every dequantized element is within half a quantization
+    step (its scale / 2) of the original.
     """
     _utils.check_tensor("weight", weight, ndim=2, dtypes=_utils.FLOAT_DTYPES)
     if not isinstance(symmetric, bool):
@@ -202,9 +206,8 @@ def quantize_weight(weight: torch.Tensor, *, bits: int = 4, group_size: int = 12
     check_bits_group(bits, group_size, weight.shape[1])
     if not torch.isfinite(weight).all():
         raise ValueError("weight must be finite (it has inf or nan)")
-    scale_dtype = weight.dtype if weight.dtype in SCALE_DTYPES else torch.float16
     q, zeros, scales = reference.quantize_rtn(weight.detach(), bits=bits, group_size=group_size, symmetric=symmetric,
-                                              scale_dtype=scale_dtype)
+                                              scale_dtype=weight.dtype)
     return QuantizedWeight.from_codes(q, zeros, scales, bits=bits, group_size=group_size)
 
 
@@ -222,6 +225,17 @@ def check_bits_group(bits, group_size, in_features: Optional[int]) -> None:
         raise ValueError(f"in_features must be a positive multiple of {pack} for bits={bits}, got {in_features}")
     if group_size != -1 and in_features % group_size:
         raise ValueError(f"in_features ({in_features}) must be divisible by group_size ({group_size})")
+
+
+def check_finite_scales(name: str, scales: torch.Tensor) -> None:
+    """ValueError unless every scale is finite (one device sync). Every conversion to the packed format (from_codes,
+    so quantize_weight, from_gptq and from_awq too) and QuantLinear's state-dict loading check it; the QuantizedWeight
+    constructor does not (no sync per call). Zero, subnormal, negative and huge finite scales are used as they are,
+    w = (q - z) * s; where the terms of an output (sum_k |x_k w_nk|) pass the float range, its partial sums may
+    overflow to inf or NaN, as any float computation of the product can. (An inf scale would give inf or NaN
+    depending on the order of the multiplications.)"""
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"{name} must be finite (a quantization scale is inf or NaN)")
 
 
 def _expect_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

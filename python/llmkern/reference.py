@@ -212,6 +212,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 # ------------------------------------------------------------------------------------------------------- sampling
+# Greedy below float32's smallest normal temperature (2**-126): the kernels take temperature as float32, and there
+# 1 / temperature would overflow or be flushed.
+GREEDY_BELOW = 2.0 ** -126
+
 def _per_row(value, batch: int, dtype: torch.dtype) -> torch.Tensor:
     """A sampling parameter (Python number or (batch,) tensor) as a CPU (batch,) tensor."""
     if isinstance(value, torch.Tensor):
@@ -226,8 +230,9 @@ def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
     Per row, in this order: q = softmax(logits / temperature); top-k keeps the tokens whose logit is at least the
     k-th largest (ties at the boundary all kept; k = 0 or k >= vocab: off); top-p keeps, among those, a token when
     the renormalized mass of the survivors with a strictly larger logit is below top_p; min-p keeps tokens with
-    q >= min_p * max q; the survivors are renormalized. temperature 0: one-hot at the first argmax. A row holding
-    NaN or +inf, or all -inf, is all zeros. With return_kept, also the bool (batch, vocab) kept set.
+    q >= min_p * max q; the survivors are renormalized. temperature below GREEDY_BELOW (0 and float32's subnormals):
+    one-hot at the first argmax. A row holding NaN or +inf, or all -inf, is all zeros. With return_kept, also the bool
+    (batch, vocab) kept set.
     """
     batch, vocab = logits.shape
     x = logits.detach().to("cpu", torch.float64)
@@ -242,7 +247,7 @@ def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
         if torch.isnan(row).any() or not torch.isfinite(row.max()):
             continue
         t = float(temps[b])
-        if t == 0.0:
+        if t < GREEDY_BELOW:
             i = int(torch.argmax(row))  # the first maximum
             probs[b, i] = 1.0
             kept[b, i] = True

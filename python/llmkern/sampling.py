@@ -37,6 +37,8 @@ NUM_WARPS = 4
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 _INT32_MAX = 2 ** 31 - 1
+# The per-row parameter tensors: the kernel reads element `row` of each (unit stride: the op makes them contiguous).
+_PER_ROW = ("temperature", "top_k", "top_p", "min_p")
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
@@ -134,14 +136,23 @@ def _check(logits: Any, temperature, top_k, top_p, min_p):
     if vocab >= 2 ** 24:
         # counts are kept in fp32 by the search, exact up to 2**24
         raise ValueError(f"logits: vocab must be below 2**24 = 16777216, got {vocab}")
-    dev = logits.device
-    params = (
-        per_row_param("temperature", temperature, batch, dev, integer=False, lo=0.0, hi=float("inf"), hi_open=True),
-        per_row_param("top_k", top_k, batch, dev, integer=True, lo=0, hi=float("inf"), hi_open=True),
-        per_row_param("top_p", top_p, batch, dev, integer=False, lo=0.0, hi=1.0, lo_open=True),
-        per_row_param("min_p", min_p, batch, dev, integer=False, lo=0.0, hi=1.0),
+    return logits, check_params(temperature, top_k, top_p, min_p, batch=batch, device=logits.device)
+
+
+def check_params(temperature, top_k, top_p, min_p, *, batch: int = 1,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """The sampling parameters as the kernel reads them: (temperature, top_k, top_p, min_p), each a contiguous
+    (batch,) tensor on `device` (float32; top_k int32). ValueError naming the first bad one. `sample` and
+    `sampling_probs` call it; a decode loop (llmkern.generate) calls it once up front, so bad parameters are refused
+    before the model runs."""
+    device = torch.device(device)
+    return (
+        per_row_param("temperature", temperature, batch, device, integer=False, lo=0.0, hi=float("inf"),
+                      hi_open=True),
+        per_row_param("top_k", top_k, batch, device, integer=True, lo=0, hi=float("inf"), hi_open=True),
+        per_row_param("top_p", top_p, batch, device, integer=False, lo=0.0, hi=1.0, lo_open=True),
+        per_row_param("min_p", min_p, batch, device, integer=False, lo=0.0, hi=1.0),
     )
-    return _utils.last_dim_contiguous("logits", logits), params
 
 
 # ------------------------------------------------------------------------------------------------- custom ops
@@ -154,7 +165,7 @@ def _probs_reference(logits, temperature, top_k, top_p, min_p):
     return probs.to(device=logits.device, dtype=torch.float32)
 
 
-@_dispatch.custom_op("sample", mutates_args=(), reference=_sample_reference)
+@_dispatch.custom_op("sample", mutates_args=(), reference=_sample_reference, contiguous=_PER_ROW + ("seed",))
 def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                min_p: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     batch = logits.shape[0]
@@ -169,7 +180,7 @@ def _(logits, temperature, top_k, top_p, min_p, seed):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
-@_dispatch.custom_op("sampling_probs", mutates_args=(), reference=_probs_reference)
+@_dispatch.custom_op("sampling_probs", mutates_args=(), reference=_probs_reference, contiguous=_PER_ROW)
 def _probs_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
               min_p: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
@@ -185,7 +196,8 @@ def _(logits, temperature, top_k, top_p, min_p):
 
 
 def _run(logits, *args, write_probs: bool) -> None:
-    """One program per row; the one fixed config (see CONFIG)."""
+    """One program per row; the one fixed config (see CONFIG). The kernel takes the row stride of logits only."""
+    logits = _utils.last_dim_contiguous("logits", logits)
     meta = dict(CONFIG, WRITE_PROBS=write_probs)
     if not _utils.INTERPRET:
         meta["num_warps"] = NUM_WARPS
@@ -199,12 +211,17 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
 
     logits: (batch, vocab) fp32/fp16/bf16 (any row stride). Each parameter is a Python number for all rows or a
     (batch,) tensor on logits' device, one value per row. Applied in this order:
-      temperature >= 0: logits / temperature, softmax. 0 means greedy for that row: the first argmax.
+      temperature >= 0: logits / temperature, softmax. 0, and any temperature below float32's smallest normal
+        2**-126 = 1.2e-38 (llmkern.reference.GREEDY_BELOW; 1 / temperature would overflow float32), means greedy for
+        that row: the first argmax. Used as float32: a larger value that rounds below it is greedy too. NaN,
+        negative, inf and values beyond float32 range (> 3.4e38, inf there) raise ValueError.
       top_k >= 0: keep the tokens whose logit is at least the k-th largest (0 or >= vocab: off). Ties at the
         boundary are all kept, so a row may keep more than k tokens when logits tie exactly.
       top_p in (0, 1]: among those, keep a token when the renormalized mass of the survivors with a strictly larger
         logit is below top_p (the smallest most-probable set reaching top_p; tokens tied with its last one stay).
-      min_p in [0, 1]: keep tokens whose probability is at least min_p times the largest.
+        A tiny top_p keeps the most probable token(s); 1 (or a value rounding to 1 in float32) is off.
+      min_p in [0, 1]: keep tokens whose probability is at least min_p times the largest (1: the argmax and its
+        ties). Values outside the ranges, and NaN, raise ValueError naming the parameter.
     The token is drawn from the survivors, renormalized (exactly `sampling_probs`), by inverse CDF.
     seed: an int (every row uses it: equal rows then draw equal tokens) or an int64 (batch,) tensor, one seed per
       request. A row's token depends only on its logits, its parameters and its seed: the same on every call,
@@ -222,8 +239,8 @@ def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
     """The exact distribution `sample` draws from: float32 (batch, vocab), zeros outside the kept set.
 
     Same parameters and order as `sample`; computed by the same threshold search (no sort), then a
-    normalize-and-write pass. Greedy rows (temperature 0) are one-hot at the first argmax; invalid rows (NaN, +inf,
-    all -inf) are all zeros.
+    normalize-and-write pass. Greedy rows (temperature 0 or below 2**-126) are one-hot at the first argmax; invalid
+    rows (NaN, +inf, all -inf) are all zeros.
     """
     logits, (temp, k, p, mp) = _check(logits, temperature, top_k, top_p, min_p)
     return _probs_op(logits, temp, k, p, mp)

@@ -16,7 +16,10 @@ Importing this module registers two functions under the name "llmkern":
   returns something much smaller: None when the pattern is purely causal over all keys, else the 2D boolean padding
   mask of the keys that can be seen, cut at the last query (see `llmkern_mask`). Patterns it cannot express that way
   (packed sequences, image-token overlays, chunked attention, user mask functions) get the full 4D mask, and the
-  attention function then runs a plain PyTorch fallback, with a one-time warning.
+  attention function then runs a plain PyTorch fallback, with a one-time warning. Layers whose dtype or head_dim
+  the kernels do not run (float64, head_dim outside multiples of 8 in [32, 256]) take the same fallback (warned
+  once) rather than failing at their first forward: nothing in transformers checks an attention implementation
+  when it is chosen, so that is the only step that can refuse it.
 
 How each case maps onto llmkern (the query/key positions below are transformers' cache indices):
 
@@ -44,6 +47,7 @@ from typing import Any, Callable
 import torch
 
 import llmkern
+from llmkern import _utils
 
 from transformers import AttentionInterface
 from transformers import masking_utils
@@ -238,17 +242,28 @@ def llmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         if bool(attention_mask.all()):
             attention_mask = None
 
-    if attention_mask is None:
+    # Layers the kernels cannot run (a float64 model, a head_dim outside llmkern's set) take the PyTorch fallback:
+    # choosing attn_implementation="llmkern" is the step a user could change, and nothing checks it then, so a
+    # refusal here would come only at the first forward.
+    runnable = query.dtype in _utils.FLOAT_DTYPES and _utils.supported_head_dim(query.shape[-1])
+    if not runnable:
+        _warn_once(f"llmkern attention: {query.dtype} with head_dim {query.shape[-1]} is outside what the kernels "
+                   f"run (float16/bfloat16/float32, head_dim a multiple of 8 in [32, 256]); those layers use a "
+                   f"PyTorch fallback.")
+    if attention_mask is None and runnable:
         out = llmkern.attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap)
         return out, None
 
     # Padding: pack each row's real tokens and run varlen. The queries are the last seqlen_q key slots (causal),
     # so query row i of batch b is real when its own key slot is.
-    valid_k = attention_mask
+    valid_k = attention_mask if attention_mask is not None else \
+        torch.ones(batch, k.shape[1], dtype=torch.bool, device=q.device)
     valid_q = valid_k[:, valid_k.shape[1] - seqlen_q:] if causal else \
         torch.ones(batch, seqlen_q, dtype=torch.bool, device=q.device)
-    if window != (-1, -1) and not _contiguous_rows(valid_k):
-        _warn_once("llmkern attention: padding inside a sequence with a sliding window; using a PyTorch fallback.")
+    if not runnable or (window != (-1, -1) and not _contiguous_rows(valid_k)):
+        if runnable:
+            _warn_once("llmkern attention: padding inside a sequence with a sliding window; using a PyTorch "
+                       "fallback.")
         mask4d = _dense_mask(valid_k, seqlen_q, causal, window)
         out = _dense_fallback(query, key[:, :, :valid_k.shape[1]], value[:, :, :valid_k.shape[1]], mask4d, scale,
                               softcap, False)

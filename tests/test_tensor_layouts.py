@@ -1,0 +1,500 @@
+"""Every tensor argument of every public op and every llmkern:: op, in every memory layout (issue 16, kind 1).
+
+Each tensor argument is passed, one at a time, as
+  every_other   every other element of a larger tensor, in every dim (a strided last dim included),
+  rows          every other row (dim 0) of a larger tensor, the other dims contiguous (tensors of 2+ dims),
+  offset        a view at a storage offset of 3 elements (no longer 16-byte aligned),
+  column_major  the same values with the dims laid out in reverse order (`bt.t().contiguous().t()`; 2+ dims),
+  expanded      dim 0 (or the first dim longer than 1) broadcast from its first slice, stride 0, where meaningful,
+and the call must give exactly what the same call on contiguous tensors gives (for `expanded`: on the expanded
+values made contiguous), or raise the ValueError naming that argument that is declared below (REFUSED). The gaps of
+the larger tensors hold values out of every valid range (NaN, 2**30, 2**40), which a kernel that ignored the strides
+would read: a wrong answer or an out-of-bounds access. After the call the gaps must be unchanged (no write outside
+the caller's view), and every argument must hold what it holds after the contiguous call (in-place ops).
+
+The public ops are found, not listed: every name exported by llmkern whose signature takes a torch.Tensor (for a
+class, its __init__ and its own methods). `test_every_public_op_has_a_case` fails for one without a case in CASES,
+so an op added later (MoE, decoding) must add one. The llmkern:: ops run through the same variants directly, with the
+schema arguments of tests/test_ops.py's CASES (an op added there is covered here too).
+
+What was found and done, per op and argument ("strides": the kernel takes the argument's strides and honours them;
+"contiguous": `_dispatch.custom_op(contiguous=...)` copies it to contiguous (a no-op when it is) before the op's check
+and before every implementation, so what is validated is exactly what the kernel reads; "last dim": strides passed
+except a strided last dim, which is copied first; "torch": read by torch operations on the host only):
+  attention q, k, v: strides, last dim
+  attention_varlen q, k, v: strides, last dim
+  attention_varlen cu_seqlens_q, cu_seqlens_k: contiguous (the kernel reads them with unit stride)
+  paged_kv_write k, v: strides (all four dims)
+  paged_kv_write k_cache, v_cache: strides (all four dims); written in place, so an expanded (stride-0) or
+    self-overlapping cache is refused (ValueError, the op's check)
+  paged_kv_write slot_mapping: contiguous
+  paged_decode_attention q, k_cache, v_cache: strides (all dims)
+  paged_decode_attention block_tables: strides (both dims; stride(1) != 1 included)
+  paged_decode_attention seq_lens: contiguous
+  paged_prefill_attention q, k_cache, v_cache: strides (all dims)
+  paged_prefill_attention block_tables: strides (both dims)
+  paged_prefill_attention cu_seqlens_q, seq_lens: contiguous
+  rms_norm x: row stride, last dim (leading dims flattened by reshape, a copy only when no view exists)
+  rms_norm weight: contiguous (the kernel reads it with unit stride)
+  add_rms_norm x, residual: row stride, last dim
+  add_rms_norm weight: contiguous
+  apply_rope q, k: strides, last dim; inplace=True writes through the strides and refuses a strided last dim or
+    an expanded q/k (ValueError, the op's check)
+  apply_rope positions: strides (both dims, 0 for a broadcast batch)
+  apply_rope cos, sin: strides, last dim
+  sample logits: row stride, last dim (in the op)
+  sample temperature, top_k, top_p, min_p, seed: contiguous (read one element per row)
+  sampling_probs logits: row stride, last dim (in the op)
+  sampling_probs temperature, top_k, top_p, min_p: contiguous
+  quant_matmul x: strides, last dim
+  quant_matmul bias: contiguous
+  QuantizedWeight qweight, scales, zeros, perm: contiguous (the constructor, and the op's declaration)
+  QuantizedWeight.from_codes q, zeros, scales, g_idx: torch (packed into new contiguous tensors)
+  QuantizedWeight.from_gptq qweight, qzeros, scales, g_idx: torch
+  QuantizedWeight.from_awq qweight, qzeros, scales: torch
+  quantize_weight weight: torch
+  QuantLinear.from_quantized bias: torch (copied into the module's parameter)
+  QuantLinear.forward x: as quant_matmul x
+  generate input_ids, attention_mask: torch (split into per-prompt token lists before any kernel)
+`test_docstring_lists_every_argument` keeps this list equal to the arguments the harness exercises.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+import llmkern
+from llmkern import _dispatch
+from test_ops import CASES as OP_CASES
+
+VARIANTS = ("every_other", "rows", "offset", "column_major", "expanded")
+# Gap contents: out of every valid range (a NaN weight, a 2**30 block id or length, a 2**40 slot or seed).
+GARBAGE = {torch.int16: 2 ** 14, torch.int32: 2 ** 30, torch.int64: 2 ** 40}
+
+
+# ------------------------------------------------------------------------------------------------- the cases
+@dataclass
+class Case:
+    """fn(**args); `refused`: {(arg, variant): why} for the layouts the op refuses with a ValueError naming arg;
+    `skip`: {(arg, variant): why} for layouts that are not meaningful (never a refusal that could hide a bug);
+    `variants`: fewer layouts for a composite op whose tensors only torch reads (said where it is used)."""
+    fn: Callable
+    args: dict[str, Any]
+    refused: dict[tuple[str, str], str] = field(default_factory=dict)
+    skip: dict[tuple[str, str], str] = field(default_factory=dict)
+    variants: tuple[str, ...] = VARIANTS
+
+
+def _randn(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def _ints(values, dtype, device):
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _cache(device, seed=0):
+    """A paged cache of 5 blocks of 4 tokens, one KV head of 32."""
+    return _randn(5, 4, 1, 32, device=device, seed=seed)
+
+
+def _paged(device):
+    return dict(k_cache=_cache(device, 1), v_cache=_cache(device, 2),
+                block_tables=_ints([[0, 1, 4], [3, 2, 0]], torch.int32, device),
+                seq_lens=_ints([9, 6], torch.int32, device))
+
+
+_WRITTEN_CACHE = "a cache written in place must not overlap itself"
+# quant_matmul with 17 rows runs the GEMM kernel: the decode kernels' split-K sums partials with atomics, whose order
+# (and so the last bit) is not deterministic on a GPU. Their strides are covered by tests/test_quant.py.
+_GEMM_ROWS = 17
+
+
+def _sampling_params(device):
+    """Per-row parameters; row 1, the row that would read a view's gap with unit stride, has every filter on and
+    cutting (top-k 4 of 8 tokens, then top-p and min-p), so a gap's value (NaN, 2**30) changes its output."""
+    return dict(temperature=_ints([0.8, 1.5], torch.float32, device), top_k=_ints([0, 4], torch.int32, device),
+                top_p=_ints([1.0, 0.8], torch.float32, device), min_p=_ints([0.0, 0.1], torch.float32, device))
+
+
+def _quantized(device, dtype=torch.float16, act_order=False):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (24, 64), generator=gen, dtype=torch.int32)
+    z = torch.randint(0, 16, (2, 24), generator=gen, dtype=torch.int32)
+    s = (torch.rand(2, 24, generator=gen) * 0.02 + 0.002).to(dtype)
+    g_idx = None
+    if act_order:
+        g_idx = torch.empty(64, dtype=torch.int32)
+        g_idx[torch.randperm(64, generator=gen)] = (torch.arange(64) // 32).to(torch.int32)
+    qw = llmkern.QuantizedWeight.from_codes(q, z, s, bits=4, group_size=32, g_idx=g_idx)
+    return qw.to(device), (q, z, s, g_idx)
+
+
+@functools.lru_cache(maxsize=None)
+def _generate_model(device: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=32, vocab_size=64, max_position_embeddings=64,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(cfg).eval().to(device)
+
+
+def _cases(device) -> dict[str, Case]:
+    f16 = torch.float16
+    qw, (codes, zeros, scales, g_idx) = _quantized(device, act_order=True)
+    gptq_qw, _ = _quantized("cpu")
+    ql = llmkern.QuantLinear.from_quantized(qw)
+    cases = {
+        "attention": Case(
+            lambda q, k, v: llmkern.attention(q, k, v, causal=True),
+            dict(q=_randn(2, 5, 2, 32, dtype=f16, device=device),
+                 k=_randn(2, 6, 1, 32, dtype=f16, device=device, seed=1),
+                 v=_randn(2, 6, 1, 32, dtype=f16, device=device, seed=2))),
+        "attention_varlen": Case(
+            lambda q, k, v, cu_seqlens_q, cu_seqlens_k: llmkern.attention_varlen(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, 4, 5, causal=True),
+            dict(q=_randn(7, 2, 32, device=device), k=_randn(9, 1, 32, device=device, seed=1),
+                 v=_randn(9, 1, 32, device=device, seed=2), cu_seqlens_q=_ints([0, 3, 7], torch.int32, device),
+                 cu_seqlens_k=_ints([0, 4, 9], torch.int32, device))),
+        "paged_kv_write": Case(
+            llmkern.paged_kv_write,
+            dict(k=_randn(3, 1, 32, device=device, seed=3), v=_randn(3, 1, 32, device=device, seed=4),
+                 k_cache=_cache(device, 1), v_cache=_cache(device, 2),
+                 slot_mapping=_ints([5, -1, 9], torch.int64, device)),
+            refused={("k_cache", "expanded"): _WRITTEN_CACHE, ("v_cache", "expanded"): _WRITTEN_CACHE},
+            skip={("slot_mapping", "expanded"): "one slot for every token: which token lands there is unspecified"}),
+        "paged_decode_attention": Case(
+            lambda q, k_cache, v_cache, block_tables, seq_lens: llmkern.paged_decode_attention(
+                q, k_cache, v_cache, block_tables, seq_lens, num_splits=2),
+            dict(q=_randn(2, 2, 32, device=device, seed=3), **_paged(device))),
+        "paged_prefill_attention": Case(
+            llmkern.paged_prefill_attention,
+            dict(q=_randn(5, 2, 32, device=device, seed=3), **_paged(device),
+                 cu_seqlens_q=_ints([0, 2, 5], torch.int32, device)),
+            refused={("cu_seqlens_q", "expanded"): "[0, 0, 0] does not end at total_q: a bad value, refused"}),
+        "rms_norm": Case(
+            llmkern.rms_norm,
+            dict(x=_randn(3, 40, device=device), weight=_randn(40, device=device, seed=1))),
+        "add_rms_norm": Case(
+            llmkern.add_rms_norm,
+            dict(x=_randn(3, 40, dtype=f16, device=device), residual=_randn(3, 40, dtype=f16, device=device, seed=2),
+                 weight=_randn(40, dtype=f16, device=device, seed=1))),
+        "apply_rope": Case(
+            llmkern.apply_rope,
+            dict(q=_randn(2, 3, 2, 32, device=device), k=_randn(2, 3, 1, 32, device=device, seed=1),
+                 positions=_ints([[0, 1, 2], [7, 8, 9]], torch.int64, device))),
+        "apply_rope[tables]": Case(
+            lambda q, k, cos, sin: llmkern.apply_rope(q, k, cos=cos, sin=sin),
+            dict(q=_randn(3, 2, 32, dtype=f16, device=device), k=_randn(3, 1, 32, dtype=f16, device=device, seed=1),
+                 cos=_randn(1, 3, 32, device=device, seed=2), sin=_randn(1, 3, 32, device=device, seed=3))),
+        "apply_rope[inplace]": Case(
+            lambda q, k, positions: llmkern.apply_rope(q, k, positions, inplace=True),
+            dict(q=_randn(2, 3, 2, 32, device=device), k=_randn(2, 3, 1, 32, device=device, seed=1),
+                 positions=_ints([[0, 1, 2], [7, 8, 9]], torch.int64, device)),
+            refused={(a, v): "rotated in place: a strided last dim or an element at two indices is refused"
+                     for a in ("q", "k") for v in ("every_other", "column_major", "expanded")}),
+        "sample": Case(
+            lambda logits, temperature, top_k, top_p, min_p, seed: llmkern.sample(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed),
+            dict(logits=_randn(2, 8, device=device), **_sampling_params(device),
+                 seed=_ints([1, 2], torch.int64, device))),
+        "sampling_probs": Case(
+            lambda logits, temperature, top_k, top_p, min_p: llmkern.sampling_probs(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
+            dict(logits=_randn(2, 8, dtype=f16, device=device), **_sampling_params(device))),
+        "quant_matmul": Case(
+            lambda x, bias: llmkern.quant_matmul(x, qw, bias),
+            dict(x=_randn(_GEMM_ROWS, 64, dtype=f16, device=device),
+                 bias=_randn(24, dtype=f16, device=device, seed=1))),
+        "QuantizedWeight": Case(
+            lambda qweight, scales, zeros, perm: llmkern.quant_matmul(
+                _randn(_GEMM_ROWS, 64, dtype=f16, device=device, seed=9),
+                llmkern.QuantizedWeight(qweight, scales, zeros, bits=4, group_size=32, in_features=64,
+                                        out_features=24, perm=perm)),
+            dict(qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros, perm=qw.perm)),
+        "QuantizedWeight.from_codes": Case(
+            lambda q, zeros, scales, g_idx: llmkern.QuantizedWeight.from_codes(
+                q, zeros, scales, bits=4, group_size=32, g_idx=g_idx),
+            dict(q=codes, zeros=zeros, scales=scales, g_idx=g_idx),
+            refused={("g_idx", "expanded"): "every column in group 0: not group_size columns per group, refused"}),
+        "QuantizedWeight.from_gptq": Case(
+            lambda qweight, qzeros, scales, g_idx: llmkern.QuantizedWeight.from_gptq(
+                qweight, qzeros, scales, g_idx=g_idx, bits=4, group_size=32),
+            dict(qweight=gptq_qw.qweight, qzeros=_ints([[0x76543210] * 3, [0x01234567] * 3], torch.int32, "cpu"),
+                 scales=gptq_qw.scales, g_idx=g_idx),
+            refused={("g_idx", "expanded"): "every column in group 0: not group_size columns per group, refused"}),
+        "QuantizedWeight.from_awq": Case(
+            lambda qweight, qzeros, scales: llmkern.QuantizedWeight.from_awq(qweight, qzeros, scales, group_size=32),
+            dict(qweight=torch.randint(-2 ** 31, 2 ** 31 - 1, (64, 3), generator=torch.Generator().manual_seed(1),
+                                       dtype=torch.int32),
+                 qzeros=_ints([[0x76543210] * 3, [0x01234567] * 3], torch.int32, "cpu"), scales=gptq_qw.scales)),
+        "quantize_weight": Case(
+            lambda weight: llmkern.quantize_weight(weight, bits=4, group_size=32),
+            dict(weight=_randn(8, 64, device="cpu", seed=4))),
+        "QuantLinear.from_quantized": Case(
+            lambda bias: llmkern.QuantLinear.from_quantized(qw, bias),
+            dict(bias=_randn(24, dtype=f16, device=device, seed=6))),
+        "QuantLinear.forward": Case(
+            lambda x: ql(x),
+            dict(x=_randn(_GEMM_ROWS, 64, dtype=f16, device=device, seed=7))),
+        "generate": Case(
+            lambda input_ids, attention_mask: llmkern.generate(
+                _generate_model(device), input_ids, attention_mask=attention_mask, max_new_tokens=2),
+            dict(input_ids=_ints([[0, 5, 6, 7], [9, 10, 11, 12]], torch.int64, device),
+                 attention_mask=_ints([[0, 1, 1, 1], [1, 1, 1, 1]], torch.int64, device)),
+            # host-side tensors (torch indexing), and each call runs a model: the strided and the stride-0 layout
+            variants=("every_other", "expanded")),
+    }
+    return cases
+
+
+def _op_name(label: str) -> str:
+    return label.split("[")[0]
+
+
+# ------------------------------------------------------------------------------------------------- layouts
+def _fill(shape, like: torch.Tensor) -> torch.Tensor:
+    value = float("nan") if like.dtype.is_floating_point else GARBAGE.get(like.dtype, 1)
+    return torch.full(shape, value, dtype=like.dtype, device=like.device)
+
+
+def _layout(t: torch.Tensor, variant: str):
+    """(the argument in this layout, the larger tensor it views or None, the values the contiguous call gets)."""
+    if variant == "every_other":
+        base = _fill([2 * s for s in t.shape], t)
+        view = base[tuple(slice(None, None, 2) for _ in t.shape)]
+    elif variant == "rows":
+        base = _fill([2 * t.shape[0], *t.shape[1:]], t)
+        view = base[::2]
+    elif variant == "offset":
+        base = _fill([t.numel() + 3], t)
+        view = base[3:].view(t.shape)
+    elif variant == "column_major":
+        order = list(range(t.dim()))[::-1]
+        return t.permute(order).contiguous().permute(order), None, t
+    else:  # expanded
+        dim = next(d for d, s in enumerate(t.shape) if s > 1)
+        view = t.narrow(dim, 0, 1).expand(t.shape)
+        return view, None, view.contiguous()
+    view.copy_(t)
+    return view, base, t
+
+
+def _applies(t: torch.Tensor, variant: str) -> bool:
+    if variant in ("rows", "column_major"):
+        return t.dim() >= 2
+    if variant == "expanded":
+        return any(s > 1 for s in t.shape)
+    return True
+
+
+def _fresh(args: dict[str, Any]) -> dict[str, Any]:
+    return {n: a.clone() if isinstance(a, torch.Tensor) else a for n, a in args.items()}
+
+
+def _flatten(result: Any) -> list:
+    """The values a result is compared by: tensors, numbers and token lists, from nested outputs and objects."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [x for r in result for x in _flatten(r)]
+    if isinstance(result, llmkern.QuantizedWeight):
+        return [result.qweight, result.scales, result.zeros, result.perm]
+    if isinstance(result, nn.Module):
+        return list(result.state_dict().values())
+    return [result]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of t's bits (NaNs compare equal to themselves this way)."""
+    if t.dtype.is_floating_point:
+        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t
+
+
+def _assert_same(got: list, want: list, what: str) -> None:
+    assert len(got) == len(want), what
+    for i, (g, w) in enumerate(zip(got, want)):
+        if isinstance(w, torch.Tensor):
+            assert isinstance(g, torch.Tensor) and g.shape == w.shape and g.dtype == w.dtype, f"{what}: output {i}"
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f"{what}: output {i} differs")
+        else:
+            assert g == w, f"{what}: output {i}: {g!r} != {w!r}"
+
+
+class _Baseline:
+    """The contiguous call of a case, made once: its flattened result and its arguments afterwards."""
+
+    def __init__(self, fn: Callable, args: dict[str, Any]):
+        self.fn, self.args = fn, args
+        call_args = _fresh(args)
+        self.result = _flatten(fn(**call_args))
+        self.after = call_args
+
+
+def _run_layout(baseline: _Baseline, name: str, variant: str, refused: bool, what: str) -> None:
+    """One argument in one layout against the contiguous call (module docstring)."""
+    fn, args = baseline.fn, baseline.args
+    arg, base, values = _layout(args[name], variant)
+    before = None if base is None else base.clone()
+    got_args = {**_fresh(args), name: arg}
+    if refused:
+        with pytest.raises(ValueError, match=re.escape(name)):
+            fn(**got_args)
+        return
+    if values is not args[name]:     # expanded: other values, their own contiguous call
+        baseline = _Baseline(fn, {**args, name: values})
+    got = _flatten(fn(**got_args))
+    _assert_same(got, baseline.result, what)
+    # in-place ops: every argument ends as after the contiguous call (the strided one through its view)
+    for n in _tensor_args(args):
+        _assert_same([got_args[n]], [baseline.after[n]], f"{what}: argument {n} after the call")
+    if base is not None:   # nothing written into the gaps
+        patched = base.clone()
+        patched.as_strided(arg.shape, arg.stride(), arg.storage_offset()).copy_(
+            before.as_strided(arg.shape, arg.stride(), arg.storage_offset()))
+        assert torch.equal(_bits(patched), _bits(before)), f"{what}: the call wrote outside {name}'s view"
+
+
+def _tensor_args(args: dict[str, Any]) -> list[str]:
+    return [n for n, a in args.items() if isinstance(a, torch.Tensor)]
+
+
+def _labels() -> list[str]:
+    return ["attention", "attention_varlen", "paged_kv_write", "paged_decode_attention", "paged_prefill_attention",
+            "rms_norm", "add_rms_norm", "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
+            "sampling_probs", "quant_matmul", "QuantizedWeight", "QuantizedWeight.from_codes",
+            "QuantizedWeight.from_gptq", "QuantizedWeight.from_awq", "quantize_weight", "QuantLinear.from_quantized",
+            "QuantLinear.forward", "generate"]
+
+
+@pytest.mark.parametrize("label", _labels())
+def test_public_op_layouts(label, device):
+    case = _cases(device)[label]
+    baseline = _Baseline(case.fn, case.args)
+    for name in _tensor_args(case.args):
+        for variant in case.variants:
+            if not _applies(case.args[name], variant) or (name, variant) in case.skip:
+                continue
+            _run_layout(baseline, name, variant, (name, variant) in case.refused, f"{label}({name} {variant})")
+
+
+# ------------------------------------------------------------------------------------------------- llmkern:: ops
+# The op called directly (torch.ops.llmkern.*), so that the layouts a public function normalizes first reach it as
+# they are. Two layouts: every_other (every dim strided, gaps of out-of-range values) and expanded (stride 0; the
+# in-place ops must refuse it for what they write). The public cases above cover the others for the same code.
+OP_VARIANTS = ("every_other", "expanded")
+OP_REFUSED = {("rope_", n, v) for n in ("q", "k") for v in OP_VARIANTS} | {
+    ("paged_kv_write", n, "expanded") for n in ("k_cache", "v_cache")} | {
+    ("paged_prefill_attention", "cu_seqlens_q", "expanded")}    # [0, 0, 0] does not end at total_q: refused
+OP_SKIPPED = {("paged_kv_write", "slot_mapping", "expanded")}      # one slot for every token (see above)
+# The schema arguments of tests/test_ops.py, except quant_matmul's x: 17 rows, for the GEMM path (see _GEMM_ROWS).
+OP_X_ROWS = {"quant_matmul": _GEMM_ROWS}
+
+
+def _schema_names(op) -> list[str]:
+    return [a.name for a in op._opoverload._schema.arguments]
+
+
+@pytest.mark.parametrize("name", sorted(_dispatch.OPS))
+def test_op_layouts(name, device):
+    op = _dispatch.OPS[name]
+    assert name in OP_CASES, f"llmkern::{name} has no case in tests/test_ops.py CASES"
+    names = _schema_names(op)
+    args = dict(zip(names, OP_CASES[name](device)[0]))
+    if name in OP_X_ROWS:
+        args["x"] = _randn(OP_X_ROWS[name], args["x"].shape[-1], dtype=args["x"].dtype, device=device)
+    baseline = _Baseline(lambda **kw: op(*[kw[n] for n in names]), args)
+    for arg in _tensor_args(args):
+        for variant in OP_VARIANTS:
+            if not _applies(args[arg], variant) or (name, arg, variant) in OP_SKIPPED:
+                continue
+            _run_layout(baseline, arg, variant, (name, arg, variant) in OP_REFUSED, f"llmkern::{name}({arg} {variant})")
+
+
+# ------------------------------------------------------------------------------------------------- coverage
+def _takes_tensor(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any("Tensor" in str(p.annotation) for p in params)
+
+
+def public_tensor_ops() -> set[str]:
+    """Names exported by llmkern that take a torch.Tensor: functions, and for classes "Class" (its __init__) and
+    "Class.method" for the methods it defines itself."""
+    found = set()
+    for name in dir(llmkern):
+        obj = getattr(llmkern, name)
+        if name.startswith("_") or inspect.ismodule(obj):
+            continue
+        if inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if attr != "__init__" and attr.startswith("_"):
+                    continue
+                member = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+                if callable(member) and _takes_tensor(member):
+                    found.add(name if attr == "__init__" else f"{name}.{attr}")
+        elif callable(obj) and _takes_tensor(obj):
+            found.add(name)
+    return found
+
+
+def test_every_public_op_has_a_case():
+    ops = {_op_name(label) for label in _labels()}
+    missing = public_tensor_ops() - ops
+    assert not missing, f"public ops without a layout case: {sorted(missing)} (add them to _cases)"
+    assert ops <= public_tensor_ops(), f"cases for names that are not public tensor ops: {ops - public_tensor_ops()}"
+    assert set(_labels()) == set(_cases("cpu"))
+
+
+def test_docstring_lists_every_argument():
+    listed = set()
+    for op, names in re.findall(r"^  (\S+) ([\w, ]+?):", __doc__, flags=re.M):
+        listed |= {(op, n.strip()) for n in names.split(",")}
+    exercised = {(_op_name(label), n) for label, case in _cases("cpu").items() for n in _tensor_args(case.args)}
+    assert listed == exercised, (f"documented but not exercised: {sorted(listed - exercised)}; "
+                                 f"exercised but not documented: {sorted(exercised - listed)}")
+
+
+# ------------------------------------------------------------------------------------------------- the issue's cases
+def test_seq_lens_view_in_decode(device):
+    """seq_lens = tensor([[40, 1], [9, 1]])[:, 0] (values [40, 9]): the second sequence attends over its 9 tokens
+    (it used to attend over 1: the kernel read the view with unit stride)."""
+    kc, vc = _randn(8, 16, 1, 32, device=device, seed=1), _randn(8, 16, 1, 32, device=device, seed=2)
+    q = _randn(2, 1, 32, device=device)
+    bt = _ints([[0, 1, 2], [3, 4, 5]], torch.int32, device)
+    seq_lens = _ints([[40, 1], [9, 1]], torch.int32, device)[:, 0]
+    want = llmkern.reference.paged_decode_attention(q.double(), kc.double(), vc.double(), bt, seq_lens)
+    torch.testing.assert_close(llmkern.paged_decode_attention(q, kc, vc, bt, seq_lens).double(), want,
+                               rtol=1e-5, atol=1e-6)
+    # out-of-range values in the view's gaps are never read (they used to crash the process)
+    wild = _ints([[40, 2 ** 30], [9, -(2 ** 30)]], torch.int32, device)[:, 0]
+    torch.testing.assert_close(llmkern.paged_decode_attention(q, kc, vc, bt, wild).double(), want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_slot_mapping_view_in_kv_write(device):
+    """slot_mapping = tensor([[5, 60], [6, 61], [7, 62]])[:, 0] (values [5, 6, 7]) writes slots 5, 6 and 7 and leaves
+    slot 60, another sequence's token, alone (it used to write 5, 6 and 60)."""
+    kc = torch.zeros(4, 16, 1, 32, device=device)
+    vc = torch.zeros(4, 16, 1, 32, device=device)
+    k = _randn(3, 1, 32, device=device)
+    v = _randn(3, 1, 32, device=device, seed=1)
+    for slots in (_ints([[5, 60], [6, 61], [7, 62]], torch.int64, device)[:, 0],
+                  _ints([[5, 2 ** 40], [6, -(2 ** 40)], [7, 10 ** 12]], torch.int64, device)[:, 0]):
+        kc.zero_(), vc.zero_()
+        llmkern.paged_kv_write(k, v, kc, vc, slots)
+        flat_k, flat_v = kc.view(64, 1, 32), vc.view(64, 1, 32)
+        assert torch.equal(flat_k[5:8], k) and torch.equal(flat_v[5:8], v)
+        assert flat_k[:5].abs().sum() == 0 and flat_k[8:].abs().sum() == 0 and flat_v[8:].abs().sum() == 0
