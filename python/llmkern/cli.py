@@ -3,6 +3,7 @@
   llmkern bench [SUITE ...] [--quick] [--json PATH]    time the suites on the present device (CUDA if there is one)
   llmkern check-compile [--arch sm_80,sm_90] [--json PATH] [--filter NAME] [--jobs N]
                                                        compile every kernel config for real GPUs, with no GPU
+  llmkern build-ext [--verbose]                        build the C++ CPU backend (csrc/) now, print where it went
 
 Further subcommands register themselves through `SUBCOMMANDS` (name -> (add_arguments, run)).
 """
@@ -115,7 +116,7 @@ subcommand("check-compile", "compile every kernel config for sm_80/sm_90 and che
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     # Subcommands defined in other modules register on import.
-    for mod in ("llmkern.roofline",):
+    for mod in ("llmkern.roofline", "llmkern.cpu"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from llmkern import _utils, compile_check, reference
+from llmkern import _utils, compile_check, cpu, reference
 from llmkern.compile_check import CompileSpec
 from llmkern.kernels import layers as K
 
@@ -93,6 +93,8 @@ def _launch_rmsnorm(x2, r2, weight, y2, ro2, eps, offset, casting):
 @torch.library.custom_op("llmkern::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str) -> torch.Tensor:
     if not _utils.use_triton(x):
+        if (fn := cpu.kernel("rms_norm")) is not None:
+            return fn(x, weight, eps, offset, casting)
         return reference.rms_norm(x, weight, eps, offset=offset, casting=casting).contiguous()  # as register_fake
     x2 = _rows("x", x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -109,6 +111,8 @@ def _(x, weight, eps, offset, casting):
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                      casting: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not _utils.use_triton(x):
+        if (fn := cpu.kernel("add_rms_norm")) is not None:
+            return fn(x, residual, weight, eps, offset, casting)
         y, r = reference.add_rms_norm(x, residual, weight, eps, offset=offset, casting=casting)
         return y.contiguous(), r.contiguous()
     x2, r2 = _rows("x", x), _rows("residual", residual)
@@ -231,6 +235,8 @@ def _launch_rope(q, k, q_out, k_out, positions, cos, sin, theta):
 def _rope_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor], cos: Optional[torch.Tensor],
              sin: Optional[torch.Tensor], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not _utils.use_triton(q):
+        if (fn := cpu.kernel("rope")) is not None:
+            return fn(q, k, positions, cos, sin, theta)
         q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
         return q_rot.contiguous(), k_rot.contiguous()
     q_in, k_in = _utils.last_dim_contiguous("q", q), _utils.last_dim_contiguous("k", k)
@@ -250,6 +256,8 @@ def _(q, k, positions, cos, sin, theta):
 def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor],
                      cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], theta: float) -> None:
     if not _utils.use_triton(q):
+        if (fn := cpu.kernel("rope_")) is not None:
+            return fn(q, k, positions, cos, sin, theta)
         q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
         q.copy_(q_rot)
         k.copy_(k_rot)

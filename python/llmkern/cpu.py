@@ -1,0 +1,372 @@
+"""The C++ CPU backend: builds csrc/ just in time and runs llmkern's ops on CPU tensors with it.
+
+    kernel(op_name) -> Callable | None   the C++ implementation of the custom op llmkern::<op_name>: a function taking
+                                         exactly that op's schema arguments and returning what the op returns; None
+                                         when the C++ backend is off or unavailable, or has no kernel for that op
+    load() -> bool                       build (first use) and load the library once per process; False when that
+                                         failed (a one-time warning names the cause and the build log)
+    build() -> Build                     the same, raising BuildError on failure (`llmkern build-ext` calls it)
+    measure_stream(...) -> dict          STREAM read/copy/triad GB/s over all threads (the measured memory roof)
+
+The op registrations (python/llmkern/*.py, torch.library.custom_op) call `kernel(name)` from their CPU slot; the
+ops stay defined in Python, so torch.compile and opcheck see the same llmkern:: schemas on every backend. The C++
+functions are registered as `torch.ops.llmkern_cpu.*` (TORCH_LIBRARY_FRAGMENT, one per csrc/*.cpp file); the
+adapters below turn an op's arguments into their calls (views, strides, output allocation).
+
+Build (torch.utils.cpp_extension.load with ninja, the first time an op needs it, or `llmkern build-ext`):
+  * sources: every csrc/*.cpp, with csrc/llmkern_cpu.h; compiled with -O3 and -fopenmp (ATen's at::parallel_for is
+    OpenMP in torch's CPU wheels, and compiles to a serial loop without it);
+  * the vector ISA: torch's own CPU capability (torch.backends.cpu.get_cpu_capability(), which follows
+    ATEN_CPU_CAPABILITY), or LLMKERN_CPU_ISA=avx512|avx2|default. It sets CPU_CAPABILITY_AVX512 / _AVX2 and the
+    matching -m flags; without them ATen's Vectorized<float> compiles to a scalar array;
+  * cached in $LLMKERN_CACHE_DIR (default ~/.cache/llmkern)/cpu/<torch version, python, ISA, hash>, the hash over
+    the sources, the flags, the torch version and the compiler ($CXX), so an edit, a new torch or another machine
+    gets its own build and a finished build loads in milliseconds;
+  * on failure (no compiler, no ninja, a compile error) the CPU ops fall back to llmkern.reference with one warning
+    naming the cause and the build log (<build dir>/build.log).
+
+Environment: LLMKERN_CPU_BACKEND=auto (default: C++ when it builds, else the reference), cpp (C++ required: a build
+failure raises), reference (always the reference). LLMKERN_CPU_ISA, LLMKERN_CACHE_DIR and CXX as above.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+BACKEND_ENV = "LLMKERN_CPU_BACKEND"
+_BACKEND_CHOICES = ("auto", "cpp", "reference")
+
+# The -m flags of each vector ISA: the ones torch's own build compiles its AVX2 / AVX512 kernels with
+# (cmake/Codegen.cmake: "-mavx2 -mfma -mf16c" and "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma").
+_ISA_FLAGS = {
+    "avx512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "avx2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "default": [],
+}
+
+
+class BuildError(RuntimeError):
+    """The C++ backend could not be built or loaded. `cause` is one line; `log` the file with the full output."""
+
+    def __init__(self, cause: str, log: Optional[Path]):
+        super().__init__(cause if log is None else f"{cause} (build log: {log})")
+        self.cause, self.log = cause, log
+
+
+@dataclass(frozen=True)
+class Build:
+    """Where a build lives and what it was compiled with."""
+    name: str            # the library's name (unique per hash)
+    directory: Path      # the build directory (ninja file, objects, the library, build.log)
+    isa: str             # avx512 / avx2 / default
+    cflags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+    sources: tuple[Path, ...]
+
+    @property
+    def library(self) -> Path:
+        return self.directory / f"{self.name}.so"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "build.log"
+
+    @property
+    def done(self) -> Path:      # written last, after a successful build: a library without it may be half-written
+        return self.directory / "ok"
+
+
+# ------------------------------------------------------------------------------------------------------ the plan
+def source_dir() -> Path:
+    """csrc/: installed as llmkern/csrc (package data), or at the root of a source checkout (editable installs)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parents[1] / "csrc"):
+        if (candidate / "llmkern_cpu.h").is_file():
+            return candidate
+    raise BuildError(f"the C++ sources (csrc/llmkern_cpu.h) are not installed next to {here}", None)
+
+
+def cpu_isa() -> str:
+    """The vector ISA to compile for: LLMKERN_CPU_ISA, else torch's CPU capability (what ATen's own kernels use)."""
+    forced = os.environ.get("LLMKERN_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced not in _ISA_FLAGS:
+            raise ValueError(f"LLMKERN_CPU_ISA must be one of {tuple(_ISA_FLAGS)}, got {forced!r}")
+        return forced
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "default"      # ARM: ATen's Vectorized is NEON in its default build; nothing to add
+    return "avx512" if cap.startswith("AVX512") else "avx2" if cap == "AVX2" else "default"
+
+
+def _openmp() -> list[str]:
+    """-fopenmp where torch's parallel backend is OpenMP with GCC/Clang on Linux (macOS clang has no -fopenmp)."""
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("LLMKERN_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "llmkern"
+
+
+def plan() -> Build:
+    """What would be built, and where (no compiling)."""
+    csrc = source_dir()
+    sources = tuple(sorted(csrc.glob("*.cpp")))
+    isa = cpu_isa()
+    cflags = ("-O3", "-DNDEBUG", "-fvisibility-inlines-hidden", *_openmp(), *_ISA_FLAGS[isa])
+    ldflags = tuple(_openmp())
+    h = hashlib.sha256()
+    for path in (*sources, *sorted(csrc.glob("*.h"))):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for part in (*cflags, "|", *ldflags, "|", torch.__version__, sys.version, platform.machine(),
+                 os.environ.get("CXX", "c++")):
+        h.update(part.encode() + b"\0")
+    key = h.hexdigest()[:16]
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{isa}-{key}"
+    return Build(name=f"llmkern_cpu_{key}", directory=_cache_root() / "cpu" / tag, isa=isa, cflags=cflags,
+                 ldflags=ldflags, sources=sources)
+
+
+# ------------------------------------------------------------------------------------------------------- build
+_lock = threading.Lock()
+_loaded: Optional[Build] = None          # the build loaded into this process
+_failure: Optional[BuildError] = None    # why it could not be, once tried
+
+
+def _summary(output: str) -> str:
+    """The line of a compiler/ninja output that says what went wrong: the first compiler error, else the first
+    failed command, else the last line."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for marker in ("error:", "FAILED:"):
+        for ln in lines:
+            if marker in ln:
+                return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _compile(b: Build, verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise BuildError(f"no C++ compiler: {cxx!r} (from $CXX, default c++) is not on PATH", None)
+    if not cpp_extension.is_ninja_available():
+        raise BuildError("ninja is not installed (pip install ninja)", None)
+    b.directory.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        cpp_extension.load(name=b.name, sources=[str(s) for s in b.sources], extra_cflags=list(b.cflags),
+                           extra_ldflags=list(b.ldflags), build_directory=str(b.directory), verbose=verbose,
+                           is_python_module=False)
+    except Exception as e:  # noqa: BLE001 (cpp_extension raises RuntimeError, OSError, subprocess errors)
+        b.log.write_text(f"llmkern C++ CPU backend build failed\ncompiler: {cxx}\ncflags: {' '.join(b.cflags)}\n\n"
+                         f"{type(e).__name__}: {e}\n")
+        raise BuildError(f"the build failed: {_summary(str(e))}", b.log) from e
+    b.log.write_text(f"llmkern C++ CPU backend built in {time.perf_counter() - t0:.1f} s\ncompiler: {cxx}\n"
+                     f"cflags: {' '.join(b.cflags)}\nsources: {', '.join(s.name for s in b.sources)}\n")
+    b.done.write_text("ok\n")
+
+
+def build(verbose: bool = False) -> Build:
+    """Build (unless cached) and load the library into this process; return where it is. Raises BuildError, and
+    raises the same error again on later calls: a build is tried once per process."""
+    global _loaded, _failure
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if _failure is not None:
+            raise _failure
+        try:
+            b = plan()
+            if b.done.is_file():
+                torch.ops.load_library(str(b.library))
+            else:
+                _compile(b, verbose)          # cpp_extension.load also loads the library
+        except Exception as e:  # noqa: BLE001 (any failure means: no C++ backend in this process)
+            _failure = e if isinstance(e, BuildError) else BuildError(f"{type(e).__name__}: {e}", None)
+            raise _failure from e
+        _loaded = b
+        return b
+
+
+_warned = False
+
+
+def load() -> bool:
+    """True when the C++ library is loaded (building it the first time). A failure warns once, then stays False."""
+    global _warned
+    if _loaded is not None:
+        return True
+    try:
+        build()
+        return True
+    except BuildError as e:
+        if not _warned:
+            _warned = True
+            warnings.warn(f"llmkern: the C++ CPU backend is unavailable, CPU ops fall back to the PyTorch reference: "
+                          f"{e}", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def backend_choice() -> str:
+    """LLMKERN_CPU_BACKEND, read on every call so that tests and users can switch it at run time."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in _BACKEND_CHOICES:
+        raise ValueError(f"{BACKEND_ENV} must be one of {_BACKEND_CHOICES}, got {choice!r}")
+    return choice
+
+
+def build_info() -> str:
+    """How the loaded library was compiled (vector ISA, lanes, OpenMP), as the C++ side reports it."""
+    return _lib().build_info()
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+_ADAPTERS: dict[str, Callable] = {}
+
+
+def _adapter(op_name: str):
+    def wrap(fn: Callable) -> Callable:
+        _ADAPTERS[op_name] = fn
+        return fn
+    return wrap
+
+
+def _lib():
+    """The C++ functions (one place, so a test can check that bad input never reaches them)."""
+    return torch.ops.llmkern_cpu
+
+
+def implemented() -> tuple[str, ...]:
+    """The llmkern:: ops that have a C++ kernel."""
+    return tuple(sorted(_ADAPTERS))
+
+
+def kernel(op_name: str) -> Optional[Callable]:
+    """The C++ implementation of llmkern::<op_name>, or None (module docstring). With LLMKERN_CPU_BACKEND=cpp a
+    failed build raises BuildError instead of returning None."""
+    choice = backend_choice()
+    if choice == "reference" or op_name not in _ADAPTERS:
+        return None
+    if choice == "cpp":
+        build()
+    elif not load():
+        return None
+    return _ADAPTERS[op_name]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows, last dim) with a contiguous last dim (a copy only when no such view exists)."""
+    t = t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+# -------------------------------------------------------------------------------------------------- layers.cpp
+@_adapter("rms_norm")
+def _rms_norm(x, weight, eps, offset, casting):
+    y = torch.empty(x.shape, dtype=x.dtype)
+    _lib().rms_norm(_rows(x), None, weight.contiguous(), y.view(-1, x.shape[-1]), None, eps, offset,
+                    casting == "llama")
+    return y
+
+
+@_adapter("add_rms_norm")
+def _add_rms_norm(x, residual, weight, eps, offset, casting):
+    y = torch.empty(x.shape, dtype=x.dtype)
+    r_out = torch.empty(x.shape, dtype=x.dtype)
+    n = x.shape[-1]
+    _lib().rms_norm(_rows(x), _rows(residual), weight.contiguous(), y.view(-1, n), r_out.view(-1, n), eps, offset,
+                    casting == "llama")
+    return y, r_out
+
+
+def _run_rope(q, k, q_out, k_out, positions, cos, sin, theta):
+    """q/k (and the outputs) as 4-D (batch, seq, heads, head_dim) views and the angles as (batch or 1, seq[, d])
+    views, as the Triton launcher builds them (llmkern.layers)."""
+    from llmkern import layers   # imported here: llmkern.layers calls into this module
+
+    q4, k4 = layers._as4d(q), layers._as4d(k)
+    batch, seqlen, _, head_dim = q4.shape
+    if cos is not None:
+        cos = layers._table_view("cos", cos, batch, seqlen, head_dim)
+        sin = layers._table_view("sin", sin, batch, seqlen, head_dim)
+    else:
+        positions = layers._positions_view(positions, batch, seqlen)
+    _lib().rope(q4, k4, layers._as4d(q_out), layers._as4d(k_out), positions, cos, sin, theta)
+
+
+@_adapter("rope")
+def _rope(q, k, positions, cos, sin, theta):
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+    q_in = q if q.stride(-1) == 1 else q.contiguous()
+    k_in = k if k.stride(-1) == 1 else k.contiguous()
+    _run_rope(q_in, k_in, q_out, k_out, positions, cos, sin, theta)
+    return q_out, k_out
+
+
+@_adapter("rope_")
+def _rope_inplace(q, k, positions, cos, sin, theta):
+    _run_rope(q, k, q, k, positions, cos, sin, theta)
+
+
+# ------------------------------------------------------------------------------------------------ roofline.cpp
+def measure_stream(array_bytes: int = 256 * 2 ** 20, reps: int = 5) -> dict[str, float]:
+    """STREAM read / copy / triad over all of torch's threads, in GB/s (1e9 B/s), best of `reps` (McCalpin's rule).
+
+    array_bytes: the size of each of the three fp32 arrays; STREAM asks for at least 4x the last-level cache (256 MiB
+    covers the L3 of current server CPUs). Bytes counted as STREAM counts them: read 1 array, copy 2, triad 3.
+    Raises BuildError when the C++ backend cannot be built. Also returns the thread count and array size used.
+    """
+    build()
+    n = max(int(array_bytes) // 4, 1024)
+    read, copy, triad = (float(v) for v in _lib().stream(n, int(reps)))
+    return {"read_gbps": read, "copy_gbps": copy, "triad_gbps": triad, "threads": torch.get_num_threads(),
+            "array_bytes": n * 4}
+
+
+# ------------------------------------------------------------------------------------------- llmkern build-ext
+def _build_ext_args(p) -> None:
+    p.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+
+
+def _build_ext_run(args) -> int:
+    b = plan()
+    cached = b.done.is_file()
+    t0 = time.perf_counter()
+    try:
+        b = build(verbose=args.verbose)
+    except BuildError as e:
+        print(f"llmkern build-ext: the C++ CPU backend could not be built: {e.cause}", file=sys.stderr)
+        if e.log is not None:
+            print(f"  build log: {e.log}", file=sys.stderr)
+        return 1
+    what = "already built (cached)" if cached else f"built in {time.perf_counter() - t0:.1f} s"
+    print(f"llmkern C++ CPU backend {what}\n  library:   {b.library}\n  compiled:  {build_info()}\n"
+          f"  flags:     {' '.join(b.cflags)}\n  build log: {b.log}")
+    return 0
+
+
+def _register_cli() -> None:
+    from llmkern.cli import subcommand
+    subcommand("build-ext", "build the C++ CPU backend now (it is otherwise built on first use) and say where")(
+        (_build_ext_args, _build_ext_run))
+
+
+_register_cli()
