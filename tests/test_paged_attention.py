@@ -13,7 +13,8 @@ from llmkern import paged_attention as pa
 from llmkern import reference as ref
 from tolerance import assert_fa_close
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.cpu_backends("interpreter", "cpp")]   # on CPU: the Triton interpreter and the C++ backend
 
 
 def _make(device, *, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, extra_blocks=3, seed=0,
@@ -258,7 +259,7 @@ def _bad_setup(device):
     return q, kc, vc, bt, sl
 
 
-def test_decode_bad_inputs(device):
+def test_decode_bad_inputs(device, no_kernel):
     q, kc, vc, bt, sl = _bad_setup(device)
     nb = kc.shape[0]
     cases = [
@@ -310,7 +311,7 @@ def test_prefill_bad_inputs(device):
         llmkern.paged_prefill_attention(qp, kc, vc, bt + 100, cu, sl)
 
 
-def test_kv_write_bad_inputs_change_nothing(device):
+def test_kv_write_bad_inputs_change_nothing(device, no_kernel):
     _, kc, vc, _, _ = _bad_setup(device)
     k = torch.randn(3, 2, 64, device=device).half()
     slots = torch.tensor([0, 5, 9], dtype=torch.int64, device=device)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import triton
 
-from llmkern import _utils, compile_check, reference
+from llmkern import _utils, compile_check, cpu, reference
 from llmkern.kernels.attention import attention_fwd_kernel
 
 # ----------------------------------------------------------------------------------------------- tile configs
@@ -148,6 +148,8 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     batch, seqlen_q, num_heads, _ = q.shape
     seqlen_k = k.shape[1]
     if not _utils.use_triton(q):
+        if (fn := cpu.kernel("attention")) is not None:
+            return fn(q, k, v, causal, scale, window_left, window_right, softcap, return_lse)
         o, lse = reference.attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
                                      return_lse=True)
         return o, (lse if return_lse else lse.new_empty(0))
@@ -204,6 +206,9 @@ def _attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     _check_cu_values("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
     _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     if not _utils.use_triton(q):
+        if (fn := cpu.kernel("attention_varlen")) is not None:
+            return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+                      window_right, softcap, return_lse)
         o, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
                                             window=window, softcap=softcap, return_lse=True)
         # rows after cu_seqlens_q[-1] belong to no sequence: zeros and -inf, as from the kernel

@@ -272,9 +272,14 @@ def kernel(op_name: str) -> Optional[Callable]:
     return _ADAPTERS[op_name]
 
 
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but a strided last dim: copy only then (as llmkern._utils.last_dim_contiguous)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(rows, last dim) with a contiguous last dim (a copy only when no such view exists)."""
-    t = t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    t = _last_contiguous(t)
     return t.reshape(-1, t.shape[-1])
 
 
@@ -315,15 +320,62 @@ def _run_rope(q, k, q_out, k_out, positions, cos, sin, theta):
 @_adapter("rope")
 def _rope(q, k, positions, cos, sin, theta):
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
-    q_in = q if q.stride(-1) == 1 else q.contiguous()
-    k_in = k if k.stride(-1) == 1 else k.contiguous()
-    _run_rope(q_in, k_in, q_out, k_out, positions, cos, sin, theta)
+    _run_rope(_last_contiguous(q), _last_contiguous(k), q_out, k_out, positions, cos, sin, theta)
     return q_out, k_out
 
 
 @_adapter("rope_")
 def _rope_inplace(q, k, positions, cos, sin, theta):
     _run_rope(q, k, q, k, positions, cos, sin, theta)
+
+
+# ----------------------------------------------------------------------------------------------- attention.cpp
+_NO_LSE = torch.empty(0, dtype=torch.float32)
+
+
+@_adapter("attention")
+def _attention(q, k, v, causal, scale, window_left, window_right, softcap, return_lse):
+    q, k, v = (_last_contiguous(t) for t in (q, k, v))
+    o = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if return_lse else None
+    _lib().attention(q, k, v, None, None, o, lse, scale, softcap, window_left, 0 if causal else window_right)
+    return o, (lse if return_lse else _NO_LSE.clone())
+
+
+@_adapter("attention_varlen")
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+                      window_right, softcap, return_lse):
+    q, k, v = (_last_contiguous(t) for t in (q, k, v))
+    # rows past cu_seqlens_q[-1] belong to no sequence: 0 and -inf, as from the Triton kernel
+    o = torch.zeros(q.shape, dtype=q.dtype)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32) if return_lse else None
+    _lib().attention(q, k, v, cu_seqlens_q, cu_seqlens_k, o, lse, scale, softcap, window_left,
+                     0 if causal else window_right)
+    return o, (lse if return_lse else _NO_LSE.clone())
+
+
+# ----------------------------------------------------------------------------------------- paged_attention.cpp
+@_adapter("paged_kv_write")
+def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping):
+    _lib().paged_kv_write(_last_contiguous(k), _last_contiguous(v), k_cache, v_cache, slot_mapping)
+
+
+@_adapter("paged_decode_attention")
+def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits):
+    out = torch.empty(q.shape, dtype=q.dtype)
+    # decode's one query sits at the last key: a right window masks nothing
+    _lib().paged_decode(_last_contiguous(q), k_cache, v_cache, block_tables, seq_lens, out, scale, softcap,
+                        window_left, num_splits)
+    return out
+
+
+@_adapter("paged_prefill_attention")
+def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left,
+                   window_right):
+    out = torch.empty(q.shape, dtype=q.dtype)
+    _lib().paged_prefill(_last_contiguous(q), k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale,
+                         softcap, window_left, 0 if causal else window_right)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ roofline.cpp

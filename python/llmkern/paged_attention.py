@@ -17,7 +17,7 @@ import math
 import torch
 import triton
 
-from llmkern import _utils, reference
+from llmkern import _utils, cpu, reference
 from llmkern.compile_check import CompileSpec, register
 from llmkern.kernels import paged_attention as K
 
@@ -176,6 +176,8 @@ def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
         raise ValueError(f"slot_mapping values must lie in [-1, {num_blocks * block_size}) (-1 = skip; "
                          f"num_blocks x block_size slots), found values in [{smin}, {smax}]")
     if not _utils.use_triton(k):
+        if (fn := cpu.kernel("paged_kv_write")) is not None:
+            return fn(k, v, k_cache, v_cache, slot_mapping)
         reference.paged_kv_write(k, v, k_cache, v_cache, slot_mapping)
         return
     _utils.launch(
@@ -230,6 +232,9 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     max_len = _check_tables(block_tables, seq_lens, num_blocks, block_size, min_len=1)
     if not _utils.use_triton(q):
+        if (fn := cpu.kernel("paged_decode_attention")) is not None:
+            return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
+                      num_splits)
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
                                                 softcap=softcap, window=(window_left, window_right))
 
@@ -340,6 +345,9 @@ def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if causal:
         window_right = 0
     if not _utils.use_triton(q):
+        if (fn := cpu.kernel("paged_prefill_attention")) is not None:
+            return fn(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
+                      window_left, window_right)
         return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                                  causal=causal, scale=scale, softcap=softcap,
                                                  window=(window_left, window_right))
