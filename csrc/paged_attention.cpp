@@ -103,69 +103,142 @@ void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
 }
 
 // ------------------------------------------------------------------------------------------------- decode
-// Tokens per decode tile: the scores of a tile (group x 32 fp32) and its row pointers stay in registers / L1, and
-// the exp of the tile's scores is vectorized across tokens.
+// Tokens per decode tile: the tile's scores (heads x 32 fp32, 4 KB at 32 heads) stay in L1, its V rows (32 tokens
+// x num_kv_heads x head_dim: 128 KB for 8 fp32 heads of 128) stay in L2 from their prefetch to the P @ V pass, and
+// the exp of a head's scores is vectorized across the tile's tokens.
 constexpr int64_t kDecodeTile = 32;
 
-// Per-thread decode scratch: the group's q rows (pre-scaled, fp32), their scores for one tile, the accumulator.
+// Per-thread decode scratch, for every query head of a sequence: q rows (pre-scaled, fp32), their scores for one
+// tile, the accumulators, the running max and sum.
 struct DecodeScratch {
-  std::vector<float> q, s, acc;
-  void reserve(int64_t group, int64_t d) {
-    q.resize(group * d);
-    s.resize(group * kDecodeTile);
-    acc.resize(group * d);
+  std::vector<float> q, s, acc, m, l;
+  void reserve(int64_t heads, int64_t d) {
+    q.resize(heads * d);
+    s.resize(heads * kDecodeTile);
+    acc.resize(heads * d);
+    m.resize(heads);
+    l.resize(heads);
   }
 };
 
-// Every query head of one KV head against tokens [start, end) of one sequence: acc (group x d, unnormalized), and
-// per head the running max m and sum l (natural-log domain). Each cached K and V row is read once, for all heads.
+// The heads of a group are processed GN at a time, GN a compile-time count (1..8) so that the GN accumulators of the
+// two loops below are registers: 8 of them, plus operands, fit AVX2's 16 and AVX-512's 32 vector registers.
+constexpr int kHeadBlock = 8;
+
+// Scores of GN heads (q rows at q, row stride d, pre-scaled) against the tile's nt K rows: s[g * kDecodeTile + t].
+// K row t is streamed once, one vector at a time, and multiplied into every head.
+template <int GN, typename T>
+void tile_scores(const float* q, const T* const* kp, int64_t nt, int64_t d, float* s) {
+  for (int64_t t = 0; t < nt; ++t) {
+    fVec a[GN];
+    for (int g = 0; g < GN; ++g) a[g] = fVec(0.f);
+    int64_t i = 0;
+    for (; i + kF <= d; i += kF) {
+      const fVec kv = load_f(kp[t] + i);
+      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * d + i), kv, a[g]);
+    }
+    if (i < d) {
+      const fVec kv = load_f(kp[t] + i, d - i);
+      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * d + i, d - i), kv, a[g]);
+    }
+    for (int g = 0; g < GN; ++g) s[g * kDecodeTile + t] = hsum(a[g]);
+  }
+}
+
+// acc[g] += sum_t p[g * kDecodeTile + t] * V row t, for GN heads: one d-slice of every head's accumulator stays in
+// registers while the tile's V rows stream through it, each V element loaded once for all heads.
+template <int GN, typename T>
+void tile_pv(float* acc, const float* p, const T* const* vp, int64_t nt, int64_t d) {
+  for (int64_t i = 0; i < d; i += kF) {
+    const int64_t n = std::min(kF, d - i);
+    fVec a[GN];
+    for (int g = 0; g < GN; ++g) a[g] = fVec::loadu(acc + g * d + i, n);
+    for (int64_t t = 0; t < nt; ++t) {
+      const fVec vv = n == kF ? load_f(vp[t] + i) : load_f(vp[t] + i, n);
+      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec(p[g * kDecodeTile + t]), vv, a[g]);
+    }
+    for (int g = 0; g < GN; ++g) a[g].store(acc + g * d + i, n);
+  }
+}
+
+// Runs f(std::integral_constant<int, GN>, g0) over the group in blocks of at most kHeadBlock heads.
+template <typename F>
+void for_head_blocks(int64_t group, const F& f) {
+  using std::integral_constant;
+  for (int64_t g0 = 0; g0 < group; g0 += kHeadBlock) {
+    switch (std::min<int64_t>(kHeadBlock, group - g0)) {
+      case 1: f(integral_constant<int, 1>{}, g0); break;
+      case 2: f(integral_constant<int, 2>{}, g0); break;
+      case 3: f(integral_constant<int, 3>{}, g0); break;
+      case 4: f(integral_constant<int, 4>{}, g0); break;
+      case 5: f(integral_constant<int, 5>{}, g0); break;
+      case 6: f(integral_constant<int, 6>{}, g0); break;
+      case 7: f(integral_constant<int, 7>{}, g0); break;
+      default: f(integral_constant<int, 8>{}, g0); break;
+    }
+  }
+}
+
+// Asks for the cache lines of `bytes` bytes at p, to arrive while other work runs.
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+}
+
+// Every query head of one sequence against its tokens [start, end): acc (heads x d, unnormalized), and per head the
+// running max m and sum l (natural-log domain), in ws. rows(j) points at token j's K and V rows of KV head 0; head h
+// is h * stride_kh (stride_vh) further. All KV heads of a token are handled together: in the NHD layout they are one
+// contiguous span (num_kv_heads x head_dim), so the scores pass streams the cache in memory order, and each K and V
+// row is read once, for all the query heads of its group (GQA).
 template <typename T>
-void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t start, int64_t end, int64_t group,
-                  int64_t d, DecodeScratch& ws, float* m, float* l) {
+void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stride_kh, int64_t stride_vh,
+                  int64_t start, int64_t end, int64_t kv_heads, int64_t group, int64_t d, DecodeScratch& ws) {
+  const int64_t heads = kv_heads * group;
   float* acc = ws.acc.data();
-  std::fill(acc, acc + group * d, 0.f);
-  std::fill(m, m + group, -std::numeric_limits<float>::infinity());
-  std::fill(l, l + group, 0.f);
+  std::fill(acc, acc + heads * d, 0.f);
+  std::fill(ws.m.begin(), ws.m.begin() + heads, -std::numeric_limits<float>::infinity());
+  std::fill(ws.l.begin(), ws.l.begin() + heads, 0.f);
+  const int64_t k_span = ((kv_heads - 1) * stride_kh + d) * static_cast<int64_t>(sizeof(T));
+  const int64_t v_span = ((kv_heads - 1) * stride_vh + d) * static_cast<int64_t>(sizeof(T));
   const T* kp[kDecodeTile];
   const T* vp[kDecodeTile];
+  const T* vh[kDecodeTile];
   for (int64_t n0 = start; n0 < end; n0 += kDecodeTile) {
     const int64_t nt = std::min(kDecodeTile, end - n0);
     for (int64_t t = 0; t < nt; ++t) std::tie(kp[t], vp[t]) = rows(n0 + t);
-    // Scores: each K row is loaded once (one fp32 vector per step) and multiplied into every head's q.
+    // This tile's V rows are read column-wise below, which no hardware prefetcher follows, and the next tile's K
+    // rows start at scattered blocks: ask for both now, while the scores are computed.
+    for (int64_t t = 0; t < nt; ++t) prefetch(vp[t], v_span);
+    for (int64_t j = n0 + kDecodeTile; j < std::min(end, n0 + 2 * kDecodeTile); ++j) prefetch(rows(j).first, k_span);
+    // Scores, token by token and KV head by KV head: the cache in memory order.
     for (int64_t t = 0; t < nt; ++t) {
-      for (int64_t g0 = 0; g0 < group; g0 += 8) {  // 8 accumulators: registers on AVX2 and AVX-512
-        const int64_t gn = std::min<int64_t>(8, group - g0);
-        fVec a[8] = {fVec(0.f), fVec(0.f), fVec(0.f), fVec(0.f), fVec(0.f), fVec(0.f), fVec(0.f), fVec(0.f)};
-        int64_t i = 0;
-        for (; i + kF <= d; i += kF) {
-          const fVec kv = load_f(kp[t] + i);
-          for (int64_t g = 0; g < gn; ++g) a[g] = at::vec::fmadd(fVec::loadu(&ws.q[(g0 + g) * d + i]), kv, a[g]);
-        }
-        if (i < d) {
-          const fVec kv = load_f(kp[t] + i, d - i);
-          for (int64_t g = 0; g < gn; ++g) {
-            a[g] = at::vec::fmadd(fVec::loadu(&ws.q[(g0 + g) * d + i], d - i), kv, a[g]);
-          }
-        }
-        for (int64_t g = 0; g < gn; ++g) ws.s[(g0 + g) * kDecodeTile + t] = hsum(a[g]);
+      for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+        const T* krow = kp[t] + kvh * stride_kh;
+        for_head_blocks(group, [&](auto gn, int64_t g0) {
+          const int64_t h = kvh * group + g0;
+          tile_scores<decltype(gn)::value>(&ws.q[h * d], &krow, 1, d, &ws.s[h * kDecodeTile + t]);
+        });
       }
     }
     // Online softmax per head; p overwrites the scores.
-    for (int64_t g = 0; g < group; ++g) {
-      float* s = &ws.s[g * kDecodeTile];
-      if (opt.has_softcap) apply_softcap(s, nt, opt.softcap);
-      const float alpha = softmax_update(s, nt, 0, nt, m[g], l[g]);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* sh = &ws.s[h * kDecodeTile];
+      if (opt.has_softcap) apply_softcap(sh, nt, opt.softcap);
+      const float alpha = softmax_update(sh, nt, 0, nt, ws.m[h], ws.l[h]);
       if (alpha != 1.f) {
         const fVec av(alpha);
-        float* ag = acc + g * d;
+        float* ah = acc + h * d;
         int64_t i = 0;
-        for (; i + kF <= d; i += kF) (fVec::loadu(ag + i) * av).store(ag + i);
-        for (; i < d; ++i) ag[i] *= alpha;
+        for (; i + kF <= d; i += kF) (fVec::loadu(ah + i) * av).store(ah + i);
+        for (; i < d; ++i) ah[i] *= alpha;
       }
     }
-    // acc += p @ V: each V row loaded once, accumulated into every head.
-    for (int64_t t = 0; t < nt; ++t) {
-      for (int64_t g = 0; g < group; ++g) axpy_f(acc + g * d, ws.s[g * kDecodeTile + t], vp[t], d);
+    // acc += p @ V, KV head by KV head.
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+      for (int64_t t = 0; t < nt; ++t) vh[t] = vp[t] + kvh * stride_vh;
+      for_head_blocks(group, [&](auto gn, int64_t g0) {
+        const int64_t h = kvh * group + g0;
+        tile_pv<decltype(gn)::value>(acc + h * d, &ws.s[h * kDecodeTile], vh, nt, d);
+      });
     }
   }
 }
@@ -187,7 +260,8 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
   const T* qp = q.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   // With splits > 1, each split writes its normalized output and lse; a second pass merges them.
-  std::vector<float> part_o(splits > 1 ? batch * heads * splits * d : 0), part_lse(splits > 1 ? batch * heads * splits : 0);
+  std::vector<float> part_o(splits > 1 ? batch * heads * splits * d : 0);
+  std::vector<float> part_lse(splits > 1 ? batch * heads * splits : 0);
   const auto range = [&](int64_t b, int64_t split) {
     // The new token sits at position len - 1 and sees keys from len - 1 - left (a left window); split s takes the
     // s-th equal share of [start, len).
@@ -196,30 +270,30 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
     const int64_t per = (len - start + splits - 1) / splits;
     return std::pair{std::min(len, start + split * per), std::min(len, start + (split + 1) * per)};
   };
-  at::parallel_for(0, batch * kv_heads * splits, 1, [&](int64_t w0, int64_t w1) {
+  // Work items: (sequence, split), each over every KV head (see decode_range).
+  at::parallel_for(0, batch * splits, 1, [&](int64_t w0, int64_t w1) {
     thread_local DecodeScratch ws;
-    ws.reserve(group, d);
-    std::vector<float> m(group), l(group);
+    ws.reserve(heads, d);
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t split = w % splits, kvh = (w / splits) % kv_heads, b = w / (splits * kv_heads);
+      const int64_t split = w % splits, b = w / splits;
       const auto [start, end] = range(b, split);
-      for (int64_t g = 0; g < group; ++g) {
-        convert_row(qp + b * q.stride(0) + (kvh * group + g) * q.stride(1), &ws.q[g * d], d, opt.scale);
-      }
-      decode_range<T>(opt, paged_rows<T>(kc, vc, bt, b, kvh), start, end, group, d, ws, m.data(), l.data());
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = kvh * group + g;
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-        const float* a = &ws.acc[g * d];
+      for (int64_t h = 0; h < heads; ++h) convert_row(qp + b * q.stride(0) + h * q.stride(1), &ws.q[h * d], d, opt.scale);
+      decode_range<T>(opt, paged_rows<T>(kc, vc, bt, b, 0), kc.stride(2), vc.stride(2), start, end, kv_heads, group, d,
+                      ws);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float l = ws.l[h], inv = l > 0.f ? 1.f / l : 0.f;
+        const float* a = &ws.acc[h * d];
         if (splits == 1) {  // seq_len >= 1: the one split saw the newest key at least
           T* o = op + b * out.stride(0) + h * out.stride(1);
-          for (int64_t i = 0; i < d; i += kF) store_f(o + i, fVec::loadu(a + i, std::min(kF, d - i)) * fVec(inv),
-                                                      std::min(kF, d - i));
+          for (int64_t i = 0; i < d; i += kF) {
+            const int64_t n = std::min(kF, d - i);
+            store_f(o + i, fVec::loadu(a + i, n) * fVec(inv), n);
+          }
         } else {
           float* po = &part_o[((b * heads + h) * splits + split) * d];
           for (int64_t i = 0; i < d; ++i) po[i] = a[i] * inv;
           part_lse[(b * heads + h) * splits + split] =
-              l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();  // empty split
+              l > 0.f ? ws.m[h] + std::log(l) : -std::numeric_limits<float>::infinity();  // an empty split
         }
       }
     }
@@ -265,7 +339,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     max_len = std::max<int64_t>(max_len, lp[b]);
   }
   if (q.numel() == 0) return;
-  const int64_t splits = num_splits > 0 ? num_splits : auto_splits(q.size(0) * k_cache.size(2), max_len);
+  const int64_t splits = num_splits > 0 ? num_splits : auto_splits(q.size(0), max_len);
   const AttnOptions opt{static_cast<float>(scale), softcap.has_value(), static_cast<float>(softcap.value_or(1.0)),
                         window_left, -1};
   LLMKERN_DISPATCH_FLOAT(q.scalar_type(), "llmkern_cpu::paged_decode", [&] {
