@@ -22,9 +22,11 @@ setup(
         "llmkern.integrations": "python/llmkern/integrations",
         "llmkern.csrc": "csrc",
     },
-    package_data={"llmkern.csrc": ["*.cpp", "*.h"]},
+    package_data={"llmkern": ["configs/*.json"],      # tuned configs per GPU (llmkern/tuning.py)
+                  "llmkern.csrc": ["*.cpp", "*.h"]},  # C++ sources, compiled on first use (llmkern/cpu.py)
     # torch is not pinned here: CPU machines install the CPU wheel first (see .ci/run), GPU machines bring their own.
-    install_requires=["torch>=2.4", "triton>=3.6"],
+    # torch 2.5: torch.library.infer_schema (llmkern/_dispatch.py)
+    install_requires=["torch>=2.5", "triton>=3.6"],
     extras_require={
         "cpu": ["ninja"],   # the C++ CPU backend's build tool, when the system has none
         "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers", "matplotlib"],

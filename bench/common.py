@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -81,11 +81,10 @@ def to_record(case: Case, ms: float, device: torch.device) -> dict[str, Any]:
         "tensor_cores": case.tensor_cores, "roofline_ms": None, "pct_roofline": None, "bound": None,
     }
     if peak is not None:
-        bound_s = perf.roofline_time_s(case.flops, case.nbytes, peak, tensor_cores=case.tensor_cores)
-        compute_s = case.flops / ((peak.tensor_tflops if case.tensor_cores else peak.fp32_tflops) * 1e12)
-        rec["roofline_ms"] = bound_s * 1e3
-        rec["pct_roofline"] = 100.0 * bound_s / seconds
-        rec["bound"] = "compute" if compute_s >= case.nbytes / (peak.hbm_gbps * 1e9) else "memory"
+        roof = perf.roofline(case.flops, case.nbytes, peak, tensor_cores=case.tensor_cores)
+        rec["roofline_ms"] = roof.time_s * 1e3
+        rec["pct_roofline"] = 100.0 * roof.time_s / seconds
+        rec["bound"] = roof.bound
     if case.note:
         rec["note"] = case.note
     return rec
@@ -120,6 +119,34 @@ def format_record(r: dict[str, Any]) -> str:
     pct = "" if r["pct_roofline"] is None else f" {r['pct_roofline']:5.1f}% of {r['bound']} roofline"
     return (f"{r['op']:<22} {r['impl']:<18} {shape:<60} {r['median_ms']:9.4f} ms "
             f"{r['tflops']:8.2f} TFLOP/s {r['gbps']:8.1f} GB/s{pct}")
+
+
+def summary_table(records: Iterable[dict], device: str | perf.DevicePeak | None = None) -> str:
+    """A roofline summary of records (op, impl, device, median_ms, flops, bytes, tensor_cores): achieved TFLOP/s and
+    GB/s, the roof that binds, the lowest time the device allows and the percentage of it reached.
+
+    The peak comes from `device` (a perf.DEVICES key/alias or a DevicePeak), else from each record's device name;
+    with no known peak (CPU runs) the roofline columns show '-'. `llmkern bench` ends with this table.
+    """
+    fixed = perf.resolve_device(device) if isinstance(device, str) else device
+    head = (f"{'op':<22} {'impl':<22} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'FLOP/B':>8} {'bound':>8} "
+            f"{'floor ms':>10} {'% roof':>7}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        peak = fixed or perf.match_device_name(str(r.get("device", "")))
+        ms = float(r["median_ms"])
+        flops, nbytes = float(r.get("flops") or 0.0), float(r.get("bytes") or 0.0)
+        ai = flops / nbytes if nbytes else float("nan")
+        tflops = flops / (ms * 1e-3) / 1e12 if ms > 0 else 0.0
+        gbps = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else 0.0
+        if peak is not None and (flops or nbytes):
+            roof = perf.roofline(flops, nbytes, peak, tensor_cores=r.get("tensor_cores", True))
+            bnd, floor = roof.bound, f"{roof.time_s * 1e3:>10.4f} {100 * roof.time_s / (ms * 1e-3):>6.1f}%"
+        else:
+            bnd, floor = "-", f"{'-':>10} {'-':>7}"
+        lines.append(f"{str(r.get('op', '?'))[:22]:<22} {str(r.get('impl', '?'))[:22]:<22} {ms:>10.4f} "
+                     f"{tflops:>8.2f} {gbps:>8.1f} {ai:>8.2f} {bnd:>8} {floor}")
+    return "\n".join(lines)
 
 
 def environment(device: torch.device) -> dict[str, Any]:

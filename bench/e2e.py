@@ -99,13 +99,13 @@ def _prompt_ids(batch: int, length: int, vocab: int, device: torch.device) -> to
 # -------------------------------------------------------------------------------------------- timed functions
 def _llmkern_step(device: torch.device, batch: int, context: int, decode: bool, int4: bool = False):
     import llmkern
-    from llmkern.generate import BLOCK_SIZE, _Runner
+    from llmkern.generate import BLOCK_SIZE, ModelRunner
     model = _model(device, int4=int4)
     cfg = model.config
     blocks = batch * -(-context // BLOCK_SIZE)
     cache = llmkern.PagedKVCache(cfg.num_hidden_layers, blocks, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim,
                                  dtype=torch.bfloat16, device=device)
-    runner = _Runner(model, cache)
+    runner = ModelRunner(model, cache)
     seqs = list(range(batch))
     if decode:
         # the first context - 1 tokens are already cached (their values do not change the timing); the timed call

@@ -18,7 +18,8 @@ import torch
 
 from llmkern import perf
 from llmkern.bench.common import Case, optional_import
-from llmkern.quant import QuantizedWeight, quant_matmul
+from llmkern.quant import quant_matmul
+from llmkern.quant_weight import QuantizedWeight
 
 LLAMA3_8B = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]   # (K, N)
 MS = [1, 4, 16, 64, 256, 1024]

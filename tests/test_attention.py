@@ -255,11 +255,3 @@ def test_torch_compile_fullgraph(device):
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_opcheck(device):
-    """torch.library's own consistency checks of the op registration (fake vs real, schema, autograd notice)."""
-    from llmkern.attention import _attention_op
-    q, k, v = _qkv(1, 20, 30, 2, 1, 64, F16, device)
-    torch.library.opcheck(_attention_op, (q, k, v, True, 0.125, -1, -1, None, True))
-    torch.library.opcheck(_attention_op, (q, k, v, False, 0.125, 4, 2, 2.0, False))

@@ -234,18 +234,6 @@ def test_rope_bad_input(device, no_kernel):
 
 
 # ----------------------------------------------------------------------------------------- torch.library/compile
-def test_ops_opcheck(device):
-    x = _randn(3, 64, device=device)
-    w = _randn(64, device=device, seed=1)
-    torch.library.opcheck(torch.ops.llmkern.rms_norm.default, (x, w, 1e-6, 0.0, "llama"))
-    torch.library.opcheck(torch.ops.llmkern.add_rms_norm.default, (x, x.flip(0), w, 1e-6, 1.0, "gemma"))
-    q = _randn(1, 3, 2, 16, device=device)
-    k = _randn(1, 3, 2, 16, device=device, seed=1)
-    torch.library.opcheck(torch.ops.llmkern.rope.default, (q, k, torch.arange(3, device=device), None, None, 1e4))
-    torch.library.opcheck(torch.ops.llmkern.rope_.default, (q.clone(), k.clone(), torch.arange(3, device=device),
-                                                            None, None, 1e4))
-
-
 def test_torch_compile_fullgraph(device):
     def block(x, res, w, q, k, pos):
         y, r = llmkern.add_rms_norm(x, res, w, 1e-6)

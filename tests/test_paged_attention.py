@@ -182,24 +182,6 @@ def test_decode_torch_compile_fullgraph(device):
     assert torch.equal(out, expected)
 
 
-def test_opcheck(device):
-    """torch.library's own consistency checks (schema, fake tensor, autograd registration) on the three ops."""
-    lens = [5, 20]
-    kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
-                              dtype=torch.float32, seed=10)
-    q = torch.randn(2, 4, 32, generator=g).to(device)
-    tests = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.llmkern.paged_decode_attention.default,
-                          (q, kc, vc, bt, sl, 0.2, None, -1, -1, 2), test_utils=tests)
-    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
-    qp = torch.randn(5, 4, 32, generator=g).to(device)
-    torch.library.opcheck(torch.ops.llmkern.paged_prefill_attention.default,
-                          (qp, kc, vc, bt, cu, sl, True, 0.2, None, -1, -1), test_utils=tests)
-    k = torch.randn(2, 2, 32, generator=g).to(device)
-    slots = torch.tensor([3, 40], dtype=torch.int64, device=device)
-    torch.library.opcheck(torch.ops.llmkern.paged_kv_write.default, (k, k, kc, vc, slots), test_utils=tests)
-
-
 # ------------------------------------------------------------------------------------------------------ prefill
 @pytest.mark.parametrize("num_heads,num_kv_heads,dtype", [(4, 4, torch.float16), (8, 2, torch.bfloat16),
                                                           (4, 1, torch.float32)], ids=["mha-fp16", "gqa-bf16",

@@ -172,7 +172,7 @@ def test_composes_with_quantize_model(device, monkeypatch):
     """patch_model swaps norms/RoPE, quantize_model swaps the linear layers: in either order the result is the
     quantized model with llmkern norms/RoPE: both paths run, greedy tokens equal the quantized model's, logits agree
     to fp16 rounding (quantization is deterministic, so the weights are identical; only norm/RoPE rounding differs)."""
-    from llmkern.quant import QuantLinear
+    from llmkern.quant_linear import QuantLinear
     ids, mask = _inputs(device)
     plain = llmkern.quantize_model(_model("llama", torch.float16, device), bits=4, group_size=32)
     ref_logits, ref_tokens = _run(plain, ids, mask)

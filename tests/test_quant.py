@@ -177,7 +177,7 @@ def test_paths_against_float64(setting, device):
         x = torch.randn(m, k, generator=gen).to(dtype).to(device)
         for path in paths:
             for b in (None, bias) if m == 3 else (None,):
-                out = quant._launch(x, qw.qweight, qw.scales, qw.zeros, qw.perm, b, bits, group_size, path=path)
+                out = quant.triton_matmul(x, qw, b, path=path)
                 assert_quant_close(out.cpu(), x.cpu(), w64, None if b is None else b.cpu(),
                                    what=f"{path} M={m} bias={b is not None}")
 
@@ -194,7 +194,7 @@ def test_decode_split_k(split_k, device):
     bias = torch.randn(n, generator=gen).half().to(device)
     for m in (1, 5):
         x = torch.randn(m, k, generator=gen).half().to(device)
-        out = quant._launch(x, qw.qweight, qw.scales, qw.zeros, None, bias, 4, 32, path="decode", split_k=split_k)
+        out = quant.triton_matmul(x, qw, bias, path="decode", split_k=split_k)
         assert_quant_close(out.cpu(), x.cpu(), w64, bias.cpu(), what=f"M={m} split_k={split_k}")
 
 
@@ -235,8 +235,6 @@ def test_torch_compile_fullgraph(device):
                           llmkern.QuantLinear.from_linear(nn.Linear(32, 16).half(), bits=8, group_size=-1)).to(device)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), block(x), rtol=0, atol=0)
-    torch.library.opcheck(torch.ops.llmkern.quant_matmul.default,
-                          (x, qw.qweight, qw.scales, qw.zeros, None, None, 8, 32))
 
 
 # --------------------------------------------------------------------------- checkpoints

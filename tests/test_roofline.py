@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from llmkern import perf, roofline
+from llmkern.bench import common
 from llmkern.cli import main
 from llmkern.models import MODELS, get_model
 
@@ -37,7 +38,7 @@ def test_llama3_8b_decode_step():
     weights = 2 * (LINEAR + NORMS + EMB + b * 4096)        # LM head whole, embedding only the 16 rows looked up
     kv = b * ctx * KV_TOKEN + b * KV_TOKEN                 # read the cache, write the new token's K/V
     assert step.bytes == pytest.approx(weights + kv, rel=1e-12)
-    h100 = roofline.resolve_device("h100")
+    h100 = perf.resolve_device("h100")
     bound = roofline.bound(step, h100)
     assert bound["bound"] == "memory"
     assert bound["time_s"] == pytest.approx((weights + kv) / 3350e9, rel=1e-12)
@@ -51,7 +52,7 @@ def test_llama3_8b_prefill_step():
     attn = 4 * 32 * 128 * (ctx * (ctx + 1) // 2) * 32 * b  # causal pairs
     assert step.flops == pytest.approx(lin + attn, rel=1e-12)
     assert step.bytes == pytest.approx(2 * (LINEAR + NORMS + EMB + b * ctx * 4096) + b * ctx * KV_TOKEN, rel=1e-12)
-    assert roofline.bound(step, roofline.resolve_device("h100"))["bound"] == "compute"
+    assert roofline.bound(step, perf.resolve_device("h100"))["bound"] == "compute"
 
 
 def test_bound_selection_and_ridge():
@@ -105,11 +106,11 @@ def test_causal_pairs_closed_form_matches_perf():
 
 
 def test_resolve_device():
-    assert roofline.resolve_device("h100") is perf.DEVICES["h100-sxm"]
-    assert roofline.resolve_device("A100") is perf.DEVICES["a100-80gb"]
-    assert roofline.resolve_device("h200") is perf.DEVICES["h200"]
+    assert perf.resolve_device("h100") is perf.DEVICES["h100-sxm"]
+    assert perf.resolve_device("A100") is perf.DEVICES["a100-80gb"]
+    assert perf.resolve_device("h200") is perf.DEVICES["h200"]
     with pytest.raises(ValueError, match="unknown device"):
-        roofline.resolve_device("tpu-v5")
+        perf.resolve_device("tpu-v5")
 
 
 def test_cli(capsys):
@@ -137,7 +138,7 @@ def _records():
 
 
 def test_summary_table():
-    lines = roofline.summary_table(_records()).splitlines()
+    lines = common.summary_table(_records()).splitlines()
     assert len(lines) == 5
     matmul, decode, sample = lines[2:]
     # 2e11 FLOPs / 989.5 TFLOP/s = 0.2021 ms < 1e9 B / 3350 GB/s = 0.2985 ms: memory binds, 29.85% of 1 ms.
@@ -145,7 +146,7 @@ def test_summary_table():
     assert "memory" in decode and "0.5970" in decode
     assert sample.split()[-2:] == ["-", "-"]          # CPU record: no peak, no roofline columns
     # A fixed device overrides the records' names.
-    assert "memory" in roofline.summary_table(_records()[2:], device="h100").splitlines()[2]
+    assert "memory" in common.summary_table(_records()[2:], device="h100").splitlines()[2]
 
 
 def test_plot_needs_matplotlib(monkeypatch, tmp_path):

@@ -10,7 +10,9 @@ from llmkern.attention import attention, attention_varlen  # noqa: F401
 from llmkern.layers import add_rms_norm, apply_rope, rms_norm  # noqa: F401
 from llmkern.patch import patch_model  # noqa: F401
 from llmkern.sampling import sample, sampling_probs  # noqa: F401
-from llmkern.quant import QuantizedWeight, QuantLinear, quant_matmul, quantize_model, quantize_weight  # noqa: F401
+from llmkern.quant import quant_matmul  # noqa: F401
+from llmkern.quant_weight import QuantizedWeight, quantize_weight  # noqa: F401
+from llmkern.quant_linear import QuantLinear, quantize_model  # noqa: F401
 from llmkern.generate import generate  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,28 +1,22 @@
-"""Host-side helpers shared by every op: backend choice, argument checks, kernel launch.
+"""Host-side helpers shared by every op: the interpreter switch, argument checks, kernel launch, device facts.
 
-Dispatch rule (the same for every op):
-  * CUDA tensors run the Triton kernel.
-  * CPU tensors run the same Triton kernel when the interpreter is on (``TRITON_INTERPRET=1`` set before llmkern
-    was imported; Triton decides interpret mode when ``@triton.jit`` runs, so it is read once, here).
-  * Otherwise CPU tensors run ``llmkern.reference``.
+Which implementation serves which device is llmkern._dispatch's business; this module only tells whether the
+Triton interpreter is on.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import triton
 
+# TRITON_INTERPRET=1 set before llmkern was imported: CPU tensors then run the Triton kernels under the interpreter.
 # Read once, at import, exactly as the @triton.jit decorators in llmkern.kernels read it.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """True when the Triton kernel (compiled or interpreted) serves tensors on t's device."""
-    return t.is_cuda or (t.device.type == "cpu" and INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
@@ -124,5 +118,21 @@ def pow2_at_least(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(int(x)))
 
 
-def all_configs(kernel: Any) -> Iterable[triton.Config]:
-    return getattr(kernel, "llmkern_configs", [])
+# ----------------------------------------------------------------------------------------------- device facts
+# The SM count assumed for tensors on a device that has none to ask (CPU tensors under the interpreter). The split-K
+# (quant decode) and split-KV (paged decode) heuristics size their grids from the SM count; a small stand-in makes
+# the modest shapes of the tests take the split paths that long inputs take on a GPU (an A100 has 108 SMs).
+STAND_IN_SMS = 8
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: a property query per call costs more than a decode
+    kernel), or STAND_IN_SMS for any other device."""
+    if device.type != "cuda":
+        return STAND_IN_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

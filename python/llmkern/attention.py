@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import triton
 
-from llmkern import _utils, compile_check, cpu, reference
+from llmkern import _dispatch, _utils, compile_check, reference, tuning
 from llmkern.kernels.attention import attention_fwd_kernel
 
 # ----------------------------------------------------------------------------------------------- tile configs
@@ -53,12 +53,19 @@ def _config_class(head_dim: int, dtype: torch.dtype) -> tuple[int, bool]:
     return (64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)), dtype == torch.float32
 
 
-# One autotuner per class, since the config list depends on it. The key holds what changes the best tile (Triton
-# adds the argument dtypes itself).
-_KERNELS = {
-    cls: _utils.autotune(cfgs, key=["HEAD_DIM", "IS_VARLEN", "HAS_SOFTCAP", "RETURN_LSE"])(attention_fwd_kernel)
-    for cls, cfgs in _CONFIGS.items()
-}
+# One autotuner per tuning key (llmkern.tuning): what changes the best tile, the config list's class among it, and the
+# query length bucketed to the next power of two (a 100-token prompt and a 16k-token one want different tiles). A
+# config shipped for the GPU in python/llmkern/configs/ replaces autotuning for its key.
+_TUNED = tuning.TunedKernel(
+    "attention_fwd", attention_fwd_kernel, buckets=("seqlen_q",),
+    configs=lambda key: _CONFIGS[_config_class(key["head_dim"], key["dtype"])],
+    spec=lambda key, cfg: _spec(key["head_dim"], cfg, key["dtype"], varlen=key["varlen"], softcap=key["softcap"],
+                                lse=key["lse"]))
+
+
+def _tuned_kernel(q: torch.Tensor, max_seqlen_q: int, varlen: bool, softcap, return_lse: bool):
+    return _TUNED.get(q.device, head_dim=q.shape[-1], dtype=q.dtype, varlen=varlen, softcap=softcap is not None,
+                      lse=return_lse, seqlen_q=max_seqlen_q)
 
 
 def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_strides, l_strides, seqlen_q, seqlen_k,
@@ -68,7 +75,7 @@ def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_stri
     left, right = window
     if causal:
         right = 0  # causal is the window (left, 0)
-    kernel = _KERNELS[_config_class(head_dim, q.dtype)]
+    kernel = _tuned_kernel(q, max_seqlen_q, varlen, softcap, return_lse)
     grid = lambda meta: (batch * num_heads, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
     _utils.launch(
         kernel, grid,
@@ -141,18 +148,18 @@ def _check_max_seqlen(name: str, value) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- batched op
-@torch.library.custom_op("llmkern::attention", mutates_args=())
+def _attention_reference(q, k, v, causal, scale, window_left, window_right, softcap, return_lse):
+    o, lse = reference.attention(q, k, v, causal=causal, scale=scale, window=(window_left, window_right),
+                                 softcap=softcap, return_lse=True)
+    return o, (lse if return_lse else lse.new_empty(0))
+
+
+@_dispatch.custom_op("attention", mutates_args=(), reference=_attention_reference)
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, window_left: int,
                   window_right: int, softcap: Optional[float], return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     window = (window_left, window_right)
     batch, seqlen_q, num_heads, _ = q.shape
     seqlen_k = k.shape[1]
-    if not _utils.use_triton(q):
-        if (fn := cpu.kernel("attention")) is not None:
-            return fn(q, k, v, causal, scale, window_left, window_right, softcap, return_lse)
-        o, lse = reference.attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                                     return_lse=True)
-        return o, (lse if return_lse else lse.new_empty(0))
     q, k, v = (_utils.last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, seqlen_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
@@ -195,28 +202,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 # ----------------------------------------------------------------------------------------------- varlen op
-@torch.library.custom_op("llmkern::attention_varlen", mutates_args=())
+def _check_varlen_values(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options):
+    """The cu_seqlens values (a host sync), before any implementation runs (llmkern._dispatch)."""
+    _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+
+
+def _attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                window_left, window_right, softcap, return_lse):
+    total_q, num_heads, _ = q.shape
+    o, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                        window=(window_left, window_right), softcap=softcap, return_lse=True)
+    # rows after cu_seqlens_q[-1] belong to no sequence: zeros and -inf, as from the kernel
+    o_full = q.new_zeros(q.shape)
+    o_full[:o.shape[0]] = o
+    lse_full = torch.full((num_heads, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    lse_full[:, :lse.shape[1]] = lse
+    return o_full, (lse_full if return_lse else lse_full.new_empty(0))
+
+
+@_dispatch.custom_op("attention_varlen", mutates_args=(), reference=_attention_varlen_reference,
+                     check=_check_varlen_values)
 def _attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
                          window_left: int, window_right: int, softcap: Optional[float],
                          return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     window = (window_left, window_right)
     total_q, num_heads, _ = q.shape
-    # value checks need the numbers, so they live here (where tensors are real even under torch.compile)
-    _check_cu_values("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
-    _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
-    if not _utils.use_triton(q):
-        if (fn := cpu.kernel("attention_varlen")) is not None:
-            return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-                      window_right, softcap, return_lse)
-        o, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
-                                            window=window, softcap=softcap, return_lse=True)
-        # rows after cu_seqlens_q[-1] belong to no sequence: zeros and -inf, as from the kernel
-        o_full = q.new_zeros(q.shape)
-        o_full[:o.shape[0]] = o
-        lse_full = torch.full((num_heads, total_q), float("-inf"), dtype=torch.float32, device=q.device)
-        lse_full[:, :lse.shape[1]] = lse
-        return o_full, (lse_full if return_lse else lse_full.new_empty(0))
     q, k, v = (_utils.last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
     batch = cu_seqlens_q.shape[0] - 1
     # rows past cu_seqlens_q[-1] (padding some callers leave) get 0 / -inf rather than whatever was in memory

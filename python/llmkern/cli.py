@@ -1,11 +1,14 @@
-"""The `llmkern` command.
+"""The `llmkern` command: argument parsing for each subcommand, which then calls the module that does the work.
 
-  llmkern bench [SUITE ...] [--quick] [--json PATH]    time the suites on the present device (CUDA if there is one)
+  llmkern bench [SUITE ...] [--quick] [--json PATH] [--tuned-configs PATH]
+        time the suites on the present device (CUDA if there is one)                     llmkern.bench
   llmkern check-compile [--arch sm_80,sm_90] [--json PATH] [--filter NAME] [--jobs N]
-                                                       compile every kernel config for real GPUs, with no GPU
-  llmkern build-ext [--verbose]                        build the C++ CPU backend (csrc/) now, print where it went
-
-Further subcommands register themselves through `SUBCOMMANDS` (name -> (add_arguments, run)).
+        compile every kernel config for real GPUs, with no GPU                           llmkern.compile_check
+  llmkern roofline [--model M] [--device D] [--batch B] [--context C] [--bits 4|8|16] [--group-size G]
+                   [--plot PATH [--bench-json FILE]]
+        the lowest possible prefill/decode step time of a model on a device              llmkern.roofline
+  llmkern build-ext [--verbose]
+        build the C++ CPU backend (csrc/) now and print where it went                    llmkern.cpu
 """
 from __future__ import annotations
 
@@ -14,31 +17,26 @@ import importlib
 import json
 import os
 import sys
+import time
 from typing import Callable
 
-SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
-
-
-def subcommand(name: str, help: str):
-    def wrap(pair):
-        add_args, run = pair
-        SUBCOMMANDS[name] = (add_args, run, help)
-        return pair
-    return wrap
+from llmkern import compile_check, cpu, perf, roofline, tuning
+from llmkern.bench import SUITES, common
+from llmkern.models import MODELS, get_model
 
 
 # --------------------------------------------------------------------------------------------------------- bench
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    from llmkern.bench import SUITES
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all of {', '.join(SUITES)})")
     p.add_argument("--quick", action="store_true", help="a few shapes per suite (a smoke run)")
     p.add_argument("--json", metavar="PATH", help="write the records and the environment to PATH")
+    p.add_argument("--tuned-configs", metavar="PATH",
+                   help="autotune every autotuned kernel afresh (ignoring shipped configs) and write the winning "
+                        "config of each tuning key to PATH, a JSON file, or a folder to get PATH/<GPU name>.json "
+                        f"(ship it in {tuning.SHIPPED_DIR} to use it by default)")
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    from llmkern.bench import SUITES
-    from llmkern.bench import common
-
     names = args.suites or SUITES
     unknown = [n for n in names if n not in SUITES]
     if unknown:
@@ -50,6 +48,8 @@ def _bench_run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         print("No CUDA device: running smaller shapes on the CPU path (PyTorch reference). These numbers say the "
               "suite runs; they are not GPU measurements.")
+    if args.tuned_configs:
+        tuning.use_shipped(False)
     records = []
     for name in names:
         suite = importlib.import_module(f"llmkern.bench.{name}")
@@ -62,18 +62,18 @@ def _bench_run(args: argparse.Namespace) -> int:
         if summarize is not None:
             print(summarize(suite_records))
     # The main job ends with the roofline view of llmkern's own kernels: how far each is from the device's bound.
-    from llmkern.roofline import summary_table
     ours = [r for r in records if str(r["impl"]).startswith("llmkern")]
     if ours:
         print("\n== roofline summary (llmkern kernels) ==")
-        print(summary_table(ours))
+        print(common.summary_table(ours))
     if args.json:
         common.write_json(args.json, records, device, names)
         print(f"\nwrote {len(records)} records to {args.json}")
+    if args.tuned_configs:
+        path, count = tuning.write_winners(args.tuned_configs, device)
+        print(f"\nwrote {count} tuned configs to {path}" if count else
+              "\nno autotuned kernel ran on a GPU: no tuned configs to write")
     return 0
-
-
-subcommand("bench", "run benchmark suites on the present device")((_bench_args, _bench_run))
 
 
 # ------------------------------------------------------------------------------------------------- check-compile
@@ -86,8 +86,6 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_run(args: argparse.Namespace) -> int:
-    from llmkern import compile_check
-
     archs = []
     for a in args.arch.split(","):
         a = a.strip().lower().removeprefix("sm_")
@@ -109,19 +107,97 @@ def _check_run(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-subcommand("check-compile", "compile every kernel config for sm_80/sm_90 and check spills, smem, MMA")(
-    (_check_args, _check_run))
+# ------------------------------------------------------------------------------------------------------ roofline
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _roofline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-3-8b",
+                   help=f"model shape (default llama-3-8b; known: {', '.join(MODELS)})")
+    p.add_argument("--device", default="h100", help="device peaks from llmkern.perf.DEVICES (default h100 = "
+                                                   f"h100-sxm; known: {', '.join(perf.DEVICES)})")
+    p.add_argument("--batch", type=_positive_int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--context", type=_positive_int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=16,
+                   help="weight bits of the decoder's linear layers (default 16 = bf16)")
+    p.add_argument("--group-size", type=_positive_int, default=roofline.DEFAULT_GROUP,
+                   help=f"quantization group size with --bits 4/8 (default {roofline.DEFAULT_GROUP})")
+    p.add_argument("--plot", metavar="PATH", help="draw the roofline chart to PATH (needs matplotlib)")
+    p.add_argument("--bench-json", metavar="FILE", help="with --plot: place each record of this `llmkern bench "
+                                                        "--json` file as a measured point")
+
+
+def _roofline_run(args: argparse.Namespace) -> int:
+    try:
+        model = get_model(args.model)
+        peak = perf.resolve_device(args.device)
+    except ValueError as e:
+        print(f"llmkern roofline: {e}", file=sys.stderr)
+        return 2
+    bits = None if args.bits == 16 else args.bits
+    print(roofline.report(model, peak, args.batch, args.context, bits, args.group_size))
+    if args.bench_json and not args.plot:
+        print("llmkern roofline: --bench-json needs --plot PATH", file=sys.stderr)
+        return 2
+    if args.plot:
+        records = []
+        if args.bench_json:
+            with open(args.bench_json) as f:
+                records = json.load(f).get("records", [])
+        steps = [(f"{model.name} prefill", roofline.prefill_step(model, args.batch, args.context, bits,
+                                                                 args.group_size)),
+                 (f"{model.name} decode", roofline.decode_step(model, args.batch, args.context, bits,
+                                                               args.group_size))]
+        try:
+            placed = roofline.plot(args.plot, peak, steps, records)
+        except RuntimeError as e:
+            print(f"llmkern roofline: {e}", file=sys.stderr)
+            return 2
+        skipped = len(records) - placed
+        note = f" ({skipped} records without FLOPs not placed)" if skipped else ""
+        print(f"\nwrote {args.plot}: roofline with {len(steps)} model steps and {placed} measured points{note}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- build-ext
+def _build_ext_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+
+
+def _build_ext_run(args: argparse.Namespace) -> int:
+    cached = cpu.plan().done.is_file()
+    t0 = time.perf_counter()
+    try:
+        b = cpu.build(verbose=args.verbose)
+    except cpu.BuildError as e:
+        print(f"llmkern build-ext: the C++ CPU backend could not be built: {e.cause}", file=sys.stderr)
+        if e.log is not None:
+            print(f"  build log: {e.log}", file=sys.stderr)
+        return 1
+    what = "already built (cached)" if cached else f"built in {time.perf_counter() - t0:.1f} s"
+    print(f"llmkern C++ CPU backend {what}\n  library:   {b.library}\n  compiled:  {cpu.build_info()}\n"
+          f"  flags:     {' '.join(b.cflags)}\n  build log: {b.log}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+# name -> (add its arguments, run it, help line)
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
+    "bench": (_bench_args, _bench_run, "run benchmark suites on the present device"),
+    "check-compile": (_check_args, _check_run, "compile every kernel config for sm_80/sm_90 and check spills, smem, "
+                                               "MMA"),
+    "roofline": (_roofline_args, _roofline_run, "lowest possible prefill/decode time of a model on a device, and the "
+                                                "bound that sets it"),
+    "build-ext": (_build_ext_args, _build_ext_run, "build the C++ CPU backend now (it is otherwise built on first use) "
+                                                   "and say where"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Subcommands defined in other modules register on import.
-    for mod in ("llmkern.roofline", "llmkern.cpu"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
     parser = argparse.ArgumentParser(prog="llmkern", description="llmkern: verified Triton kernels for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help_text) in SUBCOMMANDS.items():

@@ -39,6 +39,8 @@ class CompileSpec:
     signature: every non-constexpr argument's Triton type, e.g. {"Q": "*fp16:16", "stride_qb": "i64", "N": "i32"};
       ":16" marks an argument the runtime would see as 16-divisible (aligned pointers), as the launcher does.
     constexprs: every tl.constexpr argument's value.
+    archs: the compute capabilities to build it for (None: every arch the run checks); a tuned config shipped for
+      one GPU is built for that GPU's arch only.
     """
     kernel: Any
     name: str
@@ -48,6 +50,7 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 2
     expect_mma: bool = False
+    archs: tuple[int, ...] | None = None
 
 
 _REGISTRY: list[Callable[[], Iterable[CompileSpec]]] = []
@@ -60,7 +63,8 @@ def register(fn: Callable[[], Iterable[CompileSpec]]) -> Callable[[], Iterable[C
 
 
 def all_specs() -> list[CompileSpec]:
-    import llmkern  # noqa: F401  (importing the package imports every op module, which registers its specs)
+    """Every registered spec. Importing any llmkern module runs the package's __init__ first, which imports every op
+    module, and each registers its generator there, so the registry is complete by the time this runs."""
     specs: list[CompileSpec] = []
     for gen in _REGISTRY:
         specs.extend(gen())
@@ -158,7 +162,7 @@ def check_one(spec: CompileSpec, cap: int) -> dict:
 
 def run(archs: list[int], name_filter: str | None = None, jobs: int = 1) -> list[dict]:
     specs = _selected(name_filter)
-    work = [(i, cap) for i in range(len(specs)) for cap in archs]
+    work = [(i, cap) for i, spec in enumerate(specs) for cap in archs if spec.archs is None or cap in spec.archs]
     if jobs <= 1:
         return [check_one(specs[i], cap) for i, cap in work]
     # Compiles are CPU-bound and independent: a process pool uses every core (CI has 2). JIT functions do not

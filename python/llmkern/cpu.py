@@ -391,34 +391,3 @@ def measure_stream(array_bytes: int = 256 * 2 ** 20, reps: int = 5) -> dict[str,
     read, copy, triad = (float(v) for v in _lib().stream(n, int(reps)))
     return {"read_gbps": read, "copy_gbps": copy, "triad_gbps": triad, "threads": torch.get_num_threads(),
             "array_bytes": n * 4}
-
-
-# ------------------------------------------------------------------------------------------- llmkern build-ext
-def _build_ext_args(p) -> None:
-    p.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
-
-
-def _build_ext_run(args) -> int:
-    b = plan()
-    cached = b.done.is_file()
-    t0 = time.perf_counter()
-    try:
-        b = build(verbose=args.verbose)
-    except BuildError as e:
-        print(f"llmkern build-ext: the C++ CPU backend could not be built: {e.cause}", file=sys.stderr)
-        if e.log is not None:
-            print(f"  build log: {e.log}", file=sys.stderr)
-        return 1
-    what = "already built (cached)" if cached else f"built in {time.perf_counter() - t0:.1f} s"
-    print(f"llmkern C++ CPU backend {what}\n  library:   {b.library}\n  compiled:  {build_info()}\n"
-          f"  flags:     {' '.join(b.cflags)}\n  build log: {b.log}")
-    return 0
-
-
-def _register_cli() -> None:
-    from llmkern.cli import subcommand
-    subcommand("build-ext", "build the C++ CPU backend now (it is otherwise built on first use) and say where")(
-        (_build_ext_args, _build_ext_run))
-
-
-_register_cli()

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
-import llmkern
-from llmkern import _utils
+from llmkern import _utils, layers, paged_attention, sampling
+from llmkern.kv_cache import PagedKVCache
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 # Cache block size: 16 tokens is FlashAttention's / vLLM's usual page size and a size the paged kernels are tested at.
@@ -92,10 +92,15 @@ def _eos_set(eos_token_id: Any, model: Any) -> set[int]:
     return {int(t) for t in ids}
 
 
-class _Runner:
-    """The model's weights seen as llmkern ops, plus the paged cache of one generate() call."""
+class ModelRunner:
+    """A Llama-family model's forward pass on llmkern ops over a PagedKVCache: the step `generate` runs.
 
-    def __init__(self, model: Any, cache: llmkern.PagedKVCache):
+    ModelRunner(model, cache): model as `generate` takes it; cache a PagedKVCache with one layer per decoder layer,
+    the model's KV heads, head_dim and dtype. `forward` runs one step for tokens whose cache slots the caller has
+    reserved (cache.append); the end-to-end benchmark times it.
+    """
+
+    def __init__(self, model: Any, cache: PagedKVCache):
         self.model = model
         self.inner = model.model
         self.cache = cache
@@ -133,29 +138,29 @@ class _Runner:
             norm = layer.input_layernorm
             if residual is None:
                 residual = hidden
-                x = llmkern.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+                x = layers.rms_norm(hidden, norm.weight, norm.variance_epsilon)
             else:
-                x, residual = llmkern.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+                x, residual = layers.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
             attn = layer.self_attn
             q = attn.q_proj(x).view(total, self.num_heads, attn.head_dim)
             k = attn.k_proj(x).view(total, self.num_kv_heads, attn.head_dim)
             v = attn.v_proj(x).view(total, self.num_kv_heads, attn.head_dim)
-            q, k = llmkern.apply_rope(q, k, cos=cos[0], sin=sin[0])
+            q, k = layers.apply_rope(q, k, cos=cos[0], sin=sin[0])
             k_cache, v_cache = cache.k_cache(i), cache.v_cache(i)
-            llmkern.paged_kv_write(k, v.contiguous(), k_cache, v_cache, slots)
+            paged_attention.paged_kv_write(k, v.contiguous(), k_cache, v_cache, slots)
             if decode:
-                o = llmkern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
-                                                   scale=attn.scaling, window=self.windows[i])
+                o = paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                                           scale=attn.scaling, window=self.windows[i])
             else:
-                o = llmkern.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q, seq_lens, causal=True,
-                                                    scale=attn.scaling, window=self.windows[i])
+                o = paged_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q, seq_lens,
+                                                            causal=True, scale=attn.scaling, window=self.windows[i])
             hidden = attn.o_proj(o.reshape(total, self.num_heads * attn.head_dim))
             post = layer.post_attention_layernorm
-            x, residual = llmkern.add_rms_norm(hidden, residual, post.weight, post.variance_epsilon)
+            x, residual = layers.add_rms_norm(hidden, residual, post.weight, post.variance_epsilon)
             hidden = layer.mlp(x)
         last = cu_q[1:].long() - 1
         norm = self.inner.norm
-        x, _ = llmkern.add_rms_norm(hidden[last], residual[last], norm.weight, norm.variance_epsilon)
+        x, _ = layers.add_rms_norm(hidden[last], residual[last], norm.weight, norm.variance_epsilon)
         return self.model.lm_head(x).float()
 
 
@@ -197,16 +202,16 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
     head_dim = model.model.layers[0].self_attn.head_dim
     # Enough blocks for every sequence at its longest: no CacheFullError mid-generation.
     num_blocks = sum(_utils.cdiv(p.numel() + max_new_tokens, block_size) for p in prompts)
-    cache = llmkern.PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, head_dim,
+    cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, head_dim,
                                  dtype=dtype, device=device)
-    runner = _Runner(model, cache)
+    runner = ModelRunner(model, cache)
     rng = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def draw(logits: torch.Tensor) -> list[int]:
         seeds = None
         if rng is not None:
             seeds = torch.randint(0, _SEED_MAX, (logits.shape[0],), generator=rng, dtype=torch.int64).to(device)
-        tok = llmkern.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seeds)
+        tok = sampling.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seeds)
         out = tok.tolist()
         if any(t < 0 for t in out):
             raise RuntimeError("llmkern.generate: the model produced NaN/inf logits (llmkern.sample returned -1)")

@@ -12,8 +12,8 @@ RoPE uses the rotate-half convention of Hugging Face Llama/Mistral/Qwen2/Gemma (
 head are the pair rotated together). The angles come either from `positions` and `theta`, or from the caller's
 cos/sin tables exactly as Hugging Face's rotary embedding module returns them.
 
-Dispatch (llmkern._utils): CUDA -> Triton; CPU -> the same Triton kernel under TRITON_INTERPRET, else
-llmkern.reference.
+Dispatch (llmkern._dispatch): CUDA -> Triton; CPU -> the same Triton kernel under TRITON_INTERPRET, else the C++
+CPU backend when built, else llmkern.reference.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 
-from llmkern import _utils, compile_check, cpu, reference
+from llmkern import _dispatch, _utils, compile_check, reference
 from llmkern.compile_check import CompileSpec
-from llmkern.kernels import layers as K
+from llmkern.kernels import layers as kernels
 
 _CASTINGS = ("llama", "gemma")
 
@@ -81,7 +81,7 @@ def _launch_rmsnorm(x2, r2, weight, y2, ro2, eps, offset, casting):
         return
     block = _rms_block(n)
     has_res = r2 is not None
-    K._rmsnorm_kernel[(rows,)](
+    kernels._rmsnorm_kernel[(rows,)](
         x2, r2 if has_res else x2, weight, y2, ro2 if has_res else y2,
         x2.stride(0), r2.stride(0) if has_res else 0, y2.stride(0), ro2.stride(0) if has_res else 0,
         n, float(eps), float(offset),
@@ -90,12 +90,12 @@ def _launch_rmsnorm(x2, r2, weight, y2, ro2, eps, offset, casting):
     )
 
 
-@torch.library.custom_op("llmkern::rms_norm", mutates_args=())
+def _rms_norm_reference(x, weight, eps, offset, casting):
+    return reference.rms_norm(x, weight, eps, offset=offset, casting=casting).contiguous()  # as register_fake
+
+
+@_dispatch.custom_op("rms_norm", mutates_args=(), reference=_rms_norm_reference)
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str) -> torch.Tensor:
-    if not _utils.use_triton(x):
-        if (fn := cpu.kernel("rms_norm")) is not None:
-            return fn(x, weight, eps, offset, casting)
-        return reference.rms_norm(x, weight, eps, offset=offset, casting=casting).contiguous()  # as register_fake
     x2 = _rows("x", x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch_rmsnorm(x2, None, weight, y.view(-1, x.shape[-1]), None, eps, offset, casting)
@@ -107,14 +107,14 @@ def _(x, weight, eps, offset, casting):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("llmkern::add_rms_norm", mutates_args=())
+def _add_rms_norm_reference(x, residual, weight, eps, offset, casting):
+    y, r = reference.add_rms_norm(x, residual, weight, eps, offset=offset, casting=casting)
+    return y.contiguous(), r.contiguous()
+
+
+@_dispatch.custom_op("add_rms_norm", mutates_args=(), reference=_add_rms_norm_reference)
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                      casting: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _utils.use_triton(x):
-        if (fn := cpu.kernel("add_rms_norm")) is not None:
-            return fn(x, residual, weight, eps, offset, casting)
-        y, r = reference.add_rms_norm(x, residual, weight, eps, offset=offset, casting=casting)
-        return y.contiguous(), r.contiguous()
     x2, r2 = _rows("x", x), _rows("residual", residual)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     r_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -219,7 +219,7 @@ def _launch_rope(q, k, q_out, k_out, positions, cos, sin, theta):
         p_strides = (pos.stride(0) if pos.shape[0] > 1 else 0, pos.stride(1))
         cos = sin = q  # not read without USE_TABLE
         c_strides = s_strides = (0, 0)
-    K._rope_kernel[(batch * seqlen,)](
+    kernels._rope_kernel[(batch * seqlen,)](
         q, k, q_out, k_out, pos, cos, sin,
         seqlen,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -231,14 +231,20 @@ def _launch_rope(q, k, q_out, k_out, positions, cos, sin, theta):
     )
 
 
-@torch.library.custom_op("llmkern::rope", mutates_args=())
+def _rope_reference(q, k, positions, cos, sin, theta):
+    q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
+    return q_rot.contiguous(), k_rot.contiguous()
+
+
+def _rope_inplace_reference(q, k, positions, cos, sin, theta):
+    q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
+    q.copy_(q_rot)
+    k.copy_(k_rot)
+
+
+@_dispatch.custom_op("rope", mutates_args=(), reference=_rope_reference)
 def _rope_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor], cos: Optional[torch.Tensor],
              sin: Optional[torch.Tensor], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _utils.use_triton(q):
-        if (fn := cpu.kernel("rope")) is not None:
-            return fn(q, k, positions, cos, sin, theta)
-        q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
-        return q_rot.contiguous(), k_rot.contiguous()
     q_in, k_in = _utils.last_dim_contiguous("q", q), _utils.last_dim_contiguous("k", k)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
                                                                                    device=k.device)
@@ -252,16 +258,9 @@ def _(q, k, positions, cos, sin, theta):
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("llmkern::rope_", mutates_args=("q", "k"))
+@_dispatch.custom_op("rope_", mutates_args=("q", "k"), reference=_rope_inplace_reference)
 def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor],
                      cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], theta: float) -> None:
-    if not _utils.use_triton(q):
-        if (fn := cpu.kernel("rope_")) is not None:
-            return fn(q, k, positions, cos, sin, theta)
-        q_rot, k_rot = reference.apply_rope(q, k, positions, cos=cos, sin=sin, theta=theta)
-        q.copy_(q_rot)
-        k.copy_(k_rot)
-        return
     _launch_rope(_as4d(q), _as4d(k), _as4d(q), _as4d(k), positions, cos, sin, theta)
 
 
@@ -364,7 +363,7 @@ def _compile_specs():
         for block in _RMS_BLOCKS:
             for dt in (("bf16", "fp32") if block == _RMS_MAX_BLOCK else ("bf16",)):
                 yield CompileSpec(
-                    K._rmsnorm_kernel, name, f"BLOCK={block} warps={_rms_warps(block)} {dt}",
+                    kernels._rmsnorm_kernel, name, f"BLOCK={block} warps={_rms_warps(block)} {dt}",
                     _sig(dt, ["X", "R", "W", "Y", "R_OUT"], rms_ints, ["eps", "offset"]),
                     {"HAS_RESIDUAL": has_res, "CAST_BEFORE_WEIGHT": True, "BLOCK": block, "INTERPRET": False},
                     num_warps=_rms_warps(block))
@@ -378,7 +377,8 @@ def _compile_specs():
             sig = _sig("bf16", ["Q", "K", "Q_OUT", "K_OUT", "COS", "SIN"], rope_ints, ["log2_theta"])
             sig["POS"] = "*i64:16"
             yield CompileSpec(
-                K._rope_kernel, "layers_rope", f"HALF={half_p2} BLOCK_H={block_h} {'table' if use_table else 'pos'}",
+                kernels._rope_kernel, "layers_rope",
+                f"HALF={half_p2} BLOCK_H={block_h} {'table' if use_table else 'pos'}",
                 sig, {"HALF": half_p2, "HALF_P2": half_p2, "USE_TABLE": use_table, "BLOCK_H": block_h,
                  "INTERPRET": False},
                 num_warps=_ROPE_WARPS)

@@ -4,11 +4,11 @@ Cache layout (per layer, for K and for V): (num_blocks, block_size, num_kv_heads
 `block_table` and FlashInfer's NHD pages. Block tables are int32 (batch, max_blocks); token t of sequence b lives in
 block block_tables[b, t // block_size] at offset t % block_size. `llmkern.PagedKVCache` does the bookkeeping.
 
-Each public function: checks shapes/dtypes (these run under torch.compile too), then calls its torch.library op. The
-op checks the values that only the host can see in the tensors (block ids within the cache, lengths within the
-tables, slots within the cache: one small .min()/.max() each), picks the backend by `_utils.use_triton`, and
-launches. Value checks live inside the op so that a `torch.compile(fullgraph=True)` graph holds the op without a
-data-dependent break.
+Each public function: checks shapes/dtypes (these run under torch.compile too), then calls its llmkern:: op
+(llmkern._dispatch). The op's check reads the values that only the host can see in the tensors (block ids within the
+cache, lengths within the tables, slots within the cache: one small .min()/.max() each) before any implementation
+runs; the device then picks the implementation (CUDA: the Triton launch here). Value checks live inside the op so
+that a `torch.compile(fullgraph=True)` graph holds the op without a data-dependent break.
 """
 from __future__ import annotations
 
@@ -17,17 +17,14 @@ import math
 import torch
 import triton
 
-from llmkern import _utils, cpu, reference
+from llmkern import _dispatch, _utils, reference
 from llmkern.compile_check import CompileSpec, register
 from llmkern.kernels import paged_attention as K
 
 _INDEX_DTYPE = torch.int32  # block tables, seq_lens and cu_seqlens: int32, as FlashAttention and FlashInfer
 _SLOT_DTYPE = torch.int64   # slot_mapping: int64, as vLLM (block * block_size overflows int32 for big caches)
 
-# Split-KV heuristic constants.
-# SMs assumed under the interpreter, where no device can be asked: small, so that tests of moderate length take the
-# split path the way a long sequence does on a GPU.
-_INTERPRET_SMS = 8
+# Split-KV heuristic constants (the SM count comes from _utils.num_sms, with its stand-in for CPU tensors).
 # A split should read at least this many tokens: 256 tokens x 128 dims x 2 (K and V) x 2 bytes = 128 KiB, against
 # which the partial output it writes (heads_per_group x head_dim x 4 bytes) and the reduce pass are small.
 _MIN_TOKENS_PER_SPLIT = 256
@@ -90,12 +87,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     _MIN_TOKENS_PER_SPLIT tokens of the longest sequence (then the partial writes and the reduce stop being noise),
     and never more than _MAX_AUTO_SPLITS.
     """
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = _INTERPRET_SMS
     programs = max(1, batch * num_kv_heads)
-    target = 2 * sms
+    target = 2 * _utils.num_sms(device)
     if programs >= target:
         return 1
     by_grid = _utils.cdiv(target, programs)
@@ -164,21 +157,24 @@ def _cache_strides(c: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------- kv write
-@torch.library.custom_op("llmkern::paged_kv_write", mutates_args=("k_cache", "v_cache"))
-def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    num_tokens = k.shape[0]
-    if num_tokens == 0:
+def _check_slots(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Every slot within the cache or -1 (one sync), before any implementation runs (llmkern._dispatch)."""
+    num_blocks, block_size = k_cache.shape[:2]
+    if slot_mapping.numel() == 0:
         return
     smin, smax = int(slot_mapping.min()), int(slot_mapping.max())
     if smin < -1 or smax >= num_blocks * block_size:
         raise ValueError(f"slot_mapping values must lie in [-1, {num_blocks * block_size}) (-1 = skip; "
                          f"num_blocks x block_size slots), found values in [{smin}, {smax}]")
-    if not _utils.use_triton(k):
-        if (fn := cpu.kernel("paged_kv_write")) is not None:
-            return fn(k, v, k_cache, v_cache, slot_mapping)
-        reference.paged_kv_write(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_dispatch.custom_op("paged_kv_write", mutates_args=("k_cache", "v_cache"), reference=reference.paged_kv_write,
+                     check=_check_slots)
+def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_tokens = k.shape[0]
+    if num_tokens == 0:
         return
     _utils.launch(
         K.paged_kv_write_kernel, (num_tokens,),
@@ -217,11 +213,25 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         raise ValueError(f"slot_mapping must have one slot per token ({k.shape[0]}), got {slot_mapping.shape[0]}")
     k = _utils.last_dim_contiguous("k", k)
     v = _utils.last_dim_contiguous("v", v)
-    torch.ops.llmkern.paged_kv_write(k, v, k_cache, v_cache, slot_mapping)
+    _paged_kv_write_op(k, v, k_cache, v_cache, slot_mapping)
 
 
 # ---------------------------------------------------------------------------------------------------- decode
-@torch.library.custom_op("llmkern::paged_decode_attention", mutates_args=())
+def _check_decode_values(q, k_cache, v_cache, block_tables, seq_lens, *options) -> None:
+    """Lengths and block ids (host syncs), before any implementation runs (llmkern._dispatch)."""
+    _check_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], min_len=1)
+
+
+def _paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
+                            num_splits):
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
+                                            softcap=softcap, window=(window_left, window_right))
+
+
+@_dispatch.custom_op("paged_decode_attention", mutates_args=(), reference=_paged_decode_reference,
+                     check=_check_decode_values)
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, softcap: float | None, window_left: int,
                      window_right: int, num_splits: int) -> torch.Tensor:
@@ -230,18 +240,10 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    max_len = _check_tables(block_tables, seq_lens, num_blocks, block_size, min_len=1)
-    if not _utils.use_triton(q):
-        if (fn := cpu.kernel("paged_decode_attention")) is not None:
-            return fn(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
-                      num_splits)
-        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                                                softcap=softcap, window=(window_left, window_right))
-
     group = num_heads // num_kv_heads
     cfg = _decode_config(group, head_dim, q.dtype)
     if num_splits == 0:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_len, q.device)
+        num_splits = choose_num_splits(batch, num_kv_heads, int(seq_lens.max()), q.device)
     split = num_splits > 1
     if split:
         part_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -315,12 +317,39 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q = _utils.last_dim_contiguous("q", q)
     k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
     v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
-    return torch.ops.llmkern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap,
-                                                    left, right, 0 if num_splits is None else num_splits)
+    return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, left, right,
+                            0 if num_splits is None else num_splits)
 
 
 # ---------------------------------------------------------------------------------------------------- prefill
-@torch.library.custom_op("llmkern::paged_prefill_attention", mutates_args=())
+def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *options) -> None:
+    """cu_seqlens_q, lengths and block ids (host syncs), before any implementation runs (llmkern._dispatch)."""
+    total_q = q.shape[0]
+    cu = cu_seqlens_q.tolist()
+    if cu[0] != 0 or cu[-1] != total_q:
+        raise ValueError(f"cu_seqlens_q must start at 0 and end at total_q ({total_q}), got {cu[0]} ... {cu[-1]}")
+    q_lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if any(n < 0 for n in q_lens):
+        raise ValueError("cu_seqlens_q must be non-decreasing")
+    for b, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens.tolist())):
+        if q_len > seq_len:
+            raise ValueError(f"seq_lens[{b}] = {seq_len} is shorter than that sequence's {q_len} new tokens "
+                             f"(seq_lens counts the cached prefix plus the new tokens)")
+    if total_q:
+        _check_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], min_len=0)
+
+
+def _paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
+                             window_left, window_right):
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+                                             causal=causal, scale=scale, softcap=softcap,
+                                             window=(window_left, 0 if causal else window_right))
+
+
+@_dispatch.custom_op("paged_prefill_attention", mutates_args=(), reference=_paged_prefill_reference,
+                     check=_check_prefill_values)
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, causal: bool, scale: float,
                       softcap: float | None, window_left: int, window_right: int) -> torch.Tensor:
@@ -328,29 +357,11 @@ def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     batch = seq_lens.shape[0]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    cu = cu_seqlens_q.tolist()
-    if cu[0] != 0 or cu[-1] != total_q:
-        raise ValueError(f"cu_seqlens_q must start at 0 and end at total_q ({total_q}), got {cu[0]} ... {cu[-1]}")
-    q_lens = [cu[b + 1] - cu[b] for b in range(batch)]
-    if any(n < 0 for n in q_lens):
-        raise ValueError("cu_seqlens_q must be non-decreasing")
-    lens = seq_lens.tolist()
-    for b in range(batch):
-        if q_lens[b] > lens[b]:
-            raise ValueError(f"seq_lens[{b}] = {lens[b]} is shorter than that sequence's {q_lens[b]} new tokens "
-                             f"(seq_lens counts the cached prefix plus the new tokens)")
     if total_q == 0:
         return out
-    _check_tables(block_tables, seq_lens, num_blocks, block_size, min_len=0)
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
     if causal:
         window_right = 0
-    if not _utils.use_triton(q):
-        if (fn := cpu.kernel("paged_prefill_attention")) is not None:
-            return fn(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
-                      window_left, window_right)
-        return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                                 causal=causal, scale=scale, softcap=softcap,
-                                                 window=(window_left, window_right))
     cfg = _prefill_config(head_dim, q.dtype)
     grid = (_utils.cdiv(max(q_lens), cfg["BLOCK_M"]), batch, num_heads)
     has_softcap = softcap is not None
@@ -403,8 +414,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     q = _utils.last_dim_contiguous("q", q)
     k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
     v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
-    return torch.ops.llmkern.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                                                     causal, scale, softcap, left, right)
+    return _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
+                             left, right)
 
 
 # ---------------------------------------------------------------------------------------------------- compile specs

@@ -7,7 +7,9 @@ Conventions:
   * FLOPs count a multiply-add as 2. Only the matmul-like work is counted (softmax/exp are ignored, as
     FlashAttention's papers do).
   * Bytes are the compulsory traffic to and from HBM: every input read once, every output written once.
-  * `roofline_time_s` = max(flops / peak_flops, bytes / peak_bandwidth): the lowest time the device allows.
+  * `roofline(flops, bytes, peak)`: the time the compute alone needs (flops / peak FLOP/s) and the time the traffic
+    alone needs (bytes / peak bandwidth); the larger is the lowest time the device allows, and names the roof that
+    binds ("compute" or "memory").
 """
 from __future__ import annotations
 
@@ -47,6 +49,21 @@ DEVICES: dict[str, DevicePeak] = {
 }
 
 
+# Names people type for the devices in DEVICES.
+DEVICE_ALIASES = {"h100": "h100-sxm", "h100-sxm5": "h100-sxm", "a100": "a100-80gb", "a100-80": "a100-80gb",
+                  "a100-40": "a100-40gb", "4090": "rtx4090", "rtx-4090": "rtx4090", "h200-sxm": "h200"}
+
+
+def resolve_device(name: str) -> DevicePeak:
+    """A DEVICES key or alias (case-insensitive) -> its peaks; ValueError naming the known ones otherwise."""
+    key = name.strip().lower()
+    key = DEVICE_ALIASES.get(key, key)
+    if key not in DEVICES:
+        known = ", ".join(list(DEVICES) + sorted(DEVICE_ALIASES))
+        raise ValueError(f"unknown device {name!r}; known: {known}")
+    return DEVICES[key]
+
+
 def device_peak(device: torch.device | str | None = None) -> DevicePeak | None:
     """The peak table entry for a CUDA device (by its reported name), or a table key; None when unknown or CPU."""
     if isinstance(device, str) and device in DEVICES:
@@ -76,9 +93,27 @@ def match_device_name(name: str) -> DevicePeak | None:
     return None
 
 
-def roofline_time_s(flops: float, nbytes: float, peak: DevicePeak, *, tensor_cores: bool = True) -> float:
+@dataclass(frozen=True)
+class Roof:
+    """An op (or a model step) under a device's roofline: the seconds its FLOPs alone and its bytes alone need."""
+    compute_s: float
+    memory_s: float
+
+    @property
+    def time_s(self) -> float:
+        """The lowest time the device allows: the larger of the two."""
+        return max(self.compute_s, self.memory_s)
+
+    @property
+    def bound(self) -> str:
+        """The roof that binds: "compute" or "memory"."""
+        return "compute" if self.compute_s >= self.memory_s else "memory"
+
+
+def roofline(flops: float, nbytes: float, peak: DevicePeak, *, tensor_cores: bool = True) -> Roof:
+    """FLOPs against the tensor-core peak (or the fp32 one when tensor_cores is False), bytes against HBM bandwidth."""
     tflops = peak.tensor_tflops if tensor_cores else peak.fp32_tflops
-    return max(flops / (tflops * 1e12), nbytes / (peak.hbm_gbps * 1e9))
+    return Roof(compute_s=flops / (tflops * 1e12), memory_s=nbytes / (peak.hbm_gbps * 1e9))
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:

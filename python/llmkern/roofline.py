@@ -1,7 +1,7 @@
 """The roofline of a whole model step: how fast prefill and decode can possibly run on a device, and why.
 
     llmkern roofline --model llama-3-8b --device h100 --batch 16 --context 4096 [--bits 4] [--plot PATH
-                     [--bench-json FILE]]
+                     [--bench-json FILE]]                       (the command: llmkern.cli; this module: the model)
 
 The model of one step (functions below, shared with the end-to-end benchmark):
   * FLOPs: 2 per multiply-add of every linear layer for every token processed, plus attention's QK^T and PV
@@ -11,7 +11,7 @@ The model of one step (functions below, shared with the end-to-end benchmark):
   * Bytes: the compulsory HBM traffic: every weight read once per step (the embedding table only for the rows
     looked up), the KV cache read once (decode) and the new K/V written once. Activations are assumed to stay
     on chip, so this is a lower bound on traffic.
-  * Time: llmkern.perf.roofline_time_s = max(FLOPs / peak tensor FLOP/s, bytes / peak bandwidth).
+  * Time: llmkern.perf.roofline: max(FLOPs / peak tensor FLOP/s, bytes / peak bandwidth), and the roof that binds.
 
 Decode with a small batch reads every weight to do 2 FLOPs per weight per sequence: intensity ~ batch FLOP/byte in
 bf16, far below the ridge (~295 FLOP/byte on an H100), so it is memory-bound; prefill of thousands of tokens is
@@ -19,32 +19,14 @@ compute-bound.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from llmkern import perf
-from llmkern.cli import subcommand
-from llmkern.models import MODELS, ModelShape, get_model
+from llmkern.models import ModelShape
 
 BF16_BYTES = 2        # weights, activations and the KV cache are bf16 unless quantized
 DEFAULT_GROUP = 128   # group size of weight-only int4/int8 quantization (GPTQ/AWQ's common default)
-
-# Names people type for the devices in llmkern.perf.DEVICES.
-DEVICE_ALIASES = {"h100": "h100-sxm", "h100-sxm5": "h100-sxm", "a100": "a100-80gb", "a100-80": "a100-80gb",
-                  "a100-40": "a100-40gb", "4090": "rtx4090", "rtx-4090": "rtx4090", "h200-sxm": "h200"}
-
-
-def resolve_device(name: str) -> perf.DevicePeak:
-    key = name.strip().lower()
-    key = DEVICE_ALIASES.get(key, key)
-    if key not in perf.DEVICES:
-        known = ", ".join(list(perf.DEVICES) + sorted(DEVICE_ALIASES))
-        raise ValueError(f"unknown device {name!r}; known: {known}")
-    return perf.DEVICES[key]
-
 
 # --------------------------------------------------------------------------------------------------- weights
 def linear_weight_bytes(model: ModelShape, bits: int | None = None, group_size: int = DEFAULT_GROUP) -> float:
@@ -163,12 +145,9 @@ def decode_step(model: ModelShape, batch: int, context: int, bits: int | None = 
 
 def bound(step: StepCost, peak: perf.DevicePeak) -> dict[str, Any]:
     """Lowest time for the step on the device, which resource binds, and the tokens/s that time allows."""
-    compute_s = step.flops / (peak.tensor_tflops * 1e12)
-    memory_s = step.bytes / (peak.hbm_gbps * 1e9)
-    t = perf.roofline_time_s(step.flops, step.bytes, peak)
-    return {"time_s": t, "compute_s": compute_s, "memory_s": memory_s,
-            "bound": "compute" if compute_s >= memory_s else "memory",
-            "tokens_per_s": step.tokens / t, "ridge": ridge_point(peak)}
+    roof = perf.roofline(step.flops, step.bytes, peak)
+    return {"time_s": roof.time_s, "compute_s": roof.compute_s, "memory_s": roof.memory_s, "bound": roof.bound,
+            "tokens_per_s": step.tokens / roof.time_s, "ridge": ridge_point(peak)}
 
 
 def ridge_point(peak: perf.DevicePeak, *, tensor_cores: bool = True) -> float:
@@ -219,35 +198,6 @@ def report(model: ModelShape, peak: perf.DevicePeak, batch: int, context: int, b
     return "\n".join(lines)
 
 
-def summary_table(records: Iterable[dict], device: str | perf.DevicePeak | None = None) -> str:
-    """A roofline summary of benchmark records (bench.common's format: op, impl, shape, median_ms, flops, bytes).
-
-    The peak comes from `device` (a DEVICES key/alias or a DevicePeak), else from each record's device name; with
-    no known peak (CPU runs) the roofline columns show '-'.
-    """
-    fixed = resolve_device(device) if isinstance(device, str) else device
-    head = (f"{'op':<22} {'impl':<22} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'FLOP/B':>8} {'bound':>8} "
-            f"{'floor ms':>10} {'% roof':>7}")
-    lines = [head, "-" * len(head)]
-    for r in records:
-        peak = fixed or perf.match_device_name(str(r.get("device", "")))
-        ms = float(r["median_ms"])
-        flops, nbytes = float(r.get("flops") or 0.0), float(r.get("bytes") or 0.0)
-        ai = flops / nbytes if nbytes else float("nan")
-        tflops = flops / (ms * 1e-3) / 1e12 if ms > 0 else 0.0
-        gbps = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else 0.0
-        if peak is not None and (flops or nbytes):
-            floor_s = perf.roofline_time_s(flops, nbytes, peak, tensor_cores=r.get("tensor_cores", True))
-            comp = flops / (peak.tensor_tflops * 1e12)
-            bnd = "compute" if comp >= nbytes / (peak.hbm_gbps * 1e9) else "memory"
-            roof = f"{floor_s * 1e3:>10.4f} {100 * floor_s / (ms * 1e-3):>6.1f}%"
-        else:
-            bnd, roof = "-", f"{'-':>10} {'-':>7}"
-        lines.append(f"{str(r.get('op', '?'))[:22]:<22} {str(r.get('impl', '?'))[:22]:<22} {ms:>10.4f} "
-                     f"{tflops:>8.2f} {gbps:>8.1f} {ai:>8.2f} {bnd:>8} {roof}")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------------------ plot
 def plot(path: str, peak: perf.DevicePeak, steps: Sequence[tuple[str, StepCost]] = (),
          records: Sequence[dict] = ()) -> int:
@@ -291,61 +241,3 @@ def plot(path: str, peak: perf.DevicePeak, steps: Sequence[tuple[str, StepCost]]
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return len(points)
-
-
-# ------------------------------------------------------------------------------------------------------- CLI
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-3-8b",
-                   help=f"model shape (default llama-3-8b; known: {', '.join(MODELS)})")
-    p.add_argument("--device", default="h100", help="device peaks from llmkern.perf.DEVICES (default h100 = "
-                                                   f"h100-sxm; known: {', '.join(perf.DEVICES)})")
-    p.add_argument("--batch", type=_positive_int, default=16, help="sequences per step (default 16)")
-    p.add_argument("--context", type=_positive_int, default=4096, help="tokens per sequence (default 4096)")
-    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=16,
-                   help="weight bits of the decoder's linear layers (default 16 = bf16)")
-    p.add_argument("--group-size", type=_positive_int, default=DEFAULT_GROUP,
-                   help=f"quantization group size with --bits 4/8 (default {DEFAULT_GROUP})")
-    p.add_argument("--plot", metavar="PATH", help="draw the roofline chart to PATH (needs matplotlib)")
-    p.add_argument("--bench-json", metavar="FILE", help="with --plot: place each record of this `llmkern bench "
-                                                        "--json` file as a measured point")
-
-
-def _run(args: argparse.Namespace) -> int:
-    try:
-        model = get_model(args.model)
-        peak = resolve_device(args.device)
-    except ValueError as e:
-        print(f"llmkern roofline: {e}", file=sys.stderr)
-        return 2
-    bits = None if args.bits == 16 else args.bits
-    print(report(model, peak, args.batch, args.context, bits, args.group_size))
-    if args.bench_json and not args.plot:
-        print("llmkern roofline: --bench-json needs --plot PATH", file=sys.stderr)
-        return 2
-    if args.plot:
-        records = []
-        if args.bench_json:
-            with open(args.bench_json) as f:
-                records = json.load(f).get("records", [])
-        steps = [(f"{model.name} prefill", prefill_step(model, args.batch, args.context, bits, args.group_size)),
-                 (f"{model.name} decode", decode_step(model, args.batch, args.context, bits, args.group_size))]
-        try:
-            placed = plot(args.plot, peak, steps, records)
-        except RuntimeError as e:
-            print(f"llmkern roofline: {e}", file=sys.stderr)
-            return 2
-        skipped = len(records) - placed
-        note = f" ({skipped} records without FLOPs not placed)" if skipped else ""
-        print(f"\nwrote {args.plot}: roofline with {len(steps)} model steps and {placed} measured points{note}")
-    return 0
-
-
-subcommand("roofline", "lowest possible prefill/decode time of a model on a device, and the bound that sets it")(
-    (_args, _run))

@@ -1,8 +1,8 @@
 """Fused sampling: `sample` (one token per row) and `sampling_probs` (the distribution it draws from).
 
-Host side: check the parameters, turn each into a per-row tensor, pick the backend (_utils dispatch rule), launch
-one program per row. The kernel is in llmkern.kernels.sampling, whose docstring explains the no-sort threshold
-search and its pass count.
+Host side: check the parameters, turn each into a per-row tensor, call the op (llmkern._dispatch picks the
+implementation by device), launch one program per row. The kernel is in llmkern.kernels.sampling, whose docstring
+explains the no-sort threshold search and its pass count.
 
 How randomness flows: every row draws one uniform u from counter-based Philox keyed by that row's int64 seed
 (offset 0). `sample` with a seed tensor is therefore a pure function of (logits, parameters, seeds): the custom op
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from llmkern import _utils, compile_check, reference
-from llmkern.kernels import sampling as K
+from llmkern import _dispatch, _utils, compile_check, reference
+from llmkern.kernels import sampling as kernels
 
 # One fixed configuration, on purpose not autotuned: a different tile or warp count changes the fp32 summation
 # order of a row's mass, and so could move a draw that sits on a CDF step. With one config a seed gives the same
@@ -143,12 +143,19 @@ def _check(logits: Any, temperature, top_k, top_p, min_p):
 
 
 # ------------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("llmkern::sample", mutates_args=())
+def _sample_reference(logits, temperature, top_k, top_p, min_p, seed):
+    return reference.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+
+
+def _probs_reference(logits, temperature, top_k, top_p, min_p):
+    probs = reference.sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return probs.to(device=logits.device, dtype=torch.float32)
+
+
+@_dispatch.custom_op("sample", mutates_args=(), reference=_sample_reference)
 def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                min_p: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     batch = logits.shape[0]
-    if not _utils.use_triton(logits):
-        return reference.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch:
         _run(logits, temperature, top_k, top_p, min_p, seed, out, 0, write_probs=False)
@@ -160,12 +167,9 @@ def _(logits, temperature, top_k, top_p, min_p, seed):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
-@torch.library.custom_op("llmkern::sampling_probs", mutates_args=())
+@_dispatch.custom_op("sampling_probs", mutates_args=(), reference=_probs_reference)
 def _probs_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
               min_p: torch.Tensor) -> torch.Tensor:
-    if not _utils.use_triton(logits):
-        probs = reference.sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        return probs.to(device=logits.device, dtype=torch.float32)
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
         no_seed = torch.zeros(1, dtype=torch.int64, device=logits.device)   # never read when writing probs
@@ -183,7 +187,7 @@ def _run(logits, *args, write_probs: bool) -> None:
     meta = dict(CONFIG, WRITE_PROBS=write_probs)
     if not _utils.INTERPRET:
         meta["num_warps"] = NUM_WARPS
-    K._sampling_kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], *args, **meta)
+    kernels._sampling_kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], *args, **meta)
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -233,7 +237,8 @@ def _compile_specs():
         for write_probs in (False, True):
             cfg = ",".join(f"{k}={v}" for k, v in CONFIG.items()) + f",w{NUM_WARPS},{name}"
             yield compile_check.CompileSpec(
-                kernel=K._sampling_kernel, name="_sampling_kernel[probs]" if write_probs else "_sampling_kernel[sample]",
+                kernel=kernels._sampling_kernel,
+                name="_sampling_kernel[probs]" if write_probs else "_sampling_kernel[sample]",
                 config=cfg,
                 signature={"logits_ptr": f"*{name}:16", "stride_row": "i32", "V": "i32", **params,
                            "out_ptr": "*fp32:16" if write_probs else "*i64:16", "stride_out": "i32"},

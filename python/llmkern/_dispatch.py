@@ -1,0 +1,74 @@
+"""How every `llmkern::` op is declared, and which implementation serves each device.
+
+One decorator declares an op from its Triton implementation:
+
+    @_dispatch.custom_op("attention", mutates_args=(), reference=_attention_reference, check=None)
+    def _attention_op(q: torch.Tensor, ..., return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ...  # allocate, launch the Triton kernel, return
+
+    @_attention_op.register_fake
+    def _(q, ...): ...  # shapes and dtypes only (torch.compile traces through this)
+
+The result is a `torch.library.CustomOpDef`, registered as `torch.ops.llmkern.attention`. The public function
+validates its arguments and then calls this object; nothing in llmkern calls an op through `torch.ops`.
+
+Which implementation runs (torch.library's per-device registration, as vLLM and Hugging Face's kernels do it):
+  * CUDA tensors: the Triton implementation (the decorated function).
+  * CPU tensors, in this order:
+      1. the same Triton implementation, under the interpreter, when `_utils.INTERPRET` (TRITON_INTERPRET=1 was set
+         before llmkern was imported);
+      2. the C++ CPU backend, when `llmkern.cpu.kernel(name)` returns a callable;
+      3. `reference`, the plain-PyTorch adapter over `llmkern.reference`.
+The three take exactly the op's schema arguments, positionally, and return what the op returns (a mutating op
+mutates its arguments and returns None). `check` (optional, same arguments, returns nothing) holds the value checks
+that need the tensors' contents (a device-to-host sync: block ids within the cache, lengths within the tables). It
+runs before every implementation, on every device, so no implementation ever sees values that would make it read
+or write outside the caller's tensors, and it lives inside the op so a `torch.compile(fullgraph=True)` graph holds
+the op without a data-dependent break.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from llmkern import _utils, cpu
+
+NAMESPACE = "llmkern"
+
+# Every op declared through `custom_op`, by name without the namespace ("attention", "rms_norm", ...).
+OPS: dict[str, torch.library.CustomOpDef] = {}
+
+
+def custom_op(name: str, *, mutates_args: Iterable[str] | str, reference: Callable,
+              check: Optional[Callable] = None) -> Callable[[Callable], torch.library.CustomOpDef]:
+    """Declare `llmkern::<name>` from its Triton implementation (the decorated function, whose annotations give the
+    schema); CUDA runs it, CPU runs it under the interpreter or else the C++ backend or `reference` (module
+    docstring). Returns the op; register its fake implementation with `@op.register_fake`."""
+    def declare(triton_impl: Callable) -> torch.library.CustomOpDef:
+        schema = torch.library.infer_schema(triton_impl, mutates_args=mutates_args)
+
+        def on_cuda(*args):
+            if check is not None:
+                check(*args)
+            return triton_impl(*args)
+
+        def on_cpu(*args):
+            if check is not None:
+                check(*args)
+            return cpu_implementation(name, triton_impl, reference)(*args)
+
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}", on_cuda, mutates_args=mutates_args,
+                                     device_types="cuda", schema=schema)
+        op.register_kernel("cpu")(on_cpu)
+        OPS[name] = op
+        return op
+    return declare
+
+
+def cpu_implementation(name: str, triton_impl: Callable, reference: Callable) -> Callable:
+    """The implementation CPU tensors get now (read on every call, so LLMKERN_CPU_BACKEND and a C++ build that
+    appears later take effect without re-importing llmkern)."""
+    if _utils.INTERPRET:
+        return triton_impl
+    return cpu.kernel(name) or reference

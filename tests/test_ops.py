@@ -1,0 +1,169 @@
+"""Every llmkern:: op through torch.library: its registration (opcheck), and the implementation each device gets.
+
+The ops are discovered from llmkern._dispatch.OPS (and torch's own registry must hold no other llmkern:: op), so an
+op added without a case here fails `test_opcheck`.
+"""
+import pytest
+import torch
+
+import llmkern
+from llmkern import _dispatch, _utils, cpu
+
+F16 = torch.float16
+
+
+def _randn(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def _ints(values, dtype, device):
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _attention(device):
+    q = _randn(1, 20, 2, 64, dtype=F16, device=device)
+    k, v = (_randn(1, 30, 1, 64, dtype=F16, device=device, seed=s) for s in (1, 2))
+    return [(q, k, v, True, 0.125, -1, -1, None, True), (q, k, v, False, 0.125, 4, 2, 2.0, False)]
+
+
+def _attention_varlen(device):
+    q = _randn(10, 2, 32, dtype=F16, device=device)
+    k, v = (_randn(12, 1, 32, dtype=F16, device=device, seed=s) for s in (1, 2))
+    cu_q, cu_k = _ints([0, 4, 10], torch.int32, device), _ints([0, 6, 12], torch.int32, device)
+    return [(q, k, v, cu_q, cu_k, 6, 6, True, 0.17, -1, -1, None, True)]
+
+
+def _paged(device):
+    """A float32 cache of 5 blocks of 16 tokens, 2 KV heads of 32, holding sequences of 5 and 20 tokens."""
+    kc, vc = (_randn(5, 16, 2, 32, device=device, seed=s) for s in (0, 1))
+    return kc, vc, _ints([[3, 0], [1, 4]], torch.int32, device), _ints([5, 20], torch.int32, device)
+
+
+def _paged_kv_write(device):
+    kc, vc, _, _ = _paged(device)
+    k = _randn(2, 2, 32, device=device, seed=2)
+    return [(k, k, kc, vc, _ints([3, 40], torch.int64, device))]
+
+
+def _paged_decode_attention(device):
+    kc, vc, bt, sl = _paged(device)
+    return [(_randn(2, 4, 32, device=device, seed=2), kc, vc, bt, sl, 0.2, None, -1, -1, 2)]
+
+
+def _paged_prefill_attention(device):
+    kc, vc, bt, sl = _paged(device)
+    cu = _ints([0, 2, 5], torch.int32, device)
+    return [(_randn(5, 4, 32, device=device, seed=2), kc, vc, bt, cu, sl, True, 0.2, None, -1, -1)]
+
+
+def _rms_norm(device):
+    return [(_randn(3, 64, device=device), _randn(64, device=device, seed=1), 1e-6, 0.0, "llama")]
+
+
+def _add_rms_norm(device):
+    x = _randn(3, 64, device=device)
+    return [(x, x.flip(0), _randn(64, device=device, seed=1), 1e-6, 1.0, "gemma")]
+
+
+def _rope(device):
+    q, k = _randn(1, 3, 2, 16, device=device), _randn(1, 3, 2, 16, device=device, seed=1)
+    return [(q, k, torch.arange(3, device=device), None, None, 1e4)]
+
+
+def _sampling_params(device):
+    return (_ints([0.7, 0.0, 1.0], torch.float32, device), _ints([5, 0, 0], torch.int32, device),
+            _ints([0.9, 1.0, 0.8], torch.float32, device), _ints([0.0, 0.0, 0.05], torch.float32, device))
+
+
+def _sample(device):
+    return [(_randn(3, 50, device=device), *_sampling_params(device), _ints([1, 2, 3], torch.int64, device))]
+
+
+def _sampling_probs(device):
+    return [(_randn(3, 50, device=device), *_sampling_params(device))]
+
+
+def _quant_matmul(device):
+    qw = llmkern.quantize_weight(_randn(40, 64, seed=3).half(), bits=8, group_size=32).to(device)
+    return [(_randn(2, 3, 64, dtype=F16, device=device), qw.qweight, qw.scales, qw.zeros, None, None, 8, 32)]
+
+
+# op name -> its argument tuples (schema order); the in-place rope_ takes rope's
+CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_kv_write": _paged_kv_write,
+         "paged_decode_attention": _paged_decode_attention, "paged_prefill_attention": _paged_prefill_attention,
+         "rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "rope_": _rope, "sample": _sample,
+         "sampling_probs": _sampling_probs, "quant_matmul": _quant_matmul}
+
+
+def _clone(args):
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def test_every_op_is_declared_through_dispatch():
+    """torch's registry holds exactly the ops llmkern._dispatch declared (none bypasses the per-device rule)."""
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("llmkern::")}
+    assert registered == set(_dispatch.OPS)
+
+
+@pytest.mark.cpu_backends("interpreter", "cpp")   # on CPU: also opcheck the C++ implementations
+@pytest.mark.parametrize("name", sorted(_dispatch.OPS))
+def test_opcheck(name, device):
+    """torch.library's own checks: schema, fake vs real, autograd registration, AOT dispatch with dynamic shapes."""
+    assert name in CASES, f"llmkern::{name} has no opcheck case: add one to CASES"
+    for args in CASES[name](device):
+        torch.library.opcheck(_dispatch.OPS[name], _clone(args))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cpu_reference_slot_matches_triton(name, device, monkeypatch):
+    """The CPU slot without the interpreter and without a C++ kernel (llmkern.reference, through its adapter) returns
+    what the Triton implementation returns for the same schema arguments: same structure, shapes, dtypes, values
+    (to fp16 rounding), and the same mutation of mutated arguments."""
+    for args in CASES[name](device):
+        triton_args = _clone(args)
+        expected = _dispatch.OPS[name](*triton_args)
+        monkeypatch.setattr(_utils, "INTERPRET", False)
+        monkeypatch.setattr(cpu, "kernel", lambda op_name: None)
+        cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in _clone(args))
+        got = _dispatch.OPS[name](*cpu_args)
+        monkeypatch.undo()
+        flat = lambda r: [r] if isinstance(r, torch.Tensor) else list(r or [])  # noqa: E731
+        for e, g in zip(flat(expected) + list(triton_args), flat(got) + list(cpu_args)):
+            if isinstance(e, torch.Tensor):
+                assert g.dtype == e.dtype and g.shape == e.shape
+                torch.testing.assert_close(g.float(), e.cpu().float(), rtol=2e-2, atol=2e-2)
+        assert len(flat(expected)) == len(flat(got))
+
+
+def test_cpu_slot_order(monkeypatch):
+    """The CPU slot: the Triton implementation under the interpreter, else a C++ kernel, else the reference."""
+    triton_impl, reference_impl, cxx = object(), object(), object()
+    monkeypatch.setattr(cpu, "kernel", lambda name: cxx if name == "rms_norm" else None)
+    monkeypatch.setattr(_utils, "INTERPRET", True)
+    assert _dispatch.cpu_implementation("rms_norm", triton_impl, reference_impl) is triton_impl
+    monkeypatch.setattr(_utils, "INTERPRET", False)
+    assert _dispatch.cpu_implementation("rms_norm", triton_impl, reference_impl) is cxx
+    assert _dispatch.cpu_implementation("rope", triton_impl, reference_impl) is reference_impl
+
+
+def test_cpu_backend_gets_schema_arguments_after_checks(monkeypatch):
+    """A C++ kernel receives exactly the op's schema arguments and its result is the op's; the op's value checks run
+    before it (a slot outside the cache never reaches it)."""
+    calls = []
+
+    def fake_kernel(*args):
+        calls.append(args)
+        k_cache = args[2]
+        k_cache.fill_(7.0)   # a visible effect of this implementation
+
+    monkeypatch.setattr(_utils, "INTERPRET", False)
+    monkeypatch.setattr(cpu, "kernel", lambda name: fake_kernel if name == "paged_kv_write" else None)
+    k, _, kc, vc, slots = _paged_kv_write("cpu")[0]
+    llmkern.paged_kv_write(k, k, kc, vc, slots)
+    assert len(calls) == 1 and len(calls[0]) == 5
+    assert calls[0][4].data_ptr() == slots.data_ptr() and calls[0][2].data_ptr() == kc.data_ptr()
+    assert bool((kc == 7.0).all())
+    with pytest.raises(ValueError, match="slot_mapping"):
+        llmkern.paged_kv_write(k, k, kc, vc, _ints([3, 5 * 16], torch.int64, "cpu"))
+    assert len(calls) == 1
