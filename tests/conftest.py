@@ -56,6 +56,14 @@ def use_cpp_backend(monkeypatch) -> None:
 
 
 @pytest.fixture
+def backend(request, device) -> str:
+    """Which implementation serves this test's ops: "cpp" (the C++ CPU backend) or "triton" (compiled on a GPU,
+    interpreted on CPU). For tests that call one backend's kernels directly."""
+    callspec = getattr(request.node, "callspec", None)
+    return "cpp" if callspec is not None and callspec.params.get("device") == "cpp" else "triton"
+
+
+@pytest.fixture
 def no_kernel(monkeypatch):
     """Bad input must be refused before any kernel runs: a Triton launch or a C++ call fails the test."""
     from llmkern import _utils, cpu

@@ -378,6 +378,29 @@ def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, ca
     return out
 
 
+# ---------------------------------------------------------------------------------------------------- quant.cpp
+@_adapter("quant_matmul")
+def _quant_matmul(x, qweight, scales, zeros, perm, bias, bits, group_size):
+    n = scales.shape[1]
+    x2 = _rows(x)
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype)
+    _lib().quant_matmul(x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(),
+                        None if perm is None else perm.contiguous(), None if bias is None else bias.contiguous(),
+                        bits, group_size, 0, out)   # path 0: the decode or GEMM path by rows (quant.cpp)
+    return out.reshape(*x.shape[:-1], n)
+
+
+# ------------------------------------------------------------------------------------------------- sampling.cpp
+@_adapter("sample")
+def _sample(logits, temperature, top_k, top_p, min_p, seed):
+    return _lib().sample(_last_contiguous(logits), temperature, top_k, top_p, min_p, seed)
+
+
+@_adapter("sampling_probs")
+def _sampling_probs(logits, temperature, top_k, top_p, min_p):
+    return _lib().sampling_probs(_last_contiguous(logits), temperature, top_k, top_p, min_p)
+
+
 # ------------------------------------------------------------------------------------------------ roofline.cpp
 def measure_stream(array_bytes: int = 256 * 2 ** 20, reps: int = 5) -> dict[str, float]:
     """STREAM read / copy / triad over all of torch's threads, in GB/s (1e9 B/s), best of `reps` (McCalpin's rule).
