@@ -97,3 +97,12 @@ def test_compile_error_falls_back_to_reference(tmp_path):
     log = out.split("build log: ")[1].split(")")[0]
     assert "simulated compiler failure" in open(log).read()
     assert "raised: the build failed" in out
+
+
+def test_build_ext_command(monkeypatch, capsys):
+    """`llmkern build-ext` prints where the library is and how it was compiled (here: already built, cached)."""
+    from llmkern import cli
+    use_cpp_backend(monkeypatch)
+    assert cli.main(["build-ext"]) == 0
+    out = capsys.readouterr().out
+    assert str(cpu.plan().library) in out and cpu.build_info() in out

@@ -46,8 +46,8 @@ def _bench_run(args: argparse.Namespace) -> int:
     env = common.environment(device)
     print(f"llmkern bench on {env['device']} (torch {env['torch']}, triton {env['triton']})")
     if device.type == "cpu":
-        print("No CUDA device: running smaller shapes on the CPU path (PyTorch reference). These numbers say the "
-              "suite runs; they are not GPU measurements.")
+        print(f"No CUDA device: CPU shapes on the CPU path ({env['cpu_backend']}), against PyTorch's CPU paths; "
+              f"roofs {env['peak']['source'] if 'peak' in env else 'unknown'}.")
     if args.tuned_configs:
         tuning.use_shipped(False)
     records = []
@@ -65,7 +65,7 @@ def _bench_run(args: argparse.Namespace) -> int:
     ours = [r for r in records if str(r["impl"]).startswith("llmkern")]
     if ours:
         print("\n== roofline summary (llmkern kernels) ==")
-        print(common.summary_table(ours))
+        print(common.summary_table(ours, common.device_roof(device)))
     if args.json:
         common.write_json(args.json, records, device, names)
         print(f"\nwrote {len(records)} records to {args.json}")

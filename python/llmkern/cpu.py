@@ -302,19 +302,19 @@ def _add_rms_norm(x, residual, weight, eps, offset, casting):
     return y, r_out
 
 
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    """(tokens, heads, d) packed tokens as one sequence: (1, tokens, heads, d)."""
+    return t.unsqueeze(0) if t.dim() == 3 else t
+
+
 def _run_rope(q, k, q_out, k_out, positions, cos, sin, theta):
     """q/k (and the outputs) as 4-D (batch, seq, heads, head_dim) views and the angles as (batch or 1, seq[, d])
-    views, as the Triton launcher builds them (llmkern.layers)."""
-    from llmkern import layers   # imported here: llmkern.layers calls into this module
-
-    q4, k4 = layers._as4d(q), layers._as4d(k)
-    batch, seqlen, _, head_dim = q4.shape
+    views, as llmkern.layers builds them for the Triton launcher (the public function has checked their shapes)."""
     if cos is not None:
-        cos = layers._table_view("cos", cos, batch, seqlen, head_dim)
-        sin = layers._table_view("sin", sin, batch, seqlen, head_dim)
+        cos, sin = (_last_contiguous(t.unsqueeze(0) if t.dim() == 2 else t) for t in (cos, sin))
     else:
-        positions = layers._positions_view(positions, batch, seqlen)
-    _lib().rope(q4, k4, layers._as4d(q_out), layers._as4d(k_out), positions, cos, sin, theta)
+        positions = positions.unsqueeze(0) if positions.dim() == 1 else positions
+    _lib().rope(_as4d(q), _as4d(k), _as4d(q_out), _as4d(k_out), positions, cos, sin, theta)
 
 
 @_adapter("rope")
@@ -402,13 +402,29 @@ def _sampling_probs(logits, temperature, top_k, top_p, min_p):
 
 
 # ------------------------------------------------------------------------------------------------ roofline.cpp
-def measure_stream(array_bytes: int = 256 * 2 ** 20, reps: int = 5) -> dict[str, float]:
+def _last_level_cache_bytes() -> Optional[int]:
+    """The size of cpu0's largest cache as Linux reports it (sysfs), or None."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else None
+
+
+def measure_stream(array_bytes: Optional[int] = None, reps: int = 5) -> dict[str, float]:
     """STREAM read / copy / triad over all of torch's threads, in GB/s (1e9 B/s), best of `reps` (McCalpin's rule).
 
-    array_bytes: the size of each of the three fp32 arrays; STREAM asks for at least 4x the last-level cache (256 MiB
-    covers the L3 of current server CPUs). Bytes counted as STREAM counts them: read 1 array, copy 2, triad 3.
-    Raises BuildError when the C++ backend cannot be built. Also returns the thread count and array size used.
+    array_bytes: each of the three fp32 arrays. STREAM asks for at least 4x the last-level cache, which is the
+    default (from sysfs; 256 MiB when unknown), kept within [64 MiB, 1 GiB]. Bytes are counted as STREAM counts them:
+    read 1 array, copy 2, triad 3 (write-allocate traffic not counted). Raises BuildError when the C++ backend
+    cannot be built. Also returns the thread count and the array size used.
     """
+    if array_bytes is None:
+        llc = _last_level_cache_bytes()
+        array_bytes = min(max(4 * llc, 64 * 2 ** 20), 2 ** 30) if llc else 256 * 2 ** 20
     build()
     n = max(int(array_bytes) // 4, 1024)
     read, copy, triad = (float(v) for v in _lib().stream(n, int(reps)))
