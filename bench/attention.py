@@ -3,9 +3,10 @@
 Heads are Llama-3-8B's (32 query heads, 8 KV heads, head_dim 128), causal, bf16, over sequence lengths 512 .. 16k
 with the batch chosen so every shape holds 16k tokens (the work per shape then grows with the sequence length, as
 causal attention's FLOPs are quadratic in it). Peers in the same run:
-  * torch_sdpa: torch.nn.functional.scaled_dot_product_attention on (batch, heads, seq, dim) tensors with K/V
-    repeated to 32 heads beforehand (outside the timing), so PyTorch may pick its FlashAttention backend, which
-    does not take grouped heads;
+  * torch_sdpa_flash, torch_sdpa_cudnn (CUDA): torch.nn.functional.scaled_dot_product_attention pinned to its
+    FlashAttention-2 and its cuDNN backend (`torch.nn.attention.sdpa_kernel`, entered inside each timed call), on
+    (batch, heads, seq, dim) tensors with K/V repeated to 32 heads beforehand (outside the timing), since the flash
+    backend does not take grouped heads; on CPU, torch_sdpa with PyTorch's own backend choice;
   * flash_attn: flash_attn_func (FlashAttention-2, native GQA) when the package is importable.
 FLOPs and bytes come from llmkern.perf (attention_pairs/attention_flops/attention_bytes), the same for every
 implementation: they describe the problem, not what an implementation happens to move. `summarize` prints each
@@ -64,15 +65,23 @@ def _cases_for(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterable[C
         return lambda: attention(q, k, v, causal=True)
     yield Case(op="attention_prefill", impl="llmkern", shape=shape, flops=flops, nbytes=nbytes, make=make_llmkern)
 
-    def make_sdpa():
-        q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
-        # SDPA's layout (batch, heads, seq, dim), K/V repeated per query head, all prepared outside the timing
-        qt = q.transpose(1, 2).contiguous()
-        kt = k.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
-        vt = v.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
-        return lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-    yield Case(op="attention_prefill", impl="torch_sdpa", shape=shape, flops=flops, nbytes=nbytes, make=make_sdpa,
-               note="K/V repeated to num_heads outside the timing")
+    for impl, backend in _sdpa_backends(device):
+        def make_sdpa(backend=backend):
+            q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+            # SDPA's layout (batch, heads, seq, dim), K/V repeated per query head, all prepared outside the timing
+            qt = q.transpose(1, 2).contiguous()
+            kt = k.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
+            vt = v.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
+            if backend is None:
+                return lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+            from torch.nn.attention import sdpa_kernel
+
+            def run():
+                with sdpa_kernel(backend):     # raises "No available kernel" when the backend cannot take the inputs
+                    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+            return run
+        yield Case(op="attention_prefill", impl=impl, shape=shape, flops=flops, nbytes=nbytes, make=make_sdpa,
+                   note="K/V repeated to num_heads outside the timing")
 
     if flash_attn is not None and device.type == "cuda":
         def make_fa():
@@ -80,6 +89,19 @@ def _cases_for(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterable[C
             return lambda: flash_attn.flash_attn_func(q, k, v, causal=True)
         yield Case(op="attention_prefill", impl="flash_attn", shape=shape, flops=flops, nbytes=nbytes,
                    make=make_fa)
+
+
+def _sdpa_backends(device: torch.device) -> list[tuple[str, object]]:
+    """(impl name, SDPBackend) of the SDPA peers: on CUDA the flash and cuDNN backends, each when this PyTorch has
+    it; elsewhere one peer with PyTorch's own choice (backend None)."""
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:                     # PyTorch < 2.3
+        return [("torch_sdpa", None)]
+    if device.type != "cuda":
+        return [("torch_sdpa", None)]
+    names = {"torch_sdpa_flash": "FLASH_ATTENTION", "torch_sdpa_cudnn": "CUDNN_ATTENTION"}
+    return [(impl, getattr(SDPBackend, b)) for impl, b in names.items() if hasattr(SDPBackend, b)]
 
 
 def cases(device: torch.device, quick: bool) -> Iterable[Case]:
@@ -95,16 +117,17 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
 
 
 def summarize(records: list[dict]) -> str:
-    """Per shape: llmkern's time and its speedup over SDPA (and flash-attn when it ran)."""
+    """Per shape: llmkern's time and its speedup over each peer that ran (SDPA backends, flash-attn)."""
     by_shape: dict[str, dict[str, float]] = {}
     for r in records:
         key = f"b={r['shape']['batch']} s={r['shape']['seqlen']} {r['shape']['dtype']}"
         by_shape.setdefault(key, {})[r["impl"]] = r["median_ms"]
-    lines = ["", f"{'shape':<26} {'llmkern ms':>11} {'vs sdpa':>8} {'vs flash_attn':>14}"]
+    peers = sorted({r["impl"] for r in records} - {"llmkern"})
+    lines = ["", f"{'shape':<26} {'llmkern ms':>11} " + " ".join(f"{'vs ' + p:>20}" for p in peers)]
     for key, t in by_shape.items():
         if "llmkern" not in t:
             continue
         ours = t["llmkern"]
         vs = lambda peer: f"{t[peer] / ours:.2f}x" if peer in t else "-"  # noqa: E731
-        lines.append(f"{key:<26} {ours:>11.4f} {vs('torch_sdpa'):>8} {vs('flash_attn'):>14}")
+        lines.append(f"{key:<26} {ours:>11.4f} " + " ".join(f"{vs(p):>20}" for p in peers))
     return "\n".join(lines)

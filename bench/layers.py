@@ -1,10 +1,15 @@
 """RMSNorm, fused residual add + RMSNorm, and RoPE: llmkern against the PyTorch code Hugging Face models run.
 
 Shapes are Llama-3-8B's (hidden 4096, 32 query / 8 KV heads of 128) and Llama-3-70B's hidden 8192, at 16 tokens (a
-decode batch) and 4096 / 16384 tokens (prefill chunks), in bf16. Peers in the same run: the eager PyTorch of
-transformers' LlamaRMSNorm (float32 statistics, the same roundings), `residual + x` followed by it, and
-transformers' `apply_rotary_pos_emb` on the (batch, heads, seq, head_dim) views the attention modules pass; and
-torch.nn.functional.rms_norm where torch has it.
+decode batch) and 4096 / 16384 tokens (prefill chunks), in bf16. Peers in the same run:
+  * torch_hf_eager: the eager PyTorch of transformers' LlamaRMSNorm (float32 statistics, the same roundings),
+    `residual + x` followed by it, and transformers' `apply_rotary_pos_emb` on the (batch, heads, seq, head_dim)
+    views the attention modules pass;
+  * torch_compile: the same three functions under torch.compile (inductor on CUDA, compiled outside the timing; on
+    CPU dynamo's "eager" backend, which checks the wiring without inductor's C++ build);
+  * torch_F_rms_norm: torch.nn.functional.rms_norm where torch has it;
+  * liger_kernel (CUDA, when importable): Liger-Kernel's Triton RMSNorm ("llama" casting), fused add + RMSNorm and
+    RoPE (its functional API, on the same layouts transformers passes).
 
 These ops do no matmul: FLOPs are reported as 0 and the bound is HBM bandwidth (llmkern.perf.rmsnorm_bytes,
 rope_bytes), so GB/s is the figure of merit. On CPU (no CUDA): Llama-3-8B's hidden 4096 and heads at 16 tokens (a
@@ -18,7 +23,7 @@ from typing import Iterable
 import torch
 
 from llmkern import layers, perf, reference
-from llmkern.bench.common import Case
+from llmkern.bench.common import Case, optional_import
 
 HIDDEN = [4096, 8192]           # Llama-3-8B, Llama-3-70B
 TOKENS = [16, 4096, 16384]      # a decode batch; prefill chunks
@@ -41,6 +46,17 @@ def _hf_rope(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def _compiled(fn, device: torch.device):
+    """`fn` under torch.compile with static shapes: inductor on CUDA; dynamo's "eager" backend on CPU, where
+    inductor's C++ build would dominate a smoke run."""
+    return torch.compile(fn, dynamic=False, backend="inductor" if device.type == "cuda" else "eager")
+
+
+def _liger(device: torch.device):
+    """Liger-Kernel's functional API on CUDA when installed, else None."""
+    return optional_import("liger_kernel.transformers.functional") if device.type == "cuda" else None
+
+
 def _norm_cases(tokens: int, hidden: int, dtype: torch.dtype, device) -> Iterable[Case]:
     elem = perf.dtype_bytes(dtype)
     shape = dict(tokens=tokens, hidden=hidden, dtype=str(dtype).replace("torch.", ""))
@@ -52,27 +68,41 @@ def _norm_cases(tokens: int, hidden: int, dtype: torch.dtype, device) -> Iterabl
         r = torch.randn(tokens, hidden, device=device, generator=g).to(dtype)
         return x, r, torch.ones(hidden, dtype=dtype, device=device)
 
-    def make(fn):
+    def make(fn, compile=False):
         def build():
             x, r, w = inputs()
-            return lambda: fn(x, r, w)
+            f = _compiled(fn, device) if compile else fn
+            f(x, r, w)                          # compiles (torch.compile, Triton) outside the timing
+            return lambda: f(x, r, w)
         return build
+
+    def hf_norm(x, r, w):
+        return _hf_rms_norm(x, w, 1e-5)
+
+    def hf_add_norm(x, r, w):
+        h = r + x
+        return _hf_rms_norm(h, w, 1e-5), h
 
     yield Case("rmsnorm", "llmkern", shape, 0.0, plain, make(lambda x, r, w: layers.rms_norm(x, w, 1e-5)),
                tensor_cores=False)
-    yield Case("rmsnorm", "torch_hf_eager", shape, 0.0, plain, make(lambda x, r, w: _hf_rms_norm(x, w, 1e-5)),
-               tensor_cores=False)
+    yield Case("rmsnorm", "torch_hf_eager", shape, 0.0, plain, make(hf_norm), tensor_cores=False)
+    yield Case("rmsnorm", "torch_compile", shape, 0.0, plain, make(hf_norm, compile=True), tensor_cores=False)
     if hasattr(torch.nn.functional, "rms_norm"):
         yield Case("rmsnorm", "torch_F_rms_norm", shape, 0.0, plain,
                    make(lambda x, r, w: torch.nn.functional.rms_norm(x, (hidden,), w, 1e-5)), tensor_cores=False,
                    note="no Llama rounding before the weight multiply")
+    liger = _liger(device)
+    if liger is not None:
+        yield Case("rmsnorm", "liger_kernel", shape, 0.0, plain,
+                   make(lambda x, r, w: liger.liger_rms_norm(x, w, 1e-5)), tensor_cores=False)
     yield Case("add_rmsnorm", "llmkern", shape, 0.0, fused,
                make(lambda x, r, w: layers.add_rms_norm(x, r, w, 1e-5)), tensor_cores=False)
-
-    def eager_add(x, r, w):
-        h = r + x
-        return _hf_rms_norm(h, w, 1e-5), h
-    yield Case("add_rmsnorm", "torch_hf_eager", shape, 0.0, fused, make(eager_add), tensor_cores=False)
+    yield Case("add_rmsnorm", "torch_hf_eager", shape, 0.0, fused, make(hf_add_norm), tensor_cores=False)
+    yield Case("add_rmsnorm", "torch_compile", shape, 0.0, fused, make(hf_add_norm, compile=True),
+               tensor_cores=False)
+    if liger is not None:
+        yield Case("add_rmsnorm", "liger_kernel", shape, 0.0, fused,
+                   make(lambda x, r, w: liger.liger_fused_add_rms_norm(x, r, w, 1e-5)), tensor_cores=False)
 
 
 def _rope_cases(tokens: int, dtype: torch.dtype, device) -> Iterable[Case]:
@@ -90,19 +120,28 @@ def _rope_cases(tokens: int, dtype: torch.dtype, device) -> Iterable[Case]:
         cos, sin = reference.rope_cos_sin(pos, HEAD_DIM, 500000.0)
         return q, k, pos, cos.to(dtype), sin.to(dtype)
 
-    def make(fn):
+    def make(fn, compile=False):
         def build():
             q, k, pos, cos, sin = inputs()
-            return lambda: fn(q, k, pos, cos, sin)
+            f = _compiled(fn, device) if compile else fn
+            f(q, k, pos, cos, sin)              # compiles outside the timing
+            return lambda: f(q, k, pos, cos, sin)
         return build
+
+    def hf_rope(q, k, pos, c, s):
+        return _hf_rope(q.transpose(1, 2), k.transpose(1, 2), c, s)
 
     yield Case("rope", "llmkern_positions", shape, 0.0, nbytes,
                make(lambda q, k, pos, c, s: layers.apply_rope(q, k, pos, theta=500000.0)), tensor_cores=False)
     yield Case("rope", "llmkern_hf_tables", shape, 0.0, nbytes,
                make(lambda q, k, pos, c, s: layers.apply_rope(q, k, cos=c, sin=s)), tensor_cores=False)
-    yield Case("rope", "torch_hf_eager", shape, 0.0, nbytes,
-               make(lambda q, k, pos, c, s: _hf_rope(q.transpose(1, 2), k.transpose(1, 2), c, s)),
-               tensor_cores=False)
+    yield Case("rope", "torch_hf_eager", shape, 0.0, nbytes, make(hf_rope), tensor_cores=False)
+    yield Case("rope", "torch_compile", shape, 0.0, nbytes, make(hf_rope, compile=True), tensor_cores=False)
+    liger = _liger(device)
+    if liger is not None:   # rotates its (batch, heads, seq, head_dim) views in place: the timing repeats a rotation
+        yield Case("rope", "liger_kernel", shape, 0.0, nbytes,
+                   make(lambda q, k, pos, c, s: liger.liger_rope(q.transpose(1, 2), k.transpose(1, 2), c, s)),
+                   tensor_cores=False)
 
 
 def cases(device: torch.device, quick: bool) -> Iterable[Case]:

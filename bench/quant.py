@@ -1,13 +1,13 @@
-"""Weight-only quantized matmul: llmkern int4 (group 128) and int8 (per channel) against fp16 cuBLAS.
+"""Weight-only quantized matmul: llmkern int4 (group 128) and int8 (per channel) against bf16 cuBLAS.
 
 Shapes are the linear layers of Llama-3-8B, as (in_features K, out_features N): the q/o projections (4096 x 4096),
 gate/up (4096 x 14336), down (14336 x 4096) and the lm_head (4096 x 128256), at M = 1, 4, 16 (decode batches) and
-64, 256, 1024 (prefill chunks). Peers in the same run: torch.matmul in fp16 (cuBLAS) on the same shape, and when
-torchao is importable, torchao's int4 weight-only linear (tinygemm, bf16) with the bf16 cuBLAS matmul beside it.
+64, 128, 256, 1024 (prefill chunks), activations in bf16 (Llama-3's dtype). Peers in the same run: torch.matmul in
+bf16 (cuBLAS) on the same shape, and when torchao is importable, torchao's int4 weight-only linear (group 128).
 
 Bytes are llmkern.perf.quant_matmul_bytes (packed weights + scales + zero points, x in, out out) and matmul_bytes for
 the dense peers: at decode the weight bytes are everything, so GB/s there is the distance to the HBM roofline.
-`summarize` prints each shape's speedup over fp16 cuBLAS.
+`summarize` prints each shape's speedup over bf16 cuBLAS.
 
 On CPU (no CUDA), the issue-15 target: the 4096 x 4096 q/o projection with bf16 activations at M = 1 and 16 (the
 decode path: packed weights streamed once) against bf16 F.linear on the dense weight, and M = 64 (a dequantized
@@ -25,7 +25,7 @@ from llmkern.quant import quant_matmul
 from llmkern.quant_weight import QuantizedWeight
 
 LLAMA3_8B = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]   # (K, N)
-MS = [1, 4, 16, 64, 256, 1024]
+MS = [1, 4, 16, 64, 128, 256, 1024]
 # (bits, group_size): int4 with Llama GPTQ/AWQ checkpoints' usual group of 128; int8 per output channel, the usual
 # int8 weight-only recipe (torchao's int8_weight_only, LLM.int8 without outliers).
 SETTINGS = [(4, 128), (8, -1)]
@@ -68,8 +68,8 @@ def _dense_case(m, k, n, dtype, device) -> Case:
 def _torchao_int4_quantizer():
     """torchao's int4 weight-only quantization as a function of an nn.Linear, across its API versions; None when
     torchao is missing or cannot quantize on this machine."""
-    tq = optional_import("torchao.quantization")
-    if tq is None or not torch.cuda.is_available():
+    tq = optional_import("torchao.quantization") if torch.cuda.is_available() else None
+    if tq is None:
         return None
     if hasattr(tq, "Int4WeightOnlyConfig"):
         config = lambda: tq.Int4WeightOnlyConfig(group_size=128)  # noqa: E731
@@ -101,6 +101,7 @@ def _torchao_case(m, k, n, quantize, device) -> Case:
 
 
 def cases(device: torch.device, quick: bool) -> Iterable[Case]:
+    dtype = torch.bfloat16
     if device.type != "cuda":
         k, n = LLAMA3_8B[0]
         for m in (1,) if quick else (1, 16, 64):
@@ -113,17 +114,16 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
     torchao = _torchao_int4_quantizer()
     for k, n in shapes:
         for m in ms:
-            yield _dense_case(m, k, n, torch.float16, device)
+            yield _dense_case(m, k, n, dtype, device)
             for bits, group in SETTINGS:
-                yield _llmkern_case(m, k, n, bits, group, torch.float16, device)
+                yield _llmkern_case(m, k, n, bits, group, dtype, device)
             if torchao is not None:
-                yield _dense_case(m, k, n, torch.bfloat16, device)
                 yield _torchao_case(m, k, n, torchao, device)
 
 
 def summarize(records: list[dict]) -> str:
-    """Per shape: each implementation's time, its speedup over the dense matmul of the same dtype (fp16 cuBLAS for
-    llmkern, bf16 for torchao), and its GB/s on the weight bytes alone (the decode roofline's numerator)."""
+    """Per shape: each implementation's time, its speedup over the dense matmul of the same dtype (bf16 cuBLAS), and
+    its GB/s on the weight bytes alone (the decode roofline's numerator)."""
     dense = {(r["shape"]["M"], r["shape"]["N"], r["shape"]["K"], r["shape"]["dtype"]): r["median_ms"]
              for r in records if r["impl"].startswith("torch_")}
     any_dense = {key[:3]: ms for key, ms in dense.items()}   # the dense peer of another dtype (CPU, M > 16: fp32)

@@ -26,7 +26,7 @@ from llmkern.sampling import sample
 
 TOP_K, TOP_P = 50, 0.9                           # common serving defaults (vLLM / HF generation configs)
 VOCABS = [32000, 128256, 262144]                 # Llama-2, Llama-3, Gemma-3 (256k)
-BATCHES = [1, 8, 32, 128, 512]
+BATCHES = [1, 8, 32, 64, 128, 256, 512]
 QUICK = [(1, 128256), (128, 128256)]
 CPU_SHAPES = [(64, 128256)]                      # (batch, vocab)
 CPU_QUICK = [(8, 128256)]

@@ -67,6 +67,17 @@ def _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, stri
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _grouped_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program pid's (row block, column block) in grouped launch order (Triton's matmul tutorial): GROUP_M row
+    blocks walk the same column blocks together, so a column block's weights are still in L2 when the next row
+    block needs them."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_here = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows_here, (pid % per_group) // rows_here
+
+
 # int4 packs 8 codes per word (int8 4): the GEMV unrolls over the 8 slots and gives int8's slots 4..7 an x of zero.
 MAX_PACK = tl.constexpr(8)
 
@@ -167,16 +178,7 @@ def quant_gemm_kernel(
 ):
     """Large M: a tiled GEMM. Each K-tile of codes is unpacked on chip, its zero point subtracted, and fed to tl.dot
     (tensor cores); the group's scale multiplies the fp32 tile product. One dequantized tile serves BLOCK_M rows."""
-    pid = tl.program_id(0)
-    # Grouped launch order: GROUP_M row-blocks walk the same column-blocks together, so a column-block's packed
-    # weights are still in L2 when the next row-block needs them.
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_here = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_here
-    pid_n = (pid % per_group) // rows_here
+    pid_m, pid_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -89,11 +89,27 @@ def _quant_matmul(device):
     return [(_randn(2, 3, 64, dtype=F16, device=device), qw.qweight, qw.scales, qw.zeros, None, None, 8, 32)]
 
 
+def _moe_topk(device):
+    logits = _randn(5, 16, device=device)
+    return [(logits, 2, True, "softmax", 0, 0, None, 1.0),
+            (logits, 4, True, "sigmoid", 4, 2, _randn(16, device=device, seed=1), 2.5)]
+
+
+def _fused_moe(device):
+    """8 tokens, hidden 64, intermediate 32, 4 experts, top-2: dense fp16 gate/up, int4 group-32 down."""
+    x = _randn(8, 64, dtype=F16, device=device)
+    w13 = _randn(4, 64, 64, dtype=F16, device=device, seed=1) / 8
+    w2 = llmkern.quantize_experts(_randn(4, 64, 32, dtype=F16, seed=2) / 6, bits=4, group_size=32).to(device)
+    w, ids = llmkern.moe_topk(_randn(8, 4, device=device, seed=3), 2)
+    return [(x, w13, None, None, None, 16, -1, w2.qweight, w2.scales, w2.zeros, None, 4, 32, w, ids, "silu")]
+
+
 # op name -> its argument tuples (schema order); the in-place rope_ takes rope's
 CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_kv_write": _paged_kv_write,
          "paged_decode_attention": _paged_decode_attention, "paged_prefill_attention": _paged_prefill_attention,
          "rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "rope_": _rope, "sample": _sample,
-         "sampling_probs": _sampling_probs, "quant_matmul": _quant_matmul}
+         "sampling_probs": _sampling_probs, "quant_matmul": _quant_matmul, "moe_topk": _moe_topk,
+         "fused_moe": _fused_moe}
 
 
 def _clone(args):

@@ -54,12 +54,12 @@ def _inputs(device):
 
 
 class _Spy:
-    """Counts calls to the llmkern layer functions that patch_model routes to."""
-    def __init__(self, monkeypatch):
-        self.calls = {"rms_norm": 0, "add_rms_norm": 0, "apply_rope": 0}
+    """Counts calls to the llmkern functions that patch_model routes to (by default, the layer functions)."""
+    def __init__(self, monkeypatch, module=layers, names=("rms_norm", "add_rms_norm", "apply_rope")):
+        self.calls = {name: 0 for name in names}
         for name in self.calls:
-            fn = getattr(layers, name)
-            monkeypatch.setattr(layers, name, self._wrap(name, fn))
+            fn = getattr(module, name)
+            monkeypatch.setattr(module, name, self._wrap(name, fn))
 
     def _wrap(self, name, fn):
         def counted(*a, **k):
@@ -218,10 +218,16 @@ def test_patched_model_under_torch_compile(device, monkeypatch):
     with torch.no_grad():
         eager = model(input_ids=ids, attention_mask=mask).logits
     spy = _Spy(monkeypatch)
+    out = _compiled_logits(model, ids, mask)
+    assert spy.calls["apply_rope"] > 0 and spy.calls["add_rms_norm"] > 0
+    assert torch.equal(out, eager)
+
+
+def _compiled_logits(model, ids, mask):
+    """The model's logits through torch.compile(fullgraph=True) (aot_eager: tracing without a C++ compiler)."""
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         out = compiled(input_ids=ids, attention_mask=mask).logits
     torch._dynamo.reset()
-    assert spy.calls["apply_rope"] > 0 and spy.calls["add_rms_norm"] > 0
-    assert torch.equal(out, eager)
+    return out

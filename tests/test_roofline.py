@@ -98,6 +98,30 @@ def test_other_models():
         get_model("gpt-5")
 
 
+def test_moe_models():
+    """Mixtral-8x7B and Qwen3-30B-A3B: total and active parameters as published, and the decode bill by batch."""
+    mixtral, qwen3 = get_model("mixtral-8x7b"), get_model("qwen3-30b-a3b")
+    # "46.7B total, 12.9B active" (Mistral AI); "30.5B total, 3.3B activated" (the Qwen3 model card)
+    assert mixtral.param_count() == pytest.approx(46.7e9, rel=0.002)
+    assert mixtral.active_param_count() == pytest.approx(12.9e9, rel=0.005)
+    assert qwen3.param_count() == pytest.approx(30.5e9, rel=0.002)
+    assert qwen3.active_param_count() == pytest.approx(3.3e9, rel=0.02)
+    # Mixtral by hand: attention 41,943,040 per layer as Llama-3-8B's; an expert 3 x 4096 x 14336; the router 8 x 4096
+    expert, router = 3 * 4096 * 14336, 8 * 4096
+    assert roofline.experts_touched(mixtral, 1) == pytest.approx(2.0)
+    assert roofline.experts_touched(mixtral, 16) == pytest.approx(8 * (1 - 0.75 ** 16))
+    assert roofline.experts_touched(mixtral, 4096) == pytest.approx(8.0)
+    one = roofline.decode_step(mixtral, 1, 1)
+    norms = 32 * (2 * 4096 + router) + 4096
+    # bf16: two experts per layer, the LM head whole, one embedding row
+    assert one.weight_bytes == pytest.approx(2 * (32 * (ATTN + 2 * expert) + norms + 32000 * 4096 + 4096), rel=1e-12)
+    assert one.linear_flops == pytest.approx(2 * (32 * (ATTN + 2 * expert + router) + 32000 * 4096), rel=1e-12)
+    # the weight bytes per step grow with the batch; FLOPs per token do not
+    b16 = roofline.decode_step(mixtral, 16, 1)
+    assert b16.weight_bytes / one.weight_bytes > 3.5 and b16.linear_flops == pytest.approx(16 * one.linear_flops)
+    assert roofline.weight_bytes(mixtral) == pytest.approx(2 * mixtral.param_count(), rel=1e-12)
+
+
 def test_causal_pairs_closed_form_matches_perf():
     for seqlen, window in ((1, None), (17, None), (17, 5), (9, 9), (9, 20)):
         lw = -1 if window is None else window - 1
@@ -122,6 +146,9 @@ def test_cli(capsys):
     assert "compute" in prefill and "memory" in decode
     assert main(["roofline", "--model", "llama-3-8b", "--device", "h100", "--bits", "4"]) == 0
     assert "int4" in capsys.readouterr().out
+    assert main(["roofline", "--model", "mixtral", "--device", "h100", "--batch", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "12.88 B active per token" in out and "MoE saves compute, not memory" in out and "<- --batch" in out
     assert main(["roofline", "--model", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
 

@@ -13,6 +13,7 @@ from llmkern.sampling import sample, sampling_probs  # noqa: F401
 from llmkern.quant import quant_matmul  # noqa: F401
 from llmkern.quant_weight import QuantizedWeight, quantize_weight  # noqa: F401
 from llmkern.quant_linear import QuantLinear, quantize_model  # noqa: F401
+from llmkern.moe import QuantizedExperts, fused_moe, moe_topk, quantize_experts  # noqa: F401
 from llmkern.generate import generate  # noqa: F401
 
 __version__ = "0.1.0"

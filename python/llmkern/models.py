@@ -4,6 +4,11 @@ Every number is the model's Hugging Face `config.json` value (the source is name
 Llama-style: per layer, attention projections q (hidden -> heads*head_dim), k and v (hidden -> kv_heads*head_dim),
 o (heads*head_dim -> hidden), a gated MLP of three matrices (gate, up: hidden -> intermediate; down: back), and
 RMSNorms; plus the token embedding and the LM head (shared when the embeddings are tied).
+
+Mixture-of-Experts models (Mixtral, Qwen3-MoE) replace the MLP by `num_experts` such gated MLPs of `intermediate`
+each and a router (hidden -> num_experts); each token runs `experts_per_token` of them. So a MoE model has two
+parameter counts: the total (every expert, all of which must sit in memory) and the active one (what one token
+multiplies).
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ class ModelShape:
     norms_per_layer: int = 2              # Gemma-2 has 4 (pre/post attention, pre/post feed-forward)
     sliding_window: int | None = None     # tokens a sliding-window layer attends to (None: full attention)
     sliding_layers: int = 0               # how many layers use the window (Mistral v0.1: all; Gemma-2: every other)
+    num_experts: int = 0                  # routed experts per layer (0: a dense MLP); `intermediate` is per expert
+    experts_per_token: int = 0            # the router's top_k
+    qk_norm: bool = False                 # Qwen3: an RMSNorm (head_dim weights) on q and on k in every layer
 
     # ------------------------------------------------------------------ parameter counts (weights, no buffers)
     def attn_params(self) -> int:
@@ -33,17 +41,48 @@ class ModelShape:
         bias = (q_out + 2 * kv_out) if self.qkv_bias else 0
         return self.hidden * q_out + 2 * self.hidden * kv_out + q_out * self.hidden + bias
 
-    def mlp_params(self) -> int:
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def expert_params(self) -> int:
+        """One gated MLP: the dense model's MLP, or one expert."""
         return 3 * self.hidden * self.intermediate
 
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(out_features, in_features) of one layer's linear layers: the ones weight-only quantization packs."""
+    def router_params(self) -> int:
+        return self.num_experts * self.hidden
+
+    def mlp_params(self) -> int:
+        """Every MLP weight of one layer: the dense MLP, or all experts plus the router."""
+        if self.is_moe:
+            return self.num_experts * self.expert_params() + self.router_params()
+        return self.expert_params()
+
+    def active_mlp_params(self) -> int:
+        """The MLP weights one token multiplies: the dense MLP, or its experts_per_token experts plus the router."""
+        if self.is_moe:
+            return self.experts_per_token * self.expert_params() + self.router_params()
+        return self.expert_params()
+
+    def attn_linear_shapes(self) -> list[tuple[int, int]]:
+        """(out_features, in_features) of q, k, v, o."""
         q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return [(q_out, self.hidden), (kv_out, self.hidden), (kv_out, self.hidden), (self.hidden, q_out),
-                (self.intermediate, self.hidden), (self.intermediate, self.hidden), (self.hidden, self.intermediate)]
+        return [(q_out, self.hidden), (kv_out, self.hidden), (kv_out, self.hidden), (self.hidden, q_out)]
+
+    def expert_linear_shapes(self) -> list[tuple[int, int]]:
+        """gate, up, down of one gated MLP (the dense MLP, or one expert)."""
+        return [(self.intermediate, self.hidden), (self.intermediate, self.hidden), (self.hidden, self.intermediate)]
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(out_features, in_features) of the linear layers one token passes in a layer: attention and one gated MLP
+        (for a MoE model, one expert; it passes experts_per_token of them). Weight-only quantization packs these."""
+        return self.attn_linear_shapes() + self.expert_linear_shapes()
+
+    def _norm_params(self) -> int:
+        return self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
 
     def layer_params(self) -> int:
-        return self.attn_params() + self.mlp_params() + self.norms_per_layer * self.hidden
+        return self.attn_params() + self.mlp_params() + self._norm_params()
 
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
@@ -53,8 +92,15 @@ class ModelShape:
         return 0 if self.tied_embeddings else self.vocab * self.hidden
 
     def param_count(self) -> int:
+        """All parameters (a MoE model: every expert)."""
         return (self.layers * self.layer_params() + self.embedding_params() + self.lm_head_params()
                 + self.hidden)  # + the final norm
+
+    def active_param_count(self) -> int:
+        """The parameters one token uses: for a MoE model, experts_per_token experts per layer (the embedding table
+        counted whole, as the model cards' "active parameters" do)."""
+        unused = self.layers * (self.mlp_params() - self.active_mlp_params())
+        return self.param_count() - unused
 
 
 MODELS: dict[str, ModelShape] = {
@@ -75,12 +121,26 @@ MODELS: dict[str, ModelShape] = {
         "Gemma-2-9B", hidden=3584, layers=42, heads=16, kv_heads=8, head_dim=256, intermediate=14336, vocab=256000,
         tied_embeddings=True, norms_per_layer=4, sliding_window=4096, sliding_layers=21,
         source="huggingface.co/google/gemma-2-9b config.json (sliding_window 4096 on every other layer)"),
+    # MoE. Mixtral: num_local_experts 8, num_experts_per_tok 2, no sliding window in v0.1's config; "46.7B total,
+    # 12.9B active" (Mistral AI's announcement) is what these fields give. Qwen3: the MoE intermediate is
+    # moe_intermediate_size (intermediate_size 6144 is for dense layers, of which this model has none:
+    # decoder_sparse_step 1, mlp_only_layers []), q/k RMSNorms; "30.5B total, 3.3B activated" (the model card).
+    "mixtral-8x7b": ModelShape(
+        "Mixtral-8x7B-v0.1", hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
+        vocab=32000, tied_embeddings=False, num_experts=8, experts_per_token=2,
+        source="huggingface.co/mistralai/Mixtral-8x7B-v0.1 config.json"),
+    "qwen3-30b-a3b": ModelShape(
+        "Qwen3-30B-A3B", hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, intermediate=768,
+        vocab=151936, tied_embeddings=False, num_experts=128, experts_per_token=8, qk_norm=True,
+        source="huggingface.co/Qwen/Qwen3-30B-A3B config.json (moe_intermediate_size 768)"),
 }
 
 # Spellings people type.
 _ALIASES = {"llama3-8b": "llama-3-8b", "llama-3.1-8b": "llama-3-8b", "llama3-70b": "llama-3-70b",
             "llama-3.1-70b": "llama-3-70b", "mistral": "mistral-7b", "mistral-7b-v0.1": "mistral-7b",
-            "qwen2.5": "qwen2.5-7b", "qwen-2.5-7b": "qwen2.5-7b", "gemma2-9b": "gemma-2-9b"}
+            "qwen2.5": "qwen2.5-7b", "qwen-2.5-7b": "qwen2.5-7b", "gemma2-9b": "gemma-2-9b",
+            "mixtral": "mixtral-8x7b", "mixtral-8x7b-v0.1": "mixtral-8x7b", "qwen3-30b": "qwen3-30b-a3b",
+            "qwen3-moe": "qwen3-30b-a3b"}
 
 
 def get_model(name: str) -> ModelShape:

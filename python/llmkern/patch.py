@@ -1,4 +1,5 @@
-"""`patch_model`: run a Hugging Face Llama/Mistral/Qwen2/Gemma2 model's RMSNorms and rotary embedding on llmkern.
+"""`patch_model`: run a Hugging Face Llama/Mistral/Qwen2/Gemma2 model's RMSNorms and rotary embedding on llmkern, and
+the Mixture-of-Experts blocks of Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE (their norms and RoPE too) on llmkern's MoE kernels.
 
 What it changes, per model instance (the way Liger-Kernel patches models, but for inference):
   * every `<Family>RMSNorm` module becomes an llmkern-backed subclass (same weight, same eps, same dtype rules:
@@ -6,7 +7,9 @@ What it changes, per model instance (the way Liger-Kernel patches models, but fo
   * every `<Family>DecoderLayer` of Llama/Mistral/Qwen2 gets a forward whose post-attention residual add is fused
     into the following RMSNorm (`add_rms_norm`): one pass over the hidden states instead of two;
   * every `<Family>Attention` module becomes a subclass that rotates q and k with llmkern's RoPE kernel (one launch
-    for both) instead of `apply_rotary_pos_emb`.
+    for both) instead of `apply_rotary_pos_emb`;
+  * every MoE router and experts module becomes a subclass on llmkern.moe_topk / llmkern.fused_moe
+    (llmkern.patch_moe explains how).
 
 The rotary function is a module-level function in transformers (`modeling_llama.apply_rotary_pos_emb`), called from
 the attention forward without the module; so that only *patched* models use llmkern, the function is replaced once by
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmkern import layers
+from llmkern import layers, patch_moe
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ _FAMILIES = (
     # Gemma-2's layer norms its attention output before the residual add (four norms per layer): only the norms
     # and RoPE are swapped, the layer forward is left as is.
     _Family("transformers.models.gemma2.modeling_gemma2", "Gemma2", "eps", 1.0, "gemma", False),
+    # MoE models: the same decoder layer, norm and RoPE as Llama in transformers 5.x (the MLP is the MoE block).
+    _Family("transformers.models.mixtral.modeling_mixtral", "Mixtral", "variance_epsilon", 0.0, "llama", True),
+    _Family("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2Moe", "variance_epsilon", 0.0, "llama", True),
+    _Family("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3Moe", "variance_epsilon", 0.0, "llama", True),
+    _Family("transformers.models.olmoe.modeling_olmoe", "Olmoe", "variance_epsilon", 0.0, "llama", True),
 )
 
 
@@ -179,24 +187,26 @@ def _attention_class(family: _Family) -> type:
 
 # ------------------------------------------------------------------------------------------------------ public
 def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True,
-                fuse_residual: bool = True) -> nn.Module:
-    """Swap a Hugging Face Llama/Mistral/Qwen2/Gemma2 model's RMSNorm and RoPE onto llmkern's kernels, in place.
+                fuse_residual: bool = True, moe: bool = True) -> nn.Module:
+    """Swap a Hugging Face Llama/Mistral/Qwen2/Gemma2/Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE model's RMSNorm, RoPE and
+    MoE blocks onto llmkern's kernels, in place.
 
     rms_norm: RMSNorm modules -> llmkern.rms_norm; fuse_residual (needs rms_norm): the post-attention residual add of
-    Llama/Mistral/Qwen2 decoder layers fused into its norm (llmkern.add_rms_norm); rope: q/k rotation ->
-    llmkern.apply_rope. Weights are untouched (shared, not copied), so it composes with quantize_model in either
-    order and with attention backends. Calling it twice is harmless. Returns the model.
+    the decoder layers (all but Gemma2's) fused into its norm (llmkern.add_rms_norm); rope: q/k rotation ->
+    llmkern.apply_rope; moe: MoE routers -> llmkern.moe_topk and experts -> llmkern.fused_moe. Weights are untouched
+    (shared, not copied), so it composes with quantize_model in either order and with attention backends. Calling it
+    twice is harmless. Returns the model.
     Raises ValueError when the model contains no module of a supported family.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, flag in (("rms_norm", rms_norm), ("rope", rope), ("fuse_residual", fuse_residual)):
+    for name, flag in (("rms_norm", rms_norm), ("rope", rope), ("fuse_residual", fuse_residual), ("moe", moe)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     if fuse_residual and not rms_norm:
         raise ValueError("fuse_residual=True needs rms_norm=True (the fused add lives in the llmkern norm)")
 
-    found = 0
+    found = patch_moe.patch(model, enabled=moe)
     for family in _FAMILIES:
         mod = _load(family)
         if mod is None:
@@ -223,7 +233,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True,
                     m.__class__ = _attention_class(family)
     if not found:
         names = ", ".join(f.prefix for f in _FAMILIES)
-        raise ValueError(f"model ({type(model).__name__}) has no {names} RMSNorm/decoder/attention modules to patch")
+        raise ValueError(f"model ({type(model).__name__}) has no {names} RMSNorm/decoder/attention/MoE modules to "
+                         "patch")
     return model
 
 

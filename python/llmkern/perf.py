@@ -203,3 +203,33 @@ def rope_bytes(tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, el
     """q and k read and written once; the cos/sin tables (fp32, half a head each) once per token."""
     qk = 2.0 * tokens * (num_heads + num_kv_heads) * head_dim * elem
     return qk + 2.0 * tokens * (head_dim // 2) * 4
+
+
+# ------------------------------------------------------------------------------------------- mixture of experts
+def moe_expected_experts(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected number of distinct experts a batch of `tokens` touches when each token picks top_k of num_experts
+    uniformly: an expert is missed by one token with probability 1 - k/E, by all B independent tokens with
+    probability (1 - k/E)^B, so E * (1 - (1 - k/E)^B) are hit."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def moe_flops(tokens: int, top_k: int, hidden: int, inter: int) -> float:
+    """The experts' three projections (gate, up: hidden -> inter; down: inter -> hidden) for each (token, k) pair."""
+    return 2.0 * tokens * top_k * 3 * hidden * inter
+
+
+def moe_weight_bytes(experts: float, hidden: int, inter: int, elem: int = 2, *, bits: int | None = None,
+                     group_size: int = 128) -> float:
+    """The weights of `experts` experts (gate, up, down): dense `elem` bytes each, or packed `bits` with scales."""
+    if bits is None:
+        return experts * 3.0 * hidden * inter * elem
+    return experts * (2 * quant_weight_bytes(inter, hidden, bits, group_size)
+                      + quant_weight_bytes(hidden, inter, bits, group_size))
+
+
+def moe_bytes(tokens: int, experts_hit: float, hidden: int, inter: int, elem: int, *, bits: int | None = None,
+              group_size: int = 128) -> float:
+    """An MoE layer's compulsory traffic: the weights of the experts hit, once, plus the hidden states in and out.
+    Intermediates stay on chip in the ideal kernel, so this is a lower bound."""
+    return moe_weight_bytes(experts_hit, hidden, inter, elem, bits=bits, group_size=group_size) \
+        + 2.0 * tokens * hidden * elem

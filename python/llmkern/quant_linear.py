@@ -1,4 +1,5 @@
-"""QuantLinear, a drop-in nn.Linear over a quantized weight, and quantize_model, which swaps a model's Linear layers.
+"""QuantLinear, a drop-in nn.Linear over a quantized weight, and quantize_model, which swaps a model's Linear layers
+(and quantizes the experts of Hugging Face MoE blocks).
 
     QuantLinear.from_linear(linear, bits=4, group_size=128, symmetric=False)
     QuantLinear.from_quantized(qweight, bias=None)
@@ -11,6 +12,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from llmkern import patch_moe
 from llmkern.quant import quant_matmul
 from llmkern.quant_weight import SCALE_DTYPES, QuantizedWeight, check_bits_group, quantize_weight
 
@@ -84,8 +86,9 @@ class QuantLinear(nn.Module):
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
                    exclude: Iterable[str] = ("lm_head",), *, symmetric: bool = False) -> nn.Module:
-    """Replace every nn.Linear of `model` (in place) by a QuantLinear, except those whose qualified name, or its
-    last component, is in `exclude`. Returns the model."""
+    """Replace every nn.Linear of `model` (in place) by a QuantLinear, and quantize the experts of every Hugging Face
+    MoE block llmkern.patch_model knows (their 3D weights, per expert, run by llmkern.fused_moe: llmkern.patch_moe),
+    except modules whose qualified name, or its last component, is in `exclude`. Returns the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(exclude, str):
@@ -101,10 +104,15 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
             targets.append(name)
     if isinstance(model, nn.Linear) and "" in targets:
         raise ValueError("model is itself an nn.Linear: use QuantLinear.from_linear(model)")
+    experts = patch_moe.experts_modules(model, exclude)
+    for name, mod, _ in experts:
+        patch_moe.check_quantizable(name, mod, bits, group_size)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear.from_linear(getattr(parent, child), bits=bits, group_size=group_size,
                                                        symmetric=symmetric))
+    for _, mod, family in experts:
+        patch_moe.quantize_experts(mod, family, bits, group_size, symmetric)
     return model
 

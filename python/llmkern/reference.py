@@ -369,3 +369,69 @@ def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int, symmetric: bool
         z = torch.clamp(torch.round(-lo / s.double()), 0, qmax)
         q = torch.clamp(torch.round(wg / sd) + z[..., None], 0, qmax)
     return (q.reshape(n, k).to(torch.int32), z.t().contiguous().to(torch.int32), s.t().contiguous())
+
+
+# -------------------------------------------------------------------------------------------- mixture of experts
+def moe_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True, scoring: str = "softmax",
+             num_expert_group: int | None = None, topk_group: int | None = None,
+             correction_bias: torch.Tensor | None = None, routed_scaling_factor: float = 1.0):
+    """Router logits (T, E) -> (weights (T, top_k), ids (T, top_k) int64): llmkern.moe_topk, written with a full sort.
+
+    Experts are ranked by their key (softmax: the logit; sigmoid: sigmoid(logit) + correction_bias), descending,
+    equal keys by ascending expert index (a stable sort); NaN keys rank as -inf. With groups (DeepSeek), a group's key
+    is its largest key (softmax) or the sum of its two largest (sigmoid), the topk_group best groups are kept the same
+    way, and only their experts are ranked. Weights: the softmax probability or the sigmoid score of each chosen
+    expert, renormalized over the chosen ones if asked (sigmoid adds 1e-20 to the sum), times routed_scaling_factor.
+    float32 math (float64 for float64 logits).
+    """
+    cd = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    x = router_logits.to(cd)
+    t, e = x.shape
+    if scoring == "softmax":
+        score, key = torch.softmax(x, dim=-1), x
+    else:
+        score = torch.sigmoid(x)
+        key = score if correction_bias is None else score + correction_bias.to(cd)
+    key = torch.where(torch.isnan(key), float("-inf"), key)
+    allowed = torch.ones(t, e, dtype=torch.bool, device=x.device)
+    if num_expert_group:
+        grouped = key.reshape(t, num_expert_group, e // num_expert_group)
+        if scoring == "sigmoid":
+            gkey = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(dim=-1)
+        else:
+            gkey = grouped.max(dim=-1).values
+        best_groups = torch.sort(gkey, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+        keep = torch.zeros(t, num_expert_group, dtype=torch.bool, device=x.device).scatter_(1, best_groups, True)
+        allowed = keep.repeat_interleave(e // num_expert_group, dim=1)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    # allowed experts first, each part still in key order (a second stable sort on the allowed flag)
+    order = order.gather(1, torch.sort(allowed.gather(1, order).to(torch.int8), dim=-1, descending=True,
+                                       stable=True).indices)
+    ids = order[:, :top_k]
+    w = score.gather(1, ids)
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0.0))
+    return w * routed_scaling_factor, ids
+
+
+def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, activation: str = "silu", compute_dtype: torch.dtype | None = None):
+    """The MoE MLP, expert by expert: out[t] = sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden_states[t]),
+    expert_e(x) = w2[e] @ (silu(g) * u), [g; u] = w13[e] @ x (Mixtral/Qwen's gated layout: w13 (E, 2I, H), gate rows
+    first; w2 (E, H, I)). Ids outside [0, E) contribute nothing. Math in float32 (or `compute_dtype`, rounding after
+    every op as PyTorch in that dtype would); output in hidden_states' dtype."""
+    if activation != "silu":
+        raise ValueError(f"activation must be 'silu', got {activation!r}")
+    cd = _compute_dtype(hidden_states, compute_dtype)
+    x = hidden_states.to(cd)
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    out = torch.zeros_like(x)
+    for e in range(num_experts):
+        tok, kk = torch.nonzero(topk_ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        gu = x[tok] @ w13[e].to(cd).t()
+        h = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+        y = (h @ w2[e].to(cd).t()) * topk_weights[tok, kk].to(cd)[:, None]
+        out.index_add_(0, tok, y)
+    return out.to(hidden_states.dtype)

@@ -29,35 +29,54 @@ BF16_BYTES = 2        # weights, activations and the KV cache are bf16 unless qu
 DEFAULT_GROUP = 128   # group size of weight-only int4/int8 quantization (GPTQ/AWQ's common default)
 
 # --------------------------------------------------------------------------------------------------- weights
-def linear_weight_bytes(model: ModelShape, bits: int | None = None, group_size: int = DEFAULT_GROUP) -> float:
-    """Bytes of every decoder layer's linear weights: bf16, or packed `bits`-bit with scales and zero points."""
+def _linear_bytes(shapes, bits: int | None, group_size: int) -> float:
     if bits is None or bits >= 16:
-        per_layer = sum(n * k for n, k in model.linear_shapes()) * BF16_BYTES
-    else:
-        per_layer = sum(perf.quant_weight_bytes(n, k, bits, group_size) for n, k in model.linear_shapes())
+        return float(sum(n * k for n, k in shapes) * BF16_BYTES)
+    return float(sum(perf.quant_weight_bytes(n, k, bits, group_size) for n, k in shapes))
+
+
+def linear_weight_bytes(model: ModelShape, bits: int | None = None, group_size: int = DEFAULT_GROUP,
+                        experts: float | None = None) -> float:
+    """Bytes of every decoder layer's linear weights: bf16, or packed `bits`-bit with scales and zero points.
+    A MoE model's experts count `experts` times per layer (default: all of them, the weights as stored)."""
+    n = (model.num_experts if experts is None else experts) if model.is_moe else 1
+    per_layer = _linear_bytes(model.attn_linear_shapes(), bits, group_size) \
+        + n * _linear_bytes(model.expert_linear_shapes(), bits, group_size)
     return float(model.layers * per_layer)
 
 
 def _other_weight_bytes(model: ModelShape) -> float:
-    """Norms and q/k/v biases, all layers, plus the final norm (bf16; never quantized)."""
+    """Norms, q/k/v biases and MoE routers, all layers, plus the final norm (bf16; never quantized)."""
     bias = (model.heads + 2 * model.kv_heads) * model.head_dim if model.qkv_bias else 0
-    return float(BF16_BYTES * (model.layers * (model.norms_per_layer * model.hidden + bias) + model.hidden))
+    per_layer = model._norm_params() + bias + model.router_params()
+    return float(BF16_BYTES * (model.layers * per_layer + model.hidden))
 
 
 def weight_bytes(model: ModelShape, bits: int | None = None, group_size: int = DEFAULT_GROUP) -> float:
-    """All weights as stored. Weight-only quantization packs the decoder's linear layers; the embedding and the LM
-    head stay bf16 (what GPTQ/AWQ checkpoints and llmkern.quantize_model do)."""
+    """All weights as stored. Weight-only quantization packs the decoder's linear layers (a MoE model's experts
+    too); the embedding, the LM head and the routers stay bf16 (what GPTQ/AWQ checkpoints and
+    llmkern.quantize_model do)."""
     emb = (model.embedding_params() + model.lm_head_params()) * BF16_BYTES
     return linear_weight_bytes(model, bits, group_size) + _other_weight_bytes(model) + emb
+
+
+def experts_touched(model: ModelShape, tokens: int) -> float:
+    """Experts of one layer a step over `tokens` tokens reads, expected under uniform routing
+    (llmkern.perf.moe_expected_experts: E * (1 - (1 - k/E)^tokens)); 1 for a dense model's MLP."""
+    if not model.is_moe:
+        return 1.0
+    return perf.moe_expected_experts(model.num_experts, model.experts_per_token, tokens)
 
 
 def step_weight_bytes(model: ModelShape, tokens: int, bits: int | None = None,
                       group_size: int = DEFAULT_GROUP) -> float:
     """Weight bytes one forward step must read: everything but the embedding table, of which only the `tokens`
-    rows looked up (the whole table when it is tied, being the LM head too)."""
+    rows looked up (the whole table when it is tied, being the LM head too); of a MoE model's experts, those the
+    `tokens` tokens are expected to touch (experts_touched)."""
     lm_head = model.vocab * model.hidden * BF16_BYTES
     emb_rows = 0 if model.tied_embeddings else min(tokens, model.vocab) * model.hidden * BF16_BYTES
-    return linear_weight_bytes(model, bits, group_size) + _other_weight_bytes(model) + lm_head + emb_rows
+    return (linear_weight_bytes(model, bits, group_size, experts_touched(model, tokens))
+            + _other_weight_bytes(model) + lm_head + emb_rows)
 
 
 # -------------------------------------------------------------------------------------------------- KV cache
@@ -115,7 +134,10 @@ def _attention_flops_per_layer_avg(model: ModelShape, pairs_full: float, pairs_w
 
 
 def linear_flops(model: ModelShape, tokens: int, lm_head_tokens: int) -> float:
-    per_token = sum(n * k for n, k in model.linear_shapes()) * model.layers
+    """Every linear layer a token passes (a MoE model: its experts_per_token experts and the router), per token."""
+    k = model.experts_per_token if model.is_moe else 1
+    per_token = model.layers * (sum(n * kk for n, kk in model.attn_linear_shapes())
+                                + k * sum(n * kk for n, kk in model.expert_linear_shapes()) + model.router_params())
     return 2.0 * (per_token * tokens + model.vocab * model.hidden * lm_head_tokens)
 
 
@@ -175,7 +197,9 @@ def report(model: ModelShape, peak: perf.DevicePeak, batch: int, context: int, b
     wbytes = weight_bytes(model, bits, group_size)
     lines = [
         f"{model.name} on {peak.name}: batch {batch}, context {context}, weights {wq}",
-        f"  model: {model.param_count() / 1e9:.2f} B parameters ({model.source})",
+        f"  model: {model.param_count() / 1e9:.2f} B parameters"
+        + (f", {model.active_param_count() / 1e9:.2f} B active per token" if model.is_moe else "")
+        + f" ({model.source})",
         f"  device: {peak.hbm_gbps:.0f} GB/s, {peak.tensor_tflops:.1f} dense bf16 tensor TFLOP/s, ridge point "
         f"{ridge_point(peak):.0f} FLOP/byte ({peak.source})",
         f"  weight bytes:            {wbytes:.4g} ({_fmt_bytes(wbytes)})",
@@ -195,7 +219,39 @@ def report(model: ModelShape, peak: perf.DevicePeak, batch: int, context: int, b
     lines.append("")
     lines.append("  prefill: one forward of batch x context prompt tokens; decode: one token per sequence over a "
                  "cache of `context` tokens. Bytes are compulsory HBM traffic (weights once, KV cache), a lower bound.")
+    if model.is_moe:
+        lines += ["", *moe_report(model, peak, batch, context, bits, group_size)]
     return "\n".join(lines)
+
+
+MOE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def moe_report(model: ModelShape, peak: perf.DevicePeak, batch: int, context: int, bits: int | None = None,
+               group_size: int = DEFAULT_GROUP) -> list[str]:
+    """The MoE bill: parameters active per token against the total, and the weight bytes a decode step reads as the
+    batch grows (each token's FLOPs do not grow; the experts touched, and so the bytes, do)."""
+    total, active = model.param_count(), model.active_param_count()
+    e, k = model.num_experts, model.experts_per_token
+    stored = weight_bytes(model, bits, group_size)
+    lines = [
+        f"  MoE: {e} experts per layer, {k} per token: {active / 1e9:.2f} B parameters active per token, "
+        f"{100 * active / total:.1f}% of the {total / 1e9:.2f} B that must all sit in memory.",
+        f"  Decode weight reads by batch (context {context}): experts touched per layer E * (1 - (1 - k/E)^batch) "
+        "under uniform routing.",
+        f"  {'batch':>7} {'experts/layer':>14} {'weight bytes':>13} {'stored':>7} {'per token':>11} "
+        f"{'FLOPs/token':>12} {'lowest time':>12} {'tokens/s':>12}",
+    ]
+    for b in sorted(set(MOE_BATCHES) | {batch}):
+        step = decode_step(model, b, context, bits, group_size)
+        t = bound(step, peak)
+        mark = "  <- --batch" if b == batch else ""
+        lines.append(f"  {b:>7} {experts_touched(model, b):>14.2f} {_fmt_bytes(step.weight_bytes):>13} "
+                     f"{100 * step.weight_bytes / stored:>6.1f}% {_fmt_bytes(step.weight_bytes / b):>11} "
+                     f"{step.flops / b:>12.4g} {_fmt_time(t['time_s']):>12} {t['tokens_per_s']:>12,.0f}{mark}")
+    lines.append("  FLOPs per token stay at the active parameters' (plus attention); the bytes a step reads climb "
+                 "from the active weights to all of them as the batch grows: MoE saves compute, not memory.")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------------ plot
