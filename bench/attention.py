@@ -12,8 +12,9 @@ FLOPs and bytes come from llmkern.perf (attention_pairs/attention_flops/attentio
 implementation: they describe the problem, not what an implementation happens to move. `summarize` prints each
 shape's speedup over SDPA.
 
-On CPU (no CUDA) two tiny fp32 shapes run through the CPU path (the PyTorch reference; the interpreter if
-TRITON_INTERPRET=1), to show the suite works, not to measure anything.
+On CPU (no CUDA): one 1024-token causal prompt with the same heads, in fp32 and bf16, through the CPU path (the C++
+backend when it builds) against SDPA on PyTorch's CPU kernels, with the measured fp32 matmul rate as the compute
+roof; --quick: 256 tokens in fp32.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ TOKENS = 16384                                   # tokens per shape: batch = TOK
 SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
 QUICK_SEQLENS = [1024, 8192]
 # CPU: (batch, seqlen, heads, kv_heads, head_dim), small enough for the reference in well under a second.
-CPU_SHAPES = [(1, 128, 4, 1, 64), (2, 256, 4, 2, 64)]
+CPU_SHAPES = [(1, 1024, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)]   # (batch, seqlen, heads, kv_heads, head_dim)
+CPU_QUICK = [(1, 256, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)]
 
 
 def _shape(batch, seqlen, h, hk, d, dtype) -> dict:
@@ -105,8 +107,9 @@ def _sdpa_backends(device: torch.device) -> list[tuple[str, object]]:
 def cases(device: torch.device, quick: bool) -> Iterable[Case]:
     flash_attn = optional_import("flash_attn")
     if device.type != "cuda":
-        for batch, seqlen, h, hk, d in CPU_SHAPES[:1] if quick else CPU_SHAPES:
-            yield from _cases_for(batch, seqlen, h, hk, d, torch.float32, device, None)
+        for batch, seqlen, h, hk, d in CPU_QUICK if quick else CPU_SHAPES:
+            for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
+                yield from _cases_for(batch, seqlen, h, hk, d, dtype, device, None)
         return
     for seqlen in QUICK_SEQLENS if quick else SEQLENS:
         yield from _cases_for(max(1, TOKENS // seqlen), seqlen, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, torch.bfloat16,
@@ -117,14 +120,14 @@ def summarize(records: list[dict]) -> str:
     """Per shape: llmkern's time and its speedup over each peer that ran (SDPA backends, flash-attn)."""
     by_shape: dict[str, dict[str, float]] = {}
     for r in records:
-        key = f"b={r['shape']['batch']} s={r['shape']['seqlen']}"
+        key = f"b={r['shape']['batch']} s={r['shape']['seqlen']} {r['shape']['dtype']}"
         by_shape.setdefault(key, {})[r["impl"]] = r["median_ms"]
     peers = sorted({r["impl"] for r in records} - {"llmkern"})
-    lines = ["", f"{'shape':<18} {'llmkern ms':>11} " + " ".join(f"{'vs ' + p:>20}" for p in peers)]
+    lines = ["", f"{'shape':<26} {'llmkern ms':>11} " + " ".join(f"{'vs ' + p:>20}" for p in peers)]
     for key, t in by_shape.items():
         if "llmkern" not in t:
             continue
         ours = t["llmkern"]
         vs = lambda peer: f"{t[peer] / ours:.2f}x" if peer in t else "-"  # noqa: E731
-        lines.append(f"{key:<18} {ours:>11.4f} " + " ".join(f"{vs(p):>20}" for p in peers))
+        lines.append(f"{key:<26} {ours:>11.4f} " + " ".join(f"{vs(p):>20}" for p in peers))
     return "\n".join(lines)

@@ -9,12 +9,16 @@ allocates nothing, and a case whose peer library is missing is simply not yielde
 turns it into a record; `llmkern bench` and the pytest-benchmark entry (`bench/test_benchmarks.py`) both use it.
 
 Timing: on CUDA, `triton.testing.do_bench` (warm-up, L2 flush between runs, median of the measured runs). On CPU,
-the median of wall-clock runs after one warm-up: the CPU path is the PyTorch reference, timed so the suite runs
-anywhere, not to compare with a GPU.
+the median of wall-clock runs after one warm-up: the CPU path is the C++ backend (llmkern.cpu) when it builds, else
+the PyTorch reference, against PyTorch's own CPU paths in the same run.
+
+Roofs: a GPU's come from its datasheet (llmkern.perf.DEVICES); a CPU has no such entry, so its records use the roof
+measured on the machine itself at the start of the run (`measured_cpu_peak`), and say so in their "roof" field.
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import platform
 import statistics
@@ -26,7 +30,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from llmkern import perf
+from llmkern import cpu, perf
 
 
 @dataclass
@@ -70,8 +74,39 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, cpu_reps: int = 5) -
     return statistics.median(times)
 
 
+# fp32 matmul size for the measured CPU compute roof: 2048^3 is 17 GFLOP, a fraction of a second on 2 cores.
+CPU_MATMUL_N = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_peak() -> perf.DevicePeak | None:
+    """This CPU's roof, measured once per process: STREAM read bandwidth over all threads (llmkern.cpu.measure_stream,
+    in C++) as the memory roof, and the median rate of a CPU_MATMUL_N^3 fp32 torch.mm (its BLAS) as the compute
+    roof. The read rate is the roof of the read-dominated ops (decode attention, weight-only matmul, sampling) and a
+    strict one for ops that write as much as they read. None when the C++ backend cannot be built."""
+    try:
+        stream = cpu.measure_stream()
+    except cpu.BuildError:
+        return None
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(CPU_MATMUL_N, CPU_MATMUL_N, generator=g) for _ in range(2))
+    c = torch.empty_like(a)
+    ms = time_ms(lambda: torch.mm(a, b, out=c), torch.device("cpu"), cpu_reps=3)
+    tflops = 2.0 * CPU_MATMUL_N ** 3 / (ms * 1e-3) / 1e12
+    source = (f"measured on this machine: STREAM read {stream['read_gbps']:.1f} GB/s (copy {stream['copy_gbps']:.1f}, "
+              f"triad {stream['triad_gbps']:.1f}; {stream['threads']} threads, {stream['array_bytes'] >> 20} MiB "
+              f"arrays), fp32 matmul {tflops * 1e3:.1f} GFLOP/s ({CPU_MATMUL_N}^3 torch.mm)")
+    return perf.DevicePeak(f"{device_name(torch.device('cpu'))} (measured)", stream["read_gbps"], tflops, tflops,
+                           source)
+
+
+def device_roof(device: torch.device) -> perf.DevicePeak | None:
+    """The roof records on `device` are held to: the datasheet's for a known GPU, the measured one on CPU."""
+    return perf.device_peak(device) or (measured_cpu_peak() if device.type == "cpu" else None)
+
+
 def to_record(case: Case, ms: float, device: torch.device) -> dict[str, Any]:
-    peak = perf.device_peak(device)
+    peak = device_roof(device)
     seconds = ms * 1e-3
     rec = {
         "op": case.op, "impl": case.impl, "shape": case.shape, "device": device_name(device),
@@ -85,6 +120,7 @@ def to_record(case: Case, ms: float, device: torch.device) -> dict[str, Any]:
         rec["roofline_ms"] = roof.time_s * 1e3
         rec["pct_roofline"] = 100.0 * roof.time_s / seconds
         rec["bound"] = roof.bound
+        rec["roof"] = peak.source
     if case.note:
         rec["note"] = case.note
     return rec
@@ -160,10 +196,12 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "platform": platform.platform(),
     }
-    peak = perf.device_peak(device)
+    peak = device_roof(device)
     if peak is not None:
         env["peak"] = {"name": peak.name, "hbm_gbps": peak.hbm_gbps, "tensor_tflops": peak.tensor_tflops,
                        "fp32_tflops": peak.fp32_tflops, "source": peak.source}
+    if device.type == "cpu":
+        env["cpu_backend"] = cpu.build_info() if cpu.load() else "unavailable: the CPU ops ran llmkern.reference"
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                            check=True).stdout.strip()

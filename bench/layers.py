@@ -12,8 +12,9 @@ decode batch) and 4096 / 16384 tokens (prefill chunks), in bf16. Peers in the sa
     RoPE (its functional API, on the same layouts transformers passes).
 
 These ops do no matmul: FLOPs are reported as 0 and the bound is HBM bandwidth (llmkern.perf.rmsnorm_bytes,
-rope_bytes), so GB/s is the figure of merit. On CPU (no CUDA) one small shape per op runs through the CPU path (the
-PyTorch reference), to show the suite works, not to measure anything.
+rope_bytes), so GB/s is the figure of merit. On CPU (no CUDA): Llama-3-8B's hidden 4096 and heads at 16 tokens (a
+decode batch) and 1024 tokens (a prefill chunk), through the CPU path (the C++ backend when it builds), against
+the same eager PyTorch peers; --quick: 16 tokens.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from llmkern.bench.common import Case, optional_import
 
 HIDDEN = [4096, 8192]           # Llama-3-8B, Llama-3-70B
 TOKENS = [16, 4096, 16384]      # a decode batch; prefill chunks
+CPU_TOKENS = [16, 1024]
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128   # Llama-3-8B attention
 
 
@@ -145,8 +147,9 @@ def _rope_cases(tokens: int, dtype: torch.dtype, device) -> Iterable[Case]:
 def cases(device: torch.device, quick: bool) -> Iterable[Case]:
     dtype = torch.bfloat16
     if device.type != "cuda":
-        yield from _norm_cases(4, 256, dtype, device)
-        yield from _rope_cases(16, dtype, device)
+        for tokens in CPU_TOKENS[:1] if quick else CPU_TOKENS:
+            yield from _norm_cases(tokens, HIDDEN[0], dtype, device)
+            yield from _rope_cases(tokens, dtype, device)
         return
     for hidden in HIDDEN[:1] if quick else HIDDEN:
         for tokens in TOKENS[:2] if quick else TOKENS:

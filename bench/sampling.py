@@ -22,8 +22,9 @@ The decoding controls (llmkern.decoding) run in the same suite, each against wha
     with a dense (batch, vocab) count tensor from scatter_add (what vLLM's sampler builds).
 Bytes are the compulsory traffic from llmkern.perf (speculative_bytes, beam_topk_bytes, penalties_bytes).
 
-On CPU (no CUDA) tiny shapes run through the CPU path (the reference; the interpreter if TRITON_INTERPRET=1),
-to show the suite works, not to measure anything.
+On CPU (no CUDA), the issue-15 target: batch 64 x vocab 128256 in bf16 through the CPU path (the C++ backend when
+it builds) against the sort-based sampler; --quick: batch 8. The decoding controls run tiny shapes there, to show
+the suite works, not to measure anything.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ TOP_K, TOP_P = 50, 0.9                           # common serving defaults (vLLM
 VOCABS = [32000, 128256, 262144]                 # Llama-2, Llama-3, Gemma-3 (256k)
 BATCHES = [1, 8, 32, 64, 128, 256, 512]
 QUICK = [(1, 128256), (128, 128256)]
-CPU_SHAPES = [(2, 1000), (4, 4096)]              # (batch, vocab): the CPU reference takes milliseconds here
+CPU_SHAPES = [(64, 128256)]                      # (batch, vocab)
+CPU_QUICK = [(8, 128256)]
 
 
 def _inputs(batch, vocab, dtype, device):
@@ -239,8 +241,8 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
     flashinfer = optional_import("flashinfer")
     transformers = optional_import("transformers")
     if device.type != "cuda":
-        for batch, vocab in CPU_SHAPES[:1] if quick else CPU_SHAPES:
-            yield from _cases_for(batch, vocab, torch.float32, device, None)
+        for batch, vocab in CPU_QUICK if quick else CPU_SHAPES:
+            yield from _cases_for(batch, vocab, torch.bfloat16, device, None)
         yield from _speculative_cases(2, 1000, device, None)
         yield from _beam_cases(1, 1000, device)
         yield from _penalty_cases(2, 1000, 64, device, transformers)

@@ -14,6 +14,8 @@ from tolerance import assert_fa_close, max_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
+pytestmark = pytest.mark.cpu_backends("interpreter", "cpp")   # on CPU: the Triton interpreter and the C++ backend
+
 
 def _randn(*shape, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -111,7 +113,7 @@ def test_rms_norm_strides_and_edges(device):
     assert torch.equal(llmkern.rms_norm(zeros, w.float(), 1e-6), zeros)
 
 
-def test_rms_norm_bad_input(device):
+def test_rms_norm_bad_input(device, no_kernel):
     x = _randn(2, 64, device=device)
     w = _randn(64, device=device)
     with pytest.raises(ValueError, match="weight"):
@@ -222,7 +224,7 @@ def test_rope_inplace_and_fused_qkv(device):
         llmkern.apply_rope(qkv[:, :, :h], qkv[:, :, 1:h + 1], pos, inplace=True)
 
 
-def test_rope_bad_input(device):
+def test_rope_bad_input(device, no_kernel):
     q = _randn(2, 3, 4, 32, device=device)
     k = _randn(2, 3, 2, 32, device=device)
     pos = torch.arange(3, device=device)

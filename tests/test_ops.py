@@ -140,6 +140,7 @@ def test_every_op_is_declared_through_dispatch():
     assert registered == set(_dispatch.OPS)
 
 
+@pytest.mark.cpu_backends("interpreter", "cpp")   # on CPU: also opcheck the C++ implementations
 @pytest.mark.parametrize("name", sorted(_dispatch.OPS))
 def test_opcheck(name, device):
     """torch.library's own checks: schema, fake vs real, autograd registration, AOT dispatch with dynamic shapes."""

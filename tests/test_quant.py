@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 import llmkern
-from llmkern import quant, reference
+from llmkern import cpu, quant, reference
+
+pytestmark = pytest.mark.cpu_backends("interpreter", "cpp")   # on CPU: the Triton interpreter and the C++ backend
 
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
 
@@ -166,9 +168,19 @@ def _setting_weight(bits, group_size, symmetric, act_order, n, k, dtype, seed):
     return qw, w64, gen
 
 
+def _path_matmul(x, qw, bias, path, backend):
+    """One kernel path ("decode" or "gemm") of the backend under test, the dispatcher's choice by M bypassed."""
+    if backend == "cpp":
+        out = torch.empty(x.shape[0], qw.out_features, dtype=x.dtype)
+        cpu._lib().quant_matmul(x, qw.qweight, qw.scales, qw.zeros, qw.perm, bias, qw.bits, qw.group_size,
+                                {"decode": 1, "gemm": 2}[path], out)
+        return out
+    return quant.triton_matmul(x, qw, bias, path=path)
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"int{s[0]}-g{s[1]}-sym{int(s[2])}-act{int(s[3])}-{s[6]}"
                          .replace("torch.", ""))
-def test_paths_against_float64(setting, device):
+def test_paths_against_float64(setting, device, backend):
     bits, group_size, symmetric, act_order, n, k, dtype = setting
     qw, w64, gen = _setting_weight(*setting, seed=n * k + bits)
     qw = qw.to(device)
@@ -177,11 +189,12 @@ def test_paths_against_float64(setting, device):
         x = torch.randn(m, k, generator=gen).to(dtype).to(device)
         for path in paths:
             for b in (None, bias) if m == 3 else (None,):
-                out = quant.triton_matmul(x, qw, b, path=path)
+                out = _path_matmul(x, qw, b, path, backend)
                 assert_quant_close(out.cpu(), x.cpu(), w64, None if b is None else b.cpu(),
                                    what=f"{path} M={m} bias={b is not None}")
 
 
+@pytest.mark.cpu_backends("interpreter")   # the Triton decode kernels' split-K (the C++ path does not split K)
 @pytest.mark.parametrize("split_k", [1, 2, 3, 100])
 def test_decode_split_k(split_k, device):
     """Every split of K (one K-range per program, uneven ranges, more splits than K-tiles), GEMV (7 tiles of 4 word
@@ -352,7 +365,7 @@ def test_quantize_model(dtype, device):
 
 
 # --------------------------------------------------------------------------- bad input
-def test_bad_input():
+def test_bad_input(device, no_kernel):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(16, 64, generator=gen).half()
     qw = llmkern.quantize_weight(w, bits=4, group_size=32)
@@ -420,6 +433,7 @@ def test_bad_input():
             fn()
 
 
+@pytest.mark.cpu_backends("interpreter")   # spies on the Triton kernels the dispatcher launches
 def test_dispatch_cut_over(monkeypatch, device):
     """M = 1 goes to the GEMV, 2..16 rows (counted across leading dims) to the 16-row decode dot, more to the GEMM."""
     launched = []

@@ -11,6 +11,8 @@ from llmkern import reference
 from stats import assert_follows
 from tolerance import assert_fa_close
 
+pytestmark = pytest.mark.cpu_backends("interpreter", "cpp")   # on CPU: the Triton interpreter and the C++ backend
+
 
 def _logits(batch, vocab, dtype, device, seed=0, scale=2.0):
     g = torch.Generator().manual_seed(seed)
@@ -265,7 +267,7 @@ _BAD = [
 
 
 @pytest.mark.parametrize("bad,name", _BAD, ids=[f"{n}-{i}" for i, (_, n) in enumerate(_BAD)])
-def test_bad_parameters_raise_value_error(device, bad, name):
+def test_bad_parameters_raise_value_error(device, no_kernel, bad, name):
     logits = _logits(3, 50, torch.float32, device)
     tensor_cases = {
         "temperature_len": dict(temperature=torch.ones(2, device=device)),
@@ -287,7 +289,7 @@ def test_bad_parameters_raise_value_error(device, bad, name):
             llmkern.sampling_probs(logits, **kw)
 
 
-def test_bad_logits(device):
+def test_bad_logits(device, no_kernel):
     with pytest.raises(TypeError, match="logits"):
         llmkern.sample(torch.zeros(2, 10, dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="logits"):

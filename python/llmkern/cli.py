@@ -7,6 +7,8 @@
   llmkern roofline [--model M] [--device D] [--batch B] [--context C] [--bits 4|8|16] [--group-size G]
                    [--plot PATH [--bench-json FILE]]
         the lowest possible prefill/decode step time of a model on a device              llmkern.roofline
+  llmkern build-ext [--verbose]
+        build the C++ CPU backend (csrc/) now and print where it went                    llmkern.cpu
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import importlib
 import json
 import os
 import sys
+import time
 from typing import Callable
 
-from llmkern import compile_check, perf, roofline, tuning
+from llmkern import compile_check, cpu, perf, roofline, tuning
 from llmkern.bench import SUITES, common
 from llmkern.models import MODELS, get_model
 
@@ -43,8 +46,8 @@ def _bench_run(args: argparse.Namespace) -> int:
     env = common.environment(device)
     print(f"llmkern bench on {env['device']} (torch {env['torch']}, triton {env['triton']})")
     if device.type == "cpu":
-        print("No CUDA device: running smaller shapes on the CPU path (PyTorch reference). These numbers say the "
-              "suite runs; they are not GPU measurements.")
+        print(f"No CUDA device: CPU shapes on the CPU path ({env['cpu_backend']}), against PyTorch's CPU paths; "
+              f"roofs {env['peak']['source'] if 'peak' in env else 'unknown'}.")
     if args.tuned_configs:
         tuning.use_shipped(False)
     records = []
@@ -62,7 +65,7 @@ def _bench_run(args: argparse.Namespace) -> int:
     ours = [r for r in records if str(r["impl"]).startswith("llmkern")]
     if ours:
         print("\n== roofline summary (llmkern kernels) ==")
-        print(common.summary_table(ours))
+        print(common.summary_table(ours, common.device_roof(device)))
     if args.json:
         common.write_json(args.json, records, device, names)
         print(f"\nwrote {len(records)} records to {args.json}")
@@ -160,6 +163,27 @@ def _roofline_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- build-ext
+def _build_ext_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+
+
+def _build_ext_run(args: argparse.Namespace) -> int:
+    cached = cpu.plan().done.is_file()
+    t0 = time.perf_counter()
+    try:
+        b = cpu.build(verbose=args.verbose)
+    except cpu.BuildError as e:
+        print(f"llmkern build-ext: the C++ CPU backend could not be built: {e.cause}", file=sys.stderr)
+        if e.log is not None:
+            print(f"  build log: {e.log}", file=sys.stderr)
+        return 1
+    what = "already built (cached)" if cached else f"built in {time.perf_counter() - t0:.1f} s"
+    print(f"llmkern C++ CPU backend {what}\n  library:   {b.library}\n  compiled:  {cpu.build_info()}\n"
+          f"  flags:     {' '.join(b.cflags)}\n  build log: {b.log}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 # name -> (add its arguments, run it, help line)
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
@@ -168,6 +192,8 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
                                                "MMA"),
     "roofline": (_roofline_args, _roofline_run, "lowest possible prefill/decode time of a model on a device, and the "
                                                 "bound that sets it"),
+    "build-ext": (_build_ext_args, _build_ext_run, "build the C++ CPU backend now (it is otherwise built on first use) "
+                                                   "and say where"),
 }
 
 

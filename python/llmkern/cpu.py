@@ -1,21 +1,432 @@
-"""The C++ CPU backend of the llmkern:: ops (csrc/), as the dispatcher (llmkern._dispatch) sees it.
+"""The C++ CPU backend: builds csrc/ just in time and runs llmkern's ops on CPU tensors with it.
 
-    kernel(name) -> Callable | None
+    kernel(op_name) -> Callable | None   the C++ implementation of the custom op llmkern::<op_name>: a function taking
+                                         exactly that op's schema arguments and returning what the op returns; None
+                                         when the C++ backend is off or unavailable, or has no kernel for that op
+    load() -> bool                       build (first use) and load the library once per process; False when that
+                                         failed (a one-time warning names the cause and the build log)
+    build() -> Build                     the same, raising BuildError on failure (`llmkern build-ext` calls it)
+    measure_stream(...) -> dict          STREAM read/copy/triad GB/s over all threads (the measured memory roof)
 
-name is the op's name without the "llmkern::" namespace ("attention", "paged_decode_attention", "rms_norm", ...).
-The callable takes exactly the op's schema arguments, positionally, and returns what the op returns (a mutating op
-mutates its arguments and returns None); the dispatcher has already run the op's value checks. None means "no C++
-implementation of this op here" (not written, not built, or not available on this machine), and always when the
-environment sets LLMKERN_CPU_BACKEND=reference: CPU tensors then run llmkern.reference. The dispatcher calls
-kernel() on every CPU call that does not go to the Triton interpreter, so it must be cheap after its first call.
+The op registrations (python/llmkern/*.py, torch.library.custom_op) call `kernel(name)` from their CPU slot; the
+ops stay defined in Python, so torch.compile and opcheck see the same llmkern:: schemas on every backend. The C++
+functions are registered as `torch.ops.llmkern_cpu.*` (TORCH_LIBRARY_FRAGMENT, one per csrc/*.cpp file); the
+adapters below turn an op's arguments into their calls (views, strides, output allocation).
 
-This module is the interface only: no op has a C++ implementation yet, so kernel() returns None for every op.
+Build (torch.utils.cpp_extension.load with ninja, the first time an op needs it, or `llmkern build-ext`):
+  * sources: every csrc/*.cpp, with csrc/llmkern_cpu.h; compiled with -O3 and -fopenmp (ATen's at::parallel_for is
+    OpenMP in torch's CPU wheels, and compiles to a serial loop without it);
+  * the vector ISA: torch's own CPU capability (torch.backends.cpu.get_cpu_capability(), which follows
+    ATEN_CPU_CAPABILITY), or LLMKERN_CPU_ISA=avx512|avx2|default. It sets CPU_CAPABILITY_AVX512 / _AVX2 and the
+    matching -m flags; without them ATen's Vectorized<float> compiles to a scalar array;
+  * cached in $LLMKERN_CACHE_DIR (default ~/.cache/llmkern)/cpu/<torch version, python, ISA, hash>, the hash over
+    the sources, the flags, the torch version and the compiler ($CXX), so an edit, a new torch or another machine
+    gets its own build and a finished build loads in milliseconds;
+  * on failure (no compiler, no ninja, a compile error) the CPU ops fall back to llmkern.reference with one warning
+    naming the cause and the build log (<build dir>/build.log).
+
+Environment: LLMKERN_CPU_BACKEND=auto (default: C++ when it builds, else the reference), cpp (C++ required: a build
+failure raises), reference (always the reference). LLMKERN_CPU_ISA, LLMKERN_CACHE_DIR and CXX as above.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 
-def kernel(name: str) -> Optional[Callable]:
-    """The C++ CPU implementation of llmkern::<name>, or None (module docstring)."""
-    return None
+BACKEND_ENV = "LLMKERN_CPU_BACKEND"
+_BACKEND_CHOICES = ("auto", "cpp", "reference")
+
+# The -m flags of each vector ISA: the ones torch's own build compiles its AVX2 / AVX512 kernels with
+# (cmake/Codegen.cmake: "-mavx2 -mfma -mf16c" and "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma").
+_ISA_FLAGS = {
+    "avx512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "avx2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "default": [],
+}
+
+
+class BuildError(RuntimeError):
+    """The C++ backend could not be built or loaded. `cause` is one line; `log` the file with the full output."""
+
+    def __init__(self, cause: str, log: Optional[Path]):
+        super().__init__(cause if log is None else f"{cause} (build log: {log})")
+        self.cause, self.log = cause, log
+
+
+@dataclass(frozen=True)
+class Build:
+    """Where a build lives and what it was compiled with."""
+    name: str            # the library's name (unique per hash)
+    directory: Path      # the build directory (ninja file, objects, the library, build.log)
+    isa: str             # avx512 / avx2 / default
+    cflags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+    sources: tuple[Path, ...]
+
+    @property
+    def library(self) -> Path:
+        return self.directory / f"{self.name}.so"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "build.log"
+
+    @property
+    def done(self) -> Path:      # written last, after a successful build: a library without it may be half-written
+        return self.directory / "ok"
+
+
+# ------------------------------------------------------------------------------------------------------ the plan
+def source_dir() -> Path:
+    """csrc/: installed as llmkern/csrc (package data), or at the root of a source checkout (editable installs)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parents[1] / "csrc"):
+        if (candidate / "llmkern_cpu.h").is_file():
+            return candidate
+    raise BuildError(f"the C++ sources (csrc/llmkern_cpu.h) are not installed next to {here}", None)
+
+
+def cpu_isa() -> str:
+    """The vector ISA to compile for: LLMKERN_CPU_ISA, else torch's CPU capability (what ATen's own kernels use)."""
+    forced = os.environ.get("LLMKERN_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced not in _ISA_FLAGS:
+            raise ValueError(f"LLMKERN_CPU_ISA must be one of {tuple(_ISA_FLAGS)}, got {forced!r}")
+        return forced
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "default"      # ARM: ATen's Vectorized is NEON in its default build; nothing to add
+    return "avx512" if cap.startswith("AVX512") else "avx2" if cap == "AVX2" else "default"
+
+
+def _openmp() -> list[str]:
+    """-fopenmp where torch's parallel backend is OpenMP with GCC/Clang on Linux (macOS clang has no -fopenmp)."""
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("LLMKERN_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "llmkern"
+
+
+def plan() -> Build:
+    """What would be built, and where (no compiling)."""
+    csrc = source_dir()
+    sources = tuple(sorted(csrc.glob("*.cpp")))
+    isa = cpu_isa()
+    cflags = ("-O3", "-DNDEBUG", "-fvisibility-inlines-hidden", *_openmp(), *_ISA_FLAGS[isa])
+    ldflags = tuple(_openmp())
+    h = hashlib.sha256()
+    for path in (*sources, *sorted(csrc.glob("*.h"))):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for part in (*cflags, "|", *ldflags, "|", torch.__version__, sys.version, platform.machine(),
+                 os.environ.get("CXX", "c++")):
+        h.update(part.encode() + b"\0")
+    key = h.hexdigest()[:16]
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{isa}-{key}"
+    return Build(name=f"llmkern_cpu_{key}", directory=_cache_root() / "cpu" / tag, isa=isa, cflags=cflags,
+                 ldflags=ldflags, sources=sources)
+
+
+# ------------------------------------------------------------------------------------------------------- build
+_lock = threading.Lock()
+_loaded: Optional[Build] = None          # the build loaded into this process
+_failure: Optional[BuildError] = None    # why it could not be, once tried
+
+
+def _summary(output: str) -> str:
+    """The line of a compiler/ninja output that says what went wrong: the first compiler error, else the first
+    failed command, else the last line."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for marker in ("error:", "FAILED:"):
+        for ln in lines:
+            if marker in ln:
+                return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _compile(b: Build, verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise BuildError(f"no C++ compiler: {cxx!r} (from $CXX, default c++) is not on PATH", None)
+    if not cpp_extension.is_ninja_available():
+        raise BuildError("ninja is not installed (pip install ninja)", None)
+    b.directory.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        cpp_extension.load(name=b.name, sources=[str(s) for s in b.sources], extra_cflags=list(b.cflags),
+                           extra_ldflags=list(b.ldflags), build_directory=str(b.directory), verbose=verbose,
+                           is_python_module=False)
+    except Exception as e:  # noqa: BLE001 (cpp_extension raises RuntimeError, OSError, subprocess errors)
+        b.log.write_text(f"llmkern C++ CPU backend build failed\ncompiler: {cxx}\ncflags: {' '.join(b.cflags)}\n\n"
+                         f"{type(e).__name__}: {e}\n")
+        raise BuildError(f"the build failed: {_summary(str(e))}", b.log) from e
+    b.log.write_text(f"llmkern C++ CPU backend built in {time.perf_counter() - t0:.1f} s\ncompiler: {cxx}\n"
+                     f"cflags: {' '.join(b.cflags)}\nsources: {', '.join(s.name for s in b.sources)}\n")
+    b.done.write_text("ok\n")
+
+
+def build(verbose: bool = False) -> Build:
+    """Build (unless cached) and load the library into this process; return where it is. Raises BuildError, and
+    raises the same error again on later calls: a build is tried once per process."""
+    global _loaded, _failure
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if _failure is not None:
+            raise _failure
+        try:
+            b = plan()
+            if b.done.is_file():
+                torch.ops.load_library(str(b.library))
+            else:
+                _compile(b, verbose)          # cpp_extension.load also loads the library
+        except Exception as e:  # noqa: BLE001 (any failure means: no C++ backend in this process)
+            _failure = e if isinstance(e, BuildError) else BuildError(f"{type(e).__name__}: {e}", None)
+            raise _failure from e
+        _loaded = b
+        return b
+
+
+_warned = False
+
+
+def load() -> bool:
+    """True when the C++ library is loaded (building it the first time). A failure warns once, then stays False."""
+    global _warned
+    if _loaded is not None:
+        return True
+    try:
+        build()
+        return True
+    except BuildError as e:
+        if not _warned:
+            _warned = True
+            warnings.warn(f"llmkern: the C++ CPU backend is unavailable, CPU ops fall back to the PyTorch reference: "
+                          f"{e}", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def backend_choice() -> str:
+    """LLMKERN_CPU_BACKEND, read on every call so that tests and users can switch it at run time."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in _BACKEND_CHOICES:
+        raise ValueError(f"{BACKEND_ENV} must be one of {_BACKEND_CHOICES}, got {choice!r}")
+    return choice
+
+
+def build_info() -> str:
+    """How the loaded library was compiled (vector ISA, lanes, OpenMP), as the C++ side reports it."""
+    return _lib().build_info()
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+_ADAPTERS: dict[str, Callable] = {}
+
+
+def _adapter(op_name: str):
+    def wrap(fn: Callable) -> Callable:
+        _ADAPTERS[op_name] = fn
+        return fn
+    return wrap
+
+
+def _lib():
+    """The C++ functions (one place, so a test can check that bad input never reaches them)."""
+    return torch.ops.llmkern_cpu
+
+
+def implemented() -> tuple[str, ...]:
+    """The llmkern:: ops that have a C++ kernel."""
+    return tuple(sorted(_ADAPTERS))
+
+
+def kernel(op_name: str) -> Optional[Callable]:
+    """The C++ implementation of llmkern::<op_name>, or None (module docstring). With LLMKERN_CPU_BACKEND=cpp a
+    failed build raises BuildError instead of returning None."""
+    choice = backend_choice()
+    if choice == "reference" or op_name not in _ADAPTERS:
+        return None
+    if choice == "cpp":
+        build()
+    elif not load():
+        return None
+    return _ADAPTERS[op_name]
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but a strided last dim: copy only then (as llmkern._utils.last_dim_contiguous)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows, last dim) with a contiguous last dim (a copy only when no such view exists)."""
+    t = _last_contiguous(t)
+    return t.reshape(-1, t.shape[-1])
+
+
+# -------------------------------------------------------------------------------------------------- layers.cpp
+@_adapter("rms_norm")
+def _rms_norm(x, weight, eps, offset, casting):
+    y = torch.empty(x.shape, dtype=x.dtype)
+    _lib().rms_norm(_rows(x), None, weight.contiguous(), y.view(-1, x.shape[-1]), None, eps, offset,
+                    casting == "llama")
+    return y
+
+
+@_adapter("add_rms_norm")
+def _add_rms_norm(x, residual, weight, eps, offset, casting):
+    y = torch.empty(x.shape, dtype=x.dtype)
+    r_out = torch.empty(x.shape, dtype=x.dtype)
+    n = x.shape[-1]
+    _lib().rms_norm(_rows(x), _rows(residual), weight.contiguous(), y.view(-1, n), r_out.view(-1, n), eps, offset,
+                    casting == "llama")
+    return y, r_out
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    """(tokens, heads, d) packed tokens as one sequence: (1, tokens, heads, d)."""
+    return t.unsqueeze(0) if t.dim() == 3 else t
+
+
+def _run_rope(q, k, q_out, k_out, positions, cos, sin, theta):
+    """q/k (and the outputs) as 4-D (batch, seq, heads, head_dim) views and the angles as (batch or 1, seq[, d])
+    views, as llmkern.layers builds them for the Triton launcher (the public function has checked their shapes)."""
+    if cos is not None:
+        cos, sin = (_last_contiguous(t.unsqueeze(0) if t.dim() == 2 else t) for t in (cos, sin))
+    else:
+        positions = positions.unsqueeze(0) if positions.dim() == 1 else positions
+    _lib().rope(_as4d(q), _as4d(k), _as4d(q_out), _as4d(k_out), positions, cos, sin, theta)
+
+
+@_adapter("rope")
+def _rope(q, k, positions, cos, sin, theta):
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+    _run_rope(_last_contiguous(q), _last_contiguous(k), q_out, k_out, positions, cos, sin, theta)
+    return q_out, k_out
+
+
+@_adapter("rope_")
+def _rope_inplace(q, k, positions, cos, sin, theta):
+    _run_rope(q, k, q, k, positions, cos, sin, theta)
+
+
+# ----------------------------------------------------------------------------------------------- attention.cpp
+_NO_LSE = torch.empty(0, dtype=torch.float32)
+
+
+@_adapter("attention")
+def _attention(q, k, v, causal, scale, window_left, window_right, softcap, return_lse):
+    q, k, v = (_last_contiguous(t) for t in (q, k, v))
+    o = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if return_lse else None
+    _lib().attention(q, k, v, None, None, o, lse, scale, softcap, window_left, 0 if causal else window_right)
+    return o, (lse if return_lse else _NO_LSE.clone())
+
+
+@_adapter("attention_varlen")
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+                      window_right, softcap, return_lse):
+    q, k, v = (_last_contiguous(t) for t in (q, k, v))
+    # rows past cu_seqlens_q[-1] belong to no sequence: 0 and -inf, as from the Triton kernel
+    o = torch.zeros(q.shape, dtype=q.dtype)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32) if return_lse else None
+    _lib().attention(q, k, v, cu_seqlens_q, cu_seqlens_k, o, lse, scale, softcap, window_left,
+                     0 if causal else window_right)
+    return o, (lse if return_lse else _NO_LSE.clone())
+
+
+# ----------------------------------------------------------------------------------------- paged_attention.cpp
+@_adapter("paged_kv_write")
+def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping):
+    _lib().paged_kv_write(_last_contiguous(k), _last_contiguous(v), k_cache, v_cache, slot_mapping)
+
+
+@_adapter("paged_decode_attention")
+def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits):
+    out = torch.empty(q.shape, dtype=q.dtype)
+    # decode's one query sits at the last key: a right window masks nothing
+    _lib().paged_decode(_last_contiguous(q), k_cache, v_cache, block_tables, seq_lens, out, scale, softcap,
+                        window_left, num_splits)
+    return out
+
+
+@_adapter("paged_prefill_attention")
+def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left,
+                   window_right):
+    out = torch.empty(q.shape, dtype=q.dtype)
+    _lib().paged_prefill(_last_contiguous(q), k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale,
+                         softcap, window_left, 0 if causal else window_right)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- quant.cpp
+@_adapter("quant_matmul")
+def _quant_matmul(x, qweight, scales, zeros, perm, bias, bits, group_size):
+    n = scales.shape[1]
+    x2 = _rows(x)
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype)
+    _lib().quant_matmul(x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(),
+                        None if perm is None else perm.contiguous(), None if bias is None else bias.contiguous(),
+                        bits, group_size, 0, out)   # path 0: the decode or GEMM path by rows (quant.cpp)
+    return out.reshape(*x.shape[:-1], n)
+
+
+# ------------------------------------------------------------------------------------------------- sampling.cpp
+@_adapter("sample")
+def _sample(logits, temperature, top_k, top_p, min_p, seed):
+    return _lib().sample(_last_contiguous(logits), temperature, top_k, top_p, min_p, seed)
+
+
+@_adapter("sampling_probs")
+def _sampling_probs(logits, temperature, top_k, top_p, min_p):
+    return _lib().sampling_probs(_last_contiguous(logits), temperature, top_k, top_p, min_p)
+
+
+# ------------------------------------------------------------------------------------------------ roofline.cpp
+def _last_level_cache_bytes() -> Optional[int]:
+    """The size of cpu0's largest cache as Linux reports it (sysfs), or None."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else None
+
+
+def measure_stream(array_bytes: Optional[int] = None, reps: int = 5) -> dict[str, float]:
+    """STREAM read / copy / triad over all of torch's threads, in GB/s (1e9 B/s), best of `reps` (McCalpin's rule).
+
+    array_bytes: each of the three fp32 arrays. STREAM asks for at least 4x the last-level cache, which is the
+    default (from sysfs; 256 MiB when unknown), kept within [64 MiB, 1 GiB]. Bytes are counted as STREAM counts them:
+    read 1 array, copy 2, triad 3 (write-allocate traffic not counted). Raises BuildError when the C++ backend
+    cannot be built. Also returns the thread count and the array size used.
+    """
+    if array_bytes is None:
+        llc = _last_level_cache_bytes()
+        array_bytes = min(max(4 * llc, 64 * 2 ** 20), 2 ** 30) if llc else 256 * 2 ** 20
+    build()
+    n = max(int(array_bytes) // 4, 1024)
+    read, copy, triad = (float(v) for v in _lib().stream(n, int(reps)))
+    return {"read_gbps": read, "copy_gbps": copy, "triad_gbps": triad, "threads": torch.get_num_threads(),
+            "array_bytes": n * 4}

@@ -1,0 +1,418 @@
+// The paged KV cache on CPU: the cache write, split-KV decode attention and prefill over a cached prefix.
+//
+// Cache layout (per layer, for K and for V): (num_blocks, block_size, num_kv_heads, head_dim), head_dim contiguous;
+// token t of sequence b is in block block_tables[b, t / block_size] at offset t % block_size (FlashAttention's
+// block_table, FlashInfer's NHD pages). The callers (llmkern/paged_attention.py) have checked every value read here
+// (slots, block ids of the used table entries, lengths) before the op runs.
+#include <cstring>
+
+#include "attention_tile.h"
+
+namespace llmkern {
+namespace {
+
+// Where token j of one sequence's KV head lives: the block table lookup.
+template <typename T>
+struct PagedRows {
+  const T* k;          // k_cache + kv_head * stride(2)
+  const T* v;
+  const int32_t* bt;   // this sequence's block-table row
+  int64_t bt_stride, block_size, k_sb, k_st, v_sb, v_st;
+  std::pair<const T*, const T*> operator()(int64_t j) const {
+    const int64_t blk = bt[(j / block_size) * bt_stride], off = j % block_size;
+    return {k + blk * k_sb + off * k_st, v + blk * v_sb + off * v_st};
+  }
+};
+
+template <typename T>
+PagedRows<T> paged_rows(const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt, int64_t b, int64_t kvh) {
+  return {kc.const_data_ptr<T>() + kvh * kc.stride(2), vc.const_data_ptr<T>() + kvh * vc.stride(2),
+          bt.const_data_ptr<int32_t>() + b * bt.stride(0), bt.stride(1), kc.size(1), kc.stride(0), kc.stride(1),
+          vc.stride(0), vc.stride(1)};
+}
+
+void check_cache(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt) {
+  check_float(q, "q");
+  check_dim(kc, 4, "k_cache");
+  TORCH_CHECK(kc.sizes() == vc.sizes(), "llmkern_cpu: k_cache and v_cache must have the same shape");
+  check_same_dtype(q, kc, "q", "k_cache");
+  check_same_dtype(q, vc, "q", "v_cache");
+  check_last_dim_contiguous(kc, "k_cache");
+  check_last_dim_contiguous(vc, "v_cache");
+  TORCH_CHECK(q.size(-1) == kc.size(3) && q.size(-2) % kc.size(2) == 0,
+              "llmkern_cpu: q's heads / head_dim do not fit the cache");
+  check_last_dim_contiguous(q, "q");
+  TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2, "llmkern_cpu: block_tables must be int32 (batch, n)");
+}
+
+// The table entries sequence b uses (its first ceil(len / block_size)) must name blocks of the cache; the rest of a
+// row may hold anything (padding).
+void check_table_rows(const at::Tensor& bt, const int32_t* lens, int64_t num_blocks, int64_t block_size) {
+  const int32_t* p = bt.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < bt.size(0); ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= bt.size(1) * block_size, "llmkern_cpu: seq_lens out of range");
+    for (int64_t n = 0; n * block_size < lens[b]; ++n) {
+      const int32_t blk = p[b * bt.stride(0) + n * bt.stride(1)];
+      TORCH_CHECK(blk >= 0 && blk < num_blocks, "llmkern_cpu: block_tables entry out of range");
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ cache write
+// Token i's (num_kv_heads, head_dim) K and V rows copied, bit-exact, to slot slot_mapping[i] (-1: skip).
+void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping) {
+  check_dim(k, 3, "k");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3),
+              "llmkern_cpu: k/v must be (tokens, num_kv_heads, head_dim) of the cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "llmkern_cpu: k_cache and v_cache must have the same shape");
+  for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    check_float(*t, name);
+    check_same_dtype(k, *t, "k", name);
+    check_last_dim_contiguous(*t, name);
+  }
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == k.size(0), "llmkern_cpu: slot_mapping must be int64 (tokens,)");
+  const int64_t tokens = k.size(0), heads = k.size(1), d = k.size(2), block_size = k_cache.size(1);
+  const int64_t slots = k_cache.size(0) * block_size;
+  const int64_t* sp = slot_mapping.const_data_ptr<int64_t>();
+  const int64_t ss = slot_mapping.stride(0);
+  for (int64_t i = 0; i < tokens; ++i) {
+    TORCH_CHECK(sp[i * ss] >= -1 && sp[i * ss] < slots, "llmkern_cpu: slot_mapping value out of range");
+  }
+  const size_t row_bytes = d * k.element_size();
+  const auto copy = [&](const at::Tensor& src, const at::Tensor& dst) {
+    const char* s = static_cast<const char*>(src.const_data_ptr());
+    char* c = static_cast<char*>(dst.mutable_data_ptr());
+    const int64_t es = src.element_size();
+    at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, heads * d)),
+                     [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t slot = sp[t * ss];
+        if (slot < 0) continue;
+        const int64_t blk = slot / block_size, off = slot % block_size;
+        for (int64_t h = 0; h < heads; ++h) {
+          std::memcpy(c + (blk * dst.stride(0) + off * dst.stride(1) + h * dst.stride(2)) * es,
+                      s + (t * src.stride(0) + h * src.stride(1)) * es, row_bytes);
+        }
+      }
+    });
+  };
+  copy(k, k_cache);
+  copy(v, v_cache);
+}
+
+// ------------------------------------------------------------------------------------------------- decode
+// Tokens per decode tile: the tile's scores (heads x 32 fp32, 4 KB at 32 heads) stay in L1, its V rows (32 tokens
+// x num_kv_heads x head_dim: 128 KB for 8 fp32 heads of 128) stay in L2 from their prefetch to the P @ V pass, and
+// the exp of a head's scores is vectorized across the tile's tokens.
+constexpr int64_t kDecodeTile = 32;
+
+// Per-thread decode scratch, for every query head of a sequence: q rows (pre-scaled, fp32), their scores for one
+// tile, the accumulators, the running max and sum.
+struct DecodeScratch {
+  std::vector<float> q, s, acc, m, l;
+  void reserve(int64_t heads, int64_t d) {
+    q.resize(heads * d);
+    s.resize(heads * kDecodeTile);
+    acc.resize(heads * d);
+    m.resize(heads);
+    l.resize(heads);
+  }
+};
+
+// The heads of a group are processed GN at a time, GN a compile-time count (1..8) so that the GN accumulators of the
+// two loops below are registers: 8 of them, plus operands, fit AVX2's 16 and AVX-512's 32 vector registers.
+constexpr int kHeadBlock = 8;
+
+// Scores of GN heads (q rows at q, row stride d, pre-scaled) against the tile's nt K rows: s[g * kDecodeTile + t].
+// K row t is streamed once, one vector at a time, and multiplied into every head.
+template <int GN, typename T>
+void tile_scores(const float* q, const T* const* kp, int64_t nt, int64_t d, float* s) {
+  for (int64_t t = 0; t < nt; ++t) {
+    fVec a[GN];
+    for (int g = 0; g < GN; ++g) a[g] = fVec(0.f);
+    int64_t i = 0;
+    for (; i + kF <= d; i += kF) {
+      const fVec kv = load_f(kp[t] + i);
+      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * d + i), kv, a[g]);
+    }
+    if (i < d) {
+      const fVec kv = load_f(kp[t] + i, d - i);
+      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * d + i, d - i), kv, a[g]);
+    }
+    for (int g = 0; g < GN; ++g) s[g * kDecodeTile + t] = hsum(a[g]);
+  }
+}
+
+// acc[g] += sum_t p[g * kDecodeTile + t] * V row t, for GN heads: one d-slice of every head's accumulator stays in
+// registers while the tile's V rows stream through it, each V element loaded once for all heads.
+template <int GN, typename T>
+void tile_pv(float* acc, const float* p, const T* const* vp, int64_t nt, int64_t d) {
+  for (int64_t i = 0; i < d; i += kF) {
+    const int64_t n = std::min(kF, d - i);
+    fVec a[GN];
+    for (int g = 0; g < GN; ++g) a[g] = fVec::loadu(acc + g * d + i, n);
+    for (int64_t t = 0; t < nt; ++t) {
+      const fVec vv = n == kF ? load_f(vp[t] + i) : load_f(vp[t] + i, n);
+      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec(p[g * kDecodeTile + t]), vv, a[g]);
+    }
+    for (int g = 0; g < GN; ++g) a[g].store(acc + g * d + i, n);
+  }
+}
+
+// Runs f(std::integral_constant<int, GN>, g0) over the group in blocks of at most kHeadBlock heads.
+template <typename F>
+void for_head_blocks(int64_t group, const F& f) {
+  using std::integral_constant;
+  for (int64_t g0 = 0; g0 < group; g0 += kHeadBlock) {
+    switch (std::min<int64_t>(kHeadBlock, group - g0)) {
+      case 1: f(integral_constant<int, 1>{}, g0); break;
+      case 2: f(integral_constant<int, 2>{}, g0); break;
+      case 3: f(integral_constant<int, 3>{}, g0); break;
+      case 4: f(integral_constant<int, 4>{}, g0); break;
+      case 5: f(integral_constant<int, 5>{}, g0); break;
+      case 6: f(integral_constant<int, 6>{}, g0); break;
+      case 7: f(integral_constant<int, 7>{}, g0); break;
+      default: f(integral_constant<int, 8>{}, g0); break;
+    }
+  }
+}
+
+// Asks for the cache lines of `bytes` bytes at p, to arrive while other work runs.
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+}
+
+// Every query head of one sequence against its tokens [start, end): acc (heads x d, unnormalized), and per head the
+// running max m and sum l (natural-log domain), in ws. rows(j) points at token j's K and V rows of KV head 0; head h
+// is h * stride_kh (stride_vh) further. All KV heads of a token are handled together: in the NHD layout they are one
+// contiguous span (num_kv_heads x head_dim), so the scores pass streams the cache in memory order, and each K and V
+// row is read once, for all the query heads of its group (GQA).
+template <typename T>
+void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stride_kh, int64_t stride_vh,
+                  int64_t start, int64_t end, int64_t kv_heads, int64_t group, int64_t d, DecodeScratch& ws) {
+  const int64_t heads = kv_heads * group;
+  float* acc = ws.acc.data();
+  std::fill(acc, acc + heads * d, 0.f);
+  std::fill(ws.m.begin(), ws.m.begin() + heads, -std::numeric_limits<float>::infinity());
+  std::fill(ws.l.begin(), ws.l.begin() + heads, 0.f);
+  const int64_t k_span = ((kv_heads - 1) * stride_kh + d) * static_cast<int64_t>(sizeof(T));
+  const int64_t v_span = ((kv_heads - 1) * stride_vh + d) * static_cast<int64_t>(sizeof(T));
+  const T* kp[kDecodeTile];
+  const T* vp[kDecodeTile];
+  const T* vh[kDecodeTile];
+  for (int64_t n0 = start; n0 < end; n0 += kDecodeTile) {
+    const int64_t nt = std::min(kDecodeTile, end - n0);
+    for (int64_t t = 0; t < nt; ++t) std::tie(kp[t], vp[t]) = rows(n0 + t);
+    // This tile's V rows are read column-wise below, which no hardware prefetcher follows, and the next tile's K
+    // rows start at scattered blocks: ask for both now, while the scores are computed.
+    for (int64_t t = 0; t < nt; ++t) prefetch(vp[t], v_span);
+    for (int64_t j = n0 + kDecodeTile; j < std::min(end, n0 + 2 * kDecodeTile); ++j) prefetch(rows(j).first, k_span);
+    // Scores, token by token and KV head by KV head: the cache in memory order.
+    for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+        const T* krow = kp[t] + kvh * stride_kh;
+        for_head_blocks(group, [&](auto gn, int64_t g0) {
+          const int64_t h = kvh * group + g0;
+          tile_scores<decltype(gn)::value>(&ws.q[h * d], &krow, 1, d, &ws.s[h * kDecodeTile + t]);
+        });
+      }
+    }
+    // Online softmax per head; p overwrites the scores.
+    for (int64_t h = 0; h < heads; ++h) {
+      float* sh = &ws.s[h * kDecodeTile];
+      if (opt.has_softcap) apply_softcap(sh, nt, opt.softcap);
+      const float alpha = softmax_update(sh, nt, 0, nt, ws.m[h], ws.l[h]);
+      if (alpha != 1.f) {
+        const fVec av(alpha);
+        float* ah = acc + h * d;
+        int64_t i = 0;
+        for (; i + kF <= d; i += kF) (fVec::loadu(ah + i) * av).store(ah + i);
+        for (; i < d; ++i) ah[i] *= alpha;
+      }
+    }
+    // acc += p @ V, KV head by KV head.
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+      for (int64_t t = 0; t < nt; ++t) vh[t] = vp[t] + kvh * stride_vh;
+      for_head_blocks(group, [&](auto gn, int64_t g0) {
+        const int64_t h = kvh * group + g0;
+        tile_pv<decltype(gn)::value>(acc + h * d, &ws.s[h * kDecodeTile], vh, nt, d);
+      });
+    }
+  }
+}
+
+// Splits per sequence when the caller leaves it to us (num_splits = 0): enough work items for every thread to get
+// two (so one long sequence does not leave threads idle), but never fewer than 256 tokens per split, below which
+// the partial writes and the merge stop being noise next to the keys read (the GPU path's rule too).
+int64_t auto_splits(int64_t items, int64_t max_len) {
+  const int64_t want = 2 * std::max<int64_t>(1, at::get_num_threads());
+  if (items >= want) return 1;
+  return std::clamp<int64_t>((want + items - 1) / items, 1, std::max<int64_t>(1, max_len / 256));
+}
+
+template <typename T>
+void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
+                       const int32_t* lens, const at::Tensor& out, const AttnOptions& opt, int64_t splits) {
+  const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = kc.size(2);
+  const int64_t group = heads / kv_heads;
+  const T* qp = q.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  // With splits > 1, each split writes its normalized output and lse; a second pass merges them.
+  std::vector<float> part_o(splits > 1 ? batch * heads * splits * d : 0);
+  std::vector<float> part_lse(splits > 1 ? batch * heads * splits : 0);
+  const auto range = [&](int64_t b, int64_t split) {
+    // The new token sits at position len - 1 and sees keys from len - 1 - left (a left window); split s takes the
+    // s-th equal share of [start, len).
+    const int64_t len = lens[b];
+    const int64_t start = opt.left < 0 ? 0 : std::max<int64_t>(0, len - 1 - opt.left);
+    const int64_t per = (len - start + splits - 1) / splits;
+    return std::pair{std::min(len, start + split * per), std::min(len, start + (split + 1) * per)};
+  };
+  // Work items: (sequence, split), each over every KV head (see decode_range).
+  at::parallel_for(0, batch * splits, 1, [&](int64_t w0, int64_t w1) {
+    thread_local DecodeScratch ws;
+    ws.reserve(heads, d);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t split = w % splits, b = w / splits;
+      const auto [start, end] = range(b, split);
+      for (int64_t h = 0; h < heads; ++h) convert_row(qp + b * q.stride(0) + h * q.stride(1), &ws.q[h * d], d, opt.scale);
+      decode_range<T>(opt, paged_rows<T>(kc, vc, bt, b, 0), kc.stride(2), vc.stride(2), start, end, kv_heads, group, d,
+                      ws);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float l = ws.l[h], inv = l > 0.f ? 1.f / l : 0.f;
+        const float* a = &ws.acc[h * d];
+        if (splits == 1) {  // seq_len >= 1: the one split saw the newest key at least
+          T* o = op + b * out.stride(0) + h * out.stride(1);
+          for (int64_t i = 0; i < d; i += kF) {
+            const int64_t n = std::min(kF, d - i);
+            store_f(o + i, fVec::loadu(a + i, n) * fVec(inv), n);
+          }
+        } else {
+          float* po = &part_o[((b * heads + h) * splits + split) * d];
+          for (int64_t i = 0; i < d; ++i) po[i] = a[i] * inv;
+          part_lse[(b * heads + h) * splits + split] =
+              l > 0.f ? ws.m[h] + std::log(l) : -std::numeric_limits<float>::infinity();  // an empty split
+        }
+      }
+    }
+  });
+  if (splits == 1) return;
+  // Merge (log-sum-exp): o = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s).
+  at::parallel_for(0, batch * heads, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> acc(d);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* ls = &part_lse[r * splits];
+      const float mx = *std::max_element(ls, ls + splits);
+      float total = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s = 0; s < splits; ++s) {
+        if (ls[s] == -std::numeric_limits<float>::infinity()) continue;
+        const float w = std::exp(ls[s] - mx);
+        total += w;
+        axpy_f(acc.data(), w, &part_o[(r * splits + s) * d], d);
+      }
+      T* o = op + (r / heads) * out.stride(0) + (r % heads) * out.stride(1);
+      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[i] / total);
+    }
+  });
+}
+
+// q (batch, heads, d); out like q (written); seq_lens int32 (batch,) >= 1; window_left -1 or >= 0 (the right window
+// masks nothing in decode); num_splits 0 = choose.
+void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& out, double scale,
+                  c10::optional<double> softcap, int64_t window_left, int64_t num_splits) {
+  check_dim(q, 3, "q");
+  check_cache(q, k_cache, v_cache, block_tables);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "llmkern_cpu: out must be like q");
+  check_last_dim_contiguous(out, "out");
+  const at::Tensor lens = seq_lens.contiguous();
+  TORCH_CHECK(lens.scalar_type() == at::kInt && lens.dim() == 1 && lens.size(0) == q.size(0) &&
+                  block_tables.size(0) == q.size(0), "llmkern_cpu: seq_lens / block_tables must have q's batch");
+  const int32_t* lp = lens.const_data_ptr<int32_t>();
+  int64_t max_len = 0;
+  check_table_rows(block_tables, lp, k_cache.size(0), k_cache.size(1));
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK(lp[b] >= 1, "llmkern_cpu: seq_lens must be >= 1 in decode");
+    max_len = std::max<int64_t>(max_len, lp[b]);
+  }
+  if (q.numel() == 0) return;
+  const int64_t splits = num_splits > 0 ? num_splits : auto_splits(q.size(0), max_len);
+  const AttnOptions opt{static_cast<float>(scale), softcap.has_value(), static_cast<float>(softcap.value_or(1.0)),
+                        window_left, -1};
+  LLMKERN_DISPATCH_FLOAT(q.scalar_type(), "llmkern_cpu::paged_decode", [&] {
+    paged_decode_impl<scalar_t>(q, k_cache, v_cache, block_tables, lp, out, opt, splits);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ prefill
+// q (total_q, heads, d) packs each sequence's newest tokens (rows cu_seqlens_q[b]:cu_seqlens_q[b+1]); their K/V are
+// in the cache, sequence b holding seq_lens[b] tokens, so new token i sits at position seq_len - q_len + i.
+template <typename T>
+void paged_prefill_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
+                        const int32_t* cu, const int32_t* lens, const at::Tensor& out, const AttnOptions& opt) {
+  const int64_t batch = bt.size(0), heads = q.size(1), d = q.size(2), kv_heads = kc.size(2);
+  const int64_t group = heads / kv_heads, per_item = queries_per_item(group);
+  std::vector<int64_t> first_item(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    first_item[b + 1] = first_item[b] + kv_heads * ((cu[b + 1] - cu[b] + per_item - 1) / per_item);
+  }
+  const T* qp = q.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  at::parallel_for(0, first_item.back(), 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = std::upper_bound(first_item.begin(), first_item.end(), w) - first_item.begin() - 1;
+      const int64_t local = w - first_item[b], kvh = local % kv_heads, i0 = (local / kv_heads) * per_item;
+      const int64_t len_q = cu[b + 1] - cu[b], nq = std::min(per_item, len_q - i0);
+      const int64_t row = cu[b] + i0, h0 = kvh * group;
+      attend_item<T>(opt, d, group, qp + row * q.stride(0) + h0 * q.stride(1), q.stride(0), q.stride(1), nq,
+                     lens[b] - len_q + i0, lens[b], paged_rows<T>(kc, vc, bt, b, kvh),
+                     op + row * out.stride(0) + h0 * out.stride(1), out.stride(0), out.stride(1), nullptr, 0, 0);
+    }
+  });
+}
+
+void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                   const at::Tensor& out, double scale, c10::optional<double> softcap, int64_t window_left,
+                   int64_t window_right) {
+  check_dim(q, 3, "q");
+  check_cache(q, k_cache, v_cache, block_tables);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "llmkern_cpu: out must be like q");
+  check_last_dim_contiguous(out, "out");
+  const at::Tensor cu = cu_seqlens_q.contiguous(), lens = seq_lens.contiguous();
+  const int64_t batch = lens.size(0);
+  TORCH_CHECK(cu.scalar_type() == at::kInt && lens.scalar_type() == at::kInt && cu.dim() == 1 && lens.dim() == 1 &&
+                  cu.size(0) == batch + 1 && block_tables.size(0) == batch,
+              "llmkern_cpu: cu_seqlens_q (batch + 1,), seq_lens and block_tables (batch, ...) must agree");
+  const int32_t* cp = cu.const_data_ptr<int32_t>();
+  const int32_t* lp = lens.const_data_ptr<int32_t>();
+  TORCH_CHECK(cp[0] == 0 && cp[batch] == q.size(0), "llmkern_cpu: cu_seqlens_q must run from 0 to total_q");
+  check_table_rows(block_tables, lp, k_cache.size(0), k_cache.size(1));
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(cp[b] <= cp[b + 1] && cp[b + 1] - cp[b] <= lp[b], "llmkern_cpu: cu_seqlens_q / seq_lens disagree");
+  }
+  if (q.numel() == 0) return;
+  const AttnOptions opt{static_cast<float>(scale), softcap.has_value(), static_cast<float>(softcap.value_or(1.0)),
+                        window_left, window_right};
+  LLMKERN_DISPATCH_FLOAT(q.scalar_type(), "llmkern_cpu::paged_prefill", [&] {
+    paged_prefill_impl<scalar_t>(q, k_cache, v_cache, block_tables, cp, lp, out, opt);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llmkern_cpu, m) {
+  m.def("paged_kv_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+        &paged_kv_write);
+  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "Tensor(a!) out, float scale, float? softcap, int window_left, int num_splits) -> ()",
+        &paged_decode);
+  m.def("paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
+        "Tensor seq_lens, Tensor(a!) out, float scale, float? softcap, int window_left, int window_right) -> ()",
+        &paged_prefill);
+}
+
+}  // namespace llmkern
