@@ -182,13 +182,13 @@ def paged_decode_reduce_kernel(
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)[None, :]
     d_mask = d < HEAD_DIM
-    one = tl.zeros([1, 1], tl.int32)  # gives the scalar loads below the (1, 1) shape of a score tile
     m, l, acc = online_softmax_init(1, BLOCK_D)
     for s in range(0, num_splits):
-        lse = tl.load(PART_LSE + b * stride_plb + h * stride_plh + s * stride_pls + one)
-        o = tl.load(PART_O + b * stride_pob + h * stride_poh + s * stride_pos + d * stride_pod, mask=d_mask,
-                    other=0.0)
-        m, l, acc = online_softmax_step(lse, o, m, l, acc, False, False)
+        split = s + tl.arange(0, 1)  # one split as a (1,)-long tile of "keys"
+        lse = tl.load(PART_LSE + b * stride_plb + h * stride_plh + split * stride_pls)
+        o = tl.load(PART_O + b * stride_pob + h * stride_poh + split[:, None] * stride_pos + d * stride_pod,
+                    mask=d_mask, other=0.0)
+        m, l, acc = online_softmax_step(lse[None, :], o, m, l, acc, False, False)
     o = softmax_output(acc, l)
     tl.store(O + b * stride_ob + h * stride_oh + d * stride_od, o.to(O.dtype.element_ty), mask=d_mask)
 
