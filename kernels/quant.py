@@ -126,7 +126,7 @@ def quant_decode_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr,
     M, N, K, stride_xm, stride_xk, stride_om, group_size, bits, pack_shift, tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """2 <= M <= 16. Program (pid_n, pid_k) owns BLOCK_N output columns for ALL rows and one K-range, so every packed
     word is read by exactly one program (split-K keeps the machine busy when N alone gives too few programs). The rows
@@ -150,7 +150,7 @@ def quant_decode_kernel(
         cols = _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if DOT_FP32:   # the interpreter's bf16 dot is unreliable: same exact products, in fp32
+        if INTERPRET:  # the interpreter's bf16 dot is unreliable: same exact products, in fp32
             part = tl.dot(xt.to(tl.float32), q.to(tl.float32), input_precision="ieee")
         else:
             part = tl.dot(xt, q.to(xt.dtype))
@@ -163,7 +163,7 @@ def quant_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr,
     M, N, K, stride_xm, stride_xk, stride_om, group_size, bits, pack_shift,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Large M: a tiled GEMM. Each K-tile of codes is unpacked on chip, its zero point subtracted, and fed to tl.dot
     (tensor cores); the group's scale multiplies the fp32 tile product. One dequantized tile serves BLOCK_M rows."""
@@ -193,7 +193,7 @@ def quant_gemm_kernel(
         cols = _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM)
         xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if DOT_FP32:
+        if INTERPRET:
             part = tl.dot(xt.to(tl.float32), q.to(tl.float32), input_precision="ieee")
         else:
             part = tl.dot(xt, q.to(xt.dtype))

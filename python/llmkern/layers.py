@@ -24,7 +24,7 @@ import torch
 
 from llmkern import _utils, compile_check, reference
 from llmkern.compile_check import CompileSpec
-from llmkern.kernels import layers as K
+from llmkern.kernels import layers as kernels
 
 _CASTINGS = ("llama", "gemma")
 
@@ -81,7 +81,7 @@ def _launch_rmsnorm(x2, r2, weight, y2, ro2, eps, offset, casting):
         return
     block = _rms_block(n)
     has_res = r2 is not None
-    K._rmsnorm_kernel[(rows,)](
+    kernels._rmsnorm_kernel[(rows,)](
         x2, r2 if has_res else x2, weight, y2, ro2 if has_res else y2,
         x2.stride(0), r2.stride(0) if has_res else 0, y2.stride(0), ro2.stride(0) if has_res else 0,
         n, float(eps), float(offset),
@@ -215,7 +215,7 @@ def _launch_rope(q, k, q_out, k_out, positions, cos, sin, theta):
         p_strides = (pos.stride(0) if pos.shape[0] > 1 else 0, pos.stride(1))
         cos = sin = q  # not read without USE_TABLE
         c_strides = s_strides = (0, 0)
-    K._rope_kernel[(batch * seqlen,)](
+    kernels._rope_kernel[(batch * seqlen,)](
         q, k, q_out, k_out, pos, cos, sin,
         seqlen,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -356,7 +356,7 @@ def _compile_specs():
         for block in _RMS_BLOCKS:
             for dt in (("bf16", "fp32") if block == _RMS_MAX_BLOCK else ("bf16",)):
                 yield CompileSpec(
-                    K._rmsnorm_kernel, name, f"BLOCK={block} warps={_rms_warps(block)} {dt}",
+                    kernels._rmsnorm_kernel, name, f"BLOCK={block} warps={_rms_warps(block)} {dt}",
                     _sig(dt, ["X", "R", "W", "Y", "R_OUT"], rms_ints, ["eps", "offset"]),
                     {"HAS_RESIDUAL": has_res, "CAST_BEFORE_WEIGHT": True, "BLOCK": block, "INTERPRET": False},
                     num_warps=_rms_warps(block))
@@ -370,7 +370,7 @@ def _compile_specs():
             sig = _sig("bf16", ["Q", "K", "Q_OUT", "K_OUT", "COS", "SIN"], rope_ints, ["log2_theta"])
             sig["POS"] = "*i64:16"
             yield CompileSpec(
-                K._rope_kernel, "layers_rope", f"HALF={half_p2} BLOCK_H={block_h} {'table' if use_table else 'pos'}",
-                sig, {"HALF": half_p2, "HALF_P2": half_p2, "USE_TABLE": use_table, "BLOCK_H": block_h,
-                 "INTERPRET": False},
+                kernels._rope_kernel, "layers_rope",
+                f"HALF={half_p2} BLOCK_H={block_h} {'table' if use_table else 'pos'}", sig,
+                {"HALF": half_p2, "HALF_P2": half_p2, "USE_TABLE": use_table, "BLOCK_H": block_h, "INTERPRET": False},
                 num_warps=_ROPE_WARPS)

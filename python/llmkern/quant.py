@@ -366,7 +366,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _utils.launch(_gemm, grid, x2, qweight, scales, zeros, perm_arg, bias_arg, out,
                       m, n, k, x2.stride(0), x2.stride(1), out.stride(0), gs, bits, pack_shift,
-                      HAS_PERM=perm is not None, HAS_BIAS=bias is not None, DOT_FP32=_utils.INTERPRET)
+                      HAS_PERM=perm is not None, HAS_BIAS=bias is not None, INTERPRET=_utils.INTERPRET)
         return out
     if m > DECODE_MAX_M:
         raise ValueError(f"the decode path serves at most {DECODE_MAX_M} rows, got {m}")
@@ -393,7 +393,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         quant_decode_kernel[(n_blocks, split)](
             x2, qweight, scales, zeros, perm_arg, bias_arg, out, ws,
             m, n, k, x2.stride(0), x2.stride(1), out.stride(0), gs, bits, pack_shift, tiles_per_split,
-            DOT_FP32=_utils.INTERPRET, **flags)
+            INTERPRET=_utils.INTERPRET, **flags)
     if atomic:
         out.copy_(ws)
     return out
@@ -582,14 +582,14 @@ def _decode_spec(dtype: torch.dtype, *, atomic: bool, perm: bool = False):
     return compile_check.CompileSpec(
         kernel=quant_decode_kernel, name="quant_decode", config=_cfg_name(cfg, dtype, atomic=atomic, act_order=perm),
         signature=_sig(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, ATOMIC=atomic, DOT_FP32=False, **cfg.kwargs), expect_mma=True)
+        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, ATOMIC=atomic, INTERPRET=False, **cfg.kwargs), expect_mma=True)
 
 
 def _gemm_spec(cfg, dtype: torch.dtype, *, perm: bool = False):
     return compile_check.CompileSpec(
         kernel=quant_gemm_kernel, name="quant_gemm", config=_cfg_name(cfg, dtype, act_order=perm),
         signature=_sig(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, DOT_FP32=False, **cfg.kwargs), expect_mma=True)
+        constexprs=dict(HAS_PERM=perm, HAS_BIAS=perm, INTERPRET=False, **cfg.kwargs), expect_mma=True)
 
 
 @compile_check.register

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from llmkern import _utils, compile_check, reference
-from llmkern.kernels import sampling as K
+from llmkern.kernels import sampling as kernels
 
 # One fixed configuration, on purpose not autotuned: a different tile or warp count changes the fp32 summation
 # order of a row's mass, and so could move a draw that sits on a CDF step. With one config a seed gives the same
@@ -183,7 +183,7 @@ def _run(logits, *args, write_probs: bool) -> None:
     meta = dict(CONFIG, WRITE_PROBS=write_probs)
     if not _utils.INTERPRET:
         meta["num_warps"] = NUM_WARPS
-    K._sampling_kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], *args, **meta)
+    kernels._sampling_kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], *args, **meta)
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -233,8 +233,8 @@ def _compile_specs():
         for write_probs in (False, True):
             cfg = ",".join(f"{k}={v}" for k, v in CONFIG.items()) + f",w{NUM_WARPS},{name}"
             yield compile_check.CompileSpec(
-                kernel=K._sampling_kernel, name="_sampling_kernel[probs]" if write_probs else "_sampling_kernel[sample]",
-                config=cfg,
+                kernel=kernels._sampling_kernel,
+                name="_sampling_kernel[probs]" if write_probs else "_sampling_kernel[sample]", config=cfg,
                 signature={"logits_ptr": f"*{name}:16", "stride_row": "i32", "V": "i32", **params,
                            "out_ptr": "*fp32:16" if write_probs else "*i64:16", "stride_out": "i32"},
                 constexprs=dict(CONFIG, WRITE_PROBS=write_probs), num_warps=NUM_WARPS)
