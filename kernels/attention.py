@@ -21,10 +21,11 @@ are laid out. The math in between is written once, here:
 The split-KV reduce of paged decode is the same online softmax run over the splits: each split's base-2 lse is its
 logit and its normalised partial output its value, so merging partial results needs no code of its own.
 Conventions shared by all of them: softmax in base 2 (scores are multiplied by log2(e) so the inner loop uses exp2, the
-hardware instruction; lse is converted back to the natural log only where it is returned), windows as in the public
-API (query at position p sees keys j with p - window_left <= j <= p + window_right, a negative bound meaning
-unbounded; causal is window_right = 0), and an INTERPRET flag that, under the Triton interpreter, casts tiles to fp32
-(its bf16 dot and arithmetic are unreliable).
+hardware instruction; lse is converted back to the natural log only where it is returned); windows as in the public
+API, the query at position p seeing keys j with p - window_left <= j <= p + window_right (causal is window_right =
+0), where constexprs HAS_LEFT/HAS_RIGHT say which bounds exist (the paged kernels compile a variant per combination;
+the dense kernel applies both, its host turning an unbounded side into a window that covers every key); and an
+INTERPRET flag that, under the Triton interpreter, casts tiles to fp32 (its bf16 dot and arithmetic are unreliable).
 Where variants land once for every kernel: ALiBi adds its bias in `score_log2` (it needs pos_q and pos_k there);
 attention sinks join the denominator after the loop, before `softmax_output` and `softmax_lse` (a sink logit adds to
 l like one more key with no value).
@@ -173,8 +174,8 @@ def softmax_output(acc, l_i):
 @triton.jit
 def softmax_lse(m_i, l_i):
     """lse = m + log2(l) (rows,), the base-2 log-sum-exp of each row's logits; -inf for a row that saw no key.
-    Separate from softmax_output so each kernel computes it where its registers allow (the dense kernel after
-    storing o: before, it spilled at the largest tiles)."""
+    Separate from softmax_output so that each kernel places the two where its registers allow: the dense kernel
+    stores lse before computing o (holding lse across the o store spilled at the largest tiles on sm_80)."""
     return tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
 
 
@@ -190,14 +191,14 @@ def attention_fwd_kernel(
     seqlen_q_fixed, seqlen_k_fixed, num_heads, group,
     window_left, window_right, qk_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid: (batch * num_heads, cdiv(max_seqlen_q, BLOCK_M)); batch * heads on axis 0, whose limit is 2**31 - 1.
 
-    qk_scale = softmax scale * log2(e). window_left/window_right: read only with HAS_LEFT/HAS_RIGHT (the bound is
-    set; causal is HAS_RIGHT with window_right = 0).
-    softcap: read only with HAS_SOFTCAP. INTERPRET: both matmuls on fp32 tiles (see the module docstring).
+    qk_scale = softmax scale * log2(e). window_left/window_right >= 0, both always applied: the host passes an
+    unbounded side as a window that covers every key, so one build serves full, causal (window_right = 0) and
+    sliding-window attention. softcap: read only with HAS_SOFTCAP. INTERPRET: both matmuls on fp32 tiles (see the
+    module docstring).
     """
     pid_bh = tl.program_id(0)
     # Q tiles in reverse: under causal masking the last tiles see the most keys, so they start first and the
@@ -245,8 +246,7 @@ def attention_fwd_kernel(
     pos_q = offs_m + (seqlen_k - seqlen_q)
     p_first = start_m + seqlen_k - seqlen_q
     p_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1 + seqlen_k - seqlen_q
-    lo, full_lo, full_hi, hi = key_range(p_first, p_last, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT,
-                                         BLOCK_N)
+    lo, full_lo, full_hi, hi = key_range(p_first, p_last, seqlen_k, window_left, window_right, True, True, BLOCK_N)
 
     m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
     # the first visited tile; pointers then advance by one tile per step (pointer arithmetic is 64-bit, so a long
@@ -268,13 +268,13 @@ def attention_fwd_kernel(
         # (A runtime branch rather than separate loops: three loop copies cost ~50 more registers on sm_80 and
         # spilled at 128 x 64 tiles.)
         if (n < full_lo) | (n >= full_hi):
-            s = mask_scores(s, pos_q, cols, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s = mask_scores(s, pos_q, cols, seqlen_k, window_left, window_right, True, True)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, True, True)
 
+    if RETURN_LSE:
+        l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start * stride_lm
+        tl.store(l_base + offs_m.to(tl.int64) * stride_lm, softmax_lse(m_i, l_i) * LN2, mask=row_ok)  # natural log
     o = softmax_output(acc, l_i)
     o_base = O + b.to(tl.int64) * stride_ob + q_start * stride_om + h * stride_oh
     tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    if RETURN_LSE:
-        l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start * stride_lm
-        tl.store(l_base + offs_m.to(tl.int64) * stride_lm, softmax_lse(m_i, l_i) * LN2, mask=row_ok)  # natural log

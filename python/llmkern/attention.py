@@ -68,6 +68,12 @@ def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_stri
     left, right = window
     if causal:
         right = 0  # causal is the window (left, 0)
+    # The kernel applies both window bounds: an unbounded side (-1) goes in as a window that covers every key, so
+    # one build serves full, causal and sliding-window attention. Query i of a sequence sits at p = i + seqlen_k -
+    # seqlen_q, so p - left < 0 once left >= seqlen_k, and p + right >= seqlen_k once right >= seqlen_q; k's and
+    # q's row counts bound every sequence in both layouts.
+    left = k.shape[-3] if left < 0 else left
+    right = q.shape[-3] if right < 0 else right
     kernel = _KERNELS[_config_class(head_dim, q.dtype)]
     grid = lambda meta: (batch * num_heads, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
     _utils.launch(
@@ -77,8 +83,7 @@ def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_stri
         seqlen_q, seqlen_k, num_heads, group,
         left, right, scale * math.log2(math.e), 1.0 if softcap is None else softcap,  # exp2-based softmax
         HEAD_DIM=head_dim, BLOCK_D=_utils.pow2_at_least(head_dim, 32),
-        IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap is not None,
-        RETURN_LSE=return_lse, INTERPRET=_utils.INTERPRET,
+        IS_VARLEN=varlen, HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, INTERPRET=_utils.INTERPRET,
     )
 
 
@@ -260,7 +265,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _spec(head_dim, cfg, dtype, *, varlen=False, softcap=False, lse=False, window=False):
+def _spec(head_dim, cfg, dtype, *, varlen=False, softcap=False, lse=False):
     ty = _TRITON_DTYPE[dtype]
     sig = {"Q": f"*{ty}:16", "K": f"*{ty}:16", "V": f"*{ty}:16", "O": f"*{ty}:16", "LSE": "*fp32:16",
            "CU_SEQLENS_Q": "*i32:16", "CU_SEQLENS_K": "*i32:16"}
@@ -270,12 +275,9 @@ def _spec(head_dim, cfg, dtype, *, varlen=False, softcap=False, lse=False, windo
     sig.update({n: "i32" for n in ("seqlen_q_fixed", "seqlen_k_fixed", "num_heads", "group", "window_left",
                                    "window_right")})
     sig.update(qk_scale="fp32", softcap="fp32")
-    # causal everywhere (the bound every decoder uses); `window` adds the left bound of a sliding window
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_utils.pow2_at_least(head_dim, 32), IS_VARLEN=varlen,
-                      HAS_LEFT=window, HAS_RIGHT=True, HAS_SOFTCAP=softcap, RETURN_LSE=lse, INTERPRET=False,
-                      **cfg.kwargs)
-    flags = "".join(f",{f}" for f, on in (("varlen", varlen), ("softcap", softcap), ("lse", lse),
-                                          ("window", window)) if on)
+                      HAS_SOFTCAP=softcap, RETURN_LSE=lse, INTERPRET=False, **cfg.kwargs)
+    flags = "".join(f",{f}" for f, on in (("varlen", varlen), ("softcap", softcap), ("lse", lse)) if on)
     name = f"M{cfg.kwargs['BLOCK_M']}N{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}"
     return compile_check.CompileSpec(
         kernel=attention_fwd_kernel, name="attention_fwd", config=f"d{head_dim},{ty},{name}{flags}",
@@ -286,11 +288,11 @@ def _spec(head_dim, cfg, dtype, *, varlen=False, softcap=False, lse=False, windo
 @compile_check.register
 def _compile_specs():
     """Every config the dispatcher can pick, 13 builds in all: each 16-bit config in fp16 or bf16 (both for the
-    Llama-like head_dim 128), causal, the largest tile of each class with every optional feature on (varlen +
-    softcap + lse + a sliding window, the most registers; at a padded head_dim, 80 -> 128, for the middle class),
-    and the fp32 configs."""
+    Llama-like head_dim 128), the largest tile of each class with every optional feature on (varlen + softcap + lse,
+    the most registers; at a padded head_dim, 80 -> 128, for the middle class), and the fp32 configs. Windows and
+    causality are runtime values, in every build."""
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
-    widest = dict(varlen=True, softcap=True, lse=True, window=True)
+    widest = dict(varlen=True, softcap=True, lse=True)
     small64, large64 = _CONFIGS[(64, False)]
     small128, large128, narrow128 = _CONFIGS[(128, False)]
     small256, large256 = _CONFIGS[(256, False)]
