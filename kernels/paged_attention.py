@@ -12,7 +12,7 @@ here is a base-2 value, as the core computes it.
 import triton
 import triton.language as tl
 
-from .attention import (dot_precision, mask_scores, online_softmax_init, online_softmax_step, score_log2,
+from .attention import (dot_precision, key_range, mask_scores, online_softmax_init, online_softmax_step, score_log2,
                         softmax_lse, softmax_output)
 
 
@@ -234,15 +234,10 @@ def paged_prefill_kernel(
             q = q.to(tl.float32)
 
         # The key range any row of this tile can see; tokens outside it are never loaded. (Unlike the dense kernel,
-        # every tile is masked: key_range's boundary-tile split spilled here on sm_80.)
+        # every tile is masked: skipping the mask on interior tiles spilled here on sm_80.)
         first_pos = mb * BLOCK_M + (seq_len - q_len)
         last_pos = tl.minimum(first_pos + BLOCK_M, seq_len) - 1
-        lo = 0
-        if HAS_LEFT:
-            lo = tl.maximum(first_pos - window_left, 0)
-        hi = seq_len
-        if HAS_RIGHT:
-            hi = tl.minimum(last_pos + window_right + 1, seq_len)
+        lo, _, _, hi = key_range(first_pos, last_pos, seq_len, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
 
         m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
         bt_row = BT + b.to(tl.int64) * stride_btb
