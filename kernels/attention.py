@@ -66,7 +66,8 @@ def _tanh(x):
     |x| >= 1/4: sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.61, so 1 - e >= 0.39 does not cancel, and a large
     |x| gives e = 0 and exactly +-1 (no overflow). Below 1/4, where 1 - e would cancel (1 - 2 / (exp(2x) + 1), used
     before, had relative error ~1e-7 / |x|: 1e-4 at |x| = 1e-3), the Taylor series of tanh to x^9: the first term
-    left out, 1382 x^11 / 155925, is below 2^-26 of tanh(x) there. Measured in numpy fp32: at most 3.4 ulps.
+    left out, 1382 x^11 / 155925, is below 2^-26 of tanh(x) there. Measured in numpy fp32 over 1e-30 <= |x| <= 50:
+    at most 3.4 ulps (a GPU's approximate exp adds about as much again to the |x| >= 1/4 branch).
     """
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
