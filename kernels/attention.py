@@ -1,8 +1,38 @@
-"""Fused prefill attention, forward only, in the FlashAttention-2 style.
+"""The attention core, and the fused prefill attention kernel (forward only, FlashAttention-2 style).
 
+## The core: what every attention kernel shares
+llmkern's attention kernels (`attention_fwd_kernel` below; `paged_decode_kernel`, `paged_decode_reduce_kernel` and
+`paged_prefill_kernel` in kernels/paged_attention.py) differ in where their K/V tiles come from and in how their rows
+are laid out. The math in between is written once, here:
+
+    score_log2(s, qk_scale, softcap, HAS_SOFTCAP)   raw q.k -> base-2 logits: scale, optional tanh soft-cap
+    key_range(p_first, p_last, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+                                             -> (lo, full_lo, full_hi, hi)
+                                                    the key tiles a block of queries may see, and those it sees whole
+    mask_scores(s, pos_q, pos_k, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                                                    -inf for keys past the sequence or outside the causal/window band
+    online_softmax_init(ROWS, BLOCK_D) -> (m_i, l_i, acc)   the empty running state
+    online_softmax_step(s, v, m_i, l_i, acc, USE_DOT, MASKED_ROWS) -> (m_i, l_i, acc)
+                                                    fold one tile of logits and values into the running softmax
+    softmax_output(acc, l_i) -> o                   normalise (o = 0 for a row that saw no key)
+    softmax_lse(m_i, l_i) -> lse                    base-2 log-sum-exp (-inf for a row that saw no key)
+    dot_precision(dtype)                            "ieee" for fp32 operands (full fp32, not TF32), else "tf32"
+
+The split-KV reduce of paged decode is the same online softmax run over the splits: each split's base-2 lse is its
+logit and its normalised partial output its value, so merging partial results needs no code of its own.
+Conventions shared by all of them: softmax in base 2 (scores are multiplied by log2(e) so the inner loop uses exp2, the
+hardware instruction; lse is converted back to the natural log only where it is returned); windows as in the public
+API, the query at position p seeing keys j with p - window_left <= j <= p + window_right (causal is window_right =
+0), where constexprs HAS_LEFT/HAS_RIGHT say which bounds exist (the paged kernels compile a variant per combination;
+the dense kernel applies both, its host turning an unbounded side into a window that covers every key); and an
+INTERPRET flag that, under the Triton interpreter, casts tiles to fp32 (its bf16 dot and arithmetic are unreliable).
+Where variants land once for every kernel: ALiBi adds its bias in `score_log2` (it needs pos_q and pos_k there);
+attention sinks join the denominator after the loop, before `softmax_output` and `softmax_lse` (a sink logit adds to
+l like one more key with no value).
+
+## The dense prefill kernel
 One program owns BLOCK_M query rows of one (sequence, query head). Its Q tile stays on chip; K/V tiles of BLOCK_N keys
-stream through, and an online softmax (running row max m, running denominator l, fp32 accumulator) folds each tile in,
-so the (seqlen_q, seqlen_k) score matrix is never written anywhere.
+stream through and are folded into the running softmax, so the (seqlen_q, seqlen_k) score matrix is never written.
 
 The same kernel serves the batched and the packed (varlen) layouts: a sequence's first row and length come either
 from cu_seqlens (IS_VARLEN) or from the batch stride and the fixed lengths.
@@ -11,9 +41,6 @@ Masking is decided per tile, not per element: the key range a Q tile may see ([l
 outside it are never visited (the loop bounds skip everything above the causal diagonal or outside the window);
 inside it only the tiles that straddle a boundary (window left edge, causal diagonal / window right edge, end of the
 sequence) build a score mask.
-
-Softmax in base 2: scores are pre-multiplied by log2(e) so the inner loop uses exp2, and lse is converted back to
-the natural log at the end.
 """
 import triton
 import triton.language as tl
@@ -23,13 +50,137 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+# ------------------------------------------------------------------------------------------------------- the core
+@triton.constexpr_function
+def dot_precision(dtype):
+    """tl.dot's input_precision for operands of `dtype`: fp32 inputs get a full IEEE fp32 product rather than TF32
+    (10-bit mantissa), so fp32 means fp32 accuracy; "tf32" is tl.dot's own default, which 16-bit operands ignore."""
+    return "ieee" if dtype == tl.float32 else "tf32"
+
+
 @triton.jit
 def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without nan (exp overflow gives inf -> 1, underflow 0 -> -1).
-    # tl has no tanh that works both compiled and under the interpreter across triton 3.6-3.9.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    """tanh(x) within a few fp32 ulps for every x, from tl.exp alone (tl has no tanh that runs both compiled and
+    under the interpreter across triton 3.6-3.9).
+
+    |x| >= 1/4: sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.61, so 1 - e >= 0.39 does not cancel, and a large
+    |x| gives e = 0 and exactly +-1 (no overflow). Below 1/4, where 1 - e would cancel (1 - 2 / (exp(2x) + 1), used
+    before, had relative error ~1e-7 / |x|: 1e-4 at |x| = 1e-3), the Taylor series of tanh to x^9: the first term
+    left out, 1382 x^11 / 155925, is below 2^-26 of tanh(x) there. Measured in numpy fp32 over 1e-30 <= |x| <= 50:
+    at most 3.4 ulps (a GPU's approximate exp adds about as much again to the |x| >= 1/4 branch).
+    """
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    # coefficients -1/3, 2/15, -17/315, 62/2835 (2^2n (2^2n - 1) B_2n / (2n)!, B the Bernoulli numbers)
+    series = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                                                 + x2 * 0.021869488536155203)))
+    return tl.where(a < 0.25, series, tl.where(x < 0, -t, t))
 
 
+@triton.jit
+def score_log2(s, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw q.k scores -> base-2 logits: s * sm_scale * log2(e), or with HAS_SOFTCAP Gemma 2's soft-cap
+    softcap * tanh(s * sm_scale / softcap), times log2(e).
+
+    qk_scale = sm_scale * log2(e), computed by the host: computed here, it took a register for the whole loop.
+    """
+    if HAS_SOFTCAP:
+        return _tanh(s * (qk_scale / (softcap * LOG2E))) * (softcap * LOG2E)
+    else:
+        return s * qk_scale
+
+
+@triton.jit
+def key_range(p_first, p_last, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """The BLOCK_N-key tiles that queries at positions p_first..p_last (consecutive) may see.
+
+    Returns (lo, full_lo, full_hi, hi), lo <= full_lo <= full_hi <= hi: keys in [lo, hi) hold every visible key (lo
+    a multiple of BLOCK_N, so tiles stay aligned to it), and the tiles starting in [full_lo, full_hi) are visible
+    whole to every one of these queries, so they need no mask. Windows as in mask_scores.
+    """
+    lo = 0
+    full_lo = 0
+    if HAS_LEFT:
+        lo = (tl.maximum(p_first - window_left, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(p_last - window_left, 0), BLOCK_N) * BLOCK_N
+    hi = seqlen_k
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N  # tiles past this one hang over the end of the sequence
+    if HAS_RIGHT:
+        hi = tl.minimum(seqlen_k, tl.maximum(p_last + window_right + 1, 0))
+        full_hi = tl.minimum(full_hi, (tl.maximum(p_first + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def mask_scores(s, pos_q, pos_k, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr):
+    """s (rows, cols) with -inf where key pos_k (cols,) is invisible to the query at pos_q (rows,): past the
+    sequence (pos_k >= seqlen_k) or outside pos_q - window_left <= pos_k <= pos_q + window_right.
+
+    HAS_LEFT/HAS_RIGHT: whether that bound exists; the window of a bound that does not is never read (the public
+    API's -1), so no test is emitted for it.
+    """
+    ok = pos_k[None, :] < seqlen_k
+    if HAS_LEFT:
+        ok = ok & (pos_k[None, :] >= pos_q[:, None] - window_left)
+    if HAS_RIGHT:
+        ok = ok & (pos_k[None, :] <= pos_q[:, None] + window_right)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def online_softmax_init(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The empty running state (m_i, l_i, acc) of ROWS rows: max -inf, denominator 0, fp32 output 0."""
+    return (tl.full([ROWS], float("-inf"), tl.float32), tl.zeros([ROWS], tl.float32),
+            tl.zeros([ROWS, BLOCK_D], tl.float32))
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, USE_DOT: tl.constexpr, MASKED_ROWS: tl.constexpr):
+    """Fold one tile into the running softmax (FlashAttention's online softmax); returns the new (m_i, l_i, acc).
+
+    s (rows, cols): base-2 logits, -inf where masked. v (cols, BLOCK_D): the values. m_i, l_i (rows,): running max
+    and denominator, from online_softmax_init; acc (rows, BLOCK_D) fp32: running unnormalised output. USE_DOT:
+    p @ v as a tl.dot (rows >= 16); otherwise a broadcast multiply and sum (decode with one query head, the split
+    merge). MASKED_ROWS: a row may have seen only -inf so far (a window or the causal diagonal hides a whole tile
+    row from it); its max stays -inf and is replaced by 0 in the shifts, so exp2 gives 0 rather than nan. Off where
+    every tile gives every row a visible key: the guard cost up to 15 registers there.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = m_new
+    if MASKED_ROWS:
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)  # rescales what was accumulated under the old max
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if USE_DOT:
+        acc += tl.dot(p.to(v.dtype), v, input_precision=dot_precision(v.dtype))
+    else:
+        acc += tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_output(acc, l_i):
+    """The attention output o = acc / l (rows, BLOCK_D); o = 0 for a row that saw no key (l = 0)."""
+    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+
+
+@triton.jit
+def softmax_lse(m_i, l_i):
+    """lse = m + log2(l) (rows,), the base-2 log-sum-exp of each row's logits; -inf for a row that saw no key.
+    Separate from softmax_output so that each kernel places the two where its registers allow: the dense kernel
+    stores lse before computing o (holding lse across the o store spilled at the largest tiles on sm_80)."""
+    return tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+
+
+# ------------------------------------------------------------------------------------------- dense prefill kernel
 @triton.jit
 def attention_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
@@ -39,16 +190,16 @@ def attention_fwd_kernel(
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh, stride_lm,
     seqlen_q_fixed, seqlen_k_fixed, num_heads, group,
-    win_left, win_right, qk_scale, softcap,
+    window_left, window_right, qk_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr,
-    FP32_DOT: tl.constexpr, IEEE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid: (batch * num_heads, cdiv(max_seqlen_q, BLOCK_M)); batch * heads on axis 0, whose limit is 2**31 - 1.
 
-    qk_scale = softmax scale * log2(e). win_left/win_right: -1 unbounded (causal passes win_right = 0).
-    FP32_DOT: do both matmuls on fp32 tiles (the interpreter, whose bf16 dot is unreliable).
-    IEEE: fp32 inputs, full-precision fp32 dot instead of TF32.
+    qk_scale = softmax scale * log2(e). window_left/window_right >= 0, both always applied: the host passes an
+    unbounded side as a window that covers every key, so one build serves full, causal (window_right = 0) and
+    sliding-window attention. softcap: read only with HAS_SOFTCAP. INTERPRET: both matmuls on fp32 tiles (see the
+    module docstring).
     """
     pid_bh = tl.program_id(0)
     # Q tiles in reverse: under causal masking the last tiles see the most keys, so they start first and the
@@ -86,7 +237,7 @@ def attention_fwd_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + k_start * stride_vn + kv_h * stride_vh
     q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if FP32_DOT:
+    if INTERPRET:
         q = q.to(tl.float32)
     # tile offsets within one BLOCK_N-key tile fit in int32; the tile's start is added to the pointers in 64 bits
     k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
@@ -96,20 +247,9 @@ def attention_fwd_kernel(
     pos_q = offs_m + (seqlen_k - seqlen_q)
     p_first = start_m + seqlen_k - seqlen_q
     p_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1 + seqlen_k - seqlen_q
-    # Scalar tl.where rather than `if`: both branches must give the same (tensor) type.
-    lo = tl.where(win_left >= 0, (tl.maximum(p_first - win_left, 0) // BLOCK_N) * BLOCK_N, 0)
-    full_lo = tl.where(win_left >= 0, tl.cdiv(tl.maximum(p_last - win_left, 0), BLOCK_N) * BLOCK_N, 0)
-    hi = tl.where(win_right >= 0, tl.minimum(seqlen_k, tl.maximum(p_last + win_right + 1, 0)), seqlen_k)
-    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N  # tiles past this one hang over the end of the sequence
-    full_hi = tl.where(win_right >= 0,
-                       tl.minimum(full_hi, (tl.maximum(p_first + win_right + 1, 0) // BLOCK_N) * BLOCK_N), full_hi)
-    # order the three ranges: lo <= full_lo <= full_hi <= hi
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    lo, full_lo, full_hi, hi = key_range(p_first, p_last, seqlen_k, window_left, window_right, True, True, BLOCK_N)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base-2 scores)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running softmax denominator
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)         # running unnormalised output
+    m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
     # the first visited tile; pointers then advance by one tile per step (pointer arithmetic is 64-bit, so a long
     # sequence with wide rows cannot overflow the way n * stride in int32 could)
     k_ptrs += lo.to(tl.int64) * stride_kn
@@ -121,48 +261,21 @@ def attention_fwd_kernel(
         v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-        if FP32_DOT:
+        if INTERPRET:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        if HAS_SOFTCAP:
-            # Gemma-2: softcap * tanh(q.k * scale / softcap); qk_scale = scale * log2(e), so divide it back out
-            # for the tanh argument and multiply log2(e) in afterwards.
-            s = (softcap * LOG2E) * _tanh(s * (qk_scale / (softcap * LOG2E)))
-        else:
-            s = s * qk_scale
+        s = score_log2(tl.dot(q, k, input_precision=dot_precision(q.dtype)), qk_scale, softcap, HAS_SOFTCAP)
         # Only boundary tiles build a mask: the interior [full_lo, full_hi) is visible to every row of this tile.
         # (A runtime branch rather than separate loops: three loop copies cost ~50 more registers on sm_80 and
         # spilled at 128 x 64 tiles.)
         if (n < full_lo) | (n >= full_hi):
-            # key j is visible to the query at position p when p - left <= j <= p + right (-1: unbounded)
-            ok = cols[None, :] < seqlen_k
-            ok = ok & ((win_left < 0) | (cols[None, :] >= pos_q[:, None] - win_left))
-            ok = ok & ((win_right < 0) | (cols[None, :] <= pos_q[:, None] + win_right))
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not nan
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if IEEE:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            s = mask_scores(s, pos_q, cols, seqlen_k, window_left, window_right, True, True)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, True, True)
 
-    # ---- normalise; a row that saw no key gets o = 0 and lse = -inf
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if RETURN_LSE:
+        l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start * stride_lm
+        tl.store(l_base + offs_m.to(tl.int64) * stride_lm, softmax_lse(m_i, l_i) * LN2, mask=row_ok)  # natural log
+    o = softmax_output(acc, l_i)
     o_base = O + b.to(tl.int64) * stride_ob + q_start * stride_om + h * stride_oh
     tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    if RETURN_LSE:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
-        l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start * stride_lm
-        tl.store(l_base + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)

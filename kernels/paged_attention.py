@@ -5,28 +5,15 @@ lives in physical block block_table[t // block_size] at offset t % block_size. K
 time by looking up each token's block, so a tile may span several blocks and block_size needs no relation to the
 tile size.
 
-Softmax is computed in the log2 domain (exp2 is the hardware instruction); `qk_scale` already holds
-scale * log2(e), and every lse written here is a log2-domain value.
+The attention math (score transform, masks, online softmax, its finish and the split merge) is the shared core in
+kernels/attention.py; what is here is where the tiles come from and how the rows are laid out. Every lse written
+here is a base-2 value, as the core computes it.
 """
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): turns a natural-log softmax score into an exp2 argument
-
-
-@triton.jit
-def _softcap_log2(s, scale, softcap, qk_scale, HAS_SOFTCAP: tl.constexpr):
-    """Raw q.k scores -> log2-domain logits, with optional tanh soft-capping (Gemma 2: softcap * tanh(s / softcap)).
-
-    tanh(x) = 1 - 2 / (exp(2x) + 1): exact for large |x| too (exp overflows to inf and the formula gives +-1), and
-    it needs only tl.exp, which every Triton version and the interpreter have.
-    """
-    if HAS_SOFTCAP:
-        x = s * (scale / softcap)
-        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-        return t * (softcap * LOG2E)
-    else:
-        return s * qk_scale
+from .attention import (dot_precision, key_range, mask_scores, online_softmax_init, online_softmax_step, score_log2,
+                        softmax_lse, softmax_output)
 
 
 @triton.jit
@@ -104,11 +91,11 @@ def paged_decode_kernel(
     stride_ob, stride_oh, stride_od,
     stride_pob, stride_poh, stride_pos, stride_pod,
     stride_plb, stride_plh, stride_pls,
-    scale, softcap, qk_scale, window_left,
+    qk_scale, softcap, window_left,
     group, block_size, num_splits,
     HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    IS_FP32: tl.constexpr, INTERPRET: tl.constexpr,
+    USE_DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Grid (batch, num_kv_heads, num_splits). One program: every query head of one KV head, one slice of the keys.
 
@@ -116,8 +103,9 @@ def paged_decode_kernel(
     decode step. With USE_DOT the rows are padded to GROUP_PAD >= 16 so the scores and P@V are tensor-core MMAs;
     without it (a group of one) the products are broadcast multiplies and row sums.
 
-    SPLIT: write the normalized partial output and its log2-domain lse to PART_O/PART_LSE for the reduce kernel;
-    otherwise (one split) write the final output directly.
+    SPLIT: write the normalized partial output and its base-2 lse to PART_O/PART_LSE for the reduce kernel;
+    otherwise (one split) write the final output directly. qk_scale = softmax scale * log2(e). window_left: read
+    only with HAS_LEFT. INTERPRET: fp32 tiles (see kernels/attention.py).
     """
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -125,9 +113,9 @@ def paged_decode_kernel(
 
     seq_len = tl.load(SEQ_LENS + b)
     # The new token sits at position seq_len - 1; a left window hides keys before it - window_left. No key lies to
-    # its right, so the right window never masks anything in decode.
+    # its right, so the right window never masks anything in decode, and the range start is the only window mask.
     kv_start = 0
-    if HAS_WINDOW:
+    if HAS_LEFT:
         kv_start = tl.maximum(seq_len - 1 - window_left, 0)
     # Each split takes an equal, BLOCK_N-aligned share of [kv_start, seq_len); trailing splits may be empty.
     per_split = tl.cdiv(tl.cdiv(seq_len - kv_start, num_splits), BLOCK_N) * BLOCK_N
@@ -142,11 +130,9 @@ def paged_decode_kernel(
     q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=gd_mask, other=0.0)
     if INTERPRET:
-        q = q.to(tl.float32)  # bf16 dot/arithmetic is unreliable under the interpreter: fp32 tiles there
+        q = q.to(tl.float32)
 
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    m_i, l_i, acc = online_softmax_init(GROUP_PAD, BLOCK_D)
     bt_row = BT + b.to(tl.int64) * stride_btb
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -154,42 +140,24 @@ def paged_decode_kernel(
         k, v = _load_kv_tile(KC, VC, bt_row, stride_btn, n, n_mask, d, kvh, block_size,
                              stride_kcb, stride_kct, stride_kch, stride_kcd,
                              stride_vcb, stride_vct, stride_vch, stride_vcd, HEAD_DIM, BLOCK_D, INTERPRET)
-
         if USE_DOT:
-            if IS_FP32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")  # fp32 inputs keep fp32 accuracy, no TF32
-            else:
-                s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k), input_precision=dot_precision(q.dtype))
         else:
             s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
-        s = _softcap_log2(s, scale, softcap, qk_scale, HAS_SOFTCAP)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
+        s = tl.where(n_mask[None, :], score_log2(s, qk_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        # every tile holds a key of [start, end) for every row (padding rows score 0): no all-masked row
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, USE_DOT, False)
 
-        # Online softmax (FlashAttention): rescale what was accumulated when the running max grows.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if USE_DOT:
-            if IS_FP32:
-                acc += tl.dot(p, v, input_precision="ieee")
-            else:
-                acc += tl.dot(p.to(v.dtype), v)
-        else:
-            acc += tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
-        m_i = m_new
-
+    # An empty split (start >= end) has l = 0: o = 0 and lse = -inf, weight 0 in the reduce.
     if SPLIT:
-        # An empty split (start >= end) leaves l_i = 0: it writes o = 0 and lse = -inf, weight 0 in the reduce.
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        o = softmax_output(acc, l_i)
+        lse = softmax_lse(m_i, l_i)
         po = (PART_O + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + split * stride_pos
               + d[None, :] * stride_pod)
         tl.store(po, o, mask=gd_mask)
         tl.store(PART_LSE + b.to(tl.int64) * stride_plb + heads * stride_plh + split * stride_pls, lse, mask=g_mask)
     else:
-        o = acc / l_i[:, None]  # one split covers [kv_start, seq_len), never empty (seq_len >= 1)
+        o = softmax_output(acc, l_i)
         po = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
         tl.store(po, o.to(O.dtype.element_ty), mask=gd_mask)
 
@@ -205,27 +173,23 @@ def paged_decode_reduce_kernel(
 ):
     """Grid (batch, num_heads): merge the splits' normalized outputs, each weighted by 2^(lse_s - lse_total).
 
-    A running merge over the splits (the same online rescaling as the softmax) needs no bound on num_splits.
+    That merge is the online softmax over the splits, one split per step, with the split's base-2 lse as its logit
+    and its output as its value: a (1 x 1) score tile against a (1 x BLOCK_D) value tile. It needs no bound on
+    num_splits; empty splits (lse = -inf) get weight 0, and split 0 is never empty (it starts at the first visible
+    key), so no row is all-masked.
     """
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D)[None, :]
     d_mask = d < HEAD_DIM
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    m, l, acc = online_softmax_init(1, BLOCK_D)
     for s in range(0, num_splits):
-        lse = tl.load(PART_LSE + b * stride_plb + h * stride_plh + s * stride_pls)
-        o = tl.load(PART_O + b * stride_pob + h * stride_poh + s * stride_pos + d * stride_pod, mask=d_mask,
-                    other=0.0)
-        m_new = tl.maximum(m, lse)
-        # Guards for empty splits (lse = -inf) before any non-empty one: -inf - -inf would be nan.
-        alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp2(m - m_new))
-        w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - m_new))
-        acc = acc * alpha + w * o
-        l = l * alpha + w
-        m = m_new
-    o = acc / l
+        split = s + tl.arange(0, 1)  # one split as a (1,)-long tile of "keys"
+        lse = tl.load(PART_LSE + b * stride_plb + h * stride_plh + split * stride_pls)
+        o = tl.load(PART_O + b * stride_pob + h * stride_poh + split[:, None] * stride_pos + d * stride_pod,
+                    mask=d_mask, other=0.0)
+        m, l, acc = online_softmax_step(lse[None, :], o, m, l, acc, False, False)
+    o = softmax_output(acc, l)
     tl.store(O + b * stride_ob + h * stride_oh + d * stride_od, o.to(O.dtype.element_ty), mask=d_mask)
 
 
@@ -238,19 +202,17 @@ def paged_prefill_kernel(
     stride_vcb, stride_vct, stride_vch, stride_vcd,
     stride_btb, stride_btn,
     stride_ot, stride_oh, stride_od,
-    scale, softcap, qk_scale, window_left, window_right,
-    group, block_size,
+    qk_scale, softcap, window_left, window_right, group, block_size,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, IS_FP32: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid (cdiv(max_q_len, BLOCK_M), batch, num_heads): a tile of the newest q_len tokens of one sequence, one head.
 
     Query i of a sequence with q_len new tokens and seq_len total sits at position i + seq_len - q_len
-    (bottom-right alignment) and sees keys in [pos - window_left, pos + window_right] (-1: unbounded; causal is
-    passed as window_right = 0; HAS_LEFT/HAS_RIGHT say which bound is set). Keys come from the cache through the
-    block table. GQA: head h reads KV head h // group; prefill is compute-bound, so the repeated K/V reads across a
-    group hit L2 and matter little.
+    (bottom-right alignment) and sees keys in [pos - window_left, pos + window_right] (HAS_LEFT/HAS_RIGHT say which
+    bound is set; causal is HAS_RIGHT with window_right = 0). Keys come from the cache through the block table. GQA:
+    head h reads KV head h // group; prefill is compute-bound, so the repeated K/V reads across a group hit L2 and
+    matter little.
     """
     mb = tl.program_id(0)
     b = tl.program_id(1)
@@ -263,8 +225,7 @@ def paged_prefill_kernel(
     if mb * BLOCK_M < q_len:
         i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
-        i_mask = i < q_len
-        id_mask = _tile_mask(i_mask, d, HEAD_DIM, BLOCK_D)
+        id_mask = _tile_mask(i < q_len, d, HEAD_DIM, BLOCK_D)
         pos = i + (seq_len - q_len)
         q_rows = (q_start + i).to(tl.int64)
         q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd,
@@ -272,55 +233,26 @@ def paged_prefill_kernel(
         if INTERPRET:
             q = q.to(tl.float32)
 
-        # The key range any row of this tile can see; tokens outside it are never loaded.
+        # The key range any row of this tile can see; tokens outside it are never loaded. (Unlike the dense kernel,
+        # every tile is masked: skipping the mask on interior tiles spilled here on sm_80.)
         first_pos = mb * BLOCK_M + (seq_len - q_len)
         last_pos = tl.minimum(first_pos + BLOCK_M, seq_len) - 1
-        lo = 0
-        if HAS_LEFT:
-            lo = tl.maximum(first_pos - window_left, 0)
-        hi = seq_len
-        if HAS_RIGHT:
-            hi = tl.minimum(last_pos + window_right + 1, seq_len)
+        lo, _, _, hi = key_range(first_pos, last_pos, seq_len, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
         bt_row = BT + b.to(tl.int64) * stride_btb
         for n0 in range(lo, hi, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = n < hi
-            k, v = _load_kv_tile(KC, VC, bt_row, stride_btn, n, n_mask, d, kvh, block_size,
+            k, v = _load_kv_tile(KC, VC, bt_row, stride_btn, n, n < hi, d, kvh, block_size,
                                  stride_kcb, stride_kct, stride_kch, stride_kcd,
                                  stride_vcb, stride_vct, stride_vch, stride_vcd, HEAD_DIM, BLOCK_D, INTERPRET)
-            if IS_FP32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = _softcap_log2(s, scale, softcap, qk_scale, HAS_SOFTCAP)
+            s = score_log2(tl.dot(q, tl.trans(k), input_precision=dot_precision(q.dtype)), qk_scale, softcap,
+                           HAS_SOFTCAP)
+            s = mask_scores(s, pos, n, hi, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, True, True)
 
-            visible = n_mask[None, :] & i_mask[:, None]
-            if HAS_LEFT:
-                visible = visible & (n[None, :] >= pos[:, None] - window_left)
-            if HAS_RIGHT:
-                visible = visible & (n[None, :] <= pos[:, None] + window_right)
-            s = tl.where(visible, s, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A row that has seen no visible key yet (a window can hide a whole tile from it), or a padding row,
-            # keeps m = -inf; shift by 0 instead to avoid -inf - -inf = nan.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if IS_FP32:
-                acc += tl.dot(p, v, input_precision="ieee")
-            else:
-                acc += tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-
-        # Every real row sees at least its own key (pos - left <= pos <= pos + right); padding rows, masked from the
-        # store, see none and keep l = 0, so divide by 1 there.
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        # Every real row sees at least its own key; padding rows are masked from the store.
+        o = softmax_output(acc, l_i)
         tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od,
                  o.to(O.dtype.element_ty), mask=id_mask)
+

@@ -200,7 +200,7 @@ def quant_gemm_kernel(
         cols = _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM)
         xt = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if DOT_FP32:
+        if INTERPRET:
             part = tl.dot(xt.to(tl.float32), q.to(tl.float32), input_precision="ieee")
         else:
             part = tl.dot(xt, q.to(xt.dtype))

@@ -40,11 +40,12 @@ the first kept token whose running mass exceeds it. Rows holding NaN or +inf, or
 import triton
 import triton.language as tl
 
+from .attention import LOG2E  # exp(x) == exp2(x * log2(e)), as in attention's softmax; exp2 is the hardware instruction
+
 # int32 extremes as constexprs: a literal -2147483648 would be parsed as -(2147483648), an int64.
 KEY_MIN = tl.constexpr(-(2 ** 31))
 KEY_MAX = tl.constexpr(2 ** 31 - 1)
 KEY_NEG_INF = tl.constexpr(-2139095041)  # key(-inf), the smallest key of a non-NaN fp32
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * log2(e)); exp2 is the hardware instruction
 # Temperatures below float32's smallest normal (2**-126: 0 and the subnormals) are greedy. At and above it the scale
 # log2(e) / T <= 1.2e38 is finite, so (l - max) * scale never computes 0 * inf = NaN for the top token.
 GREEDY_BELOW = tl.constexpr(2.0 ** -126)

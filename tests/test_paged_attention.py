@@ -151,6 +151,21 @@ def test_decode_window_softcap_scale(device, group):
     _check_decode(q, kc, vc, bt, sl, softcap=5.0, window=(33, -1), num_splits=2)
 
 
+# Caps 1 to 1e6 (issue 16.3), as in test_attention.test_softcap_precision: fp32 shows a tanh that loses precision
+# for small |s| / softcap; the fp16 case checks that large caps stay accurate in the 16-bit path too.
+SOFTCAP_SWEEP = [(torch.float32, 1.0), (torch.float32, 1e3), (torch.float32, 1e6), (torch.float16, 1e6)]
+
+
+@pytest.mark.parametrize("dtype,softcap", SOFTCAP_SWEEP)
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_softcap_precision(device, dtype, softcap, group):
+    lens = [9, 70]
+    kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=2 * group, num_kv_heads=2, head_dim=64,
+                              block_size=16, dtype=dtype, seed=14)
+    q = (3 * torch.randn(len(lens), 2 * group, 64, generator=g)).to(dtype).to(device)
+    _check_decode(q, kc, vc, bt, sl, softcap=softcap, num_splits=2)
+
+
 def test_decode_strided_q_and_table_padding(device):
     """q as a view into a packed qkv tensor; unused table entries hold -1 (never read, never rejected)."""
     lens = [17, 2]
@@ -234,6 +249,16 @@ def test_prefill_window_softcap_noncausal_and_empty(device):
     _check_prefill(q, kc, vc, bt, cu, sl, window=(17, -1), softcap=4.0)
     _check_prefill(q, kc, vc, bt, cu, sl, causal=False, window=(9, 5))
     _check_prefill(q, kc, vc, bt, cu, sl, causal=False, scale=0.05)
+
+
+@pytest.mark.parametrize("dtype,softcap", SOFTCAP_SWEEP)
+def test_prefill_softcap_precision(device, dtype, softcap):
+    q_lens, lens = [5, 40], [30, 40]
+    kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                              dtype=dtype, seed=15)
+    cu = torch.tensor([0, 5, 45], dtype=torch.int32, device=device)
+    q = (3 * torch.randn(45, 4, 64, generator=g)).to(dtype).to(device)
+    _check_prefill(q, kc, vc, bt, cu, sl, softcap=softcap)
 
 
 def test_prefill_then_decode_matches_dense_attention(device):

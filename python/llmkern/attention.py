@@ -76,6 +76,12 @@ def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_stri
     left, right = (_utils.unbounded_beyond(w, longest) for w in window)
     if causal:
         right = 0  # causal is the window (left, 0)
+    # The kernel applies both window bounds: an unbounded side (-1) goes in as a window that covers every key, so
+    # one build serves full, causal and sliding-window attention. Query i of a sequence sits at p = i + seqlen_k -
+    # seqlen_q, so p - left < 0 once left >= seqlen_k, and p + right >= seqlen_k once right >= seqlen_q; k's and
+    # q's row counts bound every sequence in both layouts.
+    left = k.shape[-3] if left < 0 else left
+    right = q.shape[-3] if right < 0 else right
     kernel = _tuned_kernel(q, max_seqlen_q, varlen, softcap, return_lse)
     grid = lambda meta: (batch * num_heads, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
     _utils.launch(
@@ -85,11 +91,7 @@ def _launch(q, k, v, o, lse, cu_q, cu_k, q_strides, k_strides, v_strides, o_stri
         seqlen_q, seqlen_k, num_heads, group,
         left, right, scale * math.log2(math.e), 1.0 if softcap is None else softcap,  # exp2-based softmax
         HEAD_DIM=head_dim, BLOCK_D=_utils.pow2_at_least(head_dim, 32),
-        IS_VARLEN=varlen, HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse,
-        # the interpreter's bf16 dot is unreliable: do both matmuls on fp32 tiles there
-        FP32_DOT=_utils.INTERPRET,
-        # fp32 inputs get a full fp32 dot, not TF32 (10-bit mantissa), so fp32 means fp32 accuracy
-        IEEE=q.dtype == torch.float32,
+        IS_VARLEN=varlen, HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, INTERPRET=_utils.INTERPRET,
     )
 
 
@@ -295,12 +297,11 @@ def _spec(head_dim, cfg, dtype, *, varlen=False, softcap=False, lse=False):
     for t in "qkvol":  # row/head strides of contiguous tensors with head_dim % 16 == 0 are 16-divisible
         for s in ("b", "m" if t in "qol" else "n", "h"):
             sig[f"stride_{t}{s}"] = "i32:16"
-    sig.update({n: "i32" for n in ("seqlen_q_fixed", "seqlen_k_fixed", "num_heads", "group", "win_left",
-                                   "win_right")})
+    sig.update({n: "i32" for n in ("seqlen_q_fixed", "seqlen_k_fixed", "num_heads", "group", "window_left",
+                                   "window_right")})
     sig.update(qk_scale="fp32", softcap="fp32")
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_utils.pow2_at_least(head_dim, 32), IS_VARLEN=varlen,
-                      HAS_SOFTCAP=softcap, RETURN_LSE=lse, FP32_DOT=False, IEEE=dtype == torch.float32,
-                      **cfg.kwargs)
+                      HAS_SOFTCAP=softcap, RETURN_LSE=lse, INTERPRET=False, **cfg.kwargs)
     flags = "".join(f",{f}" for f, on in (("varlen", varlen), ("softcap", softcap), ("lse", lse)) if on)
     name = f"M{cfg.kwargs['BLOCK_M']}N{cfg.kwargs['BLOCK_N']}w{cfg.num_warps}s{cfg.num_stages}"
     return compile_check.CompileSpec(
@@ -313,7 +314,8 @@ def _spec(head_dim, cfg, dtype, *, varlen=False, softcap=False, lse=False):
 def _compile_specs():
     """Every config the dispatcher can pick, 13 builds in all: each 16-bit config in fp16 or bf16 (both for the
     Llama-like head_dim 128), the largest tile of each class with every optional feature on (varlen + softcap + lse,
-    the most registers; at a padded head_dim, 80 -> 128, for the middle class), and the fp32 configs."""
+    the most registers; at a padded head_dim, 80 -> 128, for the middle class), and the fp32 configs. Windows and
+    causality are runtime values, in every build."""
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
     widest = dict(varlen=True, softcap=True, lse=True)
     small64, large64 = _CONFIGS[(64, False)]

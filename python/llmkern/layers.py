@@ -393,7 +393,6 @@ def _compile_specs():
             sig["POS"] = "*i64:16"
             yield CompileSpec(
                 kernels._rope_kernel, "layers_rope",
-                f"HALF={half_p2} BLOCK_H={block_h} {'table' if use_table else 'pos'}",
-                sig, {"HALF": half_p2, "HALF_P2": half_p2, "USE_TABLE": use_table, "BLOCK_H": block_h,
-                 "INTERPRET": False},
+                f"HALF={half_p2} BLOCK_H={block_h} {'table' if use_table else 'pos'}", sig,
+                {"HALF": half_p2, "HALF_P2": half_p2, "USE_TABLE": use_table, "BLOCK_H": block_h, "INTERPRET": False},
                 num_warps=_ROPE_WARPS)

@@ -19,7 +19,7 @@ import triton
 
 from llmkern import _dispatch, _utils, reference
 from llmkern.compile_check import CompileSpec, register
-from llmkern.kernels import paged_attention as K
+from llmkern.kernels import paged_attention as kernels
 
 _INDEX_DTYPE = torch.int32  # block tables, seq_lens and cu_seqlens: int32, as FlashAttention and FlashInfer
 _SLOT_DTYPE = torch.int64   # slot_mapping: int64, as vLLM (block * block_size overflows int32 for big caches)
@@ -180,7 +180,7 @@ def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
     if num_tokens == 0:
         return
     _utils.launch(
-        K.paged_kv_write_kernel, (num_tokens,),
+        kernels.paged_kv_write_kernel, (num_tokens,),
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -259,7 +259,7 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
     has_softcap = softcap is not None
     _utils.launch(
-        K.paged_decode_kernel, (batch, num_kv_heads, num_splits),
+        kernels.paged_decode_kernel, (batch, num_kv_heads, num_splits),
         q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         *_cache_strides(k_cache), *_cache_strides(v_cache),
@@ -267,14 +267,14 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1), out.stride(2),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        scale, softcap if has_softcap else 1.0, scale * math.log2(math.e), max(window_left, 0),
+        scale * math.log2(math.e), softcap if has_softcap else 1.0, window_left,
         group, block_size, num_splits,
-        HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=has_softcap, HAS_WINDOW=window_left >= 0,
-        IS_FP32=q.dtype == torch.float32, INTERPRET=_utils.INTERPRET, **cfg,
+        HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=has_softcap, HAS_LEFT=window_left >= 0,
+        INTERPRET=_utils.INTERPRET, **cfg,
     )
     if split:
         _utils.launch(
-            K.paged_decode_reduce_kernel, (batch, num_heads),
+            kernels.paged_decode_reduce_kernel, (batch, num_heads),
             part_o, part_lse, out,
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
             part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
@@ -376,16 +376,16 @@ def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     grid = (_utils.cdiv(max(q_lens), cfg["BLOCK_M"]), batch, num_heads)
     has_softcap = softcap is not None
     _utils.launch(
-        K.paged_prefill_kernel, grid,
+        kernels.paged_prefill_kernel, grid,
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
         q.stride(0), q.stride(1), q.stride(2),
         *_cache_strides(k_cache), *_cache_strides(v_cache),
         block_tables.stride(0), block_tables.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        scale, softcap if has_softcap else 1.0, scale * math.log2(math.e), max(window_left, 0),
-        max(window_right, 0), num_heads // num_kv_heads, block_size,
+        scale * math.log2(math.e), softcap if has_softcap else 1.0, window_left, window_right,
+        num_heads // num_kv_heads, block_size,
         HEAD_DIM=head_dim, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
-        IS_FP32=q.dtype == torch.float32, INTERPRET=_utils.INTERPRET, **cfg,
+        INTERPRET=_utils.INTERPRET, **cfg,
     )
     return out
 
@@ -455,32 +455,29 @@ def _strides(kernel) -> tuple[dict[str, str], dict[str, int]]:
 def _decode_spec(dtype: torch.dtype, group: int, head_dim: int, *, split: bool = True,
                  masks: bool = False) -> CompileSpec:
     cfg = _decode_config(group, head_dim, dtype)
-    stride_sig, unit = _strides(K.paged_decode_kernel)
+    stride_sig, unit = _strides(kernels.paged_decode_kernel)
     sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16", "SEQ_LENS": "*i32:16",
-           "O": _ptr(dtype), "PART_O": "*fp32:16", "PART_LSE": "*fp32:16", **stride_sig, "scale": "fp32",
-           "softcap": "fp32", "qk_scale": "fp32", "window_left": _I32, "group": _I32, "block_size": _I32,
-           "num_splits": _I32}
+           "O": _ptr(dtype), "PART_O": "*fp32:16", "PART_LSE": "*fp32:16", **stride_sig, "qk_scale": "fp32",
+           "softcap": "fp32", "window_left": _I32, "group": _I32, "block_size": _I32, "num_splits": _I32}
     const = {k: cfg[k] for k in ("GROUP_PAD", "BLOCK_N", "BLOCK_D", "USE_DOT")}
-    const.update(unit, HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=masks, HAS_WINDOW=masks,
-                 IS_FP32=dtype == torch.float32, INTERPRET=False)
+    const.update(unit, HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=masks, HAS_LEFT=masks, INTERPRET=False)
     config = (f"{str(dtype)[6:]} g{group} d{head_dim} {'split' if split else 'direct'}"
               f"{' softcap+window' if masks else ''} GP{cfg['GROUP_PAD']} BN{cfg['BLOCK_N']} w{cfg['num_warps']}")
-    return CompileSpec(K.paged_decode_kernel, "paged_decode", config, sig, const, num_warps=cfg["num_warps"],
+    return CompileSpec(kernels.paged_decode_kernel, "paged_decode", config, sig, const, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"], expect_mma=cfg["USE_DOT"] and dtype != torch.float32)
 
 
 def _prefill_spec(dtype: torch.dtype, head_dim: int, *, causal: bool = True, masks: bool = False) -> CompileSpec:
     cfg = _prefill_config(head_dim, dtype)
-    stride_sig, unit = _strides(K.paged_prefill_kernel)
+    stride_sig, unit = _strides(kernels.paged_prefill_kernel)
     sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16", "CU_Q": "*i32:16",
-           "SEQ_LENS": "*i32:16", "O": _ptr(dtype), **stride_sig, "scale": "fp32", "softcap": "fp32",
-           "qk_scale": "fp32", "window_left": _I32, "window_right": _I32, "group": _I32, "block_size": _I32}
+           "SEQ_LENS": "*i32:16", "O": _ptr(dtype), **stride_sig, "qk_scale": "fp32", "softcap": "fp32",
+           "window_left": _I32, "window_right": _I32, "group": _I32, "block_size": _I32}
     const = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-    const.update(unit, HEAD_DIM=head_dim, HAS_LEFT=masks, HAS_RIGHT=causal, HAS_SOFTCAP=masks,
-                 IS_FP32=dtype == torch.float32, INTERPRET=False)
+    const.update(unit, HEAD_DIM=head_dim, HAS_LEFT=masks, HAS_RIGHT=causal, HAS_SOFTCAP=masks, INTERPRET=False)
     config = (f"{str(dtype)[6:]} d{head_dim} {'causal' if causal else 'full'}{' softcap+window' if masks else ''} "
               f"BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} w{cfg['num_warps']}")
-    return CompileSpec(K.paged_prefill_kernel, "paged_prefill", config, sig, const, num_warps=cfg["num_warps"],
+    return CompileSpec(kernels.paged_prefill_kernel, "paged_prefill", config, sig, const, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"], expect_mma=dtype != torch.float32)
 
 
@@ -490,9 +487,9 @@ def _compile_specs():
 
     decode: the groups that change the tile (1 = broadcast path; 4 -> 16 rows; 32; 64, which takes 8 warps at
     head_dim 256) x head dims 64/128/256 (80/96: masked lanes) in fp16, bf16 and fp32 spot checks (fp32's dot path
-    takes 8 warps); the split (partial-write) epilogue everywhere, the direct-output one and the softcap + window
-    code at head_dim 128 and 256. prefill: per head dim and dtype, causal, plus the full (non-causal) and softcap +
-    window variants at the largest tiles. Then the reduce and the write kernel.
+    takes 8 warps); the split (partial-write) epilogue everywhere, the direct-output one with the softcap code at
+    head_dim 128 and 256. prefill: per head dim and dtype, plus the softcap variant at the largest tiles. Windows
+    and causality are runtime values, compiled into every build. Then the reduce and the write kernel.
     """
     for dtype, groups, dims in ((torch.float16, (1, 4, 32, 64), (64, 128, 256)),
                                 (torch.float16, (1, 4), (80, 96)),
@@ -510,14 +507,14 @@ def _compile_specs():
         if head_dim in (128, 256):
             yield _prefill_spec(dtype, head_dim, causal=False, masks=True)
 
-    kr = K.paged_decode_reduce_kernel
+    kr = kernels.paged_decode_reduce_kernel
     for head_dim in (64, 128, 256):
         stride_sig, unit = _strides(kr)
         sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*fp16:16", **stride_sig, "num_splits": _I32}
         yield CompileSpec(kr, "paged_decode_reduce", f"fp16 d{head_dim} w4", sig,
                           {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), **unit}, num_warps=4)
 
-    kw = K.paged_kv_write_kernel
+    kw = kernels.paged_kv_write_kernel
     for dtype, heads, head_dim in ((torch.float16, 8, 128), (torch.bfloat16, 1, 256), (torch.float32, 32, 64)):
         stride_sig, unit = _strides(kw)
         sig = {"K": _ptr(dtype), "V": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "SLOT": "*i64:16",

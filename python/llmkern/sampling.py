@@ -257,8 +257,7 @@ def _compile_specs():
             cfg = ",".join(f"{k}={v}" for k, v in CONFIG.items()) + f",w{NUM_WARPS},{name}"
             yield compile_check.CompileSpec(
                 kernel=kernels._sampling_kernel,
-                name="_sampling_kernel[probs]" if write_probs else "_sampling_kernel[sample]",
-                config=cfg,
+                name="_sampling_kernel[probs]" if write_probs else "_sampling_kernel[sample]", config=cfg,
                 signature={"logits_ptr": f"*{name}:16", "stride_row": "i32", "V": "i32", **params,
                            "out_ptr": "*fp32:16" if write_probs else "*i64:16", "stride_out": "i32"},
                 constexprs=dict(CONFIG, WRITE_PROBS=write_probs), num_warps=NUM_WARPS)
