@@ -18,7 +18,7 @@ The meanings, in short (the op docstrings have them in full):
     top_p in (0, 1]; min_p in [0, 1]; top_k >= 0 (>= vocab: off).
   quantization scales (QuantizedWeight.from_codes and every conversion): finite; any finite value is used as is.
 Keep it cheap: small shapes, one value of each class (a test id each) plus three random draws per parameter. Finite
-softcaps from 1 to 2**127 are section 3's (kernel precision): test_large_finite_softcap_precision, strict xfail.
+softcaps from 1 to 2**127 are section 3's (kernel precision): test_large_finite_softcap_precision.
 """
 from __future__ import annotations
 
@@ -269,11 +269,8 @@ def test_parameter_sweep(name, data, device):
     _sweep(param, data.draw(strategy.filter(param.domain), label=name), device)
 
 
-# Finite caps from 1 to 2**127 are the domain of issue 16's section 3 (softcap precision: tanh computed as
-# 1 - 2 / (exp(2x) + 1) cancels for small x = s / cap, an error growing with the cap), which the shared attention
-# core is fixing in kernels/attention.py and kernels/paged_attention.py. Until it lands, this test fails, as
-# expected; once it lands it passes, and strict=True turns that into a failure: then delete the xfail mark.
-@pytest.mark.xfail(strict=True, reason="issue 16 section 3: large-cap softcap precision (kernel tanh)")
+# Finite caps from 1 to 2**127: issue 16's section 3 (the old tanh, 1 - 2 / (exp(2x) + 1), cancelled for small
+# x = s / cap, an error growing with the cap; the shared attention core's _tanh is accurate for every |x|).
 @pytest.mark.parametrize("op", ATTENTION_OPS)
 def test_large_finite_softcap_precision(op, device):
     for cap in (1e3, 1e6, 1e12, 2.0 ** 127):
