@@ -162,7 +162,11 @@ def _check_slots(k, v, k_cache, v_cache, slot_mapping) -> None:
     before any implementation runs (llmkern._dispatch)."""
     _utils.check_writable("k_cache", k_cache)
     _utils.check_writable("v_cache", v_cache)
-    num_blocks, block_size = k_cache.shape[:2]
+    _check_slot_range(slot_mapping, *k_cache.shape[:2])
+
+
+def _check_slot_range(slot_mapping: torch.Tensor, num_blocks: int, block_size: int) -> None:
+    """Every slot within the cache's num_blocks x block_size slots, or -1 (one sync)."""
     if slot_mapping.numel() == 0:
         return
     smin, smax = int(slot_mapping.min()), int(slot_mapping.max())
@@ -332,7 +336,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # ---------------------------------------------------------------------------------------------------- prefill
 def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *options) -> None:
     """cu_seqlens_q, lengths and block ids (host syncs), before any implementation runs (llmkern._dispatch)."""
-    total_q = q.shape[0]
+    _check_cu_seqlens(cu_seqlens_q, seq_lens, q.shape[0])
+    if q.shape[0]:
+        _check_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], min_len=0)
+
+
+def _check_cu_seqlens(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, total_q: int) -> None:
+    """cu_seqlens_q runs from 0 to total_q without decreasing, and no sequence has more new tokens than its length
+    (one sync)."""
     cu = cu_seqlens_q.tolist()
     if cu[0] != 0 or cu[-1] != total_q:
         raise ValueError(f"cu_seqlens_q must start at 0 and end at total_q ({total_q}), got {cu[0]} ... {cu[-1]}")
@@ -343,8 +354,6 @@ def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_l
         if q_len > seq_len:
             raise ValueError(f"seq_lens[{b}] = {seq_len} is shorter than that sequence's {q_len} new tokens "
                              f"(seq_lens counts the cached prefix plus the new tokens)")
-    if total_q:
-        _check_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], min_len=0)
 
 
 def _paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
@@ -446,10 +455,11 @@ _UNIT_STRIDES = ("stride_qd", "stride_kcd", "stride_vcd", "stride_od", "stride_p
                  "stride_btn", "stride_pls")
 
 
-def _strides(kernel) -> tuple[dict[str, str], dict[str, int]]:
+def _strides(kernel, wide=_WIDE_STRIDES, unit=_UNIT_STRIDES) -> tuple[dict[str, str], dict[str, int]]:
+    """A kernel's stride arguments for its compile specs: (signature of the non-unit ones, the unit ones)."""
     names = [n for n in kernel.arg_names if n.startswith("stride_")]
-    sig = {n: (_I64 if n in _WIDE_STRIDES else _I32) + ":16" for n in names if n not in _UNIT_STRIDES}
-    return sig, {n: 1 for n in names if n in _UNIT_STRIDES}
+    sig = {n: (_I64 if n in wide else _I32) + ":16" for n in names if n not in unit}
+    return sig, {n: 1 for n in names if n in unit}
 
 
 def _decode_spec(dtype: torch.dtype, group: int, head_dim: int, *, split: bool = True,

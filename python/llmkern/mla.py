@@ -1,0 +1,413 @@
+"""Multi-head latent attention (MLA: DeepSeek-V2/V3), host side: write the latent cache, decode, chunked prefill.
+
+MLA (arXiv 2405.04434, section 2.1) caches per token one compressed latent c^KV ("ckv", kv_lora_rank wide: 512 in
+DeepSeek-V2/V3) and one decoupled RoPE key k^R ("kpe", rope_dim wide: 64), shared by every head, instead of K and V
+per KV head: 576 values per token and layer where Llama-3-8B's GQA keeps 2048. Queries arrive absorbed (W^UK folded
+into the query, W^UV into the output projection; llmkern.reference states the equations), so the ops here compute,
+for each query row (token, head),
+
+    s_j = scale * (q_nope . ckv_j + q_pe . kpe_j),    out = sum_j softmax(s)_j ckv_j    (kv_lora_rank wide),
+
+in FlashInfer's terms (flashinfer.mla.BatchMLAPagedAttentionWrapper: q_nope, q_pe, ckv_cache, kpe_cache). Layout:
+ckv_cache (num_blocks, block_size, kv_lora_rank) and kpe_cache (num_blocks, block_size, rope_dim), int32 block
+tables and lengths as the paged KV ops (llmkern.paged_attention). The two caches may also be two views of one
+(num_blocks, block_size, kv_lora_rank + rope_dim) tensor, vLLM's and FlashMLA's layout: every tensor is read
+through its strides.
+
+  mla_kv_write            new tokens' ckv and kpe into their slots (a kernel of its own: paged_kv_write's caches are
+                          (num_blocks, block_size, kv_heads, head_dim) pairs of one shape, and head_dim <= 256)
+  mla_decode_attention    one query token per sequence over its whole cache, split-KV for long contexts
+  mla_prefill_attention   the newest tokens of each sequence over its cached prefix and each other (chunked
+                          prefill), causal and bottom-right aligned as paged_prefill_attention
+
+Supported: fp16, bf16, fp32; kv_lora_rank a power of two in [16, 512] (DeepSeek-V2/V3 and Kimi K2: 512;
+MiniCPM3: 256); rope_dim a power of two in [16, 64] (64; MiniCPM3: 32); any number of heads. `scale` has no default:
+it is the model's 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) from before the absorption (DeepSeek-V3:
+1 / sqrt(192)), times YaRN's mscale^2 where the model scales RoPE, which the absorbed shapes cannot tell.
+
+CPU: with no GPU these ops run the Triton kernels under the interpreter (TRITON_INTERPRET=1) or else
+llmkern.reference; the C++ CPU backend (csrc/) has no MLA kernel yet.
+
+Kernels (kernels/mla.py): one program owns a row tile of query tokens x heads of one sequence and one split of its
+keys; each step loads a tile of ckv and kpe once and uses the ckv tile twice, as the keys of the scores and as the
+values of the output. The row tile is sized so that its (rows x kv_lora_rank) fp32 output accumulator and its q_nope
+operand stay in registers (`_config`); more heads than a tile holds take more head tiles, each reading the latent
+cache (at 128 heads and 32 per tile, four times, adjacent in the launch so the repeats can hit L2).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from llmkern import _dispatch, _utils, reference
+from llmkern.compile_check import CompileSpec, register
+from llmkern.kernels import mla as kernels
+from llmkern.kernels.paged_attention import paged_decode_reduce_kernel
+from llmkern.paged_attention import (_INDEX_DTYPE, _MAX_SPLITS, _SLOT_DTYPE, _check_cu_seqlens, _check_index,
+                                     _check_slot_range, _check_tables, _ptr, _strides, choose_num_splits)
+
+MAX_RANK = 512       # kv_lora_rank: DeepSeek-V2/V3's 512 is the largest in use and the largest tile checked
+MAX_ROPE_DIM = 64    # rope_dim: DeepSeek's qk_rope_head_dim
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+def _config(num_heads: int, dtype: torch.dtype, decode: bool) -> dict:
+    """Tile sizes for mla_attention_kernel: a row tile of BLOCK_Q tokens x BLOCK_H heads, BLOCK_N keys a step.
+
+    Rows: the fp32 output accumulator (rows x kv_lora_rank) and the q_nope operand (rows x kv_lora_rank, which an
+    sm_80 mma.sync keeps in registers for every warp that shares its rows) both grow with the row count. At
+    kv_lora_rank 512, 16-bit inputs: 32 rows with 8 warps compile without spills on sm_80 and sm_90 (triton 3.6 and
+    3.9), and 64 rows spill on sm_80; a decode tile of 16 heads or fewer takes 16 rows with 4 warps (8 warps spilled
+    8 bytes on sm_80). fp32 runs its IEEE dot on FMA units with both operands in registers: 16 rows, 8 warps.
+    Decode fills the rows with heads (BLOCK_Q = 1; 16 rows at least, the M of an MMA); prefill with heads first, then
+    tokens (BLOCK_H = heads up to the row count, BLOCK_Q the rest).
+    BLOCK_N: a (32 x 512) 16-bit ckv tile is 32 KiB, 64 KiB in flight with two stages; 64 keys spilled on sm_80.
+    fp32 halves it to keep the bytes.
+    """
+    if dtype == torch.float32:
+        rows, warps, block_n = 16, 8, 16
+    elif decode and num_heads <= 16:
+        rows, warps, block_n = 16, 4, 32
+    else:
+        rows, warps, block_n = 32, 8, 32
+    block_h = rows if decode else min(triton.next_power_of_2(num_heads), rows)
+    return dict(BLOCK_H=block_h, BLOCK_Q=rows // block_h, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def _is_pow2_in(n: int, lo: int, hi: int) -> bool:
+    return lo <= n <= hi and n & (n - 1) == 0
+
+
+def _check_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor) -> None:
+    """Shapes, dtypes and devices of the queries and the two caches."""
+    _utils.check_tensor("q_nope", q_nope, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("q_pe", q_pe, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("ckv_cache", ckv_cache, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("kpe_cache", kpe_cache, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_same(["q_nope", "q_pe", "ckv_cache", "kpe_cache"], [q_nope, q_pe, ckv_cache, kpe_cache])
+    if q_pe.shape[:2] != q_nope.shape[:2]:
+        raise ValueError(f"q_pe must have q_nope's (tokens, heads) = {tuple(q_nope.shape[:2])}, got "
+                         f"{tuple(q_pe.shape)}")
+    if q_nope.shape[1] < 1:
+        raise ValueError(f"q_nope must have at least one head, got shape {tuple(q_nope.shape)}")
+    _check_cache_pair(ckv_cache, kpe_cache)
+    if q_nope.shape[2] != ckv_cache.shape[2]:
+        raise ValueError(f"q_nope has kv_lora_rank {q_nope.shape[2]} but ckv_cache has {ckv_cache.shape[2]}")
+    if q_pe.shape[2] != kpe_cache.shape[2]:
+        raise ValueError(f"q_pe has rope_dim {q_pe.shape[2]} but kpe_cache has {kpe_cache.shape[2]}")
+
+
+def _check_cache_pair(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor) -> None:
+    """Two caches of the same blocks; ValueError for a rank or rope dim the kernels are not built for."""
+    num_blocks, block_size, rank = ckv_cache.shape
+    if kpe_cache.shape[:2] != (num_blocks, block_size):
+        raise ValueError(f"kpe_cache must have ckv_cache's (num_blocks, block_size) = {(num_blocks, block_size)}, "
+                         f"got {tuple(kpe_cache.shape)}")
+    if num_blocks < 1 or block_size < 1:
+        raise ValueError(f"ckv_cache: num_blocks and block_size must be >= 1, got {tuple(ckv_cache.shape)}")
+    if not _is_pow2_in(rank, 16, MAX_RANK):
+        raise ValueError(f"ckv_cache: kv_lora_rank must be a power of two in [16, {MAX_RANK}], got {rank}")
+    if not _is_pow2_in(kpe_cache.shape[2], 16, MAX_ROPE_DIM):
+        raise ValueError(f"kpe_cache: rope_dim must be a power of two in [16, {MAX_ROPE_DIM}], got "
+                         f"{kpe_cache.shape[2]}")
+
+
+def _check_required_scale(scale) -> float:
+    if scale is None:
+        raise TypeError("scale is required: MLA's softmax scale is the model's 1 / sqrt(qk_nope_head_dim + "
+                        "qk_rope_head_dim) before absorption (DeepSeek-V3: 1 / sqrt(192), times YaRN's mscale^2), "
+                        "which the absorbed head dims cannot tell")
+    return _utils.check_scale(scale, 1)
+
+
+def _last_dims_contiguous(*named: tuple[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [_utils.last_dim_contiguous(name, t) for name, t in named]
+
+
+# ---------------------------------------------------------------------------------------------------- cache write
+def _check_mla_slots(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None:
+    """Caches that can be written (no element at two indices) and every slot within the cache or -1 (one sync),
+    before any implementation runs (llmkern._dispatch)."""
+    _utils.check_writable("ckv_cache", ckv_cache)
+    _utils.check_writable("kpe_cache", kpe_cache)
+    _check_slot_range(slot_mapping, *ckv_cache.shape[:2])
+
+
+@_dispatch.custom_op("mla_kv_write", mutates_args=("ckv_cache", "kpe_cache"), reference=reference.mla_kv_write,
+                     check=_check_mla_slots, contiguous=("slot_mapping",))
+def _mla_kv_write_op(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    if ckv.shape[0] == 0:
+        return
+    _utils.launch(
+        kernels.mla_kv_write_kernel, (ckv.shape[0],),
+        ckv, kpe, ckv_cache, kpe_cache, slot_mapping,
+        ckv.stride(0), ckv.stride(1), kpe.stride(0), kpe.stride(1),
+        *ckv_cache.stride(), *kpe_cache.stride(),
+        ckv_cache.shape[1],
+        RANK=ckv.shape[1], ROPE_DIM=kpe.shape[1],
+    )
+
+
+@_mla_kv_write_op.register_fake
+def _(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None:
+    return None
+
+
+def mla_kv_write(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """Copy new tokens' latents into the MLA cache: ckv (num_tokens, kv_lora_rank) and kpe (num_tokens, rope_dim)
+    into slots `slot_mapping` (int64, num_tokens) of ckv_cache (num_blocks, block_size, kv_lora_rank) and kpe_cache
+    (num_blocks, block_size, rope_dim).
+
+    ckv is the normalised c^KV (after kv_a_layernorm in DeepSeek's code) and kpe the RoPE-rotated k^R, as the
+    attention ops read them. Slot s is block s // block_size, offset s % block_size; -1 skips the token (padding),
+    as vLLM's slot_mapping. Bit-exact copies: ckv and kpe must have the caches' dtype. Slots must be distinct. The
+    caches are written through their strides (any view that does not overlap itself, e.g. two slices of one
+    (num_blocks, block_size, kv_lora_rank + rope_dim) tensor; an expanded cache raises ValueError); slot_mapping may
+    be any view, read as its values. Raises TypeError/ValueError naming the argument before anything is written.
+    """
+    _utils.check_tensor("ckv", ckv, ndim=2, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("kpe", kpe, ndim=2, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("ckv_cache", ckv_cache, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("kpe_cache", kpe_cache, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_same(["ckv", "kpe", "ckv_cache", "kpe_cache"], [ckv, kpe, ckv_cache, kpe_cache])
+    _check_cache_pair(ckv_cache, kpe_cache)
+    if ckv.shape[1] != ckv_cache.shape[2] or kpe.shape[1] != kpe_cache.shape[2] or kpe.shape[0] != ckv.shape[0]:
+        raise ValueError(f"ckv must be (num_tokens, {ckv_cache.shape[2]}) and kpe (num_tokens, "
+                         f"{kpe_cache.shape[2]}) to match the caches, got {tuple(ckv.shape)} and {tuple(kpe.shape)}")
+    _check_index("slot_mapping", slot_mapping, 1, _SLOT_DTYPE, ckv)
+    if slot_mapping.shape[0] != ckv.shape[0]:
+        raise ValueError(f"slot_mapping must have one slot per token ({ckv.shape[0]}), got {slot_mapping.shape[0]}")
+    ckv, kpe = _last_dims_contiguous(("ckv", ckv), ("kpe", kpe))
+    _mla_kv_write_op(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+def _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, scale, *, decode: bool,
+            causal: bool, num_q_tiles: int, num_splits: int) -> torch.Tensor:
+    """Run mla_attention_kernel (and the split merge when num_splits > 1); returns out, shaped as q_nope."""
+    total_q, num_heads, rank = q_nope.shape
+    batch = seq_lens.shape[0]
+    out = torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
+    cfg = _config(num_heads, q_nope.dtype, decode)
+    split = num_splits > 1
+    if split:
+        part_o = torch.empty(total_q, num_heads, num_splits, rank, dtype=torch.float32, device=q_nope.device)
+        part_lse = torch.empty(total_q, num_heads, num_splits, dtype=torch.float32, device=q_nope.device)
+    else:  # never read: the kernel writes the output directly; these only fill the pointer/stride arguments
+        part_o = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q_nope.device)
+        part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q_nope.device)
+    head_tiles = _utils.cdiv(num_heads, cfg["BLOCK_H"])
+    _utils.launch(
+        kernels.mla_attention_kernel, (num_q_tiles * head_tiles, batch, num_splits),
+        q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, out, part_o, part_lse,
+        *q_nope.stride(), *q_pe.stride(), *ckv_cache.stride(), *kpe_cache.stride(), *block_tables.stride(),
+        *out.stride(), *part_o.stride(), *part_lse.stride(),
+        scale * math.log2(math.e), num_heads, ckv_cache.shape[1], num_splits,
+        RANK=rank, ROPE_DIM=q_pe.shape[2], DECODE=decode, CAUSAL=causal, SPLIT=split, INTERPRET=_utils.INTERPRET,
+        **cfg,
+    )
+    if split:   # the shared merge: the attention core's online softmax over the splits (kernels/paged_attention.py)
+        _utils.launch(
+            paged_decode_reduce_kernel, (total_q, num_heads),
+            part_o, part_lse, out, *part_o.stride(), *part_lse.stride(), *out.stride(), num_splits,
+            HEAD_DIM=rank, BLOCK_D=rank, num_warps=4,
+        )
+    return out
+
+
+def _check_decode_values(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, *options) -> None:
+    """Lengths and block ids (host syncs), before any implementation runs (llmkern._dispatch)."""
+    _check_tables(block_tables, seq_lens, ckv_cache.shape[0], ckv_cache.shape[1], min_len=1)
+
+
+def _mla_decode_reference(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, scale, num_splits):
+    return reference.mla_decode_attention(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, scale=scale)
+
+
+@_dispatch.custom_op("mla_decode_attention", mutates_args=(), reference=_mla_decode_reference,
+                     check=_check_decode_values, contiguous=("seq_lens",))
+def _mla_decode_op(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+    batch, num_heads, _ = q_nope.shape
+    if batch == 0:
+        return torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
+    if num_splits == 0:
+        head_tiles = _utils.cdiv(num_heads, _config(num_heads, q_nope.dtype, True)["BLOCK_H"])
+        num_splits = choose_num_splits(batch, head_tiles, int(seq_lens.max()), q_nope.device)
+    # DECODE: query b is row b, and the kernel never reads cu_seqlens_q (seq_lens fills the argument)
+    return _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, seq_lens, scale, decode=True,
+                   causal=False, num_q_tiles=1, num_splits=num_splits)
+
+
+@_mla_decode_op.register_fake
+def _(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, scale, num_splits):
+    return torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
+
+
+def mla_decode_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
+                         num_splits: int | None = None) -> torch.Tensor:
+    """One new token per sequence attends, with every head, to its whole cached latent sequence (its own ckv and
+    kpe already written with mla_kv_write).
+
+    q_nope (batch, num_heads, kv_lora_rank): the absorbed no-RoPE query part; q_pe (batch, num_heads, rope_dim): the
+    RoPE part; ckv_cache (num_blocks, block_size, kv_lora_rank), kpe_cache (num_blocks, block_size, rope_dim);
+    block_tables int32 (batch, max_blocks); seq_lens int32 (batch,), the cached length including the new token
+    (>= 1). Scores are scale * (q_nope . ckv + q_pe . kpe) (no mask: the new token sees every cached one), the
+    output softmax . ckv: (batch, num_heads, kv_lora_rank) in q_nope's dtype, fp32 accumulation. All dtypes equal
+    (fp16, bf16 or fp32).
+
+    scale (required, see the module docstring): a finite float with |scale| <= 2**127; 0 or a subnormal scale
+    weighs every key the same (llmkern._utils.check_scale). num_splits: programs per sequence (split-KV, merged by
+    their log-sum-exp), in [1, 256]; None picks one from the batch, the head tiles, the longest length and the SM
+    count. Every tensor may be any view (read through its strides; seq_lens as its values).
+
+    Raises TypeError for a non-tensor, a wrong dtype or a missing scale, ValueError for mismatched shapes, a
+    kv_lora_rank or rope_dim outside the supported powers of two, lengths outside the block tables or block ids
+    outside the cache, before any kernel runs.
+    """
+    _check_latent(q_nope, q_pe, ckv_cache, kpe_cache)
+    batch = q_nope.shape[0]
+    _check_index("block_tables", block_tables, 2, _INDEX_DTYPE, q_nope)
+    _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, q_nope)
+    if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
+        raise ValueError(f"block_tables ({tuple(block_tables.shape)}) and seq_lens ({tuple(seq_lens.shape)}) must "
+                         f"have one row per sequence of q_nope (batch {batch})")
+    scale = _check_required_scale(scale)
+    if num_splits is not None:
+        if not isinstance(num_splits, int) or isinstance(num_splits, bool):
+            raise TypeError(f"num_splits must be an int or None, got {num_splits!r}")
+        if not 1 <= num_splits <= _MAX_SPLITS:
+            raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}] (or None to choose), got {num_splits}")
+    tensors = _last_dims_contiguous(("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache),
+                                    ("kpe_cache", kpe_cache))
+    return _mla_decode_op(*tensors, block_tables, seq_lens, scale, 0 if num_splits is None else num_splits)
+
+
+def _check_prefill_values(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens,
+                          *options) -> None:
+    """cu_seqlens_q, lengths and block ids (host syncs), before any implementation runs (llmkern._dispatch)."""
+    _check_cu_seqlens(cu_seqlens_q, seq_lens, q_nope.shape[0])
+    if q_nope.shape[0]:
+        _check_tables(block_tables, seq_lens, ckv_cache.shape[0], ckv_cache.shape[1], min_len=0)
+
+
+def _mla_prefill_reference(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale):
+    return reference.mla_prefill_attention(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens,
+                                           scale=scale, causal=causal)
+
+
+@_dispatch.custom_op("mla_prefill_attention", mutates_args=(), reference=_mla_prefill_reference,
+                     check=_check_prefill_values, contiguous=("cu_seqlens_q", "seq_lens"))
+def _mla_prefill_op(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, causal: bool,
+                    scale: float) -> torch.Tensor:
+    if q_nope.shape[0] == 0:
+        return torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
+    max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    block_q = _config(q_nope.shape[1], q_nope.dtype, False)["BLOCK_Q"]
+    return _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, scale, decode=False,
+                   causal=causal, num_q_tiles=_utils.cdiv(max_q_len, block_q), num_splits=1)
+
+
+@_mla_prefill_op.register_fake
+def _(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale):
+    return torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
+
+
+def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+                          kpe_cache: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          seq_lens: torch.Tensor, *, scale: float, causal: bool = True) -> torch.Tensor:
+    """The newest tokens of each sequence attend to its cached latent prefix and, causally, to each other
+    (chunked prefill, prefix caching), in the absorbed form.
+
+    q_nope (total_q, num_heads, kv_lora_rank) and q_pe (total_q, num_heads, rope_dim) pack each sequence's new
+    tokens (rows cu_seqlens_q[b]:cu_seqlens_q[b+1], int32 (batch + 1,)); their ckv/kpe are already in the cache.
+    seq_lens int32 (batch,) is each sequence's total length, prefix plus new tokens, so new token i sits at position
+    seq_len - q_len + i and, with causal, sees keys up to that position (bottom-right alignment, as
+    paged_prefill_attention); causal=False: every token sees all seq_len keys. Returns (total_q, num_heads,
+    kv_lora_rank) in q_nope's dtype. Caches, block tables, scale, dtypes and layouts as mla_decode_attention.
+    (The absorbed form costs 2 x (2 x kv_lora_rank + rope_dim) FLOPs per head and key; for a long prompt with little
+    prefix, DeepSeek's own inference decompresses K and V instead, head dims 192 and 128: fewer FLOPs, more bytes.)
+
+    Raises as mla_decode_attention, and ValueError for cu_seqlens_q that does not run from 0 to total_q without
+    decreasing or a sequence with more new tokens than its length, before any kernel runs.
+    """
+    _check_latent(q_nope, q_pe, ckv_cache, kpe_cache)
+    _check_index("block_tables", block_tables, 2, _INDEX_DTYPE, q_nope)
+    _check_index("cu_seqlens_q", cu_seqlens_q, 1, _INDEX_DTYPE, q_nope)
+    _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, q_nope)
+    batch = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != batch + 1 or block_tables.shape[0] != batch:
+        raise ValueError(f"cu_seqlens_q must have batch + 1 entries and block_tables batch rows, for seq_lens' "
+                         f"batch {batch}; got {tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    scale = _check_required_scale(scale)
+    tensors = _last_dims_contiguous(("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache),
+                                    ("kpe_cache", kpe_cache))
+    return _mla_prefill_op(*tensors, block_tables, cu_seqlens_q, seq_lens, causal, scale)
+
+
+# ---------------------------------------------------------------------------------------------------- compile specs
+# 64-bit strides: token and block dimensions of big tensors; unit strides: the contiguous last dims (and the index
+# tensors' inner dims), as the launcher specializes them (see paged_attention's _WIDE_STRIDES).
+_WIDE = ("stride_qnt", "stride_qpt", "stride_ckb", "stride_kpb", "stride_btb", "stride_ot", "stride_pot",
+         "stride_plt", "stride_ct", "stride_pt", "stride_ccb", "stride_pcb")
+_UNIT = ("stride_qnd", "stride_qpd", "stride_ckd", "stride_kpd", "stride_od", "stride_pod", "stride_btn",
+         "stride_pls", "stride_cd", "stride_pd", "stride_ccd", "stride_pcd")
+
+
+def _attention_spec(dtype: torch.dtype, num_heads: int, *, decode: bool, causal: bool = False, split: bool = False,
+                    rank: int = 512, rope_dim: int = 64) -> CompileSpec:
+    cfg = _config(num_heads, dtype, decode)
+    stride_sig, unit = _strides(kernels.mla_attention_kernel, _WIDE, _UNIT)
+    sig = {"Q_NOPE": _ptr(dtype), "Q_PE": _ptr(dtype), "CKV": _ptr(dtype), "KPE": _ptr(dtype), "BT": "*i32:16",
+           "CU_Q": "*i32:16", "SEQ_LENS": "*i32:16", "O": _ptr(dtype), "PART_O": "*fp32:16", "PART_LSE": "*fp32:16",
+           **stride_sig, "qk_scale": "fp32", "num_heads": "i32", "block_size": "i32", "num_splits": "i32"}
+    const = {k: cfg[k] for k in ("BLOCK_H", "BLOCK_Q", "BLOCK_N")}
+    const.update(unit, RANK=rank, ROPE_DIM=rope_dim, DECODE=decode, CAUSAL=causal, SPLIT=split, INTERPRET=False)
+    kind = "decode" + (" split" if split else "") if decode else "prefill" + (" causal" if causal else "")
+    config = (f"{str(dtype)[6:]} r{rank}/{rope_dim} {kind} H{cfg['BLOCK_H']}xQ{cfg['BLOCK_Q']} BN{cfg['BLOCK_N']} "
+              f"w{cfg['num_warps']}")
+    return CompileSpec(kernels.mla_attention_kernel, "mla_attention", config, sig, const,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], expect_mma=dtype != torch.float32)
+
+
+@register
+def _compile_specs():
+    """Every tile the dispatcher can pick, at kv_lora_rank 512 / rope_dim 64 (the largest, DeepSeek's), plus smaller
+    ranks on the commonest tiles. The tile depends on (dtype, decode or prefill, heads): decode takes 16 rows for up
+    to 16 heads and 32 above (16-bit), prefill 32 rows as heads x tokens (H32xQ1 from 32 heads up, H16xQ2, and
+    H1xQ32 for one head); fp32 16 rows. Each decode tile in its split and direct epilogue; prefill causal (the
+    masked-rows softmax) and not. Then the split merge at the ranks' widths and the cache write."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for heads in ((16, 128) if dtype != torch.float32 else (16,)):
+            for split in (True, False):
+                yield _attention_spec(dtype, heads, decode=True, split=split)
+        for heads in ((128, 16, 1) if dtype == torch.float16 else (128,)):
+            yield _attention_spec(dtype, heads, decode=False, causal=True)
+        yield _attention_spec(dtype, 128, decode=False, causal=False)
+    for rank, rope_dim in ((256, 32), (64, 16)):
+        yield _attention_spec(torch.float16, 128, decode=True, split=True, rank=rank, rope_dim=rope_dim)
+        yield _attention_spec(torch.float16, 16, decode=False, causal=True, rank=rank, rope_dim=rope_dim)
+
+    kr = paged_decode_reduce_kernel
+    for rank in (512, 256, 64):
+        stride_sig, unit = _strides(kr)
+        sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*bf16:16", **stride_sig, "num_splits": "i32"}
+        yield CompileSpec(kr, "mla_decode_reduce", f"bf16 r{rank} w4", sig,
+                          {"HEAD_DIM": rank, "BLOCK_D": rank, **unit}, num_warps=4)
+
+    kw = kernels.mla_kv_write_kernel
+    for dtype, rank, rope_dim in ((torch.float16, 512, 64), (torch.bfloat16, 512, 64), (torch.float32, 256, 32)):
+        stride_sig, unit = _strides(kw, _WIDE, _UNIT)
+        sig = {"CKV": _ptr(dtype), "KPE": _ptr(dtype), "CKV_CACHE": _ptr(dtype), "KPE_CACHE": _ptr(dtype),
+               "SLOT": "*i64:16", **stride_sig, "block_size": "i32"}
+        yield CompileSpec(kw, "mla_kv_write", f"{str(dtype)[6:]} r{rank}/{rope_dim}", sig,
+                          {"RANK": rank, "ROPE_DIM": rope_dim, **unit})
