@@ -152,7 +152,8 @@ def _beam_kp(k: int) -> int:
 
 
 def _beam_topk_reference(logits, beam_scores, num_beams, k):
-    return tuple(t.to(logits.device) for t in reference.beam_topk(logits, beam_scores, num_beams, k))
+    # contiguous: the fake's layout (the reference's are column slices of the sorted (batch, beams * vocab) rows)
+    return tuple(t.to(logits.device).contiguous() for t in reference.beam_topk(logits, beam_scores, num_beams, k))
 
 
 @_dispatch.custom_op("beam_topk", mutates_args=(), reference=_beam_topk_reference)
