@@ -9,17 +9,18 @@ absorbed (W^UK folded into q, W^UV into the output projection), so for query row
 That is attention with one KV head of head_dim kv_lora_rank + rope_dim whose values are the first kv_lora_rank
 columns of its keys: the ckv tile, loaded once per step, is the B operand of both matmuls.
 
-Rows. A program's row tile packs BLOCK_Q query tokens x BLOCK_H heads of one sequence (row r: token
-r // BLOCK_H, head r % BLOCK_H of the program's head tile), so every head in the tile reads each latent byte once.
-Decode is BLOCK_Q = 1: the rows are heads only. The math between the loads is the shared attention core
-(kernels/attention.py): score_log2, key_range, mask_scores, the online softmax and its finish; a split's partial
-result is merged by paged_attention's reduce kernel (the core's online softmax over the splits).
+Rows. A program's row tile is BLOCK_M consecutive (query token, head) pairs of one sequence, token-major (row r of
+tile t: pair t * BLOCK_M + r, token pair // num_heads, head pair % num_heads), so every head in the tile reads each
+latent byte once, whatever the head count: decode (one token) fills the rows with heads, prefill with heads and then
+tokens. The math between the loads is the shared attention core (kernels/attention.py): score_log2, key_range,
+mask_scores, the online softmax and its finish; a split's partial result is merged by paged_attention's reduce
+kernel (the core's online softmax over the splits).
 
-The output accumulator is (BLOCK_Q * BLOCK_H) x kv_lora_rank fp32, whole in each program: kv_lora_rank is a
-constexpr power of two (no padded lanes), and the row tile is sized on the host (python/llmkern/mla.py) so that
-this accumulator and the q_nope operand fit the register file without spills (`llmkern check-compile`). More heads
-than one tile holds take several head tiles per (sequence, split); they are adjacent in the launch (axis 0, head
-tile fastest), so they stream the same latent tiles at about the same time.
+The output accumulator is BLOCK_M x kv_lora_rank fp32, whole in each program: kv_lora_rank is a constexpr power of
+two (no padded lanes), and BLOCK_M is chosen on the host (python/llmkern/mla.py) so that this accumulator and the
+q_nope operand fit the register file without spills (`llmkern check-compile`). More pairs than one tile holds take
+several tiles per (sequence, split), adjacent in the launch (axis 0), so they stream the same latent tiles at about
+the same time.
 """
 import triton
 import triton.language as tl
@@ -67,11 +68,10 @@ def mla_attention_kernel(
     stride_pot, stride_poh, stride_pos, stride_pod,
     stride_plt, stride_plh, stride_pls,
     qk_scale, num_heads, block_size, num_splits,
-    RANK: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    RANK: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DECODE: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Grid (num_q_tiles * num_head_tiles, batch, num_splits), head tile fastest on axis 0.
+    """Grid (cdiv(max q_len * num_heads, BLOCK_M), batch, num_splits).
 
     DECODE: sequence b has one query, row b of q (CU_Q is not read); else its queries are rows
     CU_Q[b]:CU_Q[b + 1]. Query i of q_len sits at position i + seq_len - q_len (bottom-right alignment) and with
@@ -80,9 +80,7 @@ def mla_attention_kernel(
     indexed by token, as O) for paged_decode_reduce_kernel, else the output to O. qk_scale = scale * log2(e).
     INTERPRET: fp32 tiles (see kernels/attention.py).
     """
-    head_tiles = tl.cdiv(num_heads, BLOCK_H)
-    h_tile = tl.program_id(0) % head_tiles
-    q_tile = tl.program_id(0) // head_tiles
+    tile = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -93,16 +91,20 @@ def mla_attention_kernel(
         q_start = tl.load(CU_Q + b)
         q_len = tl.load(CU_Q + b + 1) - q_start
     seq_len = tl.load(SEQ_LENS + b)
-    if q_tile * BLOCK_Q < q_len:
-        rows = tl.arange(0, BLOCK_Q * BLOCK_H)
-        i = q_tile * BLOCK_Q + rows // BLOCK_H
-        h = h_tile * BLOCK_H + rows % BLOCK_H
+    if tile * BLOCK_M < q_len * num_heads:
+        pair = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        if DECODE:   # one token: the rows are heads (a constant token lets the compiler drop its per-row math)
+            i = pair * 0
+            h = pair
+        else:
+            i = pair // num_heads
+            h = pair % num_heads
         row_ok = (i < q_len) & (h < num_heads)
         pos = i + (seq_len - q_len)
         tok = (q_start + i).to(tl.int64)
         r = tl.arange(0, RANK)
         p = tl.arange(0, ROPE_DIM)
-        # padding rows (past the heads or the tokens) load q = 0: finite scores, never stored
+        # padding rows (past the last token or head) load q = 0: finite scores, never stored
         q_nope = tl.load(Q_NOPE + tok[:, None] * stride_qnt + h[:, None] * stride_qnh + r[None, :] * stride_qnd,
                          mask=row_ok[:, None], other=0.0)
         q_pe = tl.load(Q_PE + tok[:, None] * stride_qpt + h[:, None] * stride_qph + p[None, :] * stride_qpd,
@@ -112,14 +114,14 @@ def mla_attention_kernel(
             q_pe = q_pe.to(tl.float32)
 
         # The keys this tile's tokens may see, then this split's share of them.
-        first_pos = q_tile * BLOCK_Q + (seq_len - q_len)
-        last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
+        first_pos = (tile * BLOCK_M) // num_heads + (seq_len - q_len)
+        last_pos = tl.minimum(((tile + 1) * BLOCK_M - 1) // num_heads, q_len - 1) + (seq_len - q_len)
         lo, _, _, hi = key_range(first_pos, last_pos, seq_len, 0, 0, False, CAUSAL, BLOCK_N)
         per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
         start = lo + split * per_split
         end = tl.minimum(start + per_split, hi)
 
-        m_i, l_i, acc = online_softmax_init(BLOCK_Q * BLOCK_H, RANK)
+        m_i, l_i, acc = online_softmax_init(BLOCK_M, RANK)
         bt_row = BT + b.to(tl.int64) * stride_btb
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)

@@ -20,8 +20,8 @@ through its strides.
   mla_prefill_attention   the newest tokens of each sequence over its cached prefix and each other (chunked
                           prefill), causal and bottom-right aligned as paged_prefill_attention
 
-Supported: fp16, bf16, fp32; kv_lora_rank a power of two in [16, 512] (DeepSeek-V2/V3 and Kimi K2: 512;
-MiniCPM3: 256); rope_dim a power of two in [16, 64] (64; MiniCPM3: 32); any number of heads. `scale` has no default:
+Supported: fp16, bf16, fp32; (kv_lora_rank, rope_dim) in SUPPORTED: (512, 64) of DeepSeek-V2/V3 and most MLA
+models, (256, 64) of Mistral Small 4, (256, 32) of MiniCPM3 (SUPPORTED's sources); any number of heads. `scale` has no default:
 it is the model's 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) from before the absorption (DeepSeek-V3:
 1 / sqrt(192)), times YaRN's mscale^2 where the model scales RoPE, which the absorbed shapes cannot tell.
 
@@ -48,39 +48,44 @@ from llmkern.kernels.paged_attention import paged_decode_reduce_kernel
 from llmkern.paged_attention import (_INDEX_DTYPE, _MAX_SPLITS, _SLOT_DTYPE, _check_cu_seqlens, _check_index,
                                      _check_slot_range, _check_tables, _ptr, _strides, choose_num_splits)
 
-MAX_RANK = 512       # kv_lora_rank: DeepSeek-V2/V3's 512 is the largest in use and the largest tile checked
-MAX_ROPE_DIM = 64    # rope_dim: DeepSeek's qk_rope_head_dim
+# (kv_lora_rank, rope_dim) pairs the kernels are built for, each with tiles of its own (`_config`), all
+# compile-checked: ptxas's register allocation does not shrink steadily with the rank (a tile that fits at 512
+# spilled at 256), so a pair is supported only once its tiles are checked. Sources: the defaults of kv_lora_rank and
+# qk_rope_head_dim in transformers' configuration files (5.x), whose docstrings name the checkpoint:
+#   (512, 64): deepseek_v2 (DeepSeek-V2-Lite), deepseek_v3, glm4_moe_lite, kimi_linear (Kimi-Linear-48B-A3B),
+#              longcat_flash (LongCat-Flash-Chat), mistral_large4 (Mistral-Large-4-1T-A52B);
+#   (256, 64): mistral4 (Mistral-Small-4-119B-2603);
+#   (256, 32): minicpm3 (MiniCPM3-4B).
+SUPPORTED = ((512, 64), (256, 64), (256, 32))
 
 
 # ---------------------------------------------------------------------------------------------------- configs
-def _config(num_heads: int, dtype: torch.dtype, decode: bool) -> dict:
-    """Tile sizes for mla_attention_kernel: a row tile of BLOCK_Q tokens x BLOCK_H heads, BLOCK_N keys a step.
+def _config(rank: int, num_heads: int, dtype: torch.dtype, decode: bool) -> dict:
+    """Tile sizes for mla_attention_kernel: BLOCK_M (query token, head) rows, BLOCK_N keys a step.
 
-    Rows: the fp32 output accumulator (rows x kv_lora_rank) and the q_nope operand (rows x kv_lora_rank, which an
-    sm_80 mma.sync keeps in registers for every warp that shares its rows) both grow with the row count. At
-    kv_lora_rank 512, 16-bit inputs: 32 rows with 8 warps compile without spills on sm_80 and sm_90 (triton 3.6 and
-    3.9), and 64 rows spill on sm_80; a decode tile of 16 heads or fewer takes 16 rows with 4 warps (8 warps spilled
-    8 bytes on sm_80). fp32 runs its IEEE dot on FMA units with both operands in registers: 16 rows, 8 warps.
-    Decode fills the rows with heads (BLOCK_Q = 1; 16 rows at least, the M of an MMA); prefill with heads first, then
-    tokens (BLOCK_H = heads up to the row count, BLOCK_Q the rest).
-    BLOCK_N: a (32 x 512) 16-bit ckv tile is 32 KiB, 64 KiB in flight with two stages; 64 keys spilled on sm_80.
+    The fp32 output accumulator (rows x kv_lora_rank) and the q_nope operand (rows x kv_lora_rank, which an sm_80
+    mma.sync keeps in registers for every warp that shares its rows) grow with the rows and the rank. Each choice
+    below compiles without spills on sm_80 and sm_90 with triton 3.6 and 3.9 (`llmkern check-compile`); the
+    alternatives that spilled are named, since ptxas, given a need just above 64, 80 or 128 registers, sometimes
+    caps the kernel there and spills a few bytes:
+      16-bit, rank 512: 32 rows with 8 warps (64 rows spilled on sm_80); a decode of 16 heads or fewer takes 16
+        rows (all its heads, the M of an MMA) with 4 warps (8 warps spilled 8 bytes on sm_80).
+      16-bit, rank 256: 32 rows with 4 warps (8 warps spilled 8 to 12 bytes).
+      fp32 runs its IEEE dot on FMA units with both operands in registers: 16 rows, 8 warps at rank 512, 4 at 256
+        (8 spilled 8 bytes on sm_80 with triton 3.6).
+    BLOCK_N: a (32 x 512) 16-bit ckv tile is 32 KiB, 64 KiB in flight with two stages (64 keys spilled on sm_80);
     fp32 halves it to keep the bytes.
     """
     if dtype == torch.float32:
-        rows, warps, block_n = 16, 8, 16
-    elif decode and num_heads <= 16:
-        rows, warps, block_n = 16, 4, 32
-    else:
-        rows, warps, block_n = 32, 8, 32
-    block_h = rows if decode else min(triton.next_power_of_2(num_heads), rows)
-    return dict(BLOCK_H=block_h, BLOCK_Q=rows // block_h, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if rank > 256 else 4, num_stages=2)
+    if rank <= 256:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    if decode and num_heads <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _is_pow2_in(n: int, lo: int, hi: int) -> bool:
-    return lo <= n <= hi and n & (n - 1) == 0
-
-
 def _check_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor) -> None:
     """Shapes, dtypes and devices of the queries and the two caches."""
     _utils.check_tensor("q_nope", q_nope, ndim=3, dtypes=_utils.FLOAT_DTYPES)
@@ -101,18 +106,16 @@ def _check_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Ten
 
 
 def _check_cache_pair(ckv_cache: torch.Tensor, kpe_cache: torch.Tensor) -> None:
-    """Two caches of the same blocks; ValueError for a rank or rope dim the kernels are not built for."""
+    """Two caches of the same blocks; ValueError for a (kv_lora_rank, rope_dim) the kernels are not built for."""
     num_blocks, block_size, rank = ckv_cache.shape
     if kpe_cache.shape[:2] != (num_blocks, block_size):
         raise ValueError(f"kpe_cache must have ckv_cache's (num_blocks, block_size) = {(num_blocks, block_size)}, "
                          f"got {tuple(kpe_cache.shape)}")
     if num_blocks < 1 or block_size < 1:
         raise ValueError(f"ckv_cache: num_blocks and block_size must be >= 1, got {tuple(ckv_cache.shape)}")
-    if not _is_pow2_in(rank, 16, MAX_RANK):
-        raise ValueError(f"ckv_cache: kv_lora_rank must be a power of two in [16, {MAX_RANK}], got {rank}")
-    if not _is_pow2_in(kpe_cache.shape[2], 16, MAX_ROPE_DIM):
-        raise ValueError(f"kpe_cache: rope_dim must be a power of two in [16, {MAX_ROPE_DIM}], got "
-                         f"{kpe_cache.shape[2]}")
+    if (rank, kpe_cache.shape[2]) not in SUPPORTED:
+        raise ValueError(f"ckv_cache, kpe_cache: (kv_lora_rank, rope_dim) = ({rank}, {kpe_cache.shape[2]}) is not "
+                         f"one the kernels are built for: {', '.join(map(str, SUPPORTED))}")
 
 
 def _check_required_scale(scale) -> float:
@@ -188,12 +191,12 @@ def mla_kv_write(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, 
 
 # ---------------------------------------------------------------------------------------------------- attention
 def _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, scale, *, decode: bool,
-            causal: bool, num_q_tiles: int, num_splits: int) -> torch.Tensor:
+            causal: bool, max_q_len: int, num_splits: int) -> torch.Tensor:
     """Run mla_attention_kernel (and the split merge when num_splits > 1); returns out, shaped as q_nope."""
     total_q, num_heads, rank = q_nope.shape
     batch = seq_lens.shape[0]
     out = torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
-    cfg = _config(num_heads, q_nope.dtype, decode)
+    cfg = _config(rank, num_heads, q_nope.dtype, decode)
     split = num_splits > 1
     if split:
         part_o = torch.empty(total_q, num_heads, num_splits, rank, dtype=torch.float32, device=q_nope.device)
@@ -201,9 +204,8 @@ def _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_
     else:  # never read: the kernel writes the output directly; these only fill the pointer/stride arguments
         part_o = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q_nope.device)
         part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q_nope.device)
-    head_tiles = _utils.cdiv(num_heads, cfg["BLOCK_H"])
     _utils.launch(
-        kernels.mla_attention_kernel, (num_q_tiles * head_tiles, batch, num_splits),
+        kernels.mla_attention_kernel, (_utils.cdiv(max_q_len * num_heads, cfg["BLOCK_M"]), batch, num_splits),
         q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, out, part_o, part_lse,
         *q_nope.stride(), *q_pe.stride(), *ckv_cache.stride(), *kpe_cache.stride(), *block_tables.stride(),
         *out.stride(), *part_o.stride(), *part_lse.stride(),
@@ -237,11 +239,11 @@ def _mla_decode_op(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Te
     if batch == 0:
         return torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
     if num_splits == 0:
-        head_tiles = _utils.cdiv(num_heads, _config(num_heads, q_nope.dtype, True)["BLOCK_H"])
-        num_splits = choose_num_splits(batch, head_tiles, int(seq_lens.max()), q_nope.device)
+        tiles = _utils.cdiv(num_heads, _config(q_nope.shape[2], num_heads, q_nope.dtype, True)["BLOCK_M"])
+        num_splits = choose_num_splits(batch, tiles, int(seq_lens.max()), q_nope.device)
     # DECODE: query b is row b, and the kernel never reads cu_seqlens_q (seq_lens fills the argument)
     return _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, seq_lens, scale, decode=True,
-                   causal=False, num_q_tiles=1, num_splits=num_splits)
+                   causal=False, max_q_len=1, num_splits=num_splits)
 
 
 @_mla_decode_op.register_fake
@@ -310,9 +312,8 @@ def _mla_prefill_op(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.T
     if q_nope.shape[0] == 0:
         return torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
     max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    block_q = _config(q_nope.shape[1], q_nope.dtype, False)["BLOCK_Q"]
     return _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, scale, decode=False,
-                   causal=causal, num_q_tiles=_utils.cdiv(max_q_len, block_q), num_splits=1)
+                   causal=causal, max_q_len=max_q_len, num_splits=1)
 
 
 @_mla_prefill_op.register_fake
@@ -365,47 +366,46 @@ _UNIT = ("stride_qnd", "stride_qpd", "stride_ckd", "stride_kpd", "stride_od", "s
 
 def _attention_spec(dtype: torch.dtype, num_heads: int, *, decode: bool, causal: bool = False, split: bool = False,
                     rank: int = 512, rope_dim: int = 64) -> CompileSpec:
-    cfg = _config(num_heads, dtype, decode)
+    cfg = _config(rank, num_heads, dtype, decode)
     stride_sig, unit = _strides(kernels.mla_attention_kernel, _WIDE, _UNIT)
     sig = {"Q_NOPE": _ptr(dtype), "Q_PE": _ptr(dtype), "CKV": _ptr(dtype), "KPE": _ptr(dtype), "BT": "*i32:16",
            "CU_Q": "*i32:16", "SEQ_LENS": "*i32:16", "O": _ptr(dtype), "PART_O": "*fp32:16", "PART_LSE": "*fp32:16",
            **stride_sig, "qk_scale": "fp32", "num_heads": "i32", "block_size": "i32", "num_splits": "i32"}
-    const = {k: cfg[k] for k in ("BLOCK_H", "BLOCK_Q", "BLOCK_N")}
-    const.update(unit, RANK=rank, ROPE_DIM=rope_dim, DECODE=decode, CAUSAL=causal, SPLIT=split, INTERPRET=False)
+    const = dict(unit, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], RANK=rank, ROPE_DIM=rope_dim, DECODE=decode,
+                 CAUSAL=causal, SPLIT=split, INTERPRET=False)
     kind = "decode" + (" split" if split else "") if decode else "prefill" + (" causal" if causal else "")
-    config = (f"{str(dtype)[6:]} r{rank}/{rope_dim} {kind} H{cfg['BLOCK_H']}xQ{cfg['BLOCK_Q']} BN{cfg['BLOCK_N']} "
-              f"w{cfg['num_warps']}")
+    config = f"{str(dtype)[6:]} r{rank}/{rope_dim} {kind} BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} w{cfg['num_warps']}"
     return CompileSpec(kernels.mla_attention_kernel, "mla_attention", config, sig, const,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], expect_mma=dtype != torch.float32)
 
 
 @register
 def _compile_specs():
-    """Every tile the dispatcher can pick, at kv_lora_rank 512 / rope_dim 64 (the largest, DeepSeek's), plus smaller
-    ranks on the commonest tiles. The tile depends on (dtype, decode or prefill, heads): decode takes 16 rows for up
-    to 16 heads and 32 above (16-bit), prefill 32 rows as heads x tokens (H32xQ1 from 32 heads up, H16xQ2, and
-    H1xQ32 for one head); fp32 16 rows. Each decode tile in its split and direct epilogue; prefill causal (the
-    masked-rows softmax) and not. Then the split merge at the ranks' widths and the cache write."""
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for heads in ((16, 128) if dtype != torch.float32 else (16,)):
-            for split in (True, False):
-                yield _attention_spec(dtype, heads, decode=True, split=split)
-        for heads in ((128, 16, 1) if dtype == torch.float16 else (128,)):
-            yield _attention_spec(dtype, heads, decode=False, causal=True)
-        yield _attention_spec(dtype, 128, decode=False, causal=False)
-    for rank, rope_dim in ((256, 32), (64, 16)):
-        yield _attention_spec(torch.float16, 128, decode=True, split=True, rank=rank, rope_dim=rope_dim)
-        yield _attention_spec(torch.float16, 16, decode=False, causal=True, rank=rank, rope_dim=rope_dim)
+    """Every tile the dispatcher can pick (`_config`: by rank, dtype, decode or prefill, and for a 16-bit decode at
+    rank 512 whether the heads fit 16 rows) for every supported (kv_lora_rank, rope_dim) (SUPPORTED), each decode
+    tile in its split and direct epilogue, prefill causal (the masked-rows softmax) and not. Then the split merge
+    at each rank and the cache write."""
+    for rank, rope_dim in SUPPORTED:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            seen = set()
+            for heads in (16, 128):    # the two decode tiles of rank 512 (one tile elsewhere: deduplicated)
+                cfg = tuple(_config(rank, heads, dtype, True).items())
+                if cfg not in seen:
+                    seen.add(cfg)
+                    for split in (True, False):
+                        yield _attention_spec(dtype, heads, decode=True, split=split, rank=rank, rope_dim=rope_dim)
+            for causal in (True, False):
+                yield _attention_spec(dtype, 128, decode=False, causal=causal, rank=rank, rope_dim=rope_dim)
 
     kr = paged_decode_reduce_kernel
-    for rank in (512, 256, 64):
+    for rank in sorted({rank for rank, _ in SUPPORTED}):
         stride_sig, unit = _strides(kr)
         sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*bf16:16", **stride_sig, "num_splits": "i32"}
         yield CompileSpec(kr, "mla_decode_reduce", f"bf16 r{rank} w4", sig,
                           {"HEAD_DIM": rank, "BLOCK_D": rank, **unit}, num_warps=4)
 
     kw = kernels.mla_kv_write_kernel
-    for dtype, rank, rope_dim in ((torch.float16, 512, 64), (torch.bfloat16, 512, 64), (torch.float32, 256, 32)):
+    for (rank, rope_dim), dtype in zip(SUPPORTED, (torch.bfloat16, torch.float16, torch.float32)):
         stride_sig, unit = _strides(kw, _WIDE, _UNIT)
         sig = {"CKV": _ptr(dtype), "KPE": _ptr(dtype), "CKV_CACHE": _ptr(dtype), "KPE_CACHE": _ptr(dtype),
                "SLOT": "*i64:16", **stride_sig, "block_size": "i32"}
