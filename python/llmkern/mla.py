@@ -21,9 +21,10 @@ through its strides.
                           prefill), causal and bottom-right aligned as paged_prefill_attention
 
 Supported: fp16, bf16, fp32; (kv_lora_rank, rope_dim) in SUPPORTED: (512, 64) of DeepSeek-V2/V3 and most MLA
-models, (256, 64) of Mistral Small 4, (256, 32) of MiniCPM3 (SUPPORTED's sources); any number of heads. `scale` has no default:
-it is the model's 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) from before the absorption (DeepSeek-V3:
-1 / sqrt(192)), times YaRN's mscale^2 where the model scales RoPE, which the absorbed shapes cannot tell.
+models, (256, 64) of Mistral Small 4, (256, 32) of MiniCPM3 (SUPPORTED's sources); any number of heads. `scale` has
+no default: it is the model's 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) from before the absorption
+(DeepSeek-V3: 1 / sqrt(192)), times YaRN's mscale^2 where the model scales RoPE, which the absorbed shapes cannot
+tell.
 
 CPU: with no GPU these ops run the Triton kernels under the interpreter (TRITON_INTERPRET=1) or else
 llmkern.reference; the C++ CPU backend (csrc/) has no MLA kernel yet.
@@ -45,8 +46,9 @@ from llmkern import _dispatch, _utils, reference
 from llmkern.compile_check import CompileSpec, register
 from llmkern.kernels import mla as kernels
 from llmkern.kernels.paged_attention import paged_decode_reduce_kernel
-from llmkern.paged_attention import (_INDEX_DTYPE, _MAX_SPLITS, _SLOT_DTYPE, _check_cu_seqlens, _check_index,
-                                     _check_slot_range, _check_tables, _ptr, _strides, choose_num_splits)
+from llmkern.paged_attention import (_SLOT_DTYPE, _check_cu_seqlens, _check_decode_args, _check_index,
+                                     _check_num_splits, _check_prefill_args, _check_slot_range, _check_tables,
+                                     _merge_splits, _ptr, _split_buffers, _strides, choose_num_splits)
 
 # (kv_lora_rank, rope_dim) pairs the kernels are built for, each with tiles of its own (`_config`), all
 # compile-checked: ptxas's register allocation does not shrink steadily with the rank (a tile that fits at 512
@@ -198,12 +200,7 @@ def _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_
     out = torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
     cfg = _config(rank, num_heads, q_nope.dtype, decode)
     split = num_splits > 1
-    if split:
-        part_o = torch.empty(total_q, num_heads, num_splits, rank, dtype=torch.float32, device=q_nope.device)
-        part_lse = torch.empty(total_q, num_heads, num_splits, dtype=torch.float32, device=q_nope.device)
-    else:  # never read: the kernel writes the output directly; these only fill the pointer/stride arguments
-        part_o = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q_nope.device)
-        part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q_nope.device)
+    part_o, part_lse = _split_buffers(total_q, num_heads, num_splits, rank, q_nope.device)
     _utils.launch(
         kernels.mla_attention_kernel, (_utils.cdiv(max_q_len * num_heads, cfg["BLOCK_M"]), batch, num_splits),
         q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, out, part_o, part_lse,
@@ -213,12 +210,8 @@ def _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_
         RANK=rank, ROPE_DIM=q_pe.shape[2], DECODE=decode, CAUSAL=causal, SPLIT=split, INTERPRET=_utils.INTERPRET,
         **cfg,
     )
-    if split:   # the shared merge: the attention core's online softmax over the splits (kernels/paged_attention.py)
-        _utils.launch(
-            paged_decode_reduce_kernel, (total_q, num_heads),
-            part_o, part_lse, out, *part_o.stride(), *part_lse.stride(), *out.stride(), num_splits,
-            HEAD_DIM=rank, BLOCK_D=rank, num_warps=4,
-        )
+    if split:   # paged decode's merge (the attention core's online softmax over the splits)
+        _merge_splits(part_o, part_lse, out, rank)
     return out
 
 
@@ -269,26 +262,17 @@ def mla_decode_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: to
     their log-sum-exp), in [1, 256]; None picks one from the batch, the head tiles, the longest length and the SM
     count. Every tensor may be any view (read through its strides; seq_lens as its values).
 
-    Raises TypeError for a non-tensor, a wrong dtype or a missing scale, ValueError for mismatched shapes, a
-    kv_lora_rank or rope_dim outside the supported powers of two, lengths outside the block tables or block ids
-    outside the cache, before any kernel runs.
+    Raises TypeError for a non-tensor, a wrong dtype, a missing scale or a non-int num_splits, ValueError for
+    mismatched shapes, a (kv_lora_rank, rope_dim) not in SUPPORTED, a scale or num_splits out of range, lengths
+    outside [1, the block table's capacity] or block ids outside the cache, before any kernel runs.
     """
     _check_latent(q_nope, q_pe, ckv_cache, kpe_cache)
-    batch = q_nope.shape[0]
-    _check_index("block_tables", block_tables, 2, _INDEX_DTYPE, q_nope)
-    _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, q_nope)
-    if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
-        raise ValueError(f"block_tables ({tuple(block_tables.shape)}) and seq_lens ({tuple(seq_lens.shape)}) must "
-                         f"have one row per sequence of q_nope (batch {batch})")
+    _check_decode_args("q_nope", q_nope, block_tables, seq_lens)
     scale = _check_required_scale(scale)
-    if num_splits is not None:
-        if not isinstance(num_splits, int) or isinstance(num_splits, bool):
-            raise TypeError(f"num_splits must be an int or None, got {num_splits!r}")
-        if not 1 <= num_splits <= _MAX_SPLITS:
-            raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}] (or None to choose), got {num_splits}")
+    splits = _check_num_splits(num_splits)
     tensors = _last_dims_contiguous(("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache),
                                     ("kpe_cache", kpe_cache))
-    return _mla_decode_op(*tensors, block_tables, seq_lens, scale, 0 if num_splits is None else num_splits)
+    return _mla_decode_op(*tensors, block_tables, seq_lens, scale, splits)
 
 
 def _check_prefill_values(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens,
@@ -340,15 +324,7 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: t
     decreasing or a sequence with more new tokens than its length, before any kernel runs.
     """
     _check_latent(q_nope, q_pe, ckv_cache, kpe_cache)
-    _check_index("block_tables", block_tables, 2, _INDEX_DTYPE, q_nope)
-    _check_index("cu_seqlens_q", cu_seqlens_q, 1, _INDEX_DTYPE, q_nope)
-    _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, q_nope)
-    batch = seq_lens.shape[0]
-    if cu_seqlens_q.shape[0] != batch + 1 or block_tables.shape[0] != batch:
-        raise ValueError(f"cu_seqlens_q must have batch + 1 entries and block_tables batch rows, for seq_lens' "
-                         f"batch {batch}; got {tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    _check_prefill_args(q_nope, block_tables, cu_seqlens_q, seq_lens, causal)
     scale = _check_required_scale(scale)
     tensors = _last_dims_contiguous(("q_nope", q_nope), ("q_pe", q_pe), ("ckv_cache", ckv_cache),
                                     ("kpe_cache", kpe_cache))

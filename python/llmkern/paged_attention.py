@@ -255,12 +255,7 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits == 0:
         num_splits = choose_num_splits(batch, num_kv_heads, int(seq_lens.max()), q.device)
     split = num_splits > 1
-    if split:
-        part_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    else:  # never read: the kernel writes the output directly; these only fill the pointer/stride arguments
-        part_o = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
+    part_o, part_lse = _split_buffers(batch, num_heads, num_splits, head_dim, q.device)
     has_softcap = softcap is not None
     _utils.launch(
         kernels.paged_decode_kernel, (batch, num_kv_heads, num_splits),
@@ -277,16 +272,30 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         INTERPRET=_utils.INTERPRET, **cfg,
     )
     if split:
-        _utils.launch(
-            kernels.paged_decode_reduce_kernel, (batch, num_heads),
-            part_o, part_lse, out,
-            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
-            part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], num_warps=4,
-        )
+        _merge_splits(part_o, part_lse, out, cfg["BLOCK_D"])
     return out
+
+
+def _split_buffers(rows: int, num_heads: int, num_splits: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
+    """Split-KV partials: fp32 (rows, num_heads, num_splits, head_dim) outputs and (rows, num_heads, num_splits)
+    base-2 log-sum-exps. With one split the kernels write the output directly and never read these: 1-element
+    tensors then, that only fill the pointer and stride arguments."""
+    if num_splits > 1:
+        return (torch.empty(rows, num_heads, num_splits, head_dim, dtype=torch.float32, device=device),
+                torch.empty(rows, num_heads, num_splits, dtype=torch.float32, device=device))
+    return (torch.empty(1, 1, 1, 1, dtype=torch.float32, device=device),
+            torch.empty(1, 1, 1, dtype=torch.float32, device=device))
+
+
+def _merge_splits(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, block_d: int) -> None:
+    """out (rows, num_heads, head_dim) = the split partials merged by their log-sum-exps (paged_decode_reduce_kernel:
+    the attention core's online softmax over the splits); block_d: head_dim's power-of-two tile."""
+    rows, num_heads, num_splits, head_dim = part_o.shape
+    _utils.launch(
+        kernels.paged_decode_reduce_kernel, (rows, num_heads),
+        part_o, part_lse, out, *part_o.stride(), *part_lse.stride(), *out.stride(), num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+    )
 
 
 @_paged_decode_op.register_fake
@@ -312,25 +321,36 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
     _check_heads(q, num_kv_heads, head_dim)
+    _check_decode_args("q", q, block_tables, seq_lens)
+    scale = _utils.check_scale(scale, head_dim)
+    softcap = _utils.check_softcap(softcap, scale)
+    left, right = _utils.check_window(window)
+    splits = _check_num_splits(num_splits)
+    q = _utils.last_dim_contiguous("q", q)
+    k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
+    v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
+    return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, left, right, splits)
+
+
+def _check_decode_args(q_name: str, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """A decode's index tensors: int32 on q's device, one table row and one length per query row (q_name's)."""
     batch = q.shape[0]
     _check_index("block_tables", block_tables, 2, _INDEX_DTYPE, q)
     _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, q)
     if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(f"block_tables ({tuple(block_tables.shape)}) and seq_lens ({tuple(seq_lens.shape)}) must "
-                         f"have one row per sequence of q (batch {batch})")
-    scale = _utils.check_scale(scale, head_dim)
-    softcap = _utils.check_softcap(softcap, scale)
-    left, right = _utils.check_window(window)
-    if num_splits is not None:
-        if not isinstance(num_splits, int) or isinstance(num_splits, bool):
-            raise TypeError(f"num_splits must be an int or None, got {num_splits!r}")
-        if not 1 <= num_splits <= _MAX_SPLITS:
-            raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}] (or None to choose), got {num_splits}")
-    q = _utils.last_dim_contiguous("q", q)
-    k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
-    v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
-    return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, left, right,
-                            0 if num_splits is None else num_splits)
+                         f"have one row per sequence of {q_name} (batch {batch})")
+
+
+def _check_num_splits(num_splits) -> int:
+    """num_splits: None (0 to the op: choose) or an int in [1, _MAX_SPLITS]."""
+    if num_splits is None:
+        return 0
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool):
+        raise TypeError(f"num_splits must be an int or None, got {num_splits!r}")
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}] (or None to choose), got {num_splits}")
+    return num_splits
 
 
 # ---------------------------------------------------------------------------------------------------- prefill
@@ -339,6 +359,21 @@ def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_l
     _check_cu_seqlens(cu_seqlens_q, seq_lens, q.shape[0])
     if q.shape[0]:
         _check_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], min_len=0)
+
+
+def _check_prefill_args(q: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        seq_lens: torch.Tensor, causal) -> None:
+    """A prefill's index tensors (int32 on q's device; batch + 1 offsets and batch table rows for seq_lens' batch)
+    and causal (a bool): the checks that need no sync."""
+    _check_index("block_tables", block_tables, 2, _INDEX_DTYPE, q)
+    _check_index("cu_seqlens_q", cu_seqlens_q, 1, _INDEX_DTYPE, q)
+    _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, q)
+    batch = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != batch + 1 or block_tables.shape[0] != batch:
+        raise ValueError(f"cu_seqlens_q must have batch + 1 entries and block_tables batch rows, for seq_lens' "
+                         f"batch {batch}; got {tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
 
 
 def _check_cu_seqlens(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, total_q: int) -> None:
@@ -419,15 +454,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
     _check_heads(q, num_kv_heads, head_dim)
-    _check_index("block_tables", block_tables, 2, _INDEX_DTYPE, q)
-    _check_index("cu_seqlens_q", cu_seqlens_q, 1, _INDEX_DTYPE, q)
-    _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, q)
-    batch = seq_lens.shape[0]
-    if cu_seqlens_q.shape[0] != batch + 1 or block_tables.shape[0] != batch:
-        raise ValueError(f"cu_seqlens_q must have batch + 1 entries and block_tables batch rows, for seq_lens' "
-                         f"batch {batch}; got {tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    _check_prefill_args(q, block_tables, cu_seqlens_q, seq_lens, causal)
     scale = _utils.check_scale(scale, head_dim)
     softcap = _utils.check_softcap(softcap, scale)
     left, right = _utils.check_window(window)
