@@ -24,7 +24,7 @@ Peers in the same run:
 MLA (DeepSeek-V3's multi-head latent attention, llmkern.mla_decode_attention): one latent cache of kv_lora_rank 512
 + rope 64 per token shared by every head, absorbed queries, 128 heads (one GPU) and 16 (DeepSeek-V3 split over 8
 GPUs by heads), batch 1/16/64 x context 8k and 64 x 32k, block_size 64 (FlashMLA's page). Bytes
-`perf.mla_decode_bytes`: the latents once (for all heads), q and o. Peers: torch_sdpa over the latents gathered into
+`perf.mla_attention_bytes`: the latents once (for all heads), q and o. Peers: torch_sdpa over the latents gathered into
 one contiguous (batch, 1, ctx, 576) key tensor whose first 512 columns are the values (one KV head for every query
 head, enable_gqa), and FlashInfer's BatchMLAPagedAttentionWrapper on the very same pages, when importable.
 
@@ -138,8 +138,8 @@ def _mla_cases(batch, ctx, h, dtype, device, flashinfer) -> Iterable[Case]:
     shape = dict(batch=batch, context=ctx, heads=h, kv_lora_rank=MLA_RANK, rope_dim=MLA_ROPE,
                  dtype=str(dtype).replace("torch.", ""))
     lens = [ctx] * batch
-    flops = perf.mla_decode_flops(lens, h, MLA_RANK, MLA_ROPE)
-    nbytes = perf.mla_decode_bytes(lens, h, MLA_RANK, MLA_ROPE, perf.dtype_bytes(dtype))
+    flops = perf.mla_attention_flops(sum(lens), h, MLA_RANK, MLA_ROPE)
+    nbytes = perf.mla_attention_bytes(sum(lens), batch, h, MLA_RANK, MLA_ROPE, perf.dtype_bytes(dtype))
     per_seq = -(-ctx // MLA_BLOCK_SIZE)
 
     def q_new():
