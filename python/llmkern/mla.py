@@ -29,18 +29,18 @@ tell.
 CPU: with no GPU these ops run the Triton kernels under the interpreter (TRITON_INTERPRET=1) or else
 llmkern.reference; the C++ CPU backend (csrc/) has no MLA kernel yet.
 
-Kernels (kernels/mla.py): one program owns a row tile of query tokens x heads of one sequence and one split of its
-keys; each step loads a tile of ckv and kpe once and uses the ckv tile twice, as the keys of the scores and as the
-values of the output. The row tile is sized so that its (rows x kv_lora_rank) fp32 output accumulator and its q_nope
-operand stay in registers (`_config`); more heads than a tile holds take more head tiles, each reading the latent
-cache (at 128 heads and 32 per tile, four times, adjacent in the launch so the repeats can hit L2).
+Kernels (kernels/mla.py): one program owns a row tile of BLOCK_M (query token, head) pairs of one sequence and one
+split of its keys; each step loads a tile of ckv and kpe once and uses the ckv tile twice, as the keys of the scores
+and as the values of the output. The row tile is sized so that its (rows x kv_lora_rank) fp32 output accumulator and
+its q_nope operand stay in registers (`_config`); more pairs than a tile holds take more tiles, each reading the
+latent cache (a decode at 128 heads and 32 rows per tile: four times, adjacent in the launch so that the repeats can
+hit L2).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import triton
 
 from llmkern import _dispatch, _utils, reference
 from llmkern.compile_check import CompileSpec, register
