@@ -13,14 +13,14 @@ next to the host path. What is timed:
   * CUDA: the real path, launches included. host_us is the wall time of CALLS back-to-back calls (the host is the
     bottleneck with tiny tensors: the GPU waits for each launch), stream_us the CUDA-event time of the same calls;
     host_us close to stream_us says the op is host-bound at this size.
-Each number is the median over ROUNDS rounds of CALLS calls, per call.
+Each number is per call, from the fastest of ROUNDS rounds of CALLS calls (timeit's rule: on a shared machine the
+fastest round is the one least disturbed by other processes; the median moved by half between runs on 2 busy cores).
 
     llmkern bench host [--json PATH]
 """
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -31,7 +31,7 @@ from llmkern import _utils
 from llmkern.bench.common import Case, device_name
 
 CALLS = 200
-ROUNDS = 7
+ROUNDS = 9
 
 
 @contextlib.contextmanager
@@ -210,7 +210,7 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
 
 # ----------------------------------------------------------------------------------------------- timing
 def host_us(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
-    """Median microseconds per call over ROUNDS rounds of CALLS calls: {"host_us"} on CPU (launches stubbed),
+    """Microseconds per call in the fastest of ROUNDS rounds of CALLS calls: {"host_us"} on CPU (launches stubbed),
     {"host_us", "stream_us"} on CUDA (wall time, CUDA events)."""
     cuda = device.type == "cuda"
     walls, streams = [], []
@@ -229,9 +229,9 @@ def host_us(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
                 end.record()
                 end.synchronize()
                 streams.append(start.elapsed_time(end) * 1e3 / CALLS)
-    out = {"host_us": statistics.median(walls)}
+    out = {"host_us": min(walls)}
     if cuda:
-        out["stream_us"] = statistics.median(streams)
+        out["stream_us"] = min(streams)
     return out
 
 
