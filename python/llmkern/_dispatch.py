@@ -63,6 +63,8 @@ class Op:
         self._call = self.overload._op     # the dispatcher entry itself: no Python frame of OpOverload.__call__
 
     def __call__(self, *args):
+        if torch.compiler.is_compiling():   # dynamo traces the OpOverload, not the raw dispatcher entry
+            return self.overload(*args)
         return self._call(*args)
 
     def register_fake(self, fake: Callable) -> Callable:
