@@ -83,7 +83,7 @@ def _calls(device: torch.device) -> Iterable[tuple[str, dict[str, Any], Callable
             return lambda: mod(x)
         return build
 
-    def sampler(tensor_params: bool, probs: bool = False):
+    def sampler(tensor_params: bool, probs: bool = False, prebuilt: bool = False):
         def build():
             logits = _randn(tokens, vocab, device=device)
             if tensor_params:
@@ -92,6 +92,8 @@ def _calls(device: torch.device) -> Iterable[tuple[str, dict[str, Any], Callable
                               top_p=torch.full((tokens,), 0.9, device=device),
                               min_p=torch.zeros(tokens, device=device))
                 seed = torch.arange(tokens, dtype=torch.int64, device=device)
+                if prebuilt:   # checked once, as a decode loop builds them (llmkern.SamplingParams)
+                    params = dict(params=llmkern.SamplingParams(**params, batch=tokens, device=device))
             else:
                 params, seed = dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.0), 1234
             if probs:
@@ -172,8 +174,11 @@ def _calls(device: torch.device) -> Iterable[tuple[str, dict[str, Any], Callable
     yield "QuantLinear", dict(m=1, k=hidden, n=hidden, bits=4), quant_linear(1)
     yield "sample", dict(batch=tokens, vocab=vocab, params="scalar"), sampler(False)
     yield "sample", dict(batch=tokens, vocab=vocab, params="tensor"), sampler(True)
+    yield "sample", dict(batch=tokens, vocab=vocab, params="SamplingParams"), sampler(True, prebuilt=True)
     yield "sampling_probs", dict(batch=tokens, vocab=vocab, params="scalar"), sampler(False, probs=True)
     yield "sampling_probs", dict(batch=tokens, vocab=vocab, params="tensor"), sampler(True, probs=True)
+    yield "sampling_probs", dict(batch=tokens, vocab=vocab, params="SamplingParams"), \
+        sampler(True, probs=True, prebuilt=True)
     yield "apply_penalties", dict(batch=tokens, vocab=vocab, history=64, params="scalar"), penalties(False)
     yield "apply_penalties", dict(batch=tokens, vocab=vocab, history=64, params="tensor"), penalties(True)
     yield "speculative_sample", dict(batch=tokens, k=4, vocab=vocab), speculative
