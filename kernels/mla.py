@@ -13,8 +13,8 @@ Rows. A program's row tile is BLOCK_M consecutive (query token, head) pairs of o
 tile t: pair t * BLOCK_M + r, token pair // num_heads, head pair % num_heads), so every head in the tile reads each
 latent byte once, whatever the head count: decode (one token) fills the rows with heads, prefill with heads and then
 tokens. The math between the loads is the shared attention core (kernels/attention.py): score_log2, key_range,
-mask_scores, the online softmax and its finish; a split's partial result is merged by paged_attention's reduce
-kernel (the core's online softmax over the splits).
+mask_scores, the online softmax and its finish; a split's partial result is merged by paged attention's reduce
+kernel, paged_attention_reduce_kernel (the core's online softmax over the splits).
 
 The output accumulator is BLOCK_M x kv_lora_rank fp32, whole in each program: kv_lora_rank is a constexpr power of
 two (no padded lanes), and BLOCK_M is chosen on the host (python/llmkern/mla.py) so that this accumulator and the
@@ -37,14 +37,16 @@ def mla_kv_write_kernel(
     stride_ct, stride_cd, stride_pt, stride_pd,
     stride_ccb, stride_cct, stride_ccd,
     stride_pcb, stride_pct, stride_pcd,
-    block_size,
+    block_size, num_slots,
     RANK: tl.constexpr, ROPE_DIM: tl.constexpr,
 ):
     """One program per token: copies its ckv (RANK) and kpe (ROPE_DIM) rows into its cache slot, bit-exact.
-    A slot of -1 means padding: nothing is written."""
+
+    Only slots in [0, num_slots) are written (num_slots = num_blocks * block_size): -1, vLLM's padding slot, and any
+    other slot outside the cache write nothing, so the host needs no sync to read the slots (as paged_kv_write)."""
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOT + tok)
-    if slot >= 0:
+    if (slot >= 0) & (slot < num_slots):
         blk = slot // block_size
         off = slot % block_size
         r = tl.arange(0, RANK)
@@ -77,7 +79,8 @@ def mla_attention_kernel(
     CU_Q[b]:CU_Q[b + 1]. Query i of q_len sits at position i + seq_len - q_len (bottom-right alignment) and with
     CAUSAL sees keys j <= its position, else all seq_len keys. Each split takes an equal BLOCK_N-aligned share of
     the tile's key range; SPLIT writes the normalised partial output and its base-2 lse to PART_O/PART_LSE (rows
-    indexed by token, as O) for paged_decode_reduce_kernel, else the output to O. qk_scale = scale * log2(e).
+    indexed by token and split: the host lays them out as the reduce's slots) for paged_attention_reduce_kernel,
+    else the output to O. qk_scale = scale * log2(e).
     INTERPRET: fp32 tiles (see kernels/attention.py).
     """
     tile = tl.program_id(0)

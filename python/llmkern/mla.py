@@ -45,10 +45,10 @@ import torch
 from llmkern import _dispatch, _utils, reference
 from llmkern.compile_check import CompileSpec, register
 from llmkern.kernels import mla as kernels
-from llmkern.kernels.paged_attention import paged_decode_reduce_kernel
-from llmkern.paged_attention import (_SLOT_DTYPE, _check_cu_seqlens, _check_decode_args, _check_index,
-                                     _check_num_splits, _check_prefill_args, _check_slot_range, _check_tables,
-                                     _merge_splits, _ptr, _split_buffers, _strides, choose_num_splits)
+from llmkern.kernels.paged_attention import REDUCE_FIELDS, paged_attention_reduce_kernel
+from llmkern.paged_attention import (_SLOT_DTYPE, _check_decode_args, _check_index, _check_num_splits,
+                                     _check_prefill_args, _merge_splits, _ptr, _read_tables, _strides,
+                                     _validate_tables, choose_num_splits)
 
 # (kv_lora_rank, rope_dim) pairs the kernels are built for, each with tiles of its own (`_config`), all
 # compile-checked: ptxas's register allocation does not shrink steadily with the rank (a tile that fits at 512
@@ -133,16 +133,15 @@ def _last_dims_contiguous(*named: tuple[str, torch.Tensor]) -> list[torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------- cache write
-def _check_mla_slots(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None:
-    """Caches that can be written (no element at two indices) and every slot within the cache or -1 (one sync),
-    before any implementation runs (llmkern._dispatch)."""
+def _check_writable_caches(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None:
+    """Caches that can be written (no element at two indices: strides only, no sync). Slots need no check: the
+    kernel writes only those inside the cache, as paged_kv_write's."""
     _utils.check_writable("ckv_cache", ckv_cache)
     _utils.check_writable("kpe_cache", kpe_cache)
-    _check_slot_range(slot_mapping, *ckv_cache.shape[:2])
 
 
 @_dispatch.custom_op("mla_kv_write", mutates_args=("ckv_cache", "kpe_cache"), reference=reference.mla_kv_write,
-                     check=_check_mla_slots, contiguous=("slot_mapping",))
+                     check=_check_writable_caches, contiguous=("slot_mapping",))
 def _mla_kv_write_op(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
                      slot_mapping: torch.Tensor) -> None:
     if ckv.shape[0] == 0:
@@ -152,7 +151,7 @@ def _mla_kv_write_op(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tens
         ckv, kpe, ckv_cache, kpe_cache, slot_mapping,
         ckv.stride(0), ckv.stride(1), kpe.stride(0), kpe.stride(1),
         *ckv_cache.stride(), *kpe_cache.stride(),
-        ckv_cache.shape[1],
+        ckv_cache.shape[1], ckv_cache.shape[0] * ckv_cache.shape[1],
         RANK=ckv.shape[1], ROPE_DIM=kpe.shape[1],
     )
 
@@ -169,8 +168,10 @@ def mla_kv_write(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, 
     (num_blocks, block_size, rope_dim).
 
     ckv is the normalised c^KV (after kv_a_layernorm in DeepSeek's code) and kpe the RoPE-rotated k^R, as the
-    attention ops read them. Slot s is block s // block_size, offset s % block_size; -1 skips the token (padding),
-    as vLLM's slot_mapping. Bit-exact copies: ckv and kpe must have the caches' dtype. Slots must be distinct. The
+    attention ops read them. Slot s is block s // block_size, offset s % block_size. Only slots in
+    [0, num_blocks * block_size) are written: -1 (vLLM's padding slot) and any other slot outside the cache leave
+    the cache untouched for that token, without an error (no sync: the values are never read on the host), as
+    paged_kv_write. Bit-exact copies: ckv and kpe must have the caches' dtype. Slots must be distinct. The
     caches are written through their strides (any view that does not overlap itself, e.g. two slices of one
     (num_blocks, block_size, kv_lora_rank + rope_dim) tensor; an expanded cache raises ValueError); slot_mapping may
     be any view, read as its values. Raises TypeError/ValueError naming the argument before anything is written.
@@ -200,24 +201,43 @@ def _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_
     out = torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
     cfg = _config(rank, num_heads, q_nope.dtype, decode)
     split = num_splits > 1
-    part_o, part_lse = _split_buffers(total_q, num_heads, num_splits, rank, q_nope.device)
+    # Split partials (decode only): token b's split s is slot b * num_splits + s of paged attention's merge, which
+    # reads them as (slots, num_heads, ...). Unsplit, the kernel writes out directly: 1-element stand-ins.
+    shape = (total_q, num_splits, num_heads) if split else (1, 1, 1)
+    part_o = torch.empty(*shape, rank if split else 1, dtype=torch.float32, device=q_nope.device)
+    part_lse = torch.empty(shape, dtype=torch.float32, device=q_nope.device)
     _utils.launch(
         kernels.mla_attention_kernel, (_utils.cdiv(max_q_len * num_heads, cfg["BLOCK_M"]), batch, num_splits),
         q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, out, part_o, part_lse,
         *q_nope.stride(), *q_pe.stride(), *ckv_cache.stride(), *kpe_cache.stride(), *block_tables.stride(),
-        *out.stride(), *part_o.stride(), *part_lse.stride(),
+        *out.stride(), *part_o.transpose(1, 2).stride(), *part_lse.transpose(1, 2).stride(),
         scale * math.log2(math.e), num_heads, ckv_cache.shape[1], num_splits,
         RANK=rank, ROPE_DIM=q_pe.shape[2], DECODE=decode, CAUSAL=causal, SPLIT=split, INTERPRET=_utils.INTERPRET,
         **cfg,
     )
-    if split:   # paged decode's merge (the attention core's online softmax over the splits)
-        _merge_splits(part_o, part_lse, out, rank)
+    if split:   # paged attention's merge (the attention core's online softmax over the splits)
+        _merge_splits(part_o.flatten(0, 1), part_lse.flatten(0, 1), out, _reduce_schedule(total_q, num_splits,
+                                                                                         q_nope.device), total_q)
     return out
 
 
+def _reduce_schedule(batch: int, num_splits: int, device) -> torch.Tensor:
+    """The merge's int32 schedule for a decode split evenly (kernels/paged_attention.py): [unused, batch rows],
+    then per token b the reduce row (output row b, first slot b * num_splits, num_splits). Built on the device,
+    without a sync."""
+    sched = torch.empty(2 + REDUCE_FIELDS.value * batch, dtype=torch.int32, device=device)
+    sched[0], sched[1] = 0, batch
+    rows = sched[2:].view(batch, REDUCE_FIELDS.value)
+    rows[:, 0] = torch.arange(batch, dtype=torch.int32, device=device)
+    rows[:, 1] = rows[:, 0] * num_splits
+    rows[:, 2] = num_splits
+    return sched
+
+
 def _check_decode_values(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, *options) -> None:
-    """Lengths and block ids (host syncs), before any implementation runs (llmkern._dispatch)."""
-    _check_tables(block_tables, seq_lens, ckv_cache.shape[0], ckv_cache.shape[1], min_len=1)
+    """Lengths and block ids (one host sync, paged attention's table checks), before any implementation runs
+    (llmkern._dispatch)."""
+    _validate_tables(_read_tables(block_tables, seq_lens, None), ckv_cache.shape[0], ckv_cache.shape[1])
 
 
 def _mla_decode_reference(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, scale, num_splits):
@@ -277,10 +297,10 @@ def mla_decode_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: to
 
 def _check_prefill_values(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens,
                           *options) -> None:
-    """cu_seqlens_q, lengths and block ids (host syncs), before any implementation runs (llmkern._dispatch)."""
-    _check_cu_seqlens(cu_seqlens_q, seq_lens, q_nope.shape[0])
-    if q_nope.shape[0]:
-        _check_tables(block_tables, seq_lens, ckv_cache.shape[0], ckv_cache.shape[1], min_len=0)
+    """cu_seqlens_q, lengths and block ids (one host sync, paged attention's table checks), before any
+    implementation runs (llmkern._dispatch)."""
+    _validate_tables(_read_tables(block_tables, seq_lens, cu_seqlens_q), ckv_cache.shape[0], ckv_cache.shape[1],
+                     total_q=q_nope.shape[0])
 
 
 def _mla_prefill_reference(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale):
@@ -373,10 +393,11 @@ def _compile_specs():
             for causal in (True, False):
                 yield _attention_spec(dtype, 128, decode=False, causal=causal, rank=rank, rope_dim=rope_dim)
 
-    kr = paged_decode_reduce_kernel
+    kr = paged_attention_reduce_kernel
     for rank in sorted({rank for rank, _ in SUPPORTED}):
         stride_sig, unit = _strides(kr)
-        sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*bf16:16", **stride_sig, "num_splits": "i32"}
+        sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*bf16:16", "SCHEDULE": "*i32:16",
+               "off_reduce": "i32", **stride_sig}
         yield CompileSpec(kr, "mla_decode_reduce", f"bf16 r{rank} w4", sig,
                           {"HEAD_DIM": rank, "BLOCK_D": rank, **unit}, num_warps=4)
 
@@ -384,6 +405,6 @@ def _compile_specs():
     for (rank, rope_dim), dtype in zip(SUPPORTED, (torch.bfloat16, torch.float16, torch.float32)):
         stride_sig, unit = _strides(kw, _WIDE, _UNIT)
         sig = {"CKV": _ptr(dtype), "KPE": _ptr(dtype), "CKV_CACHE": _ptr(dtype), "KPE_CACHE": _ptr(dtype),
-               "SLOT": "*i64:16", **stride_sig, "block_size": "i32"}
+               "SLOT": "*i64:16", **stride_sig, "block_size": "i32", "num_slots": "i64"}
         yield CompileSpec(kw, "mla_kv_write", f"{str(dtype)[6:]} r{rank}/{rope_dim}", sig,
                           {"RANK": rank, "ROPE_DIM": rope_dim, **unit})

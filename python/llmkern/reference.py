@@ -167,9 +167,10 @@ def paged_gather(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
 
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """In place: token i of k, v goes to slot slot_mapping[i] (block * block_size + offset); -1 skips it."""
+    """In place: token i of k, v goes to slot slot_mapping[i] (block * block_size + offset); a slot outside
+    [0, num_blocks * block_size), -1 (padding) included, skips its token."""
     block_size = k_cache.shape[1]
-    keep = slot_mapping >= 0
+    keep = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * block_size)
     slots = slot_mapping[keep].to(torch.int64)
     k_cache[slots // block_size, slots % block_size] = k[keep].to(k_cache.dtype)
     v_cache[slots // block_size, slots % block_size] = v[keep].to(v_cache.dtype)
@@ -238,9 +239,10 @@ def _mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, 
 def mla_kv_write(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     """In place: token i's ckv (rank,) and kpe (rope_dim,) go to slot slot_mapping[i] (block * block_size +
-    offset) of the (num_blocks, block_size, rank) and (num_blocks, block_size, rope_dim) caches; -1 skips it."""
+    offset) of the (num_blocks, block_size, rank) and (num_blocks, block_size, rope_dim) caches; a slot outside
+    [0, num_blocks * block_size), -1 (padding) included, skips its token."""
     block_size = ckv_cache.shape[1]
-    keep = slot_mapping >= 0
+    keep = (slot_mapping >= 0) & (slot_mapping < ckv_cache.shape[0] * block_size)
     slots = slot_mapping[keep].to(torch.int64)
     ckv_cache[slots // block_size, slots % block_size] = ckv[keep].to(ckv_cache.dtype)
     kpe_cache[slots // block_size, slots % block_size] = kpe[keep].to(kpe_cache.dtype)
