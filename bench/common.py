@@ -43,6 +43,9 @@ class Case:
     make: Callable[[], Callable[[], Any]]    # builds the inputs, returns the function to time
     tensor_cores: bool = True                # which compute peak bounds this op
     note: str = ""
+    # More measurements of the timed function (e.g. host time per call), taken after the timing and merged into
+    # the record: metrics(fn, device) -> {name: value}
+    metrics: Callable[[Callable[[], Any], torch.device], dict[str, Any]] | None = None
 
     @property
     def label(self) -> str:
@@ -130,11 +133,12 @@ def run_case(case: Case, device: torch.device) -> dict[str, Any]:
     fn = case.make()
     try:
         ms = time_ms(fn, device)
+        extra = case.metrics(fn, device) if case.metrics is not None else {}
     finally:
         del fn
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return to_record(case, ms, device)
+    return {**to_record(case, ms, device), **extra}
 
 
 def run_suite(cases: Iterable[Case], device: torch.device, *, log: Callable[[str], None] = print) -> list[dict]:

@@ -237,8 +237,7 @@ class ModelRunner:
         plan = self._plan(block_tables, seq_lens, cu_q)
         hidden, residual = self._body(tokens, positions, plan, slots, None)
         if not all_logits:
-            last = torch.tensor([n - 1 for n in itertools.accumulate(q_lens)], dtype=torch.int64,
-                                device=tokens.device)
+            last = _utils.to_device(torch.tensor([n - 1 for n in itertools.accumulate(q_lens)]), tokens.device)
             hidden, residual = hidden[last], residual[last]
         return self._logits(hidden, residual)
 
@@ -249,8 +248,8 @@ class ModelRunner:
         lens = [self.cache.seq_len(i) if i in self.cache else 0 for i in ids]
         new = [seqs[i][n:] for i, n in zip(ids, lens)]
         slots = torch.cat([self.cache.append(i, len(t)) for i, t in zip(ids, new)])
-        tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.int64, device=self.device)
-        positions = torch.cat([torch.arange(n, n + len(t)) for n, t in zip(lens, new)]).to(self.device)
+        tokens = _utils.to_device(torch.tensor([t for ts in new for t in ts], dtype=torch.int64), self.device)
+        positions = _utils.to_device(torch.cat([torch.arange(n, n + len(t)) for n, t in zip(lens, new)]), self.device)
         return self.forward(tokens, positions, ids, [len(t) for t in new], slots, all_logits=all_logits)
 
     # ------------------------------------------------------------------------------------------------ decode steps
@@ -311,17 +310,16 @@ class _DecodeStep:
     def prepare(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, tokens: Sequence[int],
                 positions: Sequence[int], seeds: torch.Tensor | None) -> None:
         """Host side: the plan refreshed in place and the inputs copied into the static buffers (rows past the
-        batch keep stale, valid values: padding whose results are never read)."""
+        batch get token 0 at position 0: padding, whose K/V the plan's slot_mapping never writes and whose results
+        are never read)."""
         n = len(tokens)
         self.plan.update(block_tables, seq_lens)
-        stage = torch.zeros(3, n, dtype=torch.int64)
-        stage[0] = torch.tensor(list(tokens), dtype=torch.int64)
-        stage[1] = torch.tensor(list(positions), dtype=torch.int64)
+        stage = torch.zeros(3, self.size, dtype=torch.int64)
+        stage[0, :n] = torch.tensor(list(tokens), dtype=torch.int64)
+        stage[1, :n] = torch.tensor(list(positions), dtype=torch.int64)
         if seeds is not None:
-            stage[2] = seeds
-        if self.inputs.device.type == "cuda":
-            stage = stage.pin_memory()
-        self.inputs[:, :n].copy_(stage, non_blocking=True)
+            stage[2, :n] = seeds
+        _utils.copy_async(self.inputs, stage)
 
     def body(self) -> None:
         """Device side: the whole step on the static buffers (no host sync, no shape that depends on the batch)."""
