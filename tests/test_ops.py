@@ -57,6 +57,19 @@ def _paged_prefill_attention(device):
     return [(_randn(5, 4, 32, device=device, seed=2), kc, vc, bt, cu, sl, True, 0.2, None, -1, -1)]
 
 
+def _paged_attention(device):
+    """A plan's run: a mixed step (2 and 3 new tokens: prefill tiles) and a decode step (decode tiles), no splits
+    (the reference slot computes no partials, so the workspace must stay as it was to compare)."""
+    kc, vc, bt, sl = _paged(device)
+    cases = []
+    for cu, rows in ((_ints([0, 2, 5], torch.int32, device), 5), (None, 2)):
+        plan = llmkern.PagedAttentionPlan(bt, sl, cu, num_heads=4, num_kv_heads=2, head_dim=32, num_blocks=5,
+                                          block_size=16, dtype=torch.float32, num_splits=1)
+        q = _randn(rows, 4, 32, device=device, seed=2)
+        cases.append(plan._op_args(q, kc, vc, torch.zeros_like(q), 0.2, None, -1, 0))
+    return cases
+
+
 def _rms_norm(device):
     return [(_randn(3, 64, device=device), _randn(64, device=device, seed=1), 1e-6, 0.0, "llama")]
 
@@ -124,6 +137,7 @@ def _fused_moe(device):
 # op name -> its argument tuples (schema order); the in-place rope_ takes rope's
 CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_kv_write": _paged_kv_write,
          "paged_decode_attention": _paged_decode_attention, "paged_prefill_attention": _paged_prefill_attention,
+         "paged_attention": _paged_attention,
          "rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "rope_": _rope, "sample": _sample,
          "sampling_probs": _sampling_probs, "quant_matmul": _quant_matmul, "moe_topk": _moe_topk,
          "fused_moe": _fused_moe, "speculative_sample": _speculative_sample, "beam_topk": _beam_topk,
@@ -182,8 +196,8 @@ def test_cpu_slot_order(monkeypatch):
 
 
 def test_cpu_backend_gets_schema_arguments_after_checks(monkeypatch):
-    """A C++ kernel receives exactly the op's schema arguments and its result is the op's; the op's value checks run
-    before it (a slot outside the cache never reaches it)."""
+    """A C++ kernel receives exactly the op's schema arguments and its result is the op's; the op's checks run
+    before it (a cache that overlaps itself never reaches it)."""
     calls = []
 
     def fake_kernel(*args):
@@ -198,6 +212,40 @@ def test_cpu_backend_gets_schema_arguments_after_checks(monkeypatch):
     assert len(calls) == 1 and len(calls[0]) == 5
     assert calls[0][4].data_ptr() == slots.data_ptr() and calls[0][2].data_ptr() == kc.data_ptr()
     assert bool((kc == 7.0).all())
-    with pytest.raises(ValueError, match="slot_mapping"):
-        llmkern.paged_kv_write(k, k, kc, vc, _ints([3, 5 * 16], torch.int64, "cpu"))
+    with pytest.raises(ValueError, match="k_cache is written in place"):
+        llmkern.paged_kv_write(k, k, kc[:1].expand(kc.shape), vc, slots)
     assert len(calls) == 1
+
+
+def _fake_outputs(op, args) -> list:
+    """The op's outputs under a FakeTensorMode: the shapes, dtypes and strides its register_fake promises."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        out = op(*fake_args)
+    return [out] if isinstance(out, torch.Tensor) else list(out or [])
+
+
+@pytest.mark.parametrize("name,slot", [(n, "reference") for n in sorted(CASES)] +
+                         [(n, "cpp") for n in sorted(CASES) if n in cpu.implemented()])
+def test_cpu_slot_returns_the_fake_layout(name, slot, monkeypatch):
+    """Each CPU implementation (the reference adapter, the C++ kernel) returns outputs of the shape, dtype and
+    significant strides the op's fake implementation promises: torch.compile plans its graph with the fake's layout,
+    and a real output laid out otherwise (e.g. a column slice of a wider tensor) is a silent mismatch there."""
+    from torch._prims_common import check_significant_strides
+    if slot == "cpp":
+        from conftest import use_cpp_backend
+        use_cpp_backend(monkeypatch)
+    else:
+        monkeypatch.setattr(_utils, "INTERPRET", False)
+        monkeypatch.setattr(cpu, "kernel", lambda op_name: None)
+    op = _dispatch.OPS[name]
+    for args in CASES[name]("cpu"):
+        want = _fake_outputs(op, _clone(args))
+        got = op(*_clone(args))
+        got = [got] if isinstance(got, torch.Tensor) else list(got or [])
+        assert len(got) == len(want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert (g.shape, g.dtype) == (w.shape, w.dtype), f"output {i}"
+            same, dim = check_significant_strides(g, w, only_cuda=False)
+            assert same, f"output {i}: strides {g.stride()} where the fake promises {w.stride()} (dim {dim})"

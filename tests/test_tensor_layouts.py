@@ -34,6 +34,11 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   paged_prefill_attention q, k_cache, v_cache: strides (all dims)
   paged_prefill_attention block_tables: strides (both dims)
   paged_prefill_attention cu_seqlens_q, seq_lens: contiguous
+  PagedAttentionPlan block_tables, seq_lens, cu_seqlens_q: torch (read on the host at plan time, copied into the
+    plan's own buffers)
+  PagedAttentionPlan.update block_tables, seq_lens, cu_seqlens_q: torch
+  PagedAttentionPlan.run q, k_cache, v_cache: strides (all dims)
+  PagedAttentionPlan.run out: strides; written in place, so an expanded out is refused (ValueError)
   rms_norm x: row stride, last dim (leading dims flattened by reshape, a copy only when no view exists)
   rms_norm weight: contiguous (the kernel reads it with unit stride)
   add_rms_norm x, residual: row stride, last dim
@@ -55,6 +60,23 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   quantize_weight weight: torch
   QuantLinear.from_quantized bias: torch (copied into the module's parameter)
   QuantLinear.forward x: as quant_matmul x
+  speculative_sample draft_probs, target_probs: strides (batch and draft dims), last dim (in the op)
+  speculative_sample draft_token_ids: strides
+  speculative_sample seed: contiguous
+  beam_topk logits: row stride (0: one row for every beam), last dim (in the op)
+  beam_topk beam_scores: contiguous (a float32 copy in the public function; declared by the op)
+  apply_penalties logits: row stride, last dim (in the op)
+  apply_penalties token_ids: strides
+  apply_penalties repetition_penalty, presence_penalty, frequency_penalty: contiguous
+  apply_penalties logit_bias: row stride (0: one row for every sequence), last dim (in the op)
+  moe_topk router_logits: strides (both dims)
+  moe_topk correction_bias: contiguous (copied by the Triton implementation; torch in the reference)
+  fused_moe hidden_states: row stride, last dim
+  fused_moe w13, w2: strides (all three dims: a transposed view is read in place)
+  fused_moe topk_weights, topk_ids: strides
+  QuantizedExperts qweight, scales, zeros, perm: contiguous (the constructor)
+  quantize_experts w: torch
+  beam_search input_ids, attention_mask: torch (as generate)
   generate input_ids, attention_mask: torch (split into per-prompt token lists before any kernel)
 `test_docstring_lists_every_argument` keeps this list equal to the arguments the harness exercises.
 """
@@ -72,6 +94,7 @@ from torch import nn
 
 import llmkern
 from llmkern import _dispatch
+from llmkern.beam_search import BeamSearchOutput
 from test_ops import CASES as OP_CASES
 
 VARIANTS = ("every_other", "rows", "offset", "column_major", "expanded")
@@ -148,9 +171,42 @@ def _generate_model(device: str):
     return transformers.LlamaForCausalLM(cfg).eval().to(device)
 
 
+def _plan(block_tables, seq_lens, cu_seqlens_q, *update):
+    """A plan over _paged's cache (5 blocks of 4 tokens, one KV head of 32, two query heads), updated with `update`'s
+    tables when given."""
+    plan = llmkern.PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q, num_heads=2, num_kv_heads=1, head_dim=32,
+                                      num_blocks=5, block_size=4, dtype=torch.float32, max_batch_size=2,
+                                      max_num_tokens=5, max_blocks_per_seq=3)
+    if update:
+        plan.update(*update)
+    return plan
+
+
+def _plan_run(plan, device):
+    """The plan's run on _paged's cache, for as many query rows as the plan has tokens."""
+    paged = _paged(device)
+    return plan.run(_randn(5, 2, 32, device=device, seed=3)[:plan.num_tokens], paged["k_cache"], paged["v_cache"])
+
+
+def _moe_weights(device):
+    """Dense fp16 experts: w13 (4 experts, 2 x 32 gate/up rows, hidden 64), w2 (4, 64, 32)."""
+    return dict(w13=_randn(4, 64, 64, dtype=torch.float16, device=device, seed=11) / 8,
+                w2=_randn(4, 64, 32, dtype=torch.float16, device=device, seed=12) / 6)
+
+
+def _routing(device):
+    """Top-2 of 4 experts for 6 tokens: topk_weights fp32 and topk_ids int32."""
+    w, ids = llmkern.moe_topk(_randn(6, 4, device=device, seed=14), 2)
+    return dict(topk_weights=w, topk_ids=ids)
+
+
 def _cases(device) -> dict[str, Case]:
     f16 = torch.float16
+    paged = _paged(device)
     qw, (codes, zeros, scales, g_idx) = _quantized(device, act_order=True)
+    qexperts = llmkern.quantize_experts(_moe_weights("cpu")["w2"], bits=4, group_size=32).to(device)
+    gen = torch.Generator().manual_seed(15)
+    expert_perm = torch.stack([torch.randperm(32, generator=gen) for _ in range(4)]).to(torch.int32).to(device)
     gptq_qw, _ = _quantized("cpu")
     ql = llmkern.QuantLinear.from_quantized(qw)
     cases = {
@@ -181,6 +237,22 @@ def _cases(device) -> dict[str, Case]:
             dict(q=_randn(5, 2, 32, device=device, seed=3), **_paged(device),
                  cu_seqlens_q=_ints([0, 2, 5], torch.int32, device)),
             refused={("cu_seqlens_q", "expanded"): "[0, 0, 0] does not end at total_q: a bad value, refused"}),
+        "PagedAttentionPlan": Case(
+            lambda block_tables, seq_lens, cu_seqlens_q: _plan_run(_plan(block_tables, seq_lens, cu_seqlens_q), device),
+            dict(block_tables=paged["block_tables"], seq_lens=paged["seq_lens"],
+                 cu_seqlens_q=_ints([0, 2, 5], torch.int32, device))),
+        "PagedAttentionPlan.update": Case(
+            lambda block_tables, seq_lens, cu_seqlens_q: _plan_run(_plan(
+                paged["block_tables"][:1], paged["seq_lens"][:1], None, block_tables, seq_lens, cu_seqlens_q),
+                device),
+            dict(block_tables=paged["block_tables"], seq_lens=paged["seq_lens"],
+                 cu_seqlens_q=_ints([0, 2, 5], torch.int32, device))),
+        "PagedAttentionPlan.run": Case(
+            lambda q, k_cache, v_cache, out: _plan(paged["block_tables"], paged["seq_lens"], _ints(
+                [0, 2, 5], torch.int32, device)).run(q, k_cache, v_cache, window=(3, -1), out=out),
+            dict(q=_randn(5, 2, 32, device=device, seed=3), k_cache=paged["k_cache"], v_cache=paged["v_cache"],
+                 out=torch.zeros(5, 2, 32, device=device)),
+            refused={("out", "expanded"): "written in place: an element at two indices is refused"}),
         "rms_norm": Case(
             llmkern.rms_norm,
             dict(x=_randn(3, 40, device=device), weight=_randn(40, device=device, seed=1))),
@@ -246,6 +318,54 @@ def _cases(device) -> dict[str, Case]:
         "QuantLinear.forward": Case(
             lambda x: ql(x),
             dict(x=_randn(_GEMM_ROWS, 64, dtype=f16, device=device, seed=7))),
+        "speculative_sample": Case(
+            lambda draft_probs, draft_token_ids, target_probs, seed: llmkern.speculative_sample(
+                draft_probs, draft_token_ids, target_probs, seed=seed),
+            dict(draft_probs=torch.softmax(_randn(2, 3, 16, device=device, seed=3) * 2, -1),
+                 draft_token_ids=_ints([[3, 5, 1], [0, 15, 7]], torch.int64, device),
+                 target_probs=torch.softmax(_randn(2, 4, 16, device=device, seed=4) * 2, -1),
+                 seed=_ints([11, 12], torch.int64, device))),
+        "beam_topk": Case(
+            lambda logits, beam_scores: llmkern.beam_topk(logits, beam_scores, num_beams=2, k=3),
+            dict(logits=_randn(4, 16, device=device, seed=5),
+                 beam_scores=_ints([0.0, -1.0, -0.5, -2.0], torch.float32, device))),
+        "apply_penalties": Case(
+            lambda logits, token_ids, repetition_penalty, presence_penalty, frequency_penalty, logit_bias:
+                llmkern.apply_penalties(logits, token_ids, repetition_penalty=repetition_penalty,
+                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                        logit_bias=logit_bias),
+            dict(logits=_randn(2, 16, dtype=f16, device=device, seed=6),
+                 token_ids=_ints([[1, 1, -1, 4], [4, 0, 15, 4]], torch.int64, device),
+                 repetition_penalty=_ints([1.3, 0.7], torch.float32, device),
+                 presence_penalty=_ints([0.2, -0.1], torch.float32, device),
+                 frequency_penalty=_ints([0.1, 0.3], torch.float32, device),
+                 logit_bias=_randn(2, 16, device=device, seed=7))),
+        "moe_topk": Case(
+            lambda router_logits, correction_bias: llmkern.moe_topk(
+                router_logits, 4, scoring="sigmoid", num_expert_group=4, topk_group=2,
+                correction_bias=correction_bias, routed_scaling_factor=2.5),
+            dict(router_logits=_randn(5, 16, device=device, seed=8),
+                 correction_bias=_randn(16, device=device, seed=9))),
+        "fused_moe": Case(
+            lambda hidden_states, w13, w2, topk_weights, topk_ids: llmkern.fused_moe(
+                hidden_states, w13, w2, topk_weights, topk_ids),
+            dict(hidden_states=_randn(6, 64, dtype=f16, device=device, seed=10), **_moe_weights(device),
+                 **_routing(device))),
+        "QuantizedExperts": Case(
+            lambda qweight, scales, zeros, perm: llmkern.fused_moe(
+                _randn(6, 64, dtype=f16, device=device, seed=10), _moe_weights(device)["w13"],
+                llmkern.QuantizedExperts(qweight, scales, zeros, bits=4, group_size=32, in_features=32,
+                                         out_features=64, perm=perm), **_routing(device)),
+            dict(qweight=qexperts.qweight, scales=qexperts.scales, zeros=qexperts.zeros, perm=expert_perm)),
+        "quantize_experts": Case(
+            lambda w: llmkern.quantize_experts(w, bits=4, group_size=32),
+            dict(w=_randn(2, 8, 64, device="cpu", seed=13))),
+        "beam_search": Case(
+            lambda input_ids, attention_mask: llmkern.beam_search(
+                _generate_model(device), input_ids, attention_mask=attention_mask, num_beams=2, max_new_tokens=1),
+            dict(input_ids=_ints([[0, 5, 6, 7], [9, 10, 11, 12]], torch.int64, device),
+                 attention_mask=_ints([[0, 1, 1, 1], [1, 1, 1, 1]], torch.int64, device)),
+            variants=("every_other", "expanded")),   # as generate
         "generate": Case(
             lambda input_ids, attention_mask: llmkern.generate(
                 _generate_model(device), input_ids, attention_mask=attention_mask, max_new_tokens=2),
@@ -307,8 +427,10 @@ def _flatten(result: Any) -> list:
         return [result]
     if isinstance(result, (tuple, list)):
         return [x for r in result for x in _flatten(r)]
-    if isinstance(result, llmkern.QuantizedWeight):
+    if isinstance(result, (llmkern.QuantizedWeight, llmkern.QuantizedExperts)):
         return [result.qweight, result.scales, result.zeros, result.perm]
+    if isinstance(result, BeamSearchOutput):
+        return _flatten(result.sequences) + [result.scores]
     if isinstance(result, nn.Module):
         return list(result.state_dict().values())
     return [result]
@@ -371,10 +493,12 @@ def _tensor_args(args: dict[str, Any]) -> list[str]:
 
 def _labels() -> list[str]:
     return ["attention", "attention_varlen", "paged_kv_write", "paged_decode_attention", "paged_prefill_attention",
-            "rms_norm", "add_rms_norm", "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
+            "PagedAttentionPlan", "PagedAttentionPlan.update", "PagedAttentionPlan.run", "rms_norm", "add_rms_norm",
+            "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
             "sampling_probs", "quant_matmul", "QuantizedWeight", "QuantizedWeight.from_codes",
             "QuantizedWeight.from_gptq", "QuantizedWeight.from_awq", "quantize_weight", "QuantLinear.from_quantized",
-            "QuantLinear.forward", "generate"]
+            "QuantLinear.forward", "speculative_sample", "beam_topk", "apply_penalties", "moe_topk", "fused_moe",
+            "QuantizedExperts", "quantize_experts", "beam_search", "generate"]
 
 
 @pytest.mark.parametrize("label", _labels())
@@ -395,8 +519,13 @@ def test_public_op_layouts(label, device):
 OP_VARIANTS = ("every_other", "expanded")
 OP_REFUSED = {("rope_", n, v) for n in ("q", "k") for v in OP_VARIANTS} | {
     ("paged_kv_write", n, "expanded") for n in ("k_cache", "v_cache")} | {
-    ("paged_prefill_attention", "cu_seqlens_q", "expanded")}    # [0, 0, 0] does not end at total_q: refused
-OP_SKIPPED = {("paged_kv_write", "slot_mapping", "expanded")}      # one slot for every token (see above)
+    ("paged_prefill_attention", "cu_seqlens_q", "expanded")} | {    # [0, 0, 0] does not end at total_q: refused
+    ("paged_attention", n, "expanded") for n in ("out", "part_o", "part_lse")}   # written in place
+OP_SKIPPED = {("paged_kv_write", "slot_mapping", "expanded")} | {   # one slot for every token (see above)
+    # llmkern::paged_attention runs a PagedAttentionPlan's work list, built with (and only valid for) its tables: one
+    # repeated value is no plan (work items would name sequences that do not exist), and the op has no check that
+    # reads values (that is the point of the plan: no sync per call). The plan's public layouts are covered above.
+    ("paged_attention", n, "expanded") for n in ("schedule", "seq_lens", "cu_seqlens_q", "block_tables")}
 # The schema arguments of tests/test_ops.py, except quant_matmul's x: 17 rows, for the GEMM path (see _GEMM_ROWS).
 OP_X_ROWS = {"quant_matmul": _GEMM_ROWS}
 

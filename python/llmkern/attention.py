@@ -155,7 +155,8 @@ def _check_max_seqlen(name: str, value) -> int:
 def _attention_reference(q, k, v, causal, scale, window_left, window_right, softcap, return_lse):
     o, lse = reference.attention(q, k, v, causal=causal, scale=scale, window=(window_left, window_right),
                                  softcap=softcap, return_lse=True)
-    return o, (lse if return_lse else lse.new_empty(0))
+    # the fake's layout (the reference computes in (batch, heads, seq, d) and returns a transposed view)
+    return o.contiguous(), (lse.contiguous() if return_lse else lse.new_empty(0))
 
 
 @_dispatch.custom_op("attention", mutates_args=(), reference=_attention_reference)
