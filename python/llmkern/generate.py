@@ -155,8 +155,8 @@ class ModelRunner:
         # this cache can reach; a step gathers its rows (vLLM's cos/sin cache). Dynamic-NTK scaling depends on the
         # longest position seen so far, so those models compute their tables per step, and are not captured (the
         # rotary module reads the positions' maximum on the host).
-        rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
-        self._dynamic_rope = "dynamic" in str(rope.get("rope_type", rope.get("type", "")))
+        rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None)
+        self._dynamic_rope = isinstance(rope, dict) and "dynamic" in str(rope.get("rope_type", rope.get("type")))
         self._rope = None if self._dynamic_rope else self._rotary(torch.arange(cache.num_blocks * cache.block_size,
                                                                                device=self.device))
         self.capture = cuda_graph and self.device.type == "cuda" and not self._dynamic_rope
@@ -230,6 +230,8 @@ class ModelRunner:
                 slots: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
         """Run packed new tokens (their K/V slots already reserved) through the model; logits of each sequence's
         last new token, (len(seq_ids), vocab) float32, or with all_logits those of every new token (total, vocab).
+        positions (total,) int64 on the model's device: each below the cache's num_blocks * block_size (the rotary
+        table's length; no sequence of the cache can be longer).
         Any mixture of prompt chunks and decode tokens: one plan for the step, run in every layer."""
         block_tables, seq_lens = self._host_tables(seq_ids)
         cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
