@@ -94,10 +94,12 @@ def test_padded_batch_sizes():
 
 
 def test_decode_step_without_host_sync(device, no_host_sync, monkeypatch):
-    """A whole decode step (tables, plan refresh, input copies, every layer, lm_head, sampling) reads no device
-    value on the host. plan.update reads its tables on the host by design: the step gives it CPU tensors (checked
-    here), so it cannot wait for the device, and it is exempt like a kernel launch."""
+    """A whole decode step (tables, plan refresh, input copies, every layer with int4 QuantLinear projections,
+    lm_head, sampling) reads no device value on the host. plan.update reads its tables on the host by design: the
+    step gives it CPU tensors (checked here), so it cannot wait for the device, and it is exempt like a kernel
+    launch."""
     model = _model(device)
+    llmkern.quantize_model(model, bits=4, group_size=64)     # quant_matmul inside the step (and the graph)
     cache = gen._new_cache(model, [torch.zeros(9)], 8, 16)
     runner = gen.ModelRunner(model, cache, cuda_graph=True)
     runner.feed({0: _prompts()[1][:9], 1: _prompts()[0]})
