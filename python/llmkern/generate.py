@@ -342,8 +342,9 @@ class _DecodeStep:
 
     def _capture(self) -> None:
         """Capture the step (its eager run just warmed it up: Triton compiled, cuBLAS initialized). The capture
-        itself does not execute; the outputs are then the graph's static tensors, holding the eager run's values
-        until the next replay."""
+        executes nothing and its outputs are new tensors of the graph's memory pool, so one replay of the same step
+        fills them (rewriting the same K/V into the same slots). A host sync inside the step makes the capture raise
+        (CUDA refuses it), so a step that syncs cannot go unnoticed here."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):     # synchronizes, then records on a side stream
             self.body()
