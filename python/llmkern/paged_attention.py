@@ -59,17 +59,17 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
     flight per step to stream from HBM with two pipeline stages; halved for head_dim 256 and for fp32 (same bytes)
     and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers). num_warps 4 (one warpgroup)
     unless the fp32 accumulator rows x BLOCK_D exceeds 64 x 128, then 8, which keeps it at <= 64 registers per
-    thread; also 8 for the fp32 dot path.
+    thread; also 8 for the fp32 dot path and for 16-bit (64 x 128) K/V tiles on the dot path.
 
     Prefill tiles (some sequence has more query tokens: prompt chunks, mixed batches): FlashAttention-2's forward
-    tiles, 64 rows, 4 warps for head_dim <= 64 and 8 above so the (64 x head_dim) fp32 accumulator stays in
-    registers, BLOCK_N 64 (32 for head_dim 256, keeping the K/V tiles' shared-memory footprint); fp32 runs its IEEE
-    dot on FMA units with the operands in registers: 32 x 16 tiles, 4 warps up to head_dim 128 and 8 at 256. The 64
+    tiles, 64 rows, 8 warps so the (64 x head_dim) fp32 accumulator and the (64 x BLOCK_N) scores stay in
+    registers (4 warps spilled on sm_80 at head_dim 64, 168 registers), BLOCK_N 64 (32 for head_dim 256, keeping
+    the K/V tiles' shared-memory footprint); fp32 runs its IEEE dot on FMA units with the operands in registers: 32 x 16 tiles, 4 warps up to head_dim 128 and 8 at 256. The 64
     rows hold 64 // group tokens of a group (a group larger than the rows: one token, its heads padded to a power of
     two). Decode tokens in a mixed batch use these tiles too (one launch), filling `group` of the rows.
 
     `llmkern check-compile` shows every choice without spills on sm_80 and sm_90 (the fp32 dot path spilled on
-    sm_90 with 4 warps; 4 warps at head_dim 128 and 256 spilled on sm_80 for 16-bit prefill tiles).
+    sm_90 with 4 warps; 4 warps spilled on sm_80 for 16-bit prefill tiles at every head_dim).
     """
     block_d = triton.next_power_of_2(head_dim)
     if decode_tiles:
@@ -80,8 +80,10 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
             block_n = 32
         if not use_dot and block_d > 128:
             block_n = 16  # the broadcast product (BLOCK_N x 256) fp32 at 32 tokens spilled on sm_90 with triton 3.6
-        # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers.
-        num_warps = 8 if (block_m * block_d > 64 * 128 or (use_dot and dtype == torch.float32)) else 4
+        # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers; a
+        # 16-bit (64 x 128) K and V tile pair with the softcap and window code spilled on sm_90 with 4 warps.
+        num_warps = 8 if (block_m * block_d > 64 * 128 or (use_dot and dtype == torch.float32)
+                          or (use_dot and block_n == 64 and block_d == 128)) else 4
         block_q = 1
     else:
         use_dot = True
@@ -91,7 +93,7 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
         if dtype == torch.float32:
             block_n, num_warps = 16, 4 if block_d <= 128 else 8
         else:
-            block_n, num_warps = 64 if block_d <= 128 else 32, 4 if block_d <= 64 else 8
+            block_n, num_warps = 64 if block_d <= 128 else 32, 8
     # A tile of several tokens can hold a row that sees no key of a tile (causal diagonal, windows); one token's
     # rows all see the same keys, at least one per tile (kernels/paged_attention.py).
     return dict(BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot,
