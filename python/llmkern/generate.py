@@ -305,7 +305,7 @@ class _DecodeStep:
                                  max_batch_size=size, max_num_tokens=size,
                                  max_blocks_per_seq=runner.cache.num_blocks, cuda_graph=True)
         self.params = None if sampling_params is None else \
-            sampling.check_params(**sampling_params, batch=size, device=device)
+            sampling.SamplingParams(**sampling_params, batch=size, device=device)
         self.graph = None
         self.logits = self.drawn = None
 
@@ -328,9 +328,8 @@ class _DecodeStep:
         r = self.runner
         hidden, residual = r._body(self.tokens, self.positions, self.plan, self.plan.slot_mapping, self.attn_out)
         self.logits = r._logits(hidden, residual)
-        if self.params is not None:
-            # sampling's op, not llmkern.sample: the parameters were checked once, at construction
-            self.drawn = sampling._sample_op(self.logits, *self.params, self.seeds)
+        if self.params is not None:   # checked once, at construction: sample() with them and a seed tensor is sync-free
+            self.drawn = sampling.sample(self.logits, params=self.params, seed=self.seeds)
 
     def run(self) -> None:
         if self.graph is not None:
