@@ -357,15 +357,16 @@ def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 # ----------------------------------------------------------------------------------------- paged_attention.cpp
 @_adapter("paged_kv_write")
 def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping):
-    _lib().paged_kv_write(_last_contiguous(k), _last_contiguous(v), k_cache, v_cache, slot_mapping)
+    _lib().paged_kv_write(k, v, k_cache, v_cache, slot_mapping)   # any strides, the caches' last dim's included
 
 
+# The attention kernels read a cache with any strides but a strided head_dim: a cache in that (rare) layout is copied.
 @_adapter("paged_decode_attention")
 def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits):
     out = torch.empty(q.shape, dtype=q.dtype)
     # decode's one query sits at the last key: a right window masks nothing
-    _lib().paged_decode(_last_contiguous(q), k_cache, v_cache, block_tables, seq_lens, out, scale, softcap,
-                        window_left, num_splits)
+    _lib().paged_decode(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
+                        seq_lens, out, scale, softcap, window_left, num_splits)
     return out
 
 
@@ -373,8 +374,8 @@ def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, w
 def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left,
                    window_right):
     out = torch.empty(q.shape, dtype=q.dtype)
-    _lib().paged_prefill(_last_contiguous(q), k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale,
-                         softcap, window_left, 0 if causal else window_right)
+    _lib().paged_prefill(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
+                         cu_seqlens_q, seq_lens, out, scale, softcap, window_left, 0 if causal else window_right)
     return out
 
 
