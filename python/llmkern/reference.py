@@ -167,9 +167,10 @@ def paged_gather(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
 
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """In place: token i of k, v goes to slot slot_mapping[i] (block * block_size + offset); -1 skips it."""
+    """In place: token i of k, v goes to slot slot_mapping[i] (block * block_size + offset); a slot outside
+    [0, num_blocks * block_size), -1 (padding) included, skips its token."""
     block_size = k_cache.shape[1]
-    keep = slot_mapping >= 0
+    keep = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * block_size)
     slots = slot_mapping[keep].to(torch.int64)
     k_cache[slots // block_size, slots % block_size] = k[keep].to(k_cache.dtype)
     v_cache[slots // block_size, slots % block_size] = v[keep].to(v_cache.dtype)
