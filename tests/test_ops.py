@@ -24,14 +24,18 @@ def _ints(values, dtype, device):
 def _attention(device):
     q = _randn(1, 20, 2, 64, dtype=F16, device=device)
     k, v = (_randn(1, 30, 1, 64, dtype=F16, device=device, seed=s) for s in (1, 2))
-    return [(q, k, v, True, 0.125, -1, -1, None, True), (q, k, v, False, 0.125, 4, 2, 2.0, False)]
+    slopes, sinks = _randn(2, device=device, seed=3).abs(), _randn(2, device=device, seed=4)
+    return [(q, k, v, True, 0.125, -1, -1, None, True, None, None), (q, k, v, False, 0.125, 4, 2, 2.0, False, None, None),
+            (q, k, v, True, 0.125, 8, -1, None, True, slopes, sinks)]
 
 
 def _attention_varlen(device):
     q = _randn(10, 2, 32, dtype=F16, device=device)
     k, v = (_randn(12, 1, 32, dtype=F16, device=device, seed=s) for s in (1, 2))
     cu_q, cu_k = _ints([0, 4, 10], torch.int32, device), _ints([0, 6, 12], torch.int32, device)
-    return [(q, k, v, cu_q, cu_k, 6, 6, True, 0.17, -1, -1, None, True)]
+    slopes, sinks = _randn(2, device=device, seed=3).abs(), _randn(2, device=device, seed=4)
+    return [(q, k, v, cu_q, cu_k, 6, 6, True, 0.17, -1, -1, None, True, None, None),
+            (q, k, v, cu_q, cu_k, 6, 6, False, 0.17, -1, -1, 3.0, True, slopes, sinks)]
 
 
 def _paged(device):

@@ -6,7 +6,7 @@ llmkern.kernels; llmkern.reference holds the plain-PyTorch ground truth of every
 from llmkern import reference  # noqa: F401
 from llmkern.kv_cache import CacheFullError, PagedKVCache  # noqa: F401
 from llmkern.paged_attention import paged_decode_attention, paged_kv_write, paged_prefill_attention  # noqa: F401
-from llmkern.attention import attention, attention_varlen  # noqa: F401
+from llmkern.attention import alibi_slopes, attention, attention_varlen  # noqa: F401
 from llmkern.layers import add_rms_norm, apply_rope, rms_norm  # noqa: F401
 from llmkern.patch import patch_model  # noqa: F401
 from llmkern.sampling import sample, sampling_probs  # noqa: F401

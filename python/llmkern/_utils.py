@@ -117,6 +117,39 @@ def check_softcap(softcap: Any, scale: float) -> float | None:
     return float(softcap)
 
 
+# Attention's per-head variants (llmkern.attention and the paged ops), float32 (num_heads,) tensors:
+#   alibi_slopes: finite with |slope| <= 2**96, so that slope * log2(e) * distance stays a finite float32 for every
+#     int32 distance (2**96 * 1.45 * 2**31 < 2**128); any such slope has its meaning (0: no bias; negative: far keys
+#     favoured), though ALiBi's own slopes lie in (0, 1) (llmkern.alibi_slopes).
+#   sinks: natural-log logits, NaN refused; -inf (and anything below -2**127, whose exp is 0 in every float format)
+#     is no sink; above 2**127 (+inf included) refused: sink * log2(e) would overflow float32.
+MAX_ALIBI_SLOPE = 2.0 ** 96
+MAX_SINK = 2.0 ** 127
+
+
+def check_head_vector(name: str, t: Any, num_heads: int, like: torch.Tensor) -> None:
+    """A per-head parameter (alibi_slopes, sinks): None, or a float32 (num_heads,) tensor on like's device."""
+    if t is None:
+        return
+    check_tensor(name, t, ndim=1, dtypes=(torch.float32,))
+    if t.shape[0] != num_heads:
+        raise ValueError(f"{name} must have one value per query head ({num_heads}), got shape {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {like.device}; they must share a device")
+
+
+def check_head_values(alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None) -> None:
+    """The values of alibi_slopes and sinks (one host sync each when given; see MAX_ALIBI_SLOPE and MAX_SINK)."""
+    if alibi_slopes is not None:
+        bad = alibi_slopes[~(alibi_slopes.abs() <= MAX_ALIBI_SLOPE)]   # NaN included
+        if bad.numel():
+            raise ValueError(f"alibi_slopes must be finite with |slope| <= 2**96, got {bad[0].item()!r}")
+    if sinks is not None:
+        bad = sinks[~(sinks <= MAX_SINK)]
+        if bad.numel():
+            raise ValueError(f"sinks must be <= 2**127 and not NaN (-inf: no sink), got {bad[0].item()!r}")
+
+
 def check_writable(name: str, t: torch.Tensor) -> None:
     """ValueError when t may hold one memory location at two indices (an expanded, stride-0 view, or any layout whose
     strides interleave): a kernel writing it would race with itself. Sufficient test: with the dims sorted by stride,

@@ -1,8 +1,10 @@
 """The C++ CPU backend: builds csrc/ just in time and runs llmkern's ops on CPU tensors with it.
 
     kernel(op_name) -> Callable | None   the C++ implementation of the custom op llmkern::<op_name>: a function taking
-                                         exactly that op's schema arguments and returning what the op returns; None
-                                         when the C++ backend is off or unavailable, or has no kernel for that op
+                                         exactly that op's schema arguments and returning what the op returns, or
+                                         NotImplemented (having done nothing) when they ask for a feature the C++
+                                         kernel lacks, which the dispatcher then gives to the reference; None when
+                                         the C++ backend is off or unavailable, or has no kernel for that op
     load() -> bool                       build (first use) and load the library once per process; False when that
                                          failed (a one-time warning names the cause and the build log)
     build() -> Build                     the same, raising BuildError on failure (`llmkern build-ext` calls it)
@@ -333,8 +335,16 @@ def _rope_inplace(q, k, positions, cos, sin, theta):
 _NO_LSE = torch.empty(0, dtype=torch.float32)
 
 
+# Not in C++ yet, so these calls go to the reference (NotImplemented: see kernel()): ALiBi and attention sinks
+# (alibi_slopes, sinks) in every attention op, fp8 KV caches (k_scale / v_scale) in the paged ops.
+def _variant(*optional) -> bool:
+    return any(t is not None for t in optional)
+
+
 @_adapter("attention")
-def _attention(q, k, v, causal, scale, window_left, window_right, softcap, return_lse):
+def _attention(q, k, v, causal, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks):
+    if _variant(alibi_slopes, sinks):
+        return NotImplemented
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     o = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if return_lse else None
@@ -344,7 +354,9 @@ def _attention(q, k, v, causal, scale, window_left, window_right, softcap, retur
 
 @_adapter("attention_varlen")
 def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-                      window_right, softcap, return_lse):
+                      window_right, softcap, return_lse, alibi_slopes, sinks):
+    if _variant(alibi_slopes, sinks):
+        return NotImplemented
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     # rows past cu_seqlens_q[-1] belong to no sequence: 0 and -inf, as from the Triton kernel
     o = torch.zeros(q.shape, dtype=q.dtype)
