@@ -11,6 +11,8 @@ docstring; attention's scale and softcap in llmkern._utils) or is refused:
 The meanings, in short (the op docstrings have them in full):
   attention scale (every attention op): finite, |scale| <= 2**127; 0 or subnormal: uniform over visible keys.
   softcap: > 0; below max(2**-126, |scale| / 2**127) refused; above 2**127 (inf included): no cap.
+  alibi_slopes (every head at the value, as float32): finite with |slope| <= 2**96; sinks: NaN and > 2**127
+    refused, -inf (and below -2**127) no sink.
   window sides: -1 unbounded, below -1 refused; any side reaching past every key (2**31 - 1 and more) unbounded.
   rms_norm / add_rms_norm eps: 0 or [2**-126, 3.4e38]; offset: |offset| <= 3.4e38.
   apply_rope theta: 1 < theta < inf.
@@ -70,7 +72,11 @@ def _randn(*shape, seed=0, scale=1.0, device="cpu"):
 # ------------------------------------------------------------------------------------------------ attention
 # Small scores (|q.k| < 1, q and k scaled by 0.05) so that scale = 2**127 still gives finite float32 scores.
 def _attention_call(op: str, device, **kw):
-    """(ours, float64 reference, PyTorch float32) for one attention op and keywords (scale, softcap, window)."""
+    """(ours, float64 reference, PyTorch float32) for one attention op and keywords (scale, softcap, window, and
+    alibi_slopes / sinks as a number that every head gets, in float32)."""
+    for name in ("alibi_slopes", "sinks"):
+        if name in kw:
+            kw[name] = torch.full((2,), kw[name], dtype=torch.float64).float().to(device)   # beyond float32: inf
     ref_kw = dict(kw)
     if ref_kw.get("softcap") is not None and ref_kw["softcap"] > _utils.NO_CAP_ABOVE:
         ref_kw["softcap"] = None                                    # documented: no cap
@@ -123,6 +129,21 @@ for _op in ATTENTION_OPS:
     PARAMS[f"{_op}.scale"] = Param(_scale_refused, lambda v, d, op=_op: _attention_call(op, d, scale=v), "scale")
     PARAMS[f"{_op}.softcap"] = Param(_softcap_refused, lambda v, d, op=_op: _attention_call(op, d, softcap=v),
                                      "softcap", domain=lambda v: not 1 <= v <= _utils.NO_CAP_ABOVE)
+
+
+def _slope_refused(v):
+    return not abs(_f32(v)) <= _utils.MAX_ALIBI_SLOPE   # as float32 holds it (1e300: inf); NaN refused
+
+
+def _sink_refused(v):
+    return not _f32(v) <= _utils.MAX_SINK
+
+
+VARIANT_OPS = ("attention", "attention_varlen")
+for _op in VARIANT_OPS:
+    PARAMS[f"{_op}.alibi_slopes"] = Param(_slope_refused, lambda v, d, op=_op: _attention_call(op, d, alibi_slopes=v),
+                                          "alibi_slopes")
+    PARAMS[f"{_op}.sinks"] = Param(_sink_refused, lambda v, d, op=_op: _attention_call(op, d, sinks=v), "sinks")
 
 
 def _window_refused(v):

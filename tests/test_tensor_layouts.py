@@ -22,8 +22,10 @@ What was found and done, per op and argument ("strides": the kernel takes the ar
 and before every implementation, so what is validated is exactly what the kernel reads; "last dim": strides passed
 except a strided last dim, which is copied first; "torch": read by torch operations on the host only):
   attention q, k, v: strides, last dim
+  attention alibi_slopes, sinks: contiguous (one value per query head, read with unit stride)
   attention_varlen q, k, v: strides, last dim
   attention_varlen cu_seqlens_q, cu_seqlens_k: contiguous (the kernel reads them with unit stride)
+  attention_varlen alibi_slopes, sinks: contiguous
   paged_kv_write k, v: strides (all four dims)
   paged_kv_write k_cache, v_cache: strides (all four dims); written in place, so an expanded (stride-0) or
     self-overlapping cache is refused (ValueError, the op's check)
@@ -112,6 +114,12 @@ def _paged(device):
                 seq_lens=_ints([9, 6], torch.int32, device))
 
 
+def _head_params(device):
+    """ALiBi slopes and sinks of two query heads that differ, so that reading a view's gap (NaN) or one head's value
+    for the other changes the output."""
+    return dict(alibi_slopes=_ints([0.5, 0.125], torch.float32, device), sinks=_ints([1.5, -0.5], torch.float32, device))
+
+
 _WRITTEN_CACHE = "a cache written in place must not overlap itself"
 # quant_matmul with 17 rows runs the GEMM kernel: the decode kernels' split-K sums partials with atomics, whose order
 # (and so the last bit) is not deterministic on a GPU. Their strides are covered by tests/test_quant.py.
@@ -155,16 +163,17 @@ def _cases(device) -> dict[str, Case]:
     ql = llmkern.QuantLinear.from_quantized(qw)
     cases = {
         "attention": Case(
-            lambda q, k, v: llmkern.attention(q, k, v, causal=True),
+            lambda q, k, v, alibi_slopes, sinks: llmkern.attention(q, k, v, causal=True, alibi_slopes=alibi_slopes,
+                                                                   sinks=sinks),
             dict(q=_randn(2, 5, 2, 32, dtype=f16, device=device),
                  k=_randn(2, 6, 1, 32, dtype=f16, device=device, seed=1),
-                 v=_randn(2, 6, 1, 32, dtype=f16, device=device, seed=2))),
+                 v=_randn(2, 6, 1, 32, dtype=f16, device=device, seed=2), **_head_params(device))),
         "attention_varlen": Case(
-            lambda q, k, v, cu_seqlens_q, cu_seqlens_k: llmkern.attention_varlen(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, 4, 5, causal=True),
+            lambda q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks: llmkern.attention_varlen(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, 4, 5, causal=True, alibi_slopes=alibi_slopes, sinks=sinks),
             dict(q=_randn(7, 2, 32, device=device), k=_randn(9, 1, 32, device=device, seed=1),
                  v=_randn(9, 1, 32, device=device, seed=2), cu_seqlens_q=_ints([0, 3, 7], torch.int32, device),
-                 cu_seqlens_k=_ints([0, 4, 9], torch.int32, device))),
+                 cu_seqlens_k=_ints([0, 4, 9], torch.int32, device), **_head_params(device))),
         "paged_kv_write": Case(
             llmkern.paged_kv_write,
             dict(k=_randn(3, 1, 32, device=device, seed=3), v=_randn(3, 1, 32, device=device, seed=4),
