@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .attention import (dot_precision, key_range, mask_scores, online_softmax_init, online_softmax_step, score_log2,
                         softmax_lse, softmax_output)
+from .rounding import fp8_format, round_to
 
 
 @triton.jit
@@ -51,16 +52,30 @@ def _load_kv_tile(KC, VC, bt_row, stride_btn, n, n_mask, d, kvh, block_size,
 
 # ------------------------------------------------------------------------------------------------------ cache write
 @triton.jit
+def quantize_fp8(x, scale, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """x as an fp8 cache stores it: round_to_fp8(x / scale), saturated to +-(the format's largest finite value) as
+    vLLM's cache write does (NaN stays NaN). IEEE division (div_rn; Triton's `/` is the approximate div.full), so
+    the stored value is exactly llmkern.reference.quantize_kv's."""
+    BIG: tl.constexpr = fp8_format(DTYPE)[3]
+    y = tl.math.div_rn(x.to(tl.float32), scale)
+    y = tl.where(y > BIG, BIG, tl.where(y < -BIG, -BIG, y))
+    return round_to(y, DTYPE, INTERPRET)
+
+
+@triton.jit
 def paged_kv_write_kernel(
-    K, V, KC, VC, SLOT,
+    K, V, KC, VC, SLOT, K_SCALE, V_SCALE,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_kcb, stride_kct, stride_kch, stride_kcd,
     stride_vcb, stride_vct, stride_vch, stride_vcd,
     num_kv_heads, block_size,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    """One program per token: copies its (num_kv_heads, head_dim) K and V rows into their cache slot, bit-exact.
+    """One program per token: copies its (num_kv_heads, head_dim) K and V rows into their cache slot, bit-exact, or
+    with QUANTIZE (an fp8 cache) stores quantize_fp8(row, scale of its KV head), K_SCALE / V_SCALE float32
+    (num_kv_heads,).
 
     A slot of -1 means padding: nothing is written.
     """
@@ -76,6 +91,11 @@ def paged_kv_write_kernel(
         d = d[None, :]
         k = tl.load(K + tok.to(tl.int64) * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
         v = tl.load(V + tok.to(tl.int64) * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
+        if QUANTIZE:
+            k = quantize_fp8(k, tl.load(K_SCALE + h, mask=h < num_kv_heads, other=1.0), KC.dtype.element_ty,
+                             INTERPRET)
+            v = quantize_fp8(v, tl.load(V_SCALE + h, mask=h < num_kv_heads, other=1.0), VC.dtype.element_ty,
+                             INTERPRET)
         tl.store(KC + blk * stride_kcb + off * stride_kct + h * stride_kch + d * stride_kcd, k, mask=mask)
         tl.store(VC + blk * stride_vcb + off * stride_vct + h * stride_vch + d * stride_vcd, v, mask=mask)
 

@@ -47,7 +47,10 @@ def _paged(device):
 def _paged_kv_write(device):
     kc, vc, _, _ = _paged(device)
     k = _randn(2, 2, 32, device=device, seed=2)
-    return [(k, k, kc, vc, _ints([3, 40], torch.int64, device))]
+    kc8, vc8 = (torch.zeros(kc.shape, dtype=torch.float8_e4m3fn, device=device) for _ in range(2))
+    scales = _ints([0.5, 2.0], torch.float32, device)
+    return [(k, k, kc, vc, _ints([3, 40], torch.int64, device), None, None),
+            (k, k, kc8, vc8, _ints([3, 40], torch.int64, device), scales, scales * 4)]
 
 
 def _paged_decode_attention(device):
@@ -134,6 +137,9 @@ CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_
          "apply_penalties": _apply_penalties}
 
 
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")   # all
+
+
 def _clone(args):
     return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
@@ -150,7 +156,13 @@ def test_opcheck(name, device):
     """torch.library's own checks: schema, fake vs real, autograd registration, AOT dispatch with dynamic shapes."""
     assert name in CASES, f"llmkern::{name} has no opcheck case: add one to CASES"
     for args in CASES[name](device):
-        torch.library.opcheck(_dispatch.OPS[name], _clone(args))
+        checks = OPCHECKS
+        if any(isinstance(a, torch.Tensor) and a.dtype in _utils.FP8_DTYPES for a in args):
+            # SchemaCheckMode compares arguments before and after with torch.allclose, which torch 2.13 cannot run on
+            # fp8 CPU tensors ("mul_cpu_reduced_float" not implemented for 'Float8_e4m3fn'); the op's schema is
+            # checked by its 16-bit case, the fp8 case runs the other checks.
+            checks = tuple(c for c in OPCHECKS if c != "test_schema")
+        torch.library.opcheck(_dispatch.OPS[name], _clone(args), test_utils=checks)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -197,9 +209,9 @@ def test_cpu_backend_gets_schema_arguments_after_checks(monkeypatch):
 
     monkeypatch.setattr(_utils, "INTERPRET", False)
     monkeypatch.setattr(cpu, "kernel", lambda name: fake_kernel if name == "paged_kv_write" else None)
-    k, _, kc, vc, slots = _paged_kv_write("cpu")[0]
+    k, _, kc, vc, slots, _, _ = _paged_kv_write("cpu")[0]
     llmkern.paged_kv_write(k, k, kc, vc, slots)
-    assert len(calls) == 1 and len(calls[0]) == 5
+    assert len(calls) == 1 and len(calls[0]) == 7
     assert calls[0][4].data_ptr() == slots.data_ptr() and calls[0][2].data_ptr() == kc.data_ptr()
     assert bool((kc == 7.0).all())
     with pytest.raises(ValueError, match="slot_mapping"):

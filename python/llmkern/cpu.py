@@ -368,7 +368,9 @@ def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 # ----------------------------------------------------------------------------------------- paged_attention.cpp
 @_adapter("paged_kv_write")
-def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping):
+def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    if _variant(k_scale, v_scale):
+        return NotImplemented
     _lib().paged_kv_write(_last_contiguous(k), _last_contiguous(v), k_cache, v_cache, slot_mapping)
 
 

@@ -97,13 +97,19 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
 
 
 # ---------------------------------------------------------------------------------------------------- shared checks
+_CACHE_DTYPES = _utils.FLOAT_DTYPES + _utils.FP8_DTYPES
+
+
 def _check_cache_pair(q_name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
-    _utils.check_tensor("k_cache", k_cache, ndim=4, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("v_cache", v_cache, ndim=4, dtypes=_utils.FLOAT_DTYPES)
+    """The cache pair: 4-D, one shape, one dtype; q's dtype, or fp8 (e4m3fn / e5m2) with q in any float dtype."""
+    _utils.check_tensor("k_cache", k_cache, ndim=4, dtypes=_CACHE_DTYPES)
+    _utils.check_tensor("v_cache", v_cache, ndim=4, dtypes=_CACHE_DTYPES)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape (num_blocks, block_size, num_kv_heads, "
                          f"head_dim), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    _utils.check_same([q_name, "k_cache", "v_cache"], [q, k_cache, v_cache])
+    _utils.check_same(["k_cache", "v_cache"], [k_cache, v_cache])
+    _utils.check_same([q_name, "k_cache", "v_cache"], [q, k_cache, v_cache],
+                      dtype=k_cache.dtype not in _utils.FP8_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     if num_blocks < 1 or block_size < 1 or num_kv_heads < 1:
         raise ValueError(f"k_cache: num_blocks, block_size and num_kv_heads must be >= 1, got {tuple(k_cache.shape)}")
@@ -157,9 +163,15 @@ def _cache_strides(c: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------- kv write
-def _check_slots(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Caches that can be written (no element at two indices) and every slot within the cache or -1 (one sync),
-    before any implementation runs (llmkern._dispatch)."""
+def _check_kv_scale_values(k_cache, k_scale, v_scale) -> None:
+    _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
+    _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
+
+
+def _check_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    """Caches that can be written (no element at two indices), every slot within the cache or -1 (one sync), and an
+    fp8 cache's scales (one more), before any implementation runs (llmkern._dispatch)."""
+    _check_kv_scale_values(k_cache, k_scale, v_scale)
     _utils.check_writable("k_cache", k_cache)
     _utils.check_writable("v_cache", v_cache)
     num_blocks, block_size = k_cache.shape[:2]
@@ -172,37 +184,45 @@ def _check_slots(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 @_dispatch.custom_op("paged_kv_write", mutates_args=("k_cache", "v_cache"), reference=reference.paged_kv_write,
-                     check=_check_slots, contiguous=("slot_mapping",))
+                     check=_check_slots, contiguous=("slot_mapping", "k_scale", "v_scale"))
 def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
+                       slot_mapping: torch.Tensor, k_scale: torch.Tensor | None,
+                       v_scale: torch.Tensor | None) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
+    quantize = k_scale is not None   # an fp8 cache (its scales are required)
     _utils.launch(
         kernels.paged_kv_write_kernel, (num_tokens,),
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, k_scale if quantize else k, v_scale if quantize else v,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *_cache_strides(k_cache), *_cache_strides(v_cache),
         num_kv_heads, block_size,
         HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        QUANTIZE=quantize, INTERPRET=_utils.INTERPRET,
     )
 
 
 @_paged_kv_write_op.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping) -> None:
+def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     return None
 
 
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, *, k_scale: float | torch.Tensor | None = None,
+                   v_scale: float | torch.Tensor | None = None) -> None:
     """Copy k, v (num_tokens, num_kv_heads, head_dim) into the cache slots `slot_mapping` (int64, num_tokens).
 
-    Slot s is block s // block_size, offset s % block_size; -1 skips the token (padding). Bit-exact copies: k, v
-    must have the cache's dtype. Slots must be distinct (two tokens in one slot leave either one there). The caches
-    are written through their strides (any view that does not overlap itself: an expanded cache raises ValueError);
-    slot_mapping may be any view, read as its values.
+    Slot s is block s // block_size, offset s % block_size; -1 skips the token (padding). A 16-bit or fp32 cache gets
+    bit-exact copies: k, v must have its dtype, and k_scale / v_scale must be None. An fp8 cache (float8_e4m3fn or
+    float8_e5m2; k, v in any float dtype) stores round_to_fp8(x / scale), to nearest even, saturated to the format's
+    largest value (+-448 for e4m3fn, +-57344 for e5m2) as vLLM does; its scales are required: k_scale, v_scale a
+    float or a float32 (num_kv_heads,) tensor (one scale per KV head; a finite value in [2**-126, 3.4e38 / fp8 max],
+    a tensor's values checked with one host sync). Slots must be distinct (two tokens in one slot leave either one
+    there). The caches are written through their strides (any view that does not overlap itself: an expanded cache
+    raises ValueError); slot_mapping and the scales may be any view, read as their values.
     """
     _utils.check_tensor("k", k, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     _utils.check_tensor("v", v, ndim=3, dtypes=_utils.FLOAT_DTYPES)
@@ -216,9 +236,11 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     _check_index("slot_mapping", slot_mapping, 1, _SLOT_DTYPE, k)
     if slot_mapping.shape[0] != k.shape[0]:
         raise ValueError(f"slot_mapping must have one slot per token ({k.shape[0]}), got {slot_mapping.shape[0]}")
+    k_scale = _utils.check_kv_scale("k_scale", k_scale, k_cache.dtype, num_kv_heads, k_cache)
+    v_scale = _utils.check_kv_scale("v_scale", v_scale, k_cache.dtype, num_kv_heads, k_cache)
     k = _utils.last_dim_contiguous("k", k)
     v = _utils.last_dim_contiguous("v", v)
-    _paged_kv_write_op(k, v, k_cache, v_cache, slot_mapping)
+    _paged_kv_write_op(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 # ---------------------------------------------------------------------------------------------------- decode
