@@ -41,7 +41,8 @@ def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     and the cast that follows is exact. (NaN and inf pass unchanged: a NaN keeps a mantissa bit, inf has none.)
     fp8 (e4m3fn, e5m2): x must lie within the format's range (callers saturate); it is rounded on the fp8 grid first
     (_round_to_grid) on every backend, so the cast only converts an exact value: the interpreter's fp32 -> fp8 cast
-    rounds wrongly (124.7 becomes 64, not 128), and GPUs before sm_89 have no fp8 conversion instruction.
+    rounds wrongly (124.7 becomes 64, not 128; NaN becomes 384), and GPUs before sm_89 have no fp8 conversion
+    instruction. NaN stays NaN (0x7F, a NaN in both formats).
     """
     if INTERPRET and DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
@@ -50,4 +51,6 @@ def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     FP8: tl.constexpr = fp8_format(DTYPE)
     if FP8 is not None:
         x = _round_to_grid(x, FP8[0], FP8[1], FP8[2])
+        if INTERPRET:
+            return tl.where(x != x, tl.full(x.shape, 0x7F, tl.uint8).to(DTYPE, bitcast=True), x.to(DTYPE))
     return x.to(DTYPE)

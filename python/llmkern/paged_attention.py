@@ -110,11 +110,24 @@ def _check_cache_pair(q_name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     _utils.check_same(["k_cache", "v_cache"], [k_cache, v_cache])
     _utils.check_same([q_name, "k_cache", "v_cache"], [q, k_cache, v_cache],
                       dtype=k_cache.dtype not in _utils.FP8_DTYPES)
+    _check_fp8_arch(k_cache)
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     if num_blocks < 1 or block_size < 1 or num_kv_heads < 1:
         raise ValueError(f"k_cache: num_blocks, block_size and num_kv_heads must be >= 1, got {tuple(k_cache.shape)}")
     _utils.check_head_dim("k_cache", head_dim)
     return num_blocks, block_size, num_kv_heads, head_dim
+
+
+# Triton compiles float8_e4m3fn (its fp8e4nv) for compute capability 8.9 and newer only ("type fp8e4nv not supported
+# in this architecture" on sm_80); float8_e5m2 (fp8e5) builds everywhere.
+_E4M3_MIN_CAPABILITY = (8, 9)
+
+
+def _check_fp8_arch(cache: torch.Tensor) -> None:
+    if cache.dtype == torch.float8_e4m3fn and cache.device.type == "cuda" and \
+            torch.cuda.get_device_capability(cache.device) < _E4M3_MIN_CAPABILITY:
+        raise ValueError("k_cache: float8_e4m3fn caches need a GPU of compute capability 8.9 or newer (Triton has no "
+                         "e4m3fn before it); use float8_e5m2 on this one")
 
 
 def _check_heads(q: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
@@ -453,7 +466,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 # ---------------------------------------------------------------------------------------------------- compile specs
 def _ptr(dtype: torch.dtype) -> str:
-    return {torch.float16: "*fp16:16", torch.bfloat16: "*bf16:16", torch.float32: "*fp32:16"}[dtype]
+    return {torch.float16: "*fp16:16", torch.bfloat16: "*bf16:16", torch.float32: "*fp32:16",
+            torch.float8_e4m3fn: "*fp8e4nv:16", torch.float8_e5m2: "*fp8e5:16"}[dtype]
 
 
 _I32 = "i32"
@@ -503,6 +517,12 @@ def _prefill_spec(dtype: torch.dtype, head_dim: int, *, causal: bool = True, mas
                        num_stages=cfg["num_stages"], expect_mma=dtype != torch.float32)
 
 
+def _fp8_archs(cache_dtype: torch.dtype) -> tuple[int, ...] | None:
+    """The archs a kernel over this cache dtype builds for: e4m3fn only from sm_89 on (of the checked ones, sm_90;
+    see _check_fp8_arch), everything else everywhere."""
+    return (90,) if cache_dtype == torch.float8_e4m3fn else None
+
+
 @register
 def _compile_specs():
     """Every config the dispatchers can pick. Tile sizes depend only on (group, head_dim, dtype):
@@ -536,11 +556,20 @@ def _compile_specs():
         yield CompileSpec(kr, "paged_decode_reduce", f"fp16 d{head_dim} w4", sig,
                           {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), **unit}, num_warps=4)
 
+    # the write: copies, and the fp8 quantizing writes (from 16-bit and fp32 K/V into e4m3fn and e5m2 caches)
     kw = kernels.paged_kv_write_kernel
-    for dtype, heads, head_dim in ((torch.float16, 8, 128), (torch.bfloat16, 1, 256), (torch.float32, 32, 64)):
+    for dtype, cache, heads, head_dim in ((torch.float16, torch.float16, 8, 128),
+                                          (torch.bfloat16, torch.bfloat16, 1, 256),
+                                          (torch.float32, torch.float32, 32, 64),
+                                          (torch.bfloat16, torch.float8_e4m3fn, 8, 128),
+                                          (torch.float16, torch.float8_e5m2, 1, 256),
+                                          (torch.float32, torch.float8_e4m3fn, 32, 64)):
         stride_sig, unit = _strides(kw)
-        sig = {"K": _ptr(dtype), "V": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "SLOT": "*i64:16",
-               **stride_sig, "num_kv_heads": _I32, "block_size": _I32}
-        yield CompileSpec(kw, "paged_kv_write", f"{str(dtype)[6:]} h{heads} d{head_dim}", sig,
+        sig = {"K": _ptr(dtype), "V": _ptr(dtype), "KC": _ptr(cache), "VC": _ptr(cache), "SLOT": "*i64:16",
+               "K_SCALE": "*fp32:16", "V_SCALE": "*fp32:16", **stride_sig, "num_kv_heads": _I32, "block_size": _I32}
+        quantize = cache in _utils.FP8_DTYPES
+        name = f"{str(dtype)[6:]}{' -> ' + str(cache)[6:] if quantize else ''} h{heads} d{head_dim}"
+        yield CompileSpec(kw, "paged_kv_write", name, sig,
                           {"HEAD_DIM": head_dim, "BLOCK_H": triton.next_power_of_2(heads),
-                           "BLOCK_D": triton.next_power_of_2(head_dim), **unit})
+                           "BLOCK_D": triton.next_power_of_2(head_dim), "QUANTIZE": quantize, "INTERPRET": False,
+                           **unit}, archs=_fp8_archs(cache))
