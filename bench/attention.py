@@ -12,6 +12,12 @@ FLOPs and bytes come from llmkern.perf (attention_pairs/attention_flops/attentio
 implementation: they describe the problem, not what an implementation happens to move. `summarize` prints each
 shape's speedup over SDPA.
 
+Variants (one shape: 4 x 4096 tokens on CUDA, the CPU shape in fp32 on CPU; the same heads): `variant=alibi` (llmkern.alibi_slopes(32)) against
+flash_attn_func(alibi_slopes=...) when installed and SDPA with the ALiBi bias materialized as an additive
+(heads, seq, seq) mask, built outside the timing (what code without a fused kernel does); `variant=sinks` (gpt-oss
+sinks), whose peer is llmkern's own plain causal call: the cost of the sink. A variant's FLOPs and bytes are the
+plain problem's (the bias and the sink add O(pairs) scalar work and no HBM traffic).
+
 On CPU (no CUDA): one 1024-token causal prompt with the same heads, in fp32 and bf16, through the CPU path (the C++
 backend when it builds) against SDPA on PyTorch's CPU kernels, with the measured fp32 matmul rate as the compute
 roof; --quick: 256 tokens in fp32.
@@ -23,6 +29,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+import llmkern
 from llmkern import perf
 from llmkern.attention import attention
 from llmkern.bench.common import Case, optional_import
@@ -31,14 +38,16 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128   # Llama-3-8B (config.json: 32 a
 TOKENS = 16384                                   # tokens per shape: batch = TOKENS // seqlen
 SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
 QUICK_SEQLENS = [1024, 8192]
+VARIANT_BATCH, VARIANT_SEQLEN = 4, 4096
 # CPU: (batch, seqlen, heads, kv_heads, head_dim), small enough for the reference in well under a second.
 CPU_SHAPES = [(1, 1024, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)]   # (batch, seqlen, heads, kv_heads, head_dim)
 CPU_QUICK = [(1, 256, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)]
 
 
-def _shape(batch, seqlen, h, hk, d, dtype) -> dict:
-    return dict(batch=batch, seqlen=seqlen, heads=h, kv_heads=hk, head_dim=d, causal=True,
-                dtype=str(dtype).replace("torch.", ""))
+def _shape(batch, seqlen, h, hk, d, dtype, variant=None) -> dict:
+    shape = dict(batch=batch, seqlen=seqlen, heads=h, kv_heads=hk, head_dim=d, causal=True,
+                 dtype=str(dtype).replace("torch.", ""))
+    return shape if variant is None else dict(shape, variant=variant)
 
 
 def _cost(batch, seqlen, h, hk, d, dtype) -> tuple[float, float]:
@@ -91,6 +100,47 @@ def _cases_for(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterable[C
                    make=make_fa)
 
 
+def _variant_cases(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterable[Case]:
+    """ALiBi and sinks (module docstring)."""
+    flops, nbytes = _cost(batch, seqlen, h, hk, d, dtype)
+    slopes = llmkern.alibi_slopes(h).to(device)
+    sinks = torch.linspace(-2.0, 2.0, h, device=device)
+    alibi = _shape(batch, seqlen, h, hk, d, dtype, "alibi")
+
+    def make_alibi():
+        q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+        return lambda: attention(q, k, v, causal=True, alibi_slopes=slopes)
+    yield Case(op="attention_prefill", impl="llmkern", shape=alibi, flops=flops, nbytes=nbytes, make=make_alibi)
+
+    def make_sdpa_bias():
+        q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+        qt = q.transpose(1, 2).contiguous()
+        kt = k.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
+        vt = v.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
+        i = torch.arange(seqlen, device=device)
+        bias = -slopes[:, None, None] * (i[:, None] - i[None, :]).abs().float()
+        bias = bias.masked_fill(i[None, :] > i[:, None], float("-inf")).to(dtype)   # causal, in the bias
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias)
+    yield Case(op="attention_prefill", impl="torch_sdpa_bias", shape=alibi, flops=flops, nbytes=nbytes,
+               make=make_sdpa_bias, note="ALiBi + causal as a materialized (heads, seq, seq) additive mask")
+
+    if flash_attn is not None:
+        def make_fa():
+            q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+            return lambda: flash_attn.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes)
+        yield Case(op="attention_prefill", impl="flash_attn", shape=alibi, flops=flops, nbytes=nbytes, make=make_fa)
+
+    sink_shape = _shape(batch, seqlen, h, hk, d, dtype, "sinks")
+
+    def make_sinks(with_sinks: bool):
+        q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+        return lambda: attention(q, k, v, causal=True, sinks=sinks if with_sinks else None)
+    yield Case(op="attention_prefill", impl="llmkern", shape=sink_shape, flops=flops, nbytes=nbytes,
+               make=lambda: make_sinks(True))
+    yield Case(op="attention_prefill", impl="llmkern_no_sinks", shape=sink_shape, flops=flops, nbytes=nbytes,
+               make=lambda: make_sinks(False), note="the same call without sinks: the sink's cost")
+
+
 def _sdpa_backends(device: torch.device) -> list[tuple[str, object]]:
     """(impl name, SDPBackend) of the SDPA peers: on CUDA the flash and cuDNN backends, each when this PyTorch has
     it; elsewhere one peer with PyTorch's own choice (backend None)."""
@@ -110,9 +160,13 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
         for batch, seqlen, h, hk, d in CPU_QUICK if quick else CPU_SHAPES:
             for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
                 yield from _cases_for(batch, seqlen, h, hk, d, dtype, device, None)
+            if not quick:
+                yield from _variant_cases(batch, seqlen, h, hk, d, torch.float32, device, None)
         return
     for seqlen in QUICK_SEQLENS if quick else SEQLENS:
         yield from _cases_for(max(1, TOKENS // seqlen), seqlen, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, torch.bfloat16,
+                              device, flash_attn)
+    yield from _variant_cases(VARIANT_BATCH, VARIANT_SEQLEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, torch.bfloat16,
                               device, flash_attn)
 
 
@@ -120,7 +174,8 @@ def summarize(records: list[dict]) -> str:
     """Per shape: llmkern's time and its speedup over each peer that ran (SDPA backends, flash-attn)."""
     by_shape: dict[str, dict[str, float]] = {}
     for r in records:
-        key = f"b={r['shape']['batch']} s={r['shape']['seqlen']} {r['shape']['dtype']}"
+        key = f"b={r['shape']['batch']} s={r['shape']['seqlen']} {r['shape']['dtype']} " \
+              f"{r['shape'].get('variant', '')}".strip()
         by_shape.setdefault(key, {})[r["impl"]] = r["median_ms"]
     peers = sorted({r["impl"] for r in records} - {"llmkern"})
     lines = ["", f"{'shape':<26} {'llmkern ms':>11} " + " ".join(f"{'vs ' + p:>20}" for p in peers)]

@@ -335,34 +335,31 @@ def _rope_inplace(q, k, positions, cos, sin, theta):
 _NO_LSE = torch.empty(0, dtype=torch.float32)
 
 
-# Not in C++ yet, so these calls go to the reference (NotImplemented: see kernel()): ALiBi and attention sinks
-# (alibi_slopes, sinks) in every attention op, fp8 KV caches (k_scale / v_scale) in the paged ops.
+# Not in C++ yet, so these calls go to the reference (NotImplemented: see kernel()): fp8 KV caches (k_scale /
+# v_scale) and ALiBi and attention sinks (alibi_slopes, sinks) in the paged ops. The dense ops have both variants.
 def _variant(*optional) -> bool:
     return any(t is not None for t in optional)
 
 
 @_adapter("attention")
 def _attention(q, k, v, causal, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks):
-    if _variant(alibi_slopes, sinks):
-        return NotImplemented
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     o = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if return_lse else None
-    _lib().attention(q, k, v, None, None, o, lse, scale, softcap, window_left, 0 if causal else window_right)
+    _lib().attention(q, k, v, None, None, o, lse, scale, softcap, window_left, 0 if causal else window_right,
+                     alibi_slopes, sinks)
     return o, (lse if return_lse else _NO_LSE.clone())
 
 
 @_adapter("attention_varlen")
 def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
                       window_right, softcap, return_lse, alibi_slopes, sinks):
-    if _variant(alibi_slopes, sinks):
-        return NotImplemented
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     # rows past cu_seqlens_q[-1] belong to no sequence: 0 and -inf, as from the Triton kernel
     o = torch.zeros(q.shape, dtype=q.dtype)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32) if return_lse else None
     _lib().attention(q, k, v, cu_seqlens_q, cu_seqlens_k, o, lse, scale, softcap, window_left,
-                     0 if causal else window_right)
+                     0 if causal else window_right, alibi_slopes, sinks)
     return o, (lse if return_lse else _NO_LSE.clone())
 
 
