@@ -1,9 +1,31 @@
-"""Triton device code for the paged KV cache: the cache write, split-KV decode attention, and prefill over a cache.
+"""Triton device code for the paged KV cache: the cache write, and paged attention over a step's work list.
 
 Cache layout (per layer, for K and for V): (num_blocks, block_size, num_kv_heads, head_dim). Token t of a sequence
 lives in physical block block_table[t // block_size] at offset t % block_size. Kernels gather one tile of tokens at a
 time by looking up each token's block, so a tile may span several blocks and block_size needs no relation to the
 tile size.
+
+One attention kernel serves every step: decode tokens, prompt chunks over a cached prefix (chunked prefill, prefix
+caching) and mixtures of both in one launch. The host (llmkern.PagedAttentionPlan) prepares, once per step, a work
+list of items; a program is one item x one KV head:
+
+    item = (sequence b, first query token i0, split, num_splits, partial slot)
+
+Its rows are BLOCK_Q query tokens x the `group` query heads that share the KV head (GQA packing, as vLLM's unified
+Triton attention): row r is token i0 + r // group, head kv_head * group + r % group, so every K/V tile the program
+loads serves all the heads of its group at once. A decode token (BLOCK_Q = 1) has `group` rows, padded to the MMA's
+16. The keys an item sees are the range its tokens may see (`key_range`), cut into num_splits equal shares when the
+plan split a decode token over several programs (split-KV, flash-decoding); such a program writes its normalised
+partial output and base-2 lse to a slot of the plan's workspace, and `paged_attention_reduce_kernel` merges a
+token's slots. Unsplit items write the output directly.
+
+The plan's int32 metadata the kernels read (offsets and layout: llmkern.paged_attention.PlanLayout):
+    SCHEDULE[0], SCHEDULE[1]   the number of work items and of reduce rows in this step (the grid may be larger,
+                               sized for a CUDA graph's capacity: programs past the count return at once)
+    reduce rows                (output token row, first slot, num_splits), REDUCE_FIELDS each
+    work items                 (b, i0, split, num_splits, slot or -1), WORK_FIELDS each
+    seq_lens, cu_seqlens_q, block_tables    FlashAttention's names: total cached length (prefix + new tokens),
+                               query-row offsets, block ids
 
 The attention math (score transform, masks, online softmax, its finish and the split merge) is the shared core in
 kernels/attention.py; what is here is where the tiles come from and how the rows are laid out. Every lse written
@@ -15,6 +37,10 @@ import triton.language as tl
 from .attention import (dot_precision, key_range, mask_scores, online_softmax_init, online_softmax_step, score_log2,
                         softmax_lse, softmax_output)
 from .rounding import fp8_format, round_to
+
+# Fields of one work item and of one reduce row in the plan's schedule (the host builds them with these widths).
+WORK_FIELDS = tl.constexpr(5)
+REDUCE_FIELDS = tl.constexpr(3)
 
 
 @triton.jit
@@ -69,7 +95,7 @@ def paged_kv_write_kernel(
     stride_vt, stride_vh, stride_vd,
     stride_kcb, stride_kct, stride_kch, stride_kcd,
     stride_vcb, stride_vct, stride_vch, stride_vcd,
-    num_kv_heads, block_size,
+    num_kv_heads, block_size, num_slots,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -77,11 +103,13 @@ def paged_kv_write_kernel(
     with QUANTIZE (an fp8 cache) stores quantize_fp8(row, scale of its KV head), K_SCALE / V_SCALE float32
     (num_kv_heads,).
 
-    A slot of -1 means padding: nothing is written.
+    Only slots in [0, num_slots) are written (num_slots = num_blocks * block_size): -1, vLLM's padding slot, and any
+    other slot outside the cache write nothing. The bound is checked here, so the host needs no sync to read the
+    slots, and no slot can write outside the cache.
     """
     tok = tl.program_id(0)
     slot = tl.load(SLOT + tok)
-    if slot >= 0:
+    if (slot >= 0) & (slot < num_slots):
         blk = slot // block_size
         off = slot % block_size
         hs = tl.arange(0, BLOCK_H)
@@ -100,179 +128,138 @@ def paged_kv_write_kernel(
         tl.store(VC + blk * stride_vcb + off * stride_vct + h * stride_vch + d * stride_vcd, v, mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------------- decode
+
+
+# ---------------------------------------------------------------------------------------------------- attention
 @triton.jit
-def paged_decode_kernel(
-    Q, KC, VC, BT, SEQ_LENS, O, PART_O, PART_LSE,
-    stride_qb, stride_qh, stride_qd,
+def paged_attention_kernel(
+    Q, KC, VC, O, BT, SEQ_LENS, CU_Q, SCHEDULE, PART_O, PART_LSE,
+    off_work,
+    stride_qt, stride_qh, stride_qd,
     stride_kcb, stride_kct, stride_kch, stride_kcd,
     stride_vcb, stride_vct, stride_vch, stride_vcd,
     stride_btb, stride_btn,
-    stride_ob, stride_oh, stride_od,
-    stride_pob, stride_poh, stride_pos, stride_pod,
-    stride_plb, stride_plh, stride_pls,
-    qk_scale, softcap, window_left,
-    group, block_size, num_splits,
-    HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    stride_ot, stride_oh, stride_od,
+    stride_pos, stride_poh, stride_pod,
+    stride_pls, stride_plh,
+    qk_scale, softcap, window_left, window_right, group, block_size,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, MASKED_ROWS: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Grid (batch, num_kv_heads, num_splits). One program: every query head of one KV head, one slice of the keys.
+    """Grid (work items or more, num_kv_heads). One program: one work item (module docstring), one KV head.
 
-    The query heads that share a KV head form the rows of the score tile, so each cached K/V byte is loaded once per
-    decode step. With USE_DOT the rows are padded to GROUP_PAD >= 16 so the scores and P@V are tensor-core MMAs;
-    without it (a group of one) the products are broadcast multiplies and row sums.
-
-    SPLIT: write the normalized partial output and its base-2 lse to PART_O/PART_LSE for the reduce kernel;
-    otherwise (one split) write the final output directly. qk_scale = softmax scale * log2(e). window_left: read
-    only with HAS_LEFT. INTERPRET: fp32 tiles (see kernels/attention.py).
+    Query i of a sequence with q_len new tokens and seq_len cached in all sits at position i + seq_len - q_len
+    (bottom-right alignment) and sees keys in [pos - window_left, pos + window_right] (HAS_LEFT/HAS_RIGHT say which
+    bound is set; causal is HAS_RIGHT with window_right = 0). BLOCK_M >= BLOCK_Q * group rows. USE_DOT: the
+    products as tensor-core MMAs (rows >= 16); without it (one row: a decode token of an MHA model) broadcast
+    multiplies and row sums. MASKED_ROWS: whether a row can see no key of a tile (tiles of several tokens); a
+    program of one token has a visible key in every tile it loads. qk_scale = softmax scale * log2(e). INTERPRET:
+    fp32 tiles (see kernels/attention.py).
     """
-    b = tl.program_id(0)
+    item = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
-
+    if item >= tl.load(SCHEDULE):
+        return
+    work = SCHEDULE + off_work + item * WORK_FIELDS
+    b = tl.load(work)
+    i0 = tl.load(work + 1)
+    split = tl.load(work + 2)
+    num_splits = tl.load(work + 3)
+    slot = tl.load(work + 4)
+    q_start = tl.load(CU_Q + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
     seq_len = tl.load(SEQ_LENS + b)
-    # The new token sits at position seq_len - 1; a left window hides keys before it - window_left. No key lies to
-    # its right, so the right window never masks anything in decode, and the range start is the only window mask.
-    kv_start = 0
-    if HAS_LEFT:
-        kv_start = tl.maximum(seq_len - 1 - window_left, 0)
-    # Each split takes an equal, BLOCK_N-aligned share of [kv_start, seq_len); trailing splits may be empty.
-    per_split = tl.cdiv(tl.cdiv(seq_len - kv_start, num_splits), BLOCK_N) * BLOCK_N
-    start = kv_start + split * per_split
-    end = tl.minimum(start + per_split, seq_len)
 
-    g = tl.arange(0, GROUP_PAD)
+    # ---- the rows: tokens i0 .. tok_end - 1 of this sequence x the query heads of KV head kvh
+    r = tl.arange(0, BLOCK_M)
+    if BLOCK_Q == 1:
+        tok = tl.zeros([BLOCK_M], tl.int32) + i0   # padding rows share the token, so they see the same keys
+        head = r
+    else:
+        tok = i0 + r // group
+        head = r % group
+    tok_end = tl.minimum(i0 + BLOCK_Q, q_len)
+    row_ok = (tok < tok_end) & (head < group)
+    heads = kvh * group + head
+    q_rows = (q_start + tok).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    heads = kvh * group + g
-    g_mask = g < group
-    gd_mask = _tile_mask(g_mask, d, HEAD_DIM, BLOCK_D)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=gd_mask, other=0.0)
+    rd_mask = _tile_mask(row_ok, d, HEAD_DIM, BLOCK_D)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=rd_mask, other=0.0)
     if INTERPRET:
         q = q.to(tl.float32)
 
-    m_i, l_i, acc = online_softmax_init(GROUP_PAD, BLOCK_D)
+    # ---- the keys: what these tokens may see, and this split's share of it (aligned to BLOCK_N, possibly empty)
+    shift = seq_len - q_len
+    pos = tok + shift
+    lo, full_lo, full_hi, hi = key_range(i0 + shift, tok_end - 1 + shift, seq_len, window_left, window_right,
+                                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, hi)
+
+    m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
     bt_row = BT + b.to(tl.int64) * stride_btb
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < end
-        k, v = _load_kv_tile(KC, VC, bt_row, stride_btn, n, n_mask, d, kvh, block_size,
+        k, v = _load_kv_tile(KC, VC, bt_row, stride_btn, n, n < end, d, kvh, block_size,
                              stride_kcb, stride_kct, stride_kch, stride_kcd,
                              stride_vcb, stride_vct, stride_vch, stride_vcd, HEAD_DIM, BLOCK_D, INTERPRET)
         if USE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision=dot_precision(q.dtype))
         else:
             s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
-        s = tl.where(n_mask[None, :], score_log2(s, qk_scale, softcap, HAS_SOFTCAP), float("-inf"))
-        # every tile holds a key of [start, end) for every row (padding rows score 0): no all-masked row
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, USE_DOT, False)
+        s = score_log2(s, qk_scale, softcap, HAS_SOFTCAP)
+        # Tiles in [full_lo, full_hi) are visible whole to every row (and end inside this split): no mask.
+        if (n0 < full_lo) | (n0 >= full_hi):
+            s = mask_scores(s, pos, n, end, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, USE_DOT, MASKED_ROWS)
 
-    # An empty split (start >= end) has l = 0: o = 0 and lse = -inf, weight 0 in the reduce.
-    if SPLIT:
-        o = softmax_output(acc, l_i)
-        lse = softmax_lse(m_i, l_i)
-        po = (PART_O + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + split * stride_pos
-              + d[None, :] * stride_pod)
-        tl.store(po, o, mask=gd_mask)
-        tl.store(PART_LSE + b.to(tl.int64) * stride_plb + heads * stride_plh + split * stride_pls, lse, mask=g_mask)
-    else:
-        o = softmax_output(acc, l_i)
-        po = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
-        tl.store(po, o.to(O.dtype.element_ty), mask=gd_mask)
+    # Every real row sees at least its own key over all splits; an empty split has l = 0: o = 0, lse = -inf.
+    o = softmax_output(acc, l_i)
+    if slot < 0:
+        tl.store(O + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
+                 o.to(O.dtype.element_ty), mask=rd_mask)
+    else:   # a split decode token: its rows are the heads of the group
+        part = slot.to(tl.int64)
+        tl.store(PART_O + part * stride_pos + heads[:, None] * stride_poh + d[None, :] * stride_pod, o,
+                 mask=rd_mask)
+        tl.store(PART_LSE + part * stride_pls + heads * stride_plh, softmax_lse(m_i, l_i), mask=row_ok)
 
 
 @triton.jit
-def paged_decode_reduce_kernel(
-    PART_O, PART_LSE, O,
-    stride_pob, stride_poh, stride_pos, stride_pod,
-    stride_plb, stride_plh, stride_pls,
-    stride_ob, stride_oh, stride_od,
-    num_splits,
+def paged_attention_reduce_kernel(
+    PART_O, PART_LSE, O, SCHEDULE,
+    off_reduce,
+    stride_pos, stride_poh, stride_pod,
+    stride_pls, stride_plh,
+    stride_ot, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (batch, num_heads): merge the splits' normalized outputs, each weighted by 2^(lse_s - lse_total).
+    """Grid (reduce rows or more, num_heads): merge one split token's partial outputs, each weighted by
+    2^(lse_s - lse_total).
 
     That merge is the online softmax over the splits, one split per step, with the split's base-2 lse as its logit
-    and its output as its value: a (1 x 1) score tile against a (1 x BLOCK_D) value tile. It needs no bound on
-    num_splits; empty splits (lse = -inf) get weight 0, and split 0 is never empty (it starts at the first visible
+    and its output as its value: a (1 x 1) score tile against a (1 x BLOCK_D) value tile. It needs no bound on the
+    split count; empty splits (lse = -inf) get weight 0, and split 0 is never empty (it starts at the first visible
     key), so no row is all-masked.
     """
-    b = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(0)
     h = tl.program_id(1)
+    if r >= tl.load(SCHEDULE + 1):
+        return
+    row = SCHEDULE + off_reduce + r * REDUCE_FIELDS
+    tok = tl.load(row).to(tl.int64)
+    first = tl.load(row + 1)
+    num_splits = tl.load(row + 2)
     d = tl.arange(0, BLOCK_D)[None, :]
     d_mask = d < HEAD_DIM
     m, l, acc = online_softmax_init(1, BLOCK_D)
     for s in range(0, num_splits):
-        split = s + tl.arange(0, 1)  # one split as a (1,)-long tile of "keys"
-        lse = tl.load(PART_LSE + b * stride_plb + h * stride_plh + split * stride_pls)
-        o = tl.load(PART_O + b * stride_pob + h * stride_poh + split[:, None] * stride_pos + d * stride_pod,
-                    mask=d_mask, other=0.0)
+        part = (first + s + tl.arange(0, 1)).to(tl.int64)   # one split as a (1,)-long tile of "keys"
+        lse = tl.load(PART_LSE + part * stride_pls + h * stride_plh)
+        o = tl.load(PART_O + part[:, None] * stride_pos + h * stride_poh + d * stride_pod, mask=d_mask, other=0.0)
         m, l, acc = online_softmax_step(lse[None, :], o, m, l, acc, False, False)
     o = softmax_output(acc, l)
-    tl.store(O + b * stride_ob + h * stride_oh + d * stride_od, o.to(O.dtype.element_ty), mask=d_mask)
-
-
-# ---------------------------------------------------------------------------------------------------- prefill
-@triton.jit
-def paged_prefill_kernel(
-    Q, KC, VC, BT, CU_Q, SEQ_LENS, O,
-    stride_qt, stride_qh, stride_qd,
-    stride_kcb, stride_kct, stride_kch, stride_kcd,
-    stride_vcb, stride_vct, stride_vch, stride_vcd,
-    stride_btb, stride_btn,
-    stride_ot, stride_oh, stride_od,
-    qk_scale, softcap, window_left, window_right, group, block_size,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """Grid (cdiv(max_q_len, BLOCK_M), batch, num_heads): a tile of the newest q_len tokens of one sequence, one head.
-
-    Query i of a sequence with q_len new tokens and seq_len total sits at position i + seq_len - q_len
-    (bottom-right alignment) and sees keys in [pos - window_left, pos + window_right] (HAS_LEFT/HAS_RIGHT say which
-    bound is set; causal is HAS_RIGHT with window_right = 0). Keys come from the cache through the block table. GQA:
-    head h reads KV head h // group; prefill is compute-bound, so the repeated K/V reads across a group hit L2 and
-    matter little.
-    """
-    mb = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    kvh = h // group
-
-    q_start = tl.load(CU_Q + b)
-    q_len = tl.load(CU_Q + b + 1) - q_start
-    seq_len = tl.load(SEQ_LENS + b)
-    if mb * BLOCK_M < q_len:
-        i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        d = tl.arange(0, BLOCK_D)
-        id_mask = _tile_mask(i < q_len, d, HEAD_DIM, BLOCK_D)
-        pos = i + (seq_len - q_len)
-        q_rows = (q_start + i).to(tl.int64)
-        q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd,
-                    mask=id_mask, other=0.0)
-        if INTERPRET:
-            q = q.to(tl.float32)
-
-        # The key range any row of this tile can see; tokens outside it are never loaded. (Unlike the dense kernel,
-        # every tile is masked: skipping the mask on interior tiles spilled here on sm_80.)
-        first_pos = mb * BLOCK_M + (seq_len - q_len)
-        last_pos = tl.minimum(first_pos + BLOCK_M, seq_len) - 1
-        lo, _, _, hi = key_range(first_pos, last_pos, seq_len, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-
-        m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
-        bt_row = BT + b.to(tl.int64) * stride_btb
-        for n0 in range(lo, hi, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            k, v = _load_kv_tile(KC, VC, bt_row, stride_btn, n, n < hi, d, kvh, block_size,
-                                 stride_kcb, stride_kct, stride_kch, stride_kcd,
-                                 stride_vcb, stride_vct, stride_vch, stride_vcd, HEAD_DIM, BLOCK_D, INTERPRET)
-            s = score_log2(tl.dot(q, tl.trans(k), input_precision=dot_precision(q.dtype)), qk_scale, softcap,
-                           HAS_SOFTCAP)
-            s = mask_scores(s, pos, n, hi, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, True, True)
-
-        # Every real row sees at least its own key; padding rows are masked from the store.
-        o = softmax_output(acc, l_i)
-        tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od,
-                 o.to(O.dtype.element_ty), mask=id_mask)
-
+    tl.store(O + tok * stride_ot + h * stride_oh + d * stride_od, o.to(O.dtype.element_ty), mask=d_mask)

@@ -78,3 +78,100 @@ def pytest_report_header(config):
     how = "CUDA tensors, compiled Triton kernels" if DEVICE == "cuda" else \
         "CPU tensors, Triton interpreter (and the C++ backend where a module asks for it)"
     return f"llmkern tests on {DEVICE}: {how}"
+
+
+# ------------------------------------------------------------------------------------------------- no host sync
+# What copies a device tensor's values to the host, or waits for the device, reached from Python: each name is
+# patched to fail inside `with no_host_sync():` (module docstring of the fixture). Tensor methods, then torch functions.
+_SYNC_TENSOR_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__",
+                        "__array__", "__repr__", "__format__", "nonzero", "argwhere", "masked_select", "unique",
+                        "unique_consecutive", "bincount", "equal", "allclose")
+_SYNC_TORCH_FUNCTIONS = ("nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount", "equal",
+                         "allclose")
+
+
+def _bool_index(self, index, *rest) -> bool:
+    """t[mask] / t[mask] = x with a bool tensor: the selected count is read on the host (nonzero)."""
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def _to_host(self, *args, **kwargs) -> bool:
+    device = torch._C._nn._parse_to(*args, **kwargs)[0]
+    return device is not None and device.type == "cpu"
+
+
+def _copy_to_host(self, src, *rest, **kwargs) -> bool:
+    return self.device.type == "cpu" and isinstance(src, torch.Tensor) and src.device.type != "cpu"
+
+
+def _sized_by_repeats(*args, **kwargs) -> bool:
+    """repeat_interleave with tensor repeats (x.repeat_interleave(r), torch.repeat_interleave(x, r) or
+    torch.repeat_interleave(r)) and no output_size: the output's size is the repeats' sum, read on the host."""
+    repeats = kwargs.get("repeats", args[1] if len(args) > 1 else args[0] if args else None)
+    return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
+
+
+class _NoHostSync:
+    """Inside `with no_host_sync():`, any listed host sync fails the test with an AssertionError naming it. Kernel
+    launches (llmkern._utils.launch) are exempt: on a GPU a launch is asynchronous, and the Triton interpreter that
+    stands in for it on CPU reads its tensors on the host."""
+
+    def __init__(self, monkeypatch):
+        from llmkern import _utils
+        self.active = 0
+        self.paused = 0
+        for name in _SYNC_TENSOR_METHODS:
+            self._patch(monkeypatch, torch.Tensor, name, f"Tensor.{name}")
+        for name in _SYNC_TORCH_FUNCTIONS:
+            self._patch(monkeypatch, torch, name, f"torch.{name}")
+        self._patch(monkeypatch, torch.Tensor, "__getitem__", "boolean-mask indexing", _bool_index)
+        self._patch(monkeypatch, torch.Tensor, "__setitem__", "boolean-mask assignment", _bool_index)
+        self._patch(monkeypatch, torch.Tensor, "to", "Tensor.to(a CPU device)", _to_host)
+        self._patch(monkeypatch, torch.Tensor, "copy_", "Tensor.copy_ from a device to the host", _copy_to_host)
+        for owner, what in ((torch.Tensor, "Tensor"), (torch, "torch")):
+            self._patch(monkeypatch, owner, "repeat_interleave", f"{what}.repeat_interleave without output_size",
+                        _sized_by_repeats)
+        self._patch(monkeypatch, torch.cuda, "synchronize", "torch.cuda.synchronize")
+        self._patch(monkeypatch, torch.cuda.Stream, "synchronize", "torch.cuda.Stream.synchronize")
+        self._patch(monkeypatch, torch.cuda.Event, "synchronize", "torch.cuda.Event.synchronize")
+        launch = _utils.launch
+
+        def exempt_launch(*args, **kwargs):
+            self.paused += 1
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                self.paused -= 1
+        monkeypatch.setattr(_utils, "launch", exempt_launch)
+
+    def _patch(self, monkeypatch, owner, name, what, refuse=None):
+        original = getattr(owner, name)
+
+        def guarded(*args, **kwargs):
+            if self.active and not self.paused and (refuse is None or refuse(*args, **kwargs)):
+                raise AssertionError(f"host sync inside no_host_sync: {what}")
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, guarded)
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.active += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.active -= 1
+        return False
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """A context manager, `with no_host_sync(): ...`, inside which a device-to-host transfer or a wait for the device
+    fails the test: Tensor.item/tolist/cpu/numpy, bool()/int()/float()/index of a tensor, printing one, nonzero,
+    argwhere, masked_select, unique, bincount, equal/allclose, boolean-mask indexing and assignment, .to(a CPU device),
+    copy_ from a device into a CPU tensor, repeat_interleave sized by its repeats, torch.cuda.synchronize and
+    Stream/Event.synchronize. It works on CPU tensors too, where none of these would wait for anything, so CI checks
+    the hot paths without a GPU. Kernel launches are exempt (see _NoHostSync)."""
+    return _NoHostSync(monkeypatch)

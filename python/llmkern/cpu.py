@@ -389,6 +389,31 @@ def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, ca
     return out
 
 
+@_adapter("paged_attention")
+def _paged_attention(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
+                     batch_size, num_tokens, grid_items, grid_reduce, decode_tiles, scale, softcap, window_left,
+                     window_right):
+    """A PagedAttentionPlan's run on the C++ kernels above, which take the step's tables, not the plan's work list
+    (the schedule and the split-KV workspace are the GPU's): a decode step (one token per sequence) goes to
+    paged_decode (its own split choice, over CPU threads), any other step to paged_prefill, which serves mixed
+    batches (a decode token is a one-token chunk). The plan's buffers are sized for its capacities: the first
+    batch_size sequences and num_tokens rows are this step's."""
+    if num_tokens == 0:
+        return
+    b = batch_size
+    q = _last_contiguous(q[:num_tokens])
+    k_cache, v_cache = _last_contiguous(k_cache), _last_contiguous(v_cache)
+    rows = out[:num_tokens]
+    dst = rows if rows.stride(-1) == 1 else torch.empty(rows.shape, dtype=rows.dtype)
+    if decode_tiles and num_tokens == b:
+        _lib().paged_decode(q, k_cache, v_cache, block_tables[:b], seq_lens[:b], dst, scale, softcap, window_left, 0)
+    else:
+        _lib().paged_prefill(q, k_cache, v_cache, block_tables[:b], cu_seqlens_q[:b + 1], seq_lens[:b], dst, scale,
+                             softcap, window_left, window_right)
+    if dst is not rows:
+        rows.copy_(dst)
+
+
 # ---------------------------------------------------------------------------------------------------- quant.cpp
 @_adapter("quant_matmul")
 def _quant_matmul(x, qweight, scales, zeros, perm, bias, bits, group_size):

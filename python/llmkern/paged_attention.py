@@ -1,18 +1,28 @@
-"""Paged KV cache kernels, host side: write new K/V into the cache, decode attention, prefill over a cached prefix.
+"""Paged KV cache kernels, host side: write new K/V into the cache, and attention over it, planned once per step.
 
 Cache layout (per layer, for K and for V): (num_blocks, block_size, num_kv_heads, head_dim), as FlashAttention's
 `block_table` and FlashInfer's NHD pages. Block tables are int32 (batch, max_blocks); token t of sequence b lives in
 block block_tables[b, t // block_size] at offset t % block_size. `llmkern.PagedKVCache` does the bookkeeping.
 
-Each public function: checks shapes/dtypes (these run under torch.compile too), then calls its llmkern:: op
-(llmkern._dispatch). The op's check reads the values that only the host can see in the tensors (block ids within the
-cache, lengths within the tables, slots within the cache: one small .min()/.max() each) before any implementation
-runs; the device then picks the implementation (CUDA: the Triton launch here). Value checks live inside the op so
-that a `torch.compile(fullgraph=True)` graph holds the op without a data-dependent break.
+Plan, then run (FlashInfer's plan/run split). A step's metadata (block tables, lengths, query lengths) is the same
+for every layer, so `PagedAttentionPlan` takes it once per step: it reads the values on the host (no sync when they
+are CPU tensors, one device-to-host copy when they are not), validates them, chooses the tiles and the split-KV
+counts, writes the step's work list, and copies all of it into buffers it allocated once. `plan.run` is then the
+per-layer call: it checks shapes, dtypes and devices only (no sync, no device-property query, no allocation but the
+output when none is given) and launches one kernel for the whole batch, decode tokens and prompt chunks alike (plus
+the split-KV merge when the plan split a decode token). `plan.update` refills the same buffers for the next step, so
+a CUDA graph captured around `plan.run` stays valid.
+
+`paged_decode_attention` and `paged_prefill_attention` are one-shots over the same kernel: llmkern:: ops whose check
+validates the tables (one sync) and whose Triton implementation makes a plan and runs it. `paged_kv_write` needs no
+sync at all: its kernel writes only slots inside the cache (vLLM's -1 and any other slot outside are skipped), and
+`PagedAttentionPlan.slot_mapping` gives the step's slots, computed from the validated tables.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -23,6 +33,8 @@ from llmkern.kernels import paged_attention as kernels
 
 _INDEX_DTYPE = torch.int32  # block tables, seq_lens and cu_seqlens: int32, as FlashAttention and FlashInfer
 _SLOT_DTYPE = torch.int64   # slot_mapping: int64, as vLLM (block * block_size overflows int32 for big caches)
+_WORK_FIELDS = kernels.WORK_FIELDS.value       # (b, i0, split, num_splits, slot) per work item
+_REDUCE_FIELDS = kernels.REDUCE_FIELDS.value   # (output row, first slot, num_splits) per split token
 
 # Split-KV heuristic constants (the SM count comes from _utils.num_sms, with its stand-in for CPU tensors).
 # A split should read at least this many tokens: 256 tokens x 128 dims x 2 (K and V) x 2 bytes = 128 KiB, against
@@ -31,51 +43,69 @@ _MIN_TOKENS_PER_SPLIT = 256
 # Upper bound on automatic splits: FlashAttention's own heuristic stops at 128; beyond 64 the reduce's serial merge
 # starts to show and no realistic (batch x kv_heads) needs more to fill a GPU.
 _MAX_AUTO_SPLITS = 64
-# Upper bound on a caller's explicit num_splits: the partial buffers are batch x heads x splits x head_dim fp32.
+# Upper bound on a caller's explicit num_splits: the partial buffers are tokens x heads x splits x head_dim fp32.
 _MAX_SPLITS = 256
 
 
-# ---------------------------------------------------------------------------------------------------- configs
-def _decode_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for the decode kernel.
+# ---------------------------------------------------------------------------------------------------- tiles
+def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the attention kernel: BLOCK_M rows = BLOCK_Q query tokens x the `group` query heads of one KV
+    head (GQA packing), BLOCK_N keys per step.
 
-    GROUP_PAD: the query heads of one KV head are the rows of the score tile. A group of one uses broadcast
-    multiply-and-sum (no MMA has fewer than 16 rows, and 15 wasted rows of 16 buy nothing for one head); larger
-    groups are padded to >= 16 rows (the M of an sm_80 mma.m16n8k16 and of a Hopper wgmma) and use tl.dot.
-    BLOCK_N: tokens per loop step. 64 keeps a (64 x 128) fp16 K tile and V tile at 16 KiB each, enough bytes in
+    Decode tiles (every sequence of the step has one query token): BLOCK_Q = 1, the group's heads are the rows. A
+    group of one uses broadcast multiply-and-sum (no MMA has fewer than 16 rows, and 15 wasted rows of 16 buy
+    nothing for one head); larger groups are padded to >= 16 rows (the M of an sm_80 mma.m16n8k16 and of a Hopper
+    wgmma) and use tl.dot. BLOCK_N 64 keeps a (64 x 128) fp16 K tile and V tile at 16 KiB each, enough bytes in
     flight per step to stream from HBM with two pipeline stages; halved for head_dim 256 and for fp32 (same bytes)
-    and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers).
-    num_warps: 4 (one warpgroup) unless the fp32 accumulator GROUP_PAD x BLOCK_D exceeds 64 x 128, then 8, which
-    keeps it at <= 64 registers per thread; also 8 for the fp32 dot path. `llmkern check-compile` shows each of
-    these choices without spills on sm_80 and sm_90 (the fp32 dot path spilled on sm_90 with 4 warps).
+    and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers). num_warps 4 (one warpgroup)
+    unless the fp32 accumulator rows x BLOCK_D exceeds 64 x 128, then 8, which keeps it at <= 64 registers per
+    thread; also 8 for the fp32 dot path.
+
+    Prefill tiles (some sequence has more query tokens: prompt chunks, mixed batches): FlashAttention-2's forward
+    tiles, 64 rows, 4 warps for head_dim <= 64 and 8 above so the (64 x head_dim) fp32 accumulator stays in
+    registers, BLOCK_N 64 (32 for head_dim 256, keeping the K/V tiles' shared-memory footprint); fp32 runs its IEEE
+    dot on FMA units with the operands in registers: 32 x 16 tiles, 4 warps up to head_dim 128 and 8 at 256. The 64
+    rows hold 64 // group tokens of a group (a group larger than the rows: one token, its heads padded to a power of
+    two). Decode tokens in a mixed batch use these tiles too (one launch), filling `group` of the rows.
+
+    `llmkern check-compile` shows every choice without spills on sm_80 and sm_90 (the fp32 dot path spilled on
+    sm_90 with 4 warps; 4 warps at head_dim 128 and 256 spilled on sm_80 for 16-bit prefill tiles).
     """
     block_d = triton.next_power_of_2(head_dim)
-    use_dot = group > 1
-    group_pad = max(16, triton.next_power_of_2(group)) if use_dot else 1
-    block_n = 64
-    if block_d > 128 or dtype == torch.float32 or not use_dot:
-        block_n = 32
-    if not use_dot and block_d > 128:
-        block_n = 16  # the broadcast product (BLOCK_N x 256) fp32 at 32 tokens spilled on sm_90 with triton 3.6
-    # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers.
-    num_warps = 8 if (group_pad * block_d > 64 * 128 or (use_dot and dtype == torch.float32)) else 4
-    return dict(GROUP_PAD=group_pad, BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot, num_warps=num_warps,
-                num_stages=2)
+    if decode_tiles:
+        use_dot = group > 1
+        block_m = max(16, triton.next_power_of_2(group)) if use_dot else 1
+        block_n = 64
+        if block_d > 128 or dtype == torch.float32 or not use_dot:
+            block_n = 32
+        if not use_dot and block_d > 128:
+            block_n = 16  # the broadcast product (BLOCK_N x 256) fp32 at 32 tokens spilled on sm_90 with triton 3.6
+        # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers.
+        num_warps = 8 if (block_m * block_d > 64 * 128 or (use_dot and dtype == torch.float32)) else 4
+        block_q = 1
+    else:
+        use_dot = True
+        rows = 32 if dtype == torch.float32 else 64
+        block_m = max(rows, triton.next_power_of_2(group))
+        block_q = max(1, rows // group)
+        if dtype == torch.float32:
+            block_n, num_warps = 16, 4 if block_d <= 128 else 8
+        else:
+            block_n, num_warps = 64 if block_d <= 128 else 32, 4 if block_d <= 64 else 8
+    # A tile of several tokens can hold a row that sees no key of a tile (causal diagonal, windows); one token's
+    # rows all see the same keys, at least one per tile (kernels/paged_attention.py).
+    return dict(BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot,
+                MASKED_ROWS=block_q > 1, num_warps=num_warps, num_stages=2)
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for the prefill kernel, from FlashAttention-2's forward tiles (BLOCK_M 64 query rows, 4 warps for
-    head_dim <= 64, 8 warps above so the (64 x head_dim) fp32 accumulator stays in registers), halving BLOCK_N for
-    head_dim 256 so the K/V tiles keep their shared-memory footprint. fp32 runs its IEEE dot on FMA units with the
-    operands in registers: 32 x 16 tiles (32 x 32 spills on sm_80 with softcap and window), 4 warps up to head_dim
-    128 (8 spilled 4 bytes on sm_90 with triton 3.6) and 8 at 256 (4 spilled there). Each choice compiles without
-    spills on sm_80 and sm_90 with triton 3.6 and 3.9 (`llmkern check-compile`); for 16-bit inputs, 4 warps at
-    head_dim 128 and 256 spilled on sm_80."""
-    block_d = triton.next_power_of_2(head_dim)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 128 else 32, BLOCK_D=block_d,
-                num_warps=4 if block_d <= 64 else 8, num_stages=2)
+def _auto_splits(num_items: int, num_kv_heads: int, kv_lens: torch.Tensor, num_sms: int) -> torch.Tensor:
+    """Splits per sequence (int64, like kv_lens): choose_num_splits for each length, with num_items unsplit items."""
+    programs = max(1, num_items * num_kv_heads)
+    target = 2 * num_sms
+    if programs >= target:
+        return torch.ones_like(kv_lens)
+    by_grid = min(_utils.cdiv(target, programs), _MAX_AUTO_SPLITS)
+    return (kv_lens // _MIN_TOKENS_PER_SPLIT).clamp(min=1, max=by_grid)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
@@ -84,16 +114,11 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     Without splitting, decode launches batch x num_kv_heads programs. Aim for two programs per SM (so one's loads
     overlap another's math and a ragged last wave costs little): when the batch already gives that, do not split;
     otherwise split each sequence into enough pieces to get there, but never so fine that a split reads fewer than
-    _MIN_TOKENS_PER_SPLIT tokens of the longest sequence (then the partial writes and the reduce stop being noise),
-    and never more than _MAX_AUTO_SPLITS.
+    _MIN_TOKENS_PER_SPLIT tokens of its sequence (then the partial writes and the reduce stop being noise), and never
+    more than _MAX_AUTO_SPLITS. A plan applies this per decode token, with its own length and the step's item count.
     """
-    programs = max(1, batch * num_kv_heads)
-    target = 2 * _utils.num_sms(device)
-    if programs >= target:
-        return 1
-    by_grid = _utils.cdiv(target, programs)
-    by_len = max(1, max_seq_len // _MIN_TOKENS_PER_SPLIT)
-    return max(1, min(by_grid, by_len, _MAX_AUTO_SPLITS))
+    lens = torch.tensor([max_seq_len], dtype=torch.int64)
+    return int(_auto_splits(batch, num_kv_heads, lens, _utils.num_sms(device))[0])
 
 
 # ---------------------------------------------------------------------------------------------------- shared checks
@@ -139,65 +164,492 @@ def _check_heads(q: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
                          f"({num_kv_heads})")
 
 
-def _check_index(name: str, t: torch.Tensor, ndim: int, dtype: torch.dtype, like: torch.Tensor) -> None:
+def _check_index(name: str, t: torch.Tensor, ndim: int, dtype: torch.dtype, like: torch.Tensor,
+                 like_name: str = "q") -> None:
     _utils.check_tensor(name, t, ndim=ndim, dtypes=(dtype,))
     if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but q is on {like.device}; they must share a device")
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}; they must share a device")
 
 
-def _check_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int, block_size: int,
-                  min_len: int) -> int:
-    """Value checks on the host (one sync): lengths within the tables, used table entries within the cache.
-
-    Only the entries a sequence uses (the first cdiv(seq_len, block_size) of its row) are checked, so tables may be
-    padded with anything (-1, 0, stale ids). Returns the longest sequence."""
-    if seq_lens.numel() == 0:
-        return 0
-    lo, hi = int(seq_lens.min()), int(seq_lens.max())
-    if lo < min_len:
-        raise ValueError(f"seq_lens must be >= {min_len}, got a minimum of {lo}")
-    capacity = block_tables.shape[1] * block_size
-    if hi > capacity:
-        raise ValueError(f"seq_lens: a sequence of {hi} tokens does not fit its block table of "
-                         f"{block_tables.shape[1]} blocks x block_size {block_size} = {capacity} tokens")
-    used_blocks = (seq_lens.to(torch.int64) + block_size - 1) // block_size
-    used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < used_blocks[:, None]
-    ids = block_tables[used]
-    if ids.numel():
-        bmin, bmax = int(ids.min()), int(ids.max())
-        if bmin < 0 or bmax >= num_blocks:
-            raise ValueError(f"block_tables: entries used by the sequences must lie in [0, {num_blocks}) "
-                             f"(num_blocks of the cache), found values in [{bmin}, {bmax}]")
-    return hi
+def _check_int(name: str, value, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def _cache_strides(c: torch.Tensor) -> tuple[int, int, int, int]:
     return c.stride(0), c.stride(1), c.stride(2), c.stride(3)
 
 
+# ---------------------------------------------------------------------------------------------------- tables
+@dataclass
+class _HostTables:
+    """One step's metadata on the host: int32 CPU tensors, contiguous."""
+    block_tables: torch.Tensor   # (batch, width)
+    seq_lens: torch.Tensor       # (batch,)
+    cu_seqlens_q: torch.Tensor   # (batch + 1,)
+    decode: bool                 # cu_seqlens_q was not given: one query token per sequence
+
+
+def _read_tables(block_tables, seq_lens, cu_seqlens_q) -> _HostTables:
+    """Check the metadata tensors' types and shapes, and bring their values to the host: nothing to copy when they
+    are CPU tensors, else one device-to-host copy of all three (the plan's one sync)."""
+    _utils.check_tensor("block_tables", block_tables, ndim=2, dtypes=(_INDEX_DTYPE,))
+    _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, block_tables, "block_tables")
+    batch = seq_lens.shape[0]
+    if block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must have one row per sequence of seq_lens ({batch}), got "
+                         f"{tuple(block_tables.shape)}")
+    parts = [block_tables.reshape(-1), seq_lens]
+    if cu_seqlens_q is not None:
+        _check_index("cu_seqlens_q", cu_seqlens_q, 1, _INDEX_DTYPE, block_tables, "block_tables")
+        if cu_seqlens_q.shape[0] != batch + 1:
+            raise ValueError(f"cu_seqlens_q must have batch + 1 = {batch + 1} entries (seq_lens has {batch}), got "
+                             f"{tuple(cu_seqlens_q.shape)}")
+        parts.append(cu_seqlens_q)
+    flat = torch.cat(parts).cpu() if block_tables.device.type != "cpu" else torch.cat(parts)
+    n = block_tables.numel()
+    bt = flat[:n].view(block_tables.shape)
+    lens = flat[n:n + batch]
+    cu = flat[n + batch:] if cu_seqlens_q is not None else torch.arange(batch + 1, dtype=_INDEX_DTYPE)
+    return _HostTables(bt, lens, cu, cu_seqlens_q is None)
+
+
+def _validate_tables(t: _HostTables, num_blocks: int, block_size: int, total_q: Optional[int] = None) -> None:
+    """ValueError for metadata the kernels cannot run safely: negative lengths (below 1 in decode), query offsets
+    that do not start at 0 (or end at total_q) or decrease, more new tokens than cached tokens, a sequence longer
+    than its block table, a used table entry outside the cache. Only the entries a sequence uses (the first
+    cdiv(seq_len, block_size) of its row) are checked, so tables may be padded with anything (-1, 0, stale ids)."""
+    lens, cu, bt = t.seq_lens, t.cu_seqlens_q, t.block_tables
+    batch = lens.shape[0]
+    if batch == 0:
+        return
+    min_len = 1 if t.decode else 0
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo < min_len:
+        raise ValueError(f"seq_lens must be >= {min_len}, got a minimum of {lo}")
+    if int(cu[0]) != 0 or (total_q is not None and int(cu[-1]) != total_q):
+        raise ValueError(f"cu_seqlens_q must start at 0 and end at total_q ({total_q}), got {int(cu[0])} ... "
+                         f"{int(cu[-1])}" if total_q is not None else
+                         f"cu_seqlens_q must start at 0, got {int(cu[0])}")
+    q_lens = cu[1:] - cu[:-1]
+    if int(q_lens.min()) < 0:
+        raise ValueError("cu_seqlens_q must be non-decreasing")
+    longer = (q_lens > lens).nonzero()
+    if longer.numel():
+        b = int(longer[0, 0])
+        raise ValueError(f"seq_lens[{b}] = {int(lens[b])} is shorter than that sequence's {int(q_lens[b])} new "
+                         f"tokens (seq_lens counts the cached prefix plus the new tokens)")
+    capacity = bt.shape[1] * block_size
+    if hi > capacity:
+        raise ValueError(f"seq_lens: a sequence of {hi} tokens does not fit its block table of {bt.shape[1]} "
+                         f"blocks x block_size {block_size} = {capacity} tokens")
+    used = torch.arange(bt.shape[1])[None, :] < ((lens.to(torch.int64) + block_size - 1) // block_size)[:, None]
+    ids = bt[used]
+    if ids.numel():
+        bmin, bmax = int(ids.min()), int(ids.max())
+        if bmin < 0 or bmax >= num_blocks:
+            raise ValueError(f"block_tables: entries used by the sequences must lie in [0, {num_blocks}) "
+                             f"(num_blocks of the cache), found values in [{bmin}, {bmax}]")
+
+
+def _schedule(t: _HostTables, block_q: int, num_kv_heads: int, num_sms: int,
+              num_splits: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The step's work list: (work int32 (items, WORK_FIELDS), reduce int32 (rows, REDUCE_FIELDS), partial slots).
+
+    Each sequence's query tokens in tiles of block_q, one item per tile. A decode token (one query token) may be
+    split over several items (split-KV): num_splits when given, else `_auto_splits` with the step's tile count; its
+    items write partial slots, consecutive per token, and a reduce row merges them. Items are ordered by the keys
+    they read, most first, so the longest start first and short ones fill the tail of the launch.
+    """
+    lens = t.seq_lens.to(torch.int64)
+    cu = t.cu_seqlens_q.to(torch.int64)
+    q_lens = cu[1:] - cu[:-1]
+    tiles = (q_lens + block_q - 1) // block_q
+    decode = q_lens == 1
+    if num_splits is None:
+        splits = _auto_splits(int(tiles.sum()), num_kv_heads, lens, num_sms)
+    else:
+        splits = torch.full_like(lens, num_splits)
+    splits = torch.where(decode, splits, torch.ones_like(splits))
+    per_seq = torch.where(decode, splits, tiles)
+    n = int(per_seq.sum())
+    b = torch.repeat_interleave(torch.arange(lens.shape[0]), per_seq)
+    local = torch.arange(n) - (torch.cumsum(per_seq, 0) - per_seq)[b]
+    is_split = splits > 1
+    slot_count = torch.where(is_split, splits, torch.zeros_like(splits))
+    slot_base = torch.cumsum(slot_count, 0) - slot_count
+    split = torch.where(decode[b], local, torch.zeros_like(local))
+    i0 = torch.where(decode[b], torch.zeros_like(local), local * block_q)
+    slot = torch.where(is_split[b], slot_base[b] + split, torch.full_like(split, -1))
+    work = torch.stack([b, i0, split, splits[b], slot], 1)
+    keys = torch.where(decode[b], lens[b] // splits[b], lens[b] - q_lens[b] + torch.minimum(i0 + block_q, q_lens[b]))
+    work = work[torch.argsort(keys, descending=True, stable=True)]
+    rows = is_split.nonzero().flatten()
+    reduce = torch.stack([cu[rows], slot_base[rows], splits[rows]], 1)
+    return work.to(torch.int32), reduce.to(torch.int32), int(slot_count.sum())
+
+
+def _slot_mapping(t: _HostTables, block_size: int) -> torch.Tensor:
+    """int64 (total_q,): the cache slot of every new token, block_tables[b, p // block_size] * block_size +
+    p % block_size at its position p = seq_len - q_len + i (vLLM's slot_mapping)."""
+    cu = t.cu_seqlens_q.to(torch.int64)
+    q_lens = cu[1:] - cu[:-1]
+    b = torch.repeat_interleave(torch.arange(q_lens.shape[0]), q_lens)
+    pos = torch.arange(int(cu[-1])) - cu[b] + (t.seq_lens.to(torch.int64) - q_lens)[b]
+    blocks = t.block_tables[b, pos // block_size].to(torch.int64)
+    return blocks * block_size + pos % block_size
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each array lives in a plan's int32 buffer: the schedule (counts, reduce rows, work items), then
+    seq_lens, cu_seqlens_q and block_tables, each at its capacity."""
+    max_batch: int
+    max_items: int
+    width: int
+
+    @property
+    def off_work(self) -> int:
+        return 2 + _REDUCE_FIELDS * self.max_batch
+
+    @property
+    def off_seq_lens(self) -> int:
+        return self.off_work + _WORK_FIELDS * self.max_items
+
+    @property
+    def off_cu(self) -> int:
+        return self.off_seq_lens + self.max_batch
+
+    @property
+    def off_bt(self) -> int:
+        return self.off_cu + self.max_batch + 1
+
+    @property
+    def size(self) -> int:
+        return self.off_bt + self.max_batch * self.width
+
+
+def _copy_to(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Host -> device without waiting: from pinned memory, asynchronously on the current stream (PyTorch's caching
+    host allocator keeps the pinned block until the copy has run)."""
+    if dst.device.type == "cuda":
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+class PagedAttentionPlan:
+    """Paged attention for one step of a batch, planned once and run per layer (FlashInfer's plan/run wrappers).
+
+    PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q=None, *, num_heads, num_kv_heads, head_dim, num_blocks,
+                       block_size, dtype, device=None, num_splits=None, max_batch_size=None, max_num_tokens=None,
+                       max_blocks_per_seq=None, cuda_graph=False)
+
+    block_tables int32 (batch, width): sequence b's blocks, token t in block block_tables[b, t // block_size] at
+      offset t % block_size; entries past a sequence's length are never read (any value);
+    seq_lens int32 (batch,): each sequence's cached length after this step's tokens (its K/V already written, or
+      written by `paged_kv_write` before `run`), prefix plus new tokens;
+    cu_seqlens_q int32 (batch + 1,): sequence b's new tokens are query rows cu_seqlens_q[b] : cu_seqlens_q[b + 1]
+      (0 new tokens allowed), the newest of its seq_lens[b] tokens (bottom-right aligned, as FlashAttention's kvcache
+      API): prompt chunks over a cached prefix (chunked prefill, prefix caching), decode tokens (one each) and
+      speculative tokens, in any mixture. None: one new token per sequence (decode), seq_lens >= 1.
+    The three may be CPU tensors (no sync at all) or on the device (one device-to-host copy); any strides.
+    num_heads, num_kv_heads, head_dim, num_blocks, block_size, dtype: the q and caches `run` will get (num_heads a
+      multiple of num_kv_heads: GQA/MQA). device: the plan's buffers' device (default: block_tables').
+    num_splits: programs per decode token (split-KV) in [1, 256]; None chooses per token from its length, the step's
+      size and the device's SM count (`choose_num_splits`). Tokens of longer queries are never split.
+    max_batch_size, max_num_tokens, max_blocks_per_seq: the capacities the buffers are sized for (default: this
+      step's); `update` refuses a step beyond them.
+    cuda_graph: fixed launch sizes for CUDA-graph capture. The grid is sized for the capacities (programs past the
+      step's work return at once), q and out have max_num_tokens rows (rows past num_tokens are padding: not read,
+      not written), slot_mapping covers them with -1, and the tile kind chosen at construction (decode tiles when
+      every sequence has at most one new token) stays: an update needing the other kind raises ValueError.
+
+    Raises TypeError/ValueError naming the argument for a wrong type, shape or device, and, at plan time, for values
+    the kernels cannot run safely: negative lengths (below 1 without cu_seqlens_q), cu_seqlens_q not starting at 0 or
+    decreasing, more new tokens than seq_lens, a sequence longer than its table, a used table entry outside
+    [0, num_blocks), or a step beyond the capacities.
+
+    Per step: `update(block_tables, seq_lens, cu_seqlens_q=None)` with the next step's tables (same rules, same
+    buffers). Per layer: `run(q, k_cache, v_cache, ...)`. `slot_mapping` (int64) holds the step's cache slots for
+    `llmkern.paged_kv_write`. Attributes: batch_size, num_tokens and the constructor's arguments.
+    """
+
+    def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor] = None,
+                 *, num_heads: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None, num_splits: Optional[int] = None,
+                 max_batch_size: Optional[int] = None, max_num_tokens: Optional[int] = None,
+                 max_blocks_per_seq: Optional[int] = None, cuda_graph: bool = False):
+        for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("num_blocks", num_blocks),
+                            ("block_size", block_size), ("head_dim", head_dim)):
+            _check_int(name, value, 1)
+        _utils.check_head_dim("head_dim", head_dim)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if dtype not in _utils.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
+        if num_splits is not None:
+            _check_int("num_splits", num_splits, 1)
+            if num_splits > _MAX_SPLITS:
+                raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}] (or None to choose), got {num_splits}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        tables = _read_tables(block_tables, seq_lens, cu_seqlens_q)
+        batch, tokens = tables.seq_lens.shape[0], int(tables.cu_seqlens_q[-1])
+        self.max_batch_size = _check_int("max_batch_size", batch if max_batch_size is None else max_batch_size, 1)
+        self.max_num_tokens = _check_int("max_num_tokens", max(tokens, 1) if max_num_tokens is None
+                                         else max_num_tokens, 1)
+        width = max(1, tables.block_tables.shape[1])
+        self.max_blocks_per_seq = _check_int("max_blocks_per_seq", width if max_blocks_per_seq is None
+                                             else max_blocks_per_seq, 1)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.device = torch.device(device) if device is not None else block_tables.device
+        self.num_splits, self.cuda_graph = num_splits, cuda_graph
+        self._num_sms = _utils.num_sms(self.device)
+
+        # Partial slots: a forced count splits every decode token; the automatic one splits only while the step has
+        # fewer than 2 x SMs programs, which bounds its slots by 2 x cdiv(2 x SMs, num_kv_heads) (_schedule).
+        if num_splits is not None:
+            self._max_slots = self.max_batch_size * num_splits
+        else:
+            self._max_slots = min(self.max_batch_size * _MAX_AUTO_SPLITS,
+                                  2 * _utils.cdiv(2 * self._num_sms, num_kv_heads))
+        # Items: one per tile (at most one per token) plus one per extra split.
+        self._layout = _Layout(self.max_batch_size, self.max_num_tokens + self._max_slots, self.max_blocks_per_seq)
+        lay = self._layout
+        self._data = torch.zeros(lay.size, dtype=torch.int32, device=self.device)
+        self._schedule = self._data[:lay.off_seq_lens]
+        self._seq_lens = self._data[lay.off_seq_lens:lay.off_cu]
+        self._cu_seqlens_q = self._data[lay.off_cu:lay.off_bt]
+        self._block_tables = self._data[lay.off_bt:].view(lay.max_batch, lay.width)
+        self._slots = torch.full((self.max_num_tokens,), -1, dtype=_SLOT_DTYPE, device=self.device)
+        # Zeroed once so a slot never written reads as a finite 0 (the workspace is only read where written).
+        self._part_o = torch.zeros(max(1, self._max_slots), num_heads, head_dim, dtype=torch.float32,
+                                   device=self.device)
+        self._part_lse = torch.zeros(max(1, self._max_slots), num_heads, dtype=torch.float32, device=self.device)
+        self._decode_tiles: Optional[bool] = None
+        self._update(tables)
+
+    # ------------------------------------------------------------------------------------------------ per step
+    def update(self, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               cu_seqlens_q: Optional[torch.Tensor] = None) -> None:
+        """Plan the next step into the same buffers (arguments and errors as the constructor's; nothing changes when
+        it raises). A CUDA graph captured around `run` replays the new step."""
+        self._update(_read_tables(block_tables, seq_lens, cu_seqlens_q))
+
+    def _update(self, t: _HostTables) -> None:
+        _validate_tables(t, self.num_blocks, self.block_size)
+        batch, tokens = t.seq_lens.shape[0], int(t.cu_seqlens_q[-1])
+        lay = self._layout
+        if batch > lay.max_batch or tokens > self.max_num_tokens:
+            raise ValueError(f"seq_lens / cu_seqlens_q: this step has {batch} sequences and {tokens} new tokens, more "
+                             f"than the plan's capacity (max_batch_size {lay.max_batch}, max_num_tokens "
+                             f"{self.max_num_tokens})")
+        need = int(t.seq_lens.to(torch.int64).add(self.block_size - 1).div(self.block_size, rounding_mode="floor")
+                   .max()) if batch else 0
+        if need > lay.width:
+            raise ValueError(f"block_tables: a sequence needs {need} blocks, more than max_blocks_per_seq "
+                             f"({lay.width})")
+        q_lens = t.cu_seqlens_q[1:] - t.cu_seqlens_q[:-1]
+        decode_tiles = batch == 0 or int(q_lens.max()) <= 1
+        if self.cuda_graph and self._decode_tiles is not None and decode_tiles != self._decode_tiles:
+            if self._decode_tiles:
+                raise ValueError("cu_seqlens_q: this cuda_graph plan runs decode tiles (one new token per sequence), "
+                                 "set at construction; a step with longer queries needs another plan")
+            decode_tiles = False    # prefill tiles serve decode steps too
+        cfg = _tile_config(decode_tiles, self.num_heads // self.num_kv_heads, self.head_dim, self.dtype)
+        work, reduce, slots_used = _schedule(t, cfg["BLOCK_Q"], self.num_kv_heads, self._num_sms, self.num_splits)
+        assert slots_used <= self._max_slots and work.shape[0] <= lay.max_items, "split-KV capacity bound broken"
+
+        stage = torch.zeros(lay.off_bt + batch * lay.width, dtype=torch.int32)
+        stage[0], stage[1] = work.shape[0], reduce.shape[0]
+        stage[2:2 + reduce.numel()] = reduce.flatten()
+        stage[lay.off_work:lay.off_work + work.numel()] = work.flatten()
+        stage[lay.off_seq_lens:lay.off_seq_lens + batch] = t.seq_lens
+        stage[lay.off_cu:lay.off_cu + batch + 1] = t.cu_seqlens_q
+        cols = min(t.block_tables.shape[1], lay.width)
+        stage[lay.off_bt:].view(batch, lay.width)[:, :cols] = t.block_tables[:, :cols]
+        slots = torch.full((self.max_num_tokens if self.cuda_graph else tokens,), -1, dtype=_SLOT_DTYPE)
+        slots[:tokens] = _slot_mapping(t, self.block_size)
+        _copy_to(self._data[:stage.numel()], stage)
+        _copy_to(self._slots[:slots.numel()], slots)
+
+        self.batch_size, self.num_tokens, self._decode_tiles = batch, tokens, decode_tiles
+        if self.cuda_graph:   # launch sizes for any step within the capacities
+            bound = self.max_num_tokens if not decode_tiles else min(self.max_num_tokens, lay.max_batch)
+            tiles = min(bound, _utils.cdiv(self.max_num_tokens, cfg["BLOCK_Q"]) + lay.max_batch)
+            self._grid_items = tiles + self._max_slots
+            self._grid_reduce = min(lay.max_batch, self._max_slots)
+        else:
+            self._grid_items, self._grid_reduce = work.shape[0], reduce.shape[0]
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        """int64 (num_tokens,) on the plan's device (cuda_graph: (max_num_tokens,), -1 past num_tokens): the cache
+        slot of each new token, computed from the validated tables, for `llmkern.paged_kv_write`."""
+        return self._slots if self.cuda_graph else self._slots[:self.num_tokens]
+
+    # ------------------------------------------------------------------------------------------------ per layer
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, causal: bool = True,
+            scale: float | None = None, softcap: float | None = None, window: tuple[int, int] = (-1, -1),
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the step's new tokens over their cached sequences, for one layer.
+
+        q (num_tokens, num_heads, head_dim) (cuda_graph: max_num_tokens rows) packs the sequences' new tokens as
+        cu_seqlens_q said; k_cache, v_cache (num_blocks, block_size, num_kv_heads, head_dim) hold every token of the
+        step (write them first: `paged_kv_write(k, v, k_cache, v_cache, plan.slot_mapping)`). causal: query i of a
+        sequence sees keys up to its own position (window_right = 0); scale (default head_dim ** -0.5), softcap
+        (Gemma 2's tanh cap) and window=(left, right) as in llmkern.attention: the query at position p sees keys in
+        [p - left, p + right] (-1: unbounded). out: written in place (any strides; else a new tensor is returned).
+        Returns out, (rows of q, num_heads, head_dim) in q's dtype.
+
+        Only what needs no sync is checked, before any launch: TypeError/ValueError naming the argument when q,
+        the caches or out do not match the plan (shape, dtype, device) or scale/softcap/window/causal are invalid.
+        No device-to-host transfer, no device-property query; no allocation when out is given and q and the caches
+        have a contiguous last dim (one that is not is copied).
+        """
+        rows = self.max_num_tokens if self.cuda_graph else self.num_tokens
+        want_q = (rows, self.num_heads, self.head_dim)
+        want_cache = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        given = [("q", q, want_q), ("k_cache", k_cache, want_cache), ("v_cache", v_cache, want_cache)]
+        for name, t, shape in given + ([] if out is None else [("out", out, want_q)]):
+            _utils.check_tensor(name, t, ndim=len(shape))
+            if t.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype}, the plan was made for {self.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, the plan's buffers on {self.device}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} for this plan, got {tuple(t.shape)}")
+        if out is not None:
+            _utils.check_writable("out", out)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        scale = _utils.check_scale(scale, self.head_dim)
+        softcap = _utils.check_softcap(softcap, scale)
+        left, right = _utils.check_window(window)
+        q = _utils.last_dim_contiguous("q", q)
+        k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
+        v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        _paged_attention_op(*self._op_args(q, k_cache, v_cache, out, scale, softcap, left, 0 if causal else right))
+        return out
+
+    def _op_args(self, q, k_cache, v_cache, out, scale, softcap, window_left, window_right) -> tuple:
+        """The llmkern::paged_attention arguments of one run: the tensors and this step's sizes."""
+        return (q, k_cache, v_cache, out, self._block_tables, self._seq_lens, self._cu_seqlens_q, self._schedule,
+                self._part_o, self._part_lse, self.batch_size, self.num_tokens, self._grid_items, self._grid_reduce,
+                self._decode_tiles, scale, softcap, window_left, window_right)
+
+    def __repr__(self) -> str:
+        return (f"PagedAttentionPlan(batch_size={self.batch_size}, num_tokens={self.num_tokens}, "
+                f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"block_size={self.block_size}, dtype={self.dtype}, device={self.device}, "
+                f"decode_tiles={self._decode_tiles}, cuda_graph={self.cuda_graph})")
+
+
+# ---------------------------------------------------------------------------------------------------- the op
+def _check_outputs(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
+                   *sizes) -> None:
+    """What the op writes must not overlap itself (no sync: strides only). The plan validated everything else."""
+    for name, t in (("out", out), ("part_o", part_o), ("part_lse", part_lse)):
+        _utils.check_writable(name, t)
+
+
+def _paged_attention_reference(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o,
+                               part_lse, batch_size, num_tokens, grid_items, grid_reduce, decode_tiles, scale,
+                               softcap, window_left, window_right) -> None:
+    if num_tokens == 0:
+        return
+    b = batch_size
+    out[:num_tokens] = reference.paged_prefill_attention(
+        q[:num_tokens], k_cache, v_cache, block_tables[:b], cu_seqlens_q[:b + 1], seq_lens[:b], causal=False,
+        scale=scale, softcap=softcap, window=(window_left, window_right))
+
+
+def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     schedule: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor, batch_size: int,
+                     num_tokens: int, grid_items: int, grid_reduce: int, decode_tiles: bool, scale: float,
+                     softcap: Optional[float], window_left: int, window_right: int) -> None:
+    """The Triton implementation of llmkern::paged_attention: the attention kernel over the plan's work list, then
+    the split-KV merge. Sizes are the plan's (host ints): nothing here reads a tensor's values."""
+    if grid_items == 0:
+        return
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    cfg = _tile_config(decode_tiles, group, head_dim, q.dtype)
+    longest = block_tables.shape[1] * block_size    # no sequence outgrows its table (the plan checked)
+    window_left, window_right = (_utils.unbounded_beyond(w, longest) for w in (window_left, window_right))
+    has_softcap = softcap is not None
+    _utils.launch(
+        kernels.paged_attention_kernel, (grid_items, num_kv_heads),
+        q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
+        2 + _REDUCE_FIELDS * seq_lens.shape[0],
+        q.stride(0), q.stride(1), q.stride(2),
+        *_cache_strides(k_cache), *_cache_strides(v_cache),
+        block_tables.stride(0), block_tables.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        scale * math.log2(math.e), softcap if has_softcap else 1.0, window_left, window_right, group, block_size,
+        HEAD_DIM=head_dim, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
+        INTERPRET=_utils.INTERPRET, **cfg,
+    )
+    if grid_reduce:
+        _utils.launch(
+            kernels.paged_attention_reduce_kernel, (grid_reduce, num_heads),
+            part_o, part_lse, out, schedule, 2,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+        )
+
+
+_paged_attention_op = _dispatch.custom_op(
+    "paged_attention", mutates_args=("out", "part_o", "part_lse"), reference=_paged_attention_reference,
+    check=_check_outputs, contiguous=("seq_lens", "cu_seqlens_q", "schedule"))(_paged_attention)
+
+
+@_paged_attention_op.register_fake
+def _(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse, batch_size,
+      num_tokens, grid_items, grid_reduce, decode_tiles, scale, softcap, window_left, window_right) -> None:
+    return None
+
+
+def _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num_splits, scale, softcap,
+                  window_left, window_right) -> torch.Tensor:
+    """The one-shots' Triton path: a plan for this call, then its run's launch."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    plan = PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q, num_heads=q.shape[1], num_kv_heads=num_kv_heads,
+                              head_dim=head_dim, num_blocks=num_blocks, block_size=block_size, dtype=q.dtype,
+                              device=q.device, num_splits=num_splits)
+    _paged_attention(*plan._op_args(q, k_cache, v_cache, out, scale, softcap, window_left, window_right))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- kv write
-def _check_kv_scale_values(k_cache, k_scale, v_scale) -> None:
+def _check_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    """Caches that can be written (no element at two indices: strides only) and an fp8 cache's scale tensors' values
+    (one host sync, only for an fp8 cache with scales given as tensors). Slots need no check: the kernel writes only
+    those inside the cache."""
     _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
     _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
-
-
-def _check_slots(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
-    """Caches that can be written (no element at two indices), every slot within the cache or -1 (one sync), and an
-    fp8 cache's scales (one more), before any implementation runs (llmkern._dispatch)."""
-    _check_kv_scale_values(k_cache, k_scale, v_scale)
     _utils.check_writable("k_cache", k_cache)
     _utils.check_writable("v_cache", v_cache)
-    num_blocks, block_size = k_cache.shape[:2]
-    if slot_mapping.numel() == 0:
-        return
-    smin, smax = int(slot_mapping.min()), int(slot_mapping.max())
-    if smin < -1 or smax >= num_blocks * block_size:
-        raise ValueError(f"slot_mapping values must lie in [-1, {num_blocks * block_size}) (-1 = skip; "
-                         f"num_blocks x block_size slots), found values in [{smin}, {smax}]")
 
 
 @_dispatch.custom_op("paged_kv_write", mutates_args=("k_cache", "v_cache"), reference=reference.paged_kv_write,
-                     check=_check_slots, contiguous=("slot_mapping", "k_scale", "v_scale"))
+                     check=_check_kv_write, contiguous=("slot_mapping", "k_scale", "v_scale"))
 def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, k_scale: torch.Tensor | None,
                        v_scale: torch.Tensor | None) -> None:
@@ -212,7 +664,7 @@ def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *_cache_strides(k_cache), *_cache_strides(v_cache),
-        num_kv_heads, block_size,
+        num_kv_heads, block_size, num_blocks * block_size,
         HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         QUANTIZE=quantize, INTERPRET=_utils.INTERPRET,
     )
@@ -228,14 +680,17 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                    v_scale: float | torch.Tensor | None = None) -> None:
     """Copy k, v (num_tokens, num_kv_heads, head_dim) into the cache slots `slot_mapping` (int64, num_tokens).
 
-    Slot s is block s // block_size, offset s % block_size; -1 skips the token (padding). A 16-bit or fp32 cache gets
-    bit-exact copies: k, v must have its dtype, and k_scale / v_scale must be None. An fp8 cache (float8_e4m3fn or
-    float8_e5m2; k, v in any float dtype) stores round_to_fp8(x / scale), to nearest even, saturated to the format's
-    largest value (+-448 for e4m3fn, +-57344 for e5m2) as vLLM does; its scales are required: k_scale, v_scale a
-    float or a float32 (num_kv_heads,) tensor (one scale per KV head; a finite value in [2**-126, 3.4e38 / fp8 max],
-    a tensor's values checked with one host sync). Slots must be distinct (two tokens in one slot leave either one
-    there). The caches are written through their strides (any view that does not overlap itself: an expanded cache
-    raises ValueError); slot_mapping and the scales may be any view, read as their values.
+    Slot s is block s // block_size, offset s % block_size. Only slots in [0, num_blocks * block_size) are written:
+    -1 (vLLM's padding slot) and any other slot outside the cache leave the cache untouched for that token, without
+    an error (no sync: the values are never read on the host). Valid slots come from the block manager
+    (`PagedKVCache.append`) or a plan (`PagedAttentionPlan.slot_mapping`), which check the tables they come from.
+    A 16-bit or fp32 cache gets bit-exact copies: k, v must have its dtype, and k_scale / v_scale must be None. An fp8
+    cache (float8_e4m3fn or float8_e5m2; k, v in any float dtype) stores round_to_fp8(x / scale), to nearest even,
+    saturated to the format's largest value (+-448 for e4m3fn, +-57344 for e5m2) as vLLM does; its scales are
+    required: k_scale, v_scale a float or a float32 (num_kv_heads,) tensor (one scale per KV head; a finite value in
+    [2**-126, 3.4e38 / fp8 max], a tensor's values checked with one host sync). Slots must be distinct (two tokens in
+    one slot leave either one there). The caches are written through their strides (any view that does not overlap
+    itself: an expanded cache raises ValueError); slot_mapping and the scales may be any view, read as their values.
     """
     _utils.check_tensor("k", k, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     _utils.check_tensor("v", v, ndim=3, dtypes=_utils.FLOAT_DTYPES)
@@ -258,8 +713,8 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 # ---------------------------------------------------------------------------------------------------- decode
 def _check_decode_values(q, k_cache, v_cache, block_tables, seq_lens, *options) -> None:
-    """Lengths and block ids (host syncs), before any implementation runs (llmkern._dispatch)."""
-    _check_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], min_len=1)
+    """Lengths and block ids (one host sync), before any implementation runs (llmkern._dispatch)."""
+    _validate_tables(_read_tables(block_tables, seq_lens, None), k_cache.shape[0], k_cache.shape[1])
 
 
 def _paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
@@ -275,49 +730,9 @@ def _paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, 
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, softcap: float | None, window_left: int,
                      window_right: int, num_splits: int) -> torch.Tensor:
-    batch, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if batch == 0:
-        return out
-    group = num_heads // num_kv_heads
-    window_left = _utils.unbounded_beyond(window_left, block_tables.shape[1] * block_size)
-    cfg = _decode_config(group, head_dim, q.dtype)
-    if num_splits == 0:
-        num_splits = choose_num_splits(batch, num_kv_heads, int(seq_lens.max()), q.device)
-    split = num_splits > 1
-    if split:
-        part_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    else:  # never read: the kernel writes the output directly; these only fill the pointer/stride arguments
-        part_o = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
-    has_softcap = softcap is not None
-    _utils.launch(
-        kernels.paged_decode_kernel, (batch, num_kv_heads, num_splits),
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        *_cache_strides(k_cache), *_cache_strides(v_cache),
-        block_tables.stride(0), block_tables.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
-        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        scale * math.log2(math.e), softcap if has_softcap else 1.0, window_left,
-        group, block_size, num_splits,
-        HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=has_softcap, HAS_LEFT=window_left >= 0,
-        INTERPRET=_utils.INTERPRET, **cfg,
-    )
-    if split:
-        _utils.launch(
-            kernels.paged_decode_reduce_kernel, (batch, num_heads),
-            part_o, part_lse, out,
-            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_o.stride(3),
-            part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], num_warps=4,
-        )
-    return out
+    # decode's one query sits at the last key: a right window masks nothing
+    return _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, None, num_splits or None, scale, softcap,
+                         window_left, -1)
 
 
 @_paged_decode_op.register_fake
@@ -339,6 +754,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     any view: the cache, q and block_tables (either stride) are read through their strides, seq_lens as its values.
     num_splits: programs per sequence (split-KV); None picks one from batch, length and SM count.
     Returns (batch, num_heads, head_dim) in q's dtype.
+
+    A one-shot: it validates the tables on the host (one sync), plans and runs. A decode loop should make one
+    `PagedAttentionPlan` per step and call its `run` in every layer.
     """
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
@@ -366,20 +784,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 # ---------------------------------------------------------------------------------------------------- prefill
 def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *options) -> None:
-    """cu_seqlens_q, lengths and block ids (host syncs), before any implementation runs (llmkern._dispatch)."""
-    total_q = q.shape[0]
-    cu = cu_seqlens_q.tolist()
-    if cu[0] != 0 or cu[-1] != total_q:
-        raise ValueError(f"cu_seqlens_q must start at 0 and end at total_q ({total_q}), got {cu[0]} ... {cu[-1]}")
-    q_lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    if any(n < 0 for n in q_lens):
-        raise ValueError("cu_seqlens_q must be non-decreasing")
-    for b, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens.tolist())):
-        if q_len > seq_len:
-            raise ValueError(f"seq_lens[{b}] = {seq_len} is shorter than that sequence's {q_len} new tokens "
-                             f"(seq_lens counts the cached prefix plus the new tokens)")
-    if total_q:
-        _check_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], min_len=0)
+    """cu_seqlens_q, lengths and block ids (one host sync), before any implementation runs (llmkern._dispatch)."""
+    _validate_tables(_read_tables(block_tables, seq_lens, cu_seqlens_q), k_cache.shape[0], k_cache.shape[1],
+                     total_q=q.shape[0])
 
 
 def _paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
@@ -396,33 +803,8 @@ def _paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, se
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, causal: bool, scale: float,
                       softcap: float | None, window_left: int, window_right: int) -> torch.Tensor:
-    total_q, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    batch = seq_lens.shape[0]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if total_q == 0:
-        return out
-    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-    longest = block_tables.shape[1] * block_size   # no sequence outgrows its block table (checked)
-    window_left, window_right = (_utils.unbounded_beyond(w, longest) for w in (window_left, window_right))
-    if causal:
-        window_right = 0
-    cfg = _prefill_config(head_dim, q.dtype)
-    grid = (_utils.cdiv(max(q_lens), cfg["BLOCK_M"]), batch, num_heads)
-    has_softcap = softcap is not None
-    _utils.launch(
-        kernels.paged_prefill_kernel, grid,
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        *_cache_strides(k_cache), *_cache_strides(v_cache),
-        block_tables.stride(0), block_tables.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        scale * math.log2(math.e), softcap if has_softcap else 1.0, window_left, window_right,
-        num_heads // num_kv_heads, block_size,
-        HEAD_DIM=head_dim, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
-        INTERPRET=_utils.INTERPRET, **cfg,
-    )
-    return out
+    return _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, None, scale, softcap,
+                         window_left, 0 if causal else window_right)
 
 
 @_paged_prefill_op.register_fake
@@ -439,8 +821,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     q (total_q, num_heads, head_dim) packs each sequence's new tokens (rows cu_seqlens_q[b]:cu_seqlens_q[b+1],
     int32 (batch + 1,)); their K/V are already in the cache. seq_lens int32 (batch,) is each sequence's total
     length, prefix plus new tokens, so new token i sits at position seq_len - q_len + i (bottom-right alignment, as
-    FlashAttention's kvcache API). This is chunked prefill and prefix caching. Returns (total_q, num_heads, head_dim).
-    scale, softcap and window as in llmkern.attention; tensors in any layout, as in paged_decode_attention.
+    FlashAttention's kvcache API). This is chunked prefill and prefix caching; sequences with one new token (decode)
+    may share the batch. Returns (total_q, num_heads, head_dim). scale, softcap and window as in llmkern.attention;
+    tensors in any layout, as in paged_decode_attention. A one-shot (one sync, then plan and run), as
+    paged_decode_attention.
     """
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
@@ -472,14 +856,13 @@ def _ptr(dtype: torch.dtype) -> str:
 
 _I32 = "i32"
 _I64 = "i64"
-# Strides of the batch/block dimension may exceed 2**31 elements in a big cache or batch: the launcher passes them
+# Strides of the block/token dimension may exceed 2**31 elements in a big cache or batch: the launcher passes them
 # as i64 then, so the specs compile them that way. Triton's launcher specializes an integer argument equal to 1 to
 # the constant 1 and marks one divisible by 16 as such (which is what lets loads vectorize); the specs do the same for
 # the layouts the ops see in practice: contiguous tensors with head_dim % 16 == 0.
-_WIDE_STRIDES = ("stride_qb", "stride_qt", "stride_kcb", "stride_vcb", "stride_btb", "stride_ob", "stride_ot",
-                 "stride_pob", "stride_plb")
+_WIDE_STRIDES = ("stride_qt", "stride_kcb", "stride_vcb", "stride_ot", "stride_pos")
 _UNIT_STRIDES = ("stride_qd", "stride_kcd", "stride_vcd", "stride_od", "stride_pod", "stride_kd", "stride_vd",
-                 "stride_btn", "stride_pls")
+                 "stride_btn", "stride_plh")
 
 
 def _strides(kernel) -> tuple[dict[str, str], dict[str, int]]:
@@ -488,33 +871,23 @@ def _strides(kernel) -> tuple[dict[str, str], dict[str, int]]:
     return sig, {n: 1 for n in names if n in _UNIT_STRIDES}
 
 
-def _decode_spec(dtype: torch.dtype, group: int, head_dim: int, *, split: bool = True,
-                 masks: bool = False) -> CompileSpec:
-    cfg = _decode_config(group, head_dim, dtype)
-    stride_sig, unit = _strides(kernels.paged_decode_kernel)
-    sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16", "SEQ_LENS": "*i32:16",
-           "O": _ptr(dtype), "PART_O": "*fp32:16", "PART_LSE": "*fp32:16", **stride_sig, "qk_scale": "fp32",
-           "softcap": "fp32", "window_left": _I32, "group": _I32, "block_size": _I32, "num_splits": _I32}
-    const = {k: cfg[k] for k in ("GROUP_PAD", "BLOCK_N", "BLOCK_D", "USE_DOT")}
-    const.update(unit, HEAD_DIM=head_dim, SPLIT=split, HAS_SOFTCAP=masks, HAS_LEFT=masks, INTERPRET=False)
-    config = (f"{str(dtype)[6:]} g{group} d{head_dim} {'split' if split else 'direct'}"
-              f"{' softcap+window' if masks else ''} GP{cfg['GROUP_PAD']} BN{cfg['BLOCK_N']} w{cfg['num_warps']}")
-    return CompileSpec(kernels.paged_decode_kernel, "paged_decode", config, sig, const, num_warps=cfg["num_warps"],
-                       num_stages=cfg["num_stages"], expect_mma=cfg["USE_DOT"] and dtype != torch.float32)
-
-
-def _prefill_spec(dtype: torch.dtype, head_dim: int, *, causal: bool = True, masks: bool = False) -> CompileSpec:
-    cfg = _prefill_config(head_dim, dtype)
-    stride_sig, unit = _strides(kernels.paged_prefill_kernel)
-    sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "BT": "*i32:16", "CU_Q": "*i32:16",
-           "SEQ_LENS": "*i32:16", "O": _ptr(dtype), **stride_sig, "qk_scale": "fp32", "softcap": "fp32",
+def _attention_spec(dtype: torch.dtype, group: int, head_dim: int, *, decode_tiles: bool,
+                    masks: bool = False) -> CompileSpec:
+    """One attention kernel build: its tiles, causal (HAS_RIGHT), and with masks softcap and both windows."""
+    cfg = _tile_config(decode_tiles, group, head_dim, dtype)
+    stride_sig, unit = _strides(kernels.paged_attention_kernel)
+    sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "O": _ptr(dtype), "BT": "*i32:16",
+           "SEQ_LENS": "*i32:16", "CU_Q": "*i32:16", "SCHEDULE": "*i32:16", "PART_O": "*fp32:16",
+           "PART_LSE": "*fp32:16", "off_work": _I32, **stride_sig, "qk_scale": "fp32", "softcap": "fp32",
            "window_left": _I32, "window_right": _I32, "group": _I32, "block_size": _I32}
-    const = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-    const.update(unit, HEAD_DIM=head_dim, HAS_LEFT=masks, HAS_RIGHT=causal, HAS_SOFTCAP=masks, INTERPRET=False)
-    config = (f"{str(dtype)[6:]} d{head_dim} {'causal' if causal else 'full'}{' softcap+window' if masks else ''} "
-              f"BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} w{cfg['num_warps']}")
-    return CompileSpec(kernels.paged_prefill_kernel, "paged_prefill", config, sig, const, num_warps=cfg["num_warps"],
-                       num_stages=cfg["num_stages"], expect_mma=dtype != torch.float32)
+    const = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_Q", "BLOCK_N", "BLOCK_D", "USE_DOT", "MASKED_ROWS")}
+    const.update(unit, HEAD_DIM=head_dim, HAS_LEFT=masks, HAS_RIGHT=True, HAS_SOFTCAP=masks, INTERPRET=False)
+    config = (f"{str(dtype)[6:]} g{group} d{head_dim} {'decode' if decode_tiles else 'prefill'}"
+              f"{' softcap+window' if masks else ''} BM{cfg['BLOCK_M']} BQ{cfg['BLOCK_Q']} BN{cfg['BLOCK_N']} "
+              f"w{cfg['num_warps']}")
+    return CompileSpec(kernels.paged_attention_kernel, "paged_attention", config, sig, const,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                       expect_mma=cfg["USE_DOT"] and dtype != torch.float32)
 
 
 def _fp8_archs(cache_dtype: torch.dtype) -> tuple[int, ...] | None:
@@ -525,13 +898,13 @@ def _fp8_archs(cache_dtype: torch.dtype) -> tuple[int, ...] | None:
 
 @register
 def _compile_specs():
-    """Every config the dispatchers can pick. Tile sizes depend only on (group, head_dim, dtype):
+    """Every config a plan can pick. Tiles depend only on (decode or prefill tiles, group, head_dim, dtype):
 
-    decode: the groups that change the tile (1 = broadcast path; 4 -> 16 rows; 32; 64, which takes 8 warps at
+    decode tiles: the groups that change the tile (1 = broadcast path; 4 -> 16 rows; 32; 64, which takes 8 warps at
     head_dim 256) x head dims 64/128/256 (80/96: masked lanes) in fp16, bf16 and fp32 spot checks (fp32's dot path
-    takes 8 warps); the split (partial-write) epilogue everywhere, the direct-output one with the softcap code at
-    head_dim 128 and 256. prefill: per head dim and dtype, plus the softcap variant at the largest tiles. Windows
-    and causality are runtime values, compiled into every build. Then the reduce and the write kernel.
+    takes 8 warps). prefill tiles: per head dim and dtype at groups 1 and 4 (64 and 16 tokens a tile), 8 (bf16) and
+    64 (one token a tile). Both with the softcap and window code at head_dim 128 and 256. The split epilogue and
+    window values are runtime, compiled into every build. Then the reduce and the cache write.
     """
     for dtype, groups, dims in ((torch.float16, (1, 4, 32, 64), (64, 128, 256)),
                                 (torch.float16, (1, 4), (80, 96)),
@@ -539,21 +912,26 @@ def _compile_specs():
                                 (torch.float32, (1, 8), (128, 256))):
         for group in groups:
             for head_dim in dims:
-                yield _decode_spec(dtype, group, head_dim)
+                yield _attention_spec(dtype, group, head_dim, decode_tiles=True)
                 if head_dim in (128, 256) and dtype != torch.bfloat16:
-                    yield _decode_spec(dtype, group, head_dim, split=False, masks=True)
+                    yield _attention_spec(dtype, group, head_dim, decode_tiles=True, masks=True)
 
-    for dtype, head_dim in ((torch.float16, 64), (torch.float16, 96), (torch.float16, 128), (torch.float16, 256),
-                            (torch.bfloat16, 128), (torch.float32, 64), (torch.float32, 128), (torch.float32, 256)):
-        yield _prefill_spec(dtype, head_dim)
-        if head_dim in (128, 256):
-            yield _prefill_spec(dtype, head_dim, causal=False, masks=True)
+    for dtype, groups, dims in ((torch.float16, (1, 4), (64, 96, 128, 256)),
+                                (torch.float16, (64,), (128,)),
+                                (torch.bfloat16, (1, 8), (128,)),
+                                (torch.float32, (1, 8), (64, 128, 256))):
+        for group in groups:
+            for head_dim in dims:
+                yield _attention_spec(dtype, group, head_dim, decode_tiles=False)
+                if head_dim in (128, 256):
+                    yield _attention_spec(dtype, group, head_dim, decode_tiles=False, masks=True)
 
-    kr = kernels.paged_decode_reduce_kernel
+    kr = kernels.paged_attention_reduce_kernel
     for head_dim in (64, 128, 256):
         stride_sig, unit = _strides(kr)
-        sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*fp16:16", **stride_sig, "num_splits": _I32}
-        yield CompileSpec(kr, "paged_decode_reduce", f"fp16 d{head_dim} w4", sig,
+        sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*fp16:16", "SCHEDULE": "*i32:16",
+               "off_reduce": _I32, **stride_sig}
+        yield CompileSpec(kr, "paged_attention_reduce", f"fp16 d{head_dim} w4", sig,
                           {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), **unit}, num_warps=4)
 
     # the write: copies, and the fp8 quantizing writes (from 16-bit and fp32 K/V into e4m3fn and e5m2 caches)
@@ -566,7 +944,8 @@ def _compile_specs():
                                           (torch.float32, torch.float8_e4m3fn, 32, 64)):
         stride_sig, unit = _strides(kw)
         sig = {"K": _ptr(dtype), "V": _ptr(dtype), "KC": _ptr(cache), "VC": _ptr(cache), "SLOT": "*i64:16",
-               "K_SCALE": "*fp32:16", "V_SCALE": "*fp32:16", **stride_sig, "num_kv_heads": _I32, "block_size": _I32}
+               "K_SCALE": "*fp32:16", "V_SCALE": "*fp32:16", **stride_sig, "num_kv_heads": _I32, "block_size": _I32,
+               "num_slots": _I64}
         quantize = cache in _utils.FP8_DTYPES
         name = f"{str(dtype)[6:]}{' -> ' + str(cache)[6:] if quantize else ''} h{heads} d{head_dim}"
         yield CompileSpec(kw, "paged_kv_write", name, sig,

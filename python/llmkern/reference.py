@@ -216,10 +216,11 @@ def dequantize_kv(x: torch.Tensor, scale, dtype: torch.dtype = torch.float32) ->
 
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
-    """In place: token i of k, v goes to slot slot_mapping[i] (block * block_size + offset); -1 skips it. An fp8
-    cache stores quantize_kv(k, k_scale) and quantize_kv(v, v_scale)."""
+    """In place: token i of k, v goes to slot slot_mapping[i] (block * block_size + offset); a slot outside
+    [0, num_blocks * block_size), -1 (padding) included, skips its token. An fp8 cache stores quantize_kv(k, k_scale)
+    and quantize_kv(v, v_scale)."""
     block_size = k_cache.shape[1]
-    keep = slot_mapping >= 0
+    keep = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * block_size)
     slots = slot_mapping[keep].to(torch.int64)
     for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         x = x[keep]
