@@ -21,12 +21,26 @@ Peers in the same run:
   * flashinfer: BatchDecodeWithPagedKVCacheWrapper on the very same NHD pages and block ids as llmkern, when
     importable.
 
+Mixed batches (op "mixed_attention", issue 11): one prompt chunk of `chunk` tokens over a cached prefix next to
+`decodes` sequences decoding one token each, every sequence holding `context` tokens after the step (on CUDA: a
+chunk of 512 + 63 decodes at context 2048, Llama-3-8B heads, bf16). Bytes and FLOPs: `perf.paged_attention_bytes` /
+`paged_attention_flops` (K/V of every sequence once; causal pairs of the chunk). Implementations, each timed per
+layer with its plans made outside the timing (a plan is made once per step and shared by every layer):
+  * llmkern: PagedAttentionPlan.run, one launch for the whole step;
+  * llmkern_two_launches: a decode plan's run for the decode tokens and a prefill plan's run for the chunk, what the
+    step costs without the unified kernel;
+  * llmkern_oneshot: llmkern.paged_prefill_attention over the mixed batch, planning (and its host sync) inside the
+    timing, what a layer costs without a plan;
+  * flashinfer: BatchPrefillWithPagedKVCacheWrapper on the same NHD pages and block ids, plan() outside the timing,
+    when importable.
+
 On CPU (no CUDA): the issue-15 target shape, batch 8 x context 2048 with Llama-3-8B heads, in fp32 and bf16 caches,
 through the CPU path (the C++ backend when it builds) against SDPA over gathered K/V, with the measured STREAM read
 bandwidth as the roof (bench.common.measured_cpu_peak); --quick runs a batch of 2 x 512 in fp32.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterable
 
 import torch
@@ -34,7 +48,7 @@ import torch.nn.functional as F
 
 from llmkern import perf
 from llmkern.bench.common import Case, optional_import
-from llmkern.paged_attention import paged_decode_attention
+from llmkern.paged_attention import PagedAttentionPlan, paged_decode_attention, paged_prefill_attention
 
 BLOCK_SIZE = 16                                   # vLLM's default block size
 LLAMA3 = (32, 8, 128)                             # Llama-3-8B config.json: 32 heads, 8 KV heads, 4096 / 32
@@ -47,6 +61,8 @@ QUICK = [(1, 32768), (64, 2048)]
 MEMORY_FRACTION = 0.25                            # K/V of a shape may take this much of the GPU (peers copy it)
 CPU_SHAPES = [(8, 2048, *LLAMA3)]                 # (batch, context, heads, kv_heads, head_dim)
 CPU_QUICK = [(2, 512, *LLAMA3)]
+MIXED = (512, 63, 2048)                           # (prompt chunk, decode sequences, context): issue 11's example
+CPU_MIXED = (64, 7, 256)                          # the same step, small enough for a CPU run
 
 
 def _shape(batch, ctx, h, hk, d, dtype) -> dict:
@@ -119,11 +135,75 @@ def _cases_for(batch, ctx, h, hk, d, dtype, device, flash_attn, flashinfer) -> I
                    note=f"same pages as llmkern, block_size {BLOCK_SIZE}; plan() outside the timing")
 
 
+def _mixed_step(chunk, decodes, ctx, hk, d, dtype, device, block_size=BLOCK_SIZE):
+    """A cache holding the step's sequences (the chunk's first, then the decodes), all `ctx` tokens long after the
+    step, in a random block order; their tables, lengths and query offsets."""
+    kc, vc, bt, sl = _paged(decodes + 1, ctx, hk, d, dtype, device, block_size)
+    q_lens = [chunk] + [1] * decodes
+    cu = torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32, device=device)
+    return kc, vc, bt, sl, cu, q_lens
+
+
+def _mixed_cases(chunk, decodes, ctx, h, hk, d, dtype, device, flashinfer) -> Iterable[Case]:
+    shape = dict(chunk=chunk, decodes=decodes, context=ctx, heads=h, kv_heads=hk, head_dim=d,
+                 dtype=str(dtype).replace("torch.", ""))
+    lens, q_lens = [ctx] * (decodes + 1), [chunk] + [1] * decodes
+    flops = perf.paged_attention_flops(lens, q_lens, h, d)
+    nbytes = perf.paged_attention_bytes(lens, q_lens, h, hk, d, perf.dtype_bytes(dtype))
+    common = dict(op="mixed_attention", shape=shape, flops=flops, nbytes=nbytes)
+
+    def plan(kc, bt, sl, cu):
+        return PagedAttentionPlan(bt, sl, cu, num_heads=h, num_kv_heads=hk, head_dim=d, num_blocks=kc.shape[0],
+                                  block_size=BLOCK_SIZE, dtype=dtype)
+
+    def make_llmkern():
+        kc, vc, bt, sl, cu, _ = _mixed_step(chunk, decodes, ctx, hk, d, dtype, device)
+        q = torch.randn(chunk + decodes, h, d, dtype=dtype, device=device)
+        step, out = plan(kc, bt, sl, cu), torch.empty_like(q)
+        return lambda: step.run(q, kc, vc, out=out)
+    yield Case(impl="llmkern", make=make_llmkern, note="PagedAttentionPlan.run: one launch; plan outside the timing",
+               **common)
+
+    def make_two():
+        kc, vc, bt, sl, cu, _ = _mixed_step(chunk, decodes, ctx, hk, d, dtype, device)
+        q = torch.randn(chunk + decodes, h, d, dtype=dtype, device=device)
+        prefill = plan(kc, bt[:1], sl[:1], cu[:2])
+        decode = plan(kc, bt[1:], sl[1:], None)
+        qp, qd = q[:chunk], q[chunk:]
+        op, od = torch.empty_like(qp), torch.empty_like(qd)
+        return lambda: (prefill.run(qp, kc, vc, out=op), decode.run(qd, kc, vc, out=od))
+    yield Case(impl="llmkern_two_launches", make=make_two,
+               note="a prefill plan's run for the chunk + a decode plan's run; plans outside the timing", **common)
+
+    def make_oneshot():
+        kc, vc, bt, sl, cu, _ = _mixed_step(chunk, decodes, ctx, hk, d, dtype, device)
+        q = torch.randn(chunk + decodes, h, d, dtype=dtype, device=device)
+        return lambda: paged_prefill_attention(q, kc, vc, bt, cu, sl)
+    yield Case(impl="llmkern_oneshot", make=make_oneshot,
+               note="paged_prefill_attention: validation sync and planning inside the timing", **common)
+
+    if device.type == "cuda" and flashinfer is not None and hasattr(flashinfer, "BatchPrefillWithPagedKVCacheWrapper"):
+        def make_fi():
+            kc, vc, bt, sl, cu, _ = _mixed_step(chunk, decodes, ctx, hk, d, dtype, device)
+            q = torch.randn(chunk + decodes, h, d, dtype=dtype, device=device)
+            per_seq = bt.shape[1]
+            indptr = torch.arange(0, decodes + 2, dtype=torch.int32, device=device) * per_seq
+            last = torch.full((decodes + 1,), ctx - (per_seq - 1) * BLOCK_SIZE, dtype=torch.int32, device=device)
+            workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)  # FlashInfer docs: 128 MB
+            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+            wrapper.plan(cu, indptr, bt.reshape(-1), last, h, hk, d, BLOCK_SIZE, causal=True, q_data_type=dtype,
+                         kv_data_type=dtype)
+            return lambda: wrapper.run(q, (kc, vc))
+        yield Case(impl="flashinfer", make=make_fi, note="same pages as llmkern; plan() outside the timing",
+                   **common)
+
+
 def cases(device: torch.device, quick: bool) -> Iterable[Case]:
     if device.type != "cuda":
         for batch, ctx, h, hk, d in CPU_QUICK if quick else CPU_SHAPES:
             for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
                 yield from _cases_for(batch, ctx, h, hk, d, dtype, device, None, None)
+        yield from _mixed_cases(*CPU_MIXED, *LLAMA3, torch.float32, device, None)
         return
     flash_attn = optional_import("flash_attn")
     flashinfer = optional_import("flashinfer")
@@ -142,12 +222,16 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
         for batch, ctx in (QUICK[:1] if quick else SMALL_GRID):
             if fits(batch, ctx, hk, d):
                 yield from _cases_for(batch, ctx, h, hk, d, dtype, device, flash_attn, flashinfer)
+    yield from _mixed_cases(*MIXED, *LLAMA3, dtype, device, flashinfer)
 
 
 def summarize(records: list[dict]) -> str:
     """Per shape: llmkern's time, its share of the HBM bandwidth, and the peers' time relative to it."""
     by_shape: dict[str, dict[str, dict]] = {}
+    mixed = [r for r in records if r["op"] == "mixed_attention"]
     for r in records:
+        if r["op"] == "mixed_attention":
+            continue
         s = r["shape"]
         key = f"h={s['heads']}/{s['kv_heads']} b={s['batch']} ctx={s['context']} {s['dtype']}"
         by_shape.setdefault(key, {})[r["impl"]] = r
@@ -163,4 +247,25 @@ def summarize(records: list[dict]) -> str:
                      f"{vs('flash_attn'):>14} {vs('flashinfer'):>14}")
     lines.append("(%roof: of the memory roof, HBM from the datasheet on a GPU, measured STREAM read on a CPU; vs X: X's "
                  "time / llmkern's time, > 1 means llmkern is faster)")
+    lines += _summarize_mixed(mixed)
     return "\n".join(lines)
+
+
+def _summarize_mixed(records: list[dict]) -> list[str]:
+    """Mixed steps: each implementation's time, against llmkern's one launch."""
+    if not records:
+        return []
+    ours = {json_key(r["shape"]): r for r in records if r["impl"] == "llmkern"}
+    lines = ["", f"{'mixed step':<44} {'impl':<22} {'ms':>9} {'%roof':>6} {'vs llmkern':>11}"]
+    for r in records:
+        s, base = r["shape"], ours.get(json_key(r["shape"]))
+        key = f"chunk {s['chunk']} + {s['decodes']} decodes, ctx {s['context']} {s['dtype']}"
+        pct = "-" if r["pct_roofline"] is None else f"{r['pct_roofline']:.1f}"
+        vs = f"{r['median_ms'] / base['median_ms']:.2f}x" if base else "-"
+        lines.append(f"{key:<44} {r['impl']:<22} {r['median_ms']:>9.4f} {pct:>6} {vs:>11}")
+    lines.append("(vs llmkern: the implementation's time / PagedAttentionPlan.run's, > 1 means the one launch is faster)")
+    return lines
+
+
+def json_key(shape: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(shape.items()))

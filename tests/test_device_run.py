@@ -70,12 +70,13 @@ def test_device_sweep_selects_the_issue_shapes(monkeypatch):
     for name in device.SUITES:
         for case in device.suite_cases(name, cuda):
             s = case.shape
-            key = {"attention": lambda: (s["seqlen"], s["batch"]), "decode": lambda: (s["batch"], s["context"]),
+            key = {"attention": lambda: (s["seqlen"], s["batch"]), "decode": lambda: (s.get("batch", case.op), s["context"]),
                    "quant": lambda: (s["M"], s["N"], s["K"]), "sampling": lambda: (s["batch"], s["vocab"]),
                    "layers": lambda: case.op, "e2e": lambda: (case.op, s["batch"])}[name]()
             shapes[name][key] += 1
     assert set(shapes["attention"]) == {(1024, 16), (4096, 4), (16384, 1)}
-    assert set(shapes["decode"]) == {(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)}
+    assert set(shapes["decode"]) == {(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)} | {
+        ("mixed_attention", 2048)}
     assert {m for m, _, _ in shapes["quant"]} == {1, 16, 128} and len(shapes["quant"]) == 12
     assert set(shapes["sampling"]) == {(1, 128256), (64, 128256), (256, 128256)}
     assert set(shapes["layers"]) == {"rmsnorm", "add_rmsnorm", "rope"}

@@ -9,7 +9,7 @@ docstring; attention's scale and softcap in llmkern._utils) or is refused:
     otherwise       -> the same numbers as the float64 reference given the documented meaning of the value (e.g.
                        a softcap above 2**127, inf included, is no cap), under the op's tolerance rule.
 The meanings, in short (the op docstrings have them in full):
-  attention scale (every attention op): finite, |scale| <= 2**127; 0 or subnormal: uniform over visible keys.
+  attention scale (every attention op, PagedAttentionPlan.run included): finite, |scale| <= 2**127; 0 or subnormal: uniform over visible keys.
   softcap: > 0; below max(2**-126, |scale| / 2**127) refused; above 2**127 (inf included): no cap.
   alibi_slopes (every head at the value, as float32): finite with |slope| <= 2**96; sinks: NaN and > 2**127
     refused, -inf (and below -2**127) no sink.
@@ -100,7 +100,16 @@ def _attention_call(op: str, device, **kw):
         llmkern.paged_kv_write(k[0], v[0], kc, vc, slots)
         bt = torch.tensor([[2, 0]], dtype=torch.int32, device=device)
         sl = torch.tensor([7], dtype=torch.int32, device=device)
-        if op == "paged_decode_attention":
+        if op == "PagedAttentionPlan.run":
+            cu = torch.tensor([0, 6], dtype=torch.int32, device=device)
+            plan = llmkern.PagedAttentionPlan(bt, sl, cu, num_heads=2, num_kv_heads=1, head_dim=32, num_blocks=3,
+                                              block_size=4, dtype=torch.float32)
+            ours = plan.run(q[0], kc, vc, causal=False, **kw)
+            refs = [reference.paged_prefill_attention(q[0].double(), kc.double(), vc.double(), bt, cu, sl,
+                                                      causal=False, **ref_kw),
+                    reference.paged_prefill_attention(q[0], kc, vc, bt, cu, sl, causal=False,
+                                                      compute_dtype=torch.float32, **ref_kw)]
+        elif op == "paged_decode_attention":
             ours = llmkern.paged_decode_attention(q[0, -1:], kc, vc, bt, sl, **kw)
             refs = [reference.paged_decode_attention(q[0, -1:].double(), kc.double(), vc.double(), bt, sl, **ref_kw),
                     reference.paged_decode_attention(q[0, -1:], kc, vc, bt, sl, compute_dtype=torch.float32,
@@ -123,7 +132,8 @@ def _softcap_refused(v, scale=32 ** -0.5):
     return not v > 0 or (v <= _utils.NO_CAP_ABOVE and v < max(TINY, abs(scale) / 2.0 ** 127))
 
 
-ATTENTION_OPS = ("attention", "attention_varlen", "paged_decode_attention", "paged_prefill_attention")
+ATTENTION_OPS = ("attention", "attention_varlen", "paged_decode_attention", "paged_prefill_attention",
+                 "PagedAttentionPlan.run")
 PARAMS = {}
 for _op in ATTENTION_OPS:
     PARAMS[f"{_op}.scale"] = Param(_scale_refused, lambda v, d, op=_op: _attention_call(op, d, scale=v), "scale")

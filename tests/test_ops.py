@@ -64,6 +64,19 @@ def _paged_prefill_attention(device):
     return [(_randn(5, 4, 32, device=device, seed=2), kc, vc, bt, cu, sl, True, 0.2, None, -1, -1)]
 
 
+def _paged_attention(device):
+    """A plan's run: a mixed step (2 and 3 new tokens: prefill tiles) and a decode step (decode tiles), no splits
+    (the reference slot computes no partials, so the workspace must stay as it was to compare)."""
+    kc, vc, bt, sl = _paged(device)
+    cases = []
+    for cu, rows in ((_ints([0, 2, 5], torch.int32, device), 5), (None, 2)):
+        plan = llmkern.PagedAttentionPlan(bt, sl, cu, num_heads=4, num_kv_heads=2, head_dim=32, num_blocks=5,
+                                          block_size=16, dtype=torch.float32, num_splits=1)
+        q = _randn(rows, 4, 32, device=device, seed=2)
+        cases.append(plan._op_args(q, kc, vc, torch.zeros_like(q), 0.2, None, -1, 0))
+    return cases
+
+
 def _rms_norm(device):
     return [(_randn(3, 64, device=device), _randn(64, device=device, seed=1), 1e-6, 0.0, "llama")]
 
@@ -131,6 +144,7 @@ def _fused_moe(device):
 # op name -> its argument tuples (schema order); the in-place rope_ takes rope's
 CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_kv_write": _paged_kv_write,
          "paged_decode_attention": _paged_decode_attention, "paged_prefill_attention": _paged_prefill_attention,
+         "paged_attention": _paged_attention,
          "rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "rope_": _rope, "sample": _sample,
          "sampling_probs": _sampling_probs, "quant_matmul": _quant_matmul, "moe_topk": _moe_topk,
          "fused_moe": _fused_moe, "speculative_sample": _speculative_sample, "beam_topk": _beam_topk,
@@ -198,8 +212,8 @@ def test_cpu_slot_order(monkeypatch):
 
 
 def test_cpu_backend_gets_schema_arguments_after_checks(monkeypatch):
-    """A C++ kernel receives exactly the op's schema arguments and its result is the op's; the op's value checks run
-    before it (a slot outside the cache never reaches it)."""
+    """A C++ kernel receives exactly the op's schema arguments and its result is the op's; the op's checks run
+    before it (a cache that overlaps itself never reaches it)."""
     calls = []
 
     def fake_kernel(*args):
@@ -214,6 +228,6 @@ def test_cpu_backend_gets_schema_arguments_after_checks(monkeypatch):
     assert len(calls) == 1 and len(calls[0]) == 7
     assert calls[0][4].data_ptr() == slots.data_ptr() and calls[0][2].data_ptr() == kc.data_ptr()
     assert bool((kc == 7.0).all())
-    with pytest.raises(ValueError, match="slot_mapping"):
-        llmkern.paged_kv_write(k, k, kc, vc, _ints([3, 5 * 16], torch.int64, "cpu"))
+    with pytest.raises(ValueError, match="k_cache is written in place"):
+        llmkern.paged_kv_write(k, k, kc[:1].expand(kc.shape), vc, slots)
     assert len(calls) == 1

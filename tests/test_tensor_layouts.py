@@ -36,6 +36,11 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   paged_prefill_attention q, k_cache, v_cache: strides (all dims)
   paged_prefill_attention block_tables: strides (both dims)
   paged_prefill_attention cu_seqlens_q, seq_lens: contiguous
+  PagedAttentionPlan block_tables, seq_lens, cu_seqlens_q: torch (read on the host at plan time, copied into the
+    plan's own buffers)
+  PagedAttentionPlan.update block_tables, seq_lens, cu_seqlens_q: torch
+  PagedAttentionPlan.run q, k_cache, v_cache: strides (all dims)
+  PagedAttentionPlan.run out: strides; written in place, so an expanded out is refused (ValueError)
   rms_norm x: row stride, last dim (leading dims flattened by reshape, a copy only when no view exists)
   rms_norm weight: contiguous (the kernel reads it with unit stride)
   add_rms_norm x, residual: row stride, last dim
@@ -156,8 +161,26 @@ def _generate_model(device: str):
     return transformers.LlamaForCausalLM(cfg).eval().to(device)
 
 
+def _plan(block_tables, seq_lens, cu_seqlens_q, *update):
+    """A plan over _paged's cache (5 blocks of 4 tokens, one KV head of 32, two query heads), updated with `update`'s
+    tables when given."""
+    plan = llmkern.PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q, num_heads=2, num_kv_heads=1, head_dim=32,
+                                      num_blocks=5, block_size=4, dtype=torch.float32, max_batch_size=2,
+                                      max_num_tokens=5, max_blocks_per_seq=3)
+    if update:
+        plan.update(*update)
+    return plan
+
+
+def _plan_run(plan, device):
+    """The plan's run on _paged's cache, for as many query rows as the plan has tokens."""
+    paged = _paged(device)
+    return plan.run(_randn(5, 2, 32, device=device, seed=3)[:plan.num_tokens], paged["k_cache"], paged["v_cache"])
+
+
 def _cases(device) -> dict[str, Case]:
     f16 = torch.float16
+    paged = _paged(device)
     qw, (codes, zeros, scales, g_idx) = _quantized(device, act_order=True)
     gptq_qw, _ = _quantized("cpu")
     ql = llmkern.QuantLinear.from_quantized(qw)
@@ -190,6 +213,22 @@ def _cases(device) -> dict[str, Case]:
             dict(q=_randn(5, 2, 32, device=device, seed=3), **_paged(device),
                  cu_seqlens_q=_ints([0, 2, 5], torch.int32, device)),
             refused={("cu_seqlens_q", "expanded"): "[0, 0, 0] does not end at total_q: a bad value, refused"}),
+        "PagedAttentionPlan": Case(
+            lambda block_tables, seq_lens, cu_seqlens_q: _plan_run(_plan(block_tables, seq_lens, cu_seqlens_q), device),
+            dict(block_tables=paged["block_tables"], seq_lens=paged["seq_lens"],
+                 cu_seqlens_q=_ints([0, 2, 5], torch.int32, device))),
+        "PagedAttentionPlan.update": Case(
+            lambda block_tables, seq_lens, cu_seqlens_q: _plan_run(_plan(
+                paged["block_tables"][:1], paged["seq_lens"][:1], None, block_tables, seq_lens, cu_seqlens_q),
+                device),
+            dict(block_tables=paged["block_tables"], seq_lens=paged["seq_lens"],
+                 cu_seqlens_q=_ints([0, 2, 5], torch.int32, device))),
+        "PagedAttentionPlan.run": Case(
+            lambda q, k_cache, v_cache, out: _plan(paged["block_tables"], paged["seq_lens"], _ints(
+                [0, 2, 5], torch.int32, device)).run(q, k_cache, v_cache, window=(3, -1), out=out),
+            dict(q=_randn(5, 2, 32, device=device, seed=3), k_cache=paged["k_cache"], v_cache=paged["v_cache"],
+                 out=torch.zeros(5, 2, 32, device=device)),
+            refused={("out", "expanded"): "written in place: an element at two indices is refused"}),
         "rms_norm": Case(
             llmkern.rms_norm,
             dict(x=_randn(3, 40, device=device), weight=_randn(40, device=device, seed=1))),
@@ -380,7 +419,7 @@ def _tensor_args(args: dict[str, Any]) -> list[str]:
 
 def _labels() -> list[str]:
     return ["attention", "attention_varlen", "paged_kv_write", "paged_decode_attention", "paged_prefill_attention",
-            "rms_norm", "add_rms_norm", "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
+            "PagedAttentionPlan", "PagedAttentionPlan.update", "PagedAttentionPlan.run", "rms_norm", "add_rms_norm", "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
             "sampling_probs", "quant_matmul", "QuantizedWeight", "QuantizedWeight.from_codes",
             "QuantizedWeight.from_gptq", "QuantizedWeight.from_awq", "quantize_weight", "QuantLinear.from_quantized",
             "QuantLinear.forward", "generate"]
@@ -404,8 +443,13 @@ def test_public_op_layouts(label, device):
 OP_VARIANTS = ("every_other", "expanded")
 OP_REFUSED = {("rope_", n, v) for n in ("q", "k") for v in OP_VARIANTS} | {
     ("paged_kv_write", n, "expanded") for n in ("k_cache", "v_cache")} | {
-    ("paged_prefill_attention", "cu_seqlens_q", "expanded")}    # [0, 0, 0] does not end at total_q: refused
-OP_SKIPPED = {("paged_kv_write", "slot_mapping", "expanded")}      # one slot for every token (see above)
+    ("paged_prefill_attention", "cu_seqlens_q", "expanded")} | {    # [0, 0, 0] does not end at total_q: refused
+    ("paged_attention", n, "expanded") for n in ("out", "part_o", "part_lse")}   # written in place
+OP_SKIPPED = {("paged_kv_write", "slot_mapping", "expanded")} | {   # one slot for every token (see above)
+    # llmkern::paged_attention runs a PagedAttentionPlan's work list, built with (and only valid for) its tables: one
+    # repeated value is no plan (work items would name sequences that do not exist), and the op has no check that
+    # reads values (that is the point of the plan: no sync per call). The plan's public layouts are covered above.
+    ("paged_attention", n, "expanded") for n in ("schedule", "seq_lens", "cu_seqlens_q", "block_tables")}
 # The schema arguments of tests/test_ops.py, except quant_matmul's x: 17 rows, for the GEMM path (see _GEMM_ROWS).
 OP_X_ROWS = {"quant_matmul": _GEMM_ROWS}
 

@@ -162,6 +162,20 @@ def decode_attention_flops(seq_lens: Sequence[int], num_heads: int, head_dim: in
     return 4.0 * num_heads * head_dim * sum(int(s) for s in seq_lens)
 
 
+def paged_attention_bytes(seq_lens: Sequence[int], q_lens: Sequence[int], num_heads: int, num_kv_heads: int,
+                          head_dim: int, elem: int) -> float:
+    """A mixed paged step (PagedAttentionPlan.run): every cached K and V element of every sequence once, plus each
+    new token's q in and o out."""
+    kv = 2.0 * sum(int(s) for s in seq_lens) * num_kv_heads * head_dim * elem
+    return kv + 2.0 * sum(int(n) for n in q_lens) * num_heads * head_dim * elem
+
+
+def paged_attention_flops(seq_lens: Sequence[int], q_lens: Sequence[int], num_heads: int, head_dim: int) -> float:
+    """Causal attention of each sequence's q_len newest tokens over its seq_len keys (bottom-right aligned)."""
+    pairs = sum(attention_pairs(int(n), int(s), causal=True) for s, n in zip(seq_lens, q_lens))
+    return attention_flops(1, num_heads, head_dim, pairs)
+
+
 # ------------------------------------------------------------------------------------------------------ sampling
 def sampling_bytes(batch: int, vocab: int, elem: int) -> float:
     """The logits read once and one int64 token written per row: the compulsory traffic of a sampler."""
