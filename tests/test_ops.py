@@ -53,27 +53,46 @@ def _paged_kv_write(device):
             (k, k, kc8, vc8, _ints([3, 40], torch.int64, device), scales, scales * 4)]
 
 
+def _paged_variants(device):
+    """An e5m2 cache (every GPU builds e5m2) with per-KV-head scales, and ALiBi slopes and sinks for 4 query heads:
+    (k_cache, v_cache, k_scale, v_scale, alibi_slopes, sinks)."""
+    kc, vc, _, _ = _paged(device)
+    scales = _ints([0.5, 2.0], torch.float32, device)
+    return (kc.to(torch.float8_e5m2), vc.to(torch.float8_e5m2), scales, scales * 4,
+            _randn(4, device=device, seed=5).abs(), _randn(4, device=device, seed=6))
+
+
 def _paged_decode_attention(device):
     kc, vc, bt, sl = _paged(device)
-    return [(_randn(2, 4, 32, device=device, seed=2), kc, vc, bt, sl, 0.2, None, -1, -1, 2)]
+    kc8, vc8, *variants = _paged_variants(device)
+    q = _randn(2, 4, 32, device=device, seed=2)
+    return [(q, kc, vc, bt, sl, 0.2, None, -1, -1, 2, None, None, None, None),
+            (q, kc8, vc8, bt, sl, 0.2, None, -1, -1, 2, *variants)]
 
 
 def _paged_prefill_attention(device):
     kc, vc, bt, sl = _paged(device)
+    kc8, vc8, *variants = _paged_variants(device)
     cu = _ints([0, 2, 5], torch.int32, device)
-    return [(_randn(5, 4, 32, device=device, seed=2), kc, vc, bt, cu, sl, True, 0.2, None, -1, -1)]
+    q = _randn(5, 4, 32, device=device, seed=2)
+    return [(q, kc, vc, bt, cu, sl, True, 0.2, None, -1, -1, None, None, None, None),
+            (q, kc8, vc8, bt, cu, sl, True, 0.2, None, 3, -1, *variants)]
 
 
 def _paged_attention(device):
     """A plan's run: a mixed step (2 and 3 new tokens: prefill tiles) and a decode step (decode tiles), no splits
-    (the reference slot computes no partials, so the workspace must stay as it was to compare)."""
+    (the reference slot computes no partials, so the workspace must stay as it was to compare); the mixed step again
+    over an fp8 cache with ALiBi and sinks."""
     kc, vc, bt, sl = _paged(device)
+    kc8, vc8, *variants = _paged_variants(device)
     cases = []
-    for cu, rows in ((_ints([0, 2, 5], torch.int32, device), 5), (None, 2)):
+    for cu, rows, caches, options in ((_ints([0, 2, 5], torch.int32, device), 5, (kc, vc), (None,) * 4),
+                                      (None, 2, (kc, vc), (None,) * 4),
+                                      (_ints([0, 2, 5], torch.int32, device), 5, (kc8, vc8), variants)):
         plan = llmkern.PagedAttentionPlan(bt, sl, cu, num_heads=4, num_kv_heads=2, head_dim=32, num_blocks=5,
-                                          block_size=16, dtype=torch.float32, num_splits=1)
+                                          block_size=16, dtype=torch.float32, kv_dtype=caches[0].dtype, num_splits=1)
         q = _randn(rows, 4, 32, device=device, seed=2)
-        cases.append(plan._op_args(q, kc, vc, torch.zeros_like(q), 0.2, None, -1, 0))
+        cases.append(plan._op_args(q, *caches, torch.zeros_like(q), 0.2, None, -1, 0, *options))
     return cases
 
 

@@ -1,5 +1,6 @@
 """The attention variants on the paged KV cache (issue 12): the fp8 cache (PagedKVCache storage, paged_kv_write's
-quantization), against llmkern.reference.
+quantization, attention over it in the one-shots and a plan's run), ALiBi and attention sinks in paged decode and
+mixed steps, against llmkern.reference.
 
 fp8 writes are compared bit for bit with reference.quantize_kv (torch's own float32 -> fp8 cast, to nearest even,
 after a float32 division and saturation): the kernel rounds on the fp8 grid itself (kernels/rounding.py), so a wrong
@@ -10,6 +11,8 @@ import torch
 
 import llmkern
 from llmkern import reference as ref
+from test_paged_attention import _make
+from tolerance import assert_fa_close
 
 pytestmark = pytest.mark.cpu_backends("interpreter", "cpp")   # on CPU: the C++ adapters hand fp8 to the reference
 
@@ -122,3 +125,132 @@ def test_fp8_scale_bad_input(device, no_kernel):
             llmkern.PagedKVCache(1, 2, 4, 2, 32, dtype=E4M3, **bad)
     with pytest.raises(ValueError, match="fp8 caches only"):
         llmkern.PagedKVCache(1, 2, 4, 2, 32, v_scale=2.0)
+
+
+# --------------------------------------------------------------------------------- paged attention: fp8, ALiBi, sinks
+# The mixed step of tests/test_paged_plan.py: a decode token over 100 keys, a whole prompt of 40, a sequence with no
+# new token, a first decode token (one key), and a chunk of 21 over a cached prefix of 13.
+MIXED_Q, MIXED_LEN = [1, 40, 0, 1, 21], [100, 40, 12, 1, 34]
+
+
+def _cu(q_lens, device):
+    return torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def _fp8(kc, vc, cache_dtype, k_scale, v_scale):
+    """The fp8 cache paged_kv_write makes of kc, vc (reference.quantize_kv: bit-exact with the write, tested above)."""
+    return ref.quantize_kv(kc, k_scale, cache_dtype), ref.quantize_kv(vc, v_scale, cache_dtype)
+
+
+def _check(out, q, kc, vc, bt, cu, sl, **kw):
+    """FlashAttention's rule against the reference on the same (dequantized) cache: float64 truth, PyTorch in q's
+    dtype (an fp8 cache dequantized in float32, rounded to q's dtype) as the baseline."""
+    ref64 = ref.paged_prefill_attention(q.double(), kc if kc.dtype in ref.FP8_DTYPES else kc.double(),
+                                        vc if vc.dtype in ref.FP8_DTYPES else vc.double(), bt, cu, sl, **kw)
+    lowp = ref.paged_prefill_attention(q, kc, vc, bt, cu, sl, compute_dtype=q.dtype, **kw)
+    assert_fa_close(out, ref64, lowp)
+    return ref64
+
+
+# Error of the fp8 result against the same call on the 16-bit cache it was quantized from, measured here (CPU,
+# interpreter, this test's data: q, V ~ N(0, 1), scores of std <= 1, max |o| about 2.5): e4m3fn 0.109 (4% of max |o|),
+# e5m2 0.200 (8%). The bound, the format's mantissa step (2**-3 with e4m3's 3 bits, 2**-2 with e5m2's 2) times max |o|,
+# leaves room for other data and still fails by far if a scale is dropped or applied twice (v_scale 0.03: a factor 33).
+FP8_STEP = {E4M3: 2.0 ** -3, E5M2: 2.0 ** -2}
+
+
+@pytest.mark.parametrize("cache_dtype,dtype", [(E4M3, torch.float16), (E5M2, torch.bfloat16)])
+def test_fp8_cache_decode_prefill_and_plan(device, cache_dtype, dtype):
+    """fp8 caches with per-KV-head k_scale tensors and a float v_scale: split decode (the merge), a mixed step
+    through a plan (prefill tiles), each equal to the reference on the dequantized cache; the error against the
+    16-bit cache is reported and bounded."""
+    kc16, vc16, bt, sl, g = _make(device, seq_lens=MIXED_LEN, num_heads=8, num_kv_heads=2, head_dim=64,
+                                  block_size=16, dtype=dtype, seed=3)
+    k_scale = torch.tensor([0.02, 0.5], device=device)
+    kc16 = kc16 * (2 * k_scale).to(dtype)[:, None]     # K heads at different magnitudes, so each needs its scale
+    kc, vc = _fp8(kc16, vc16, cache_dtype, k_scale, 0.03)
+    q = torch.randn(len(MIXED_LEN), 8, 64, generator=g).to(dtype).to(device)
+    dec = _cu([1] * len(MIXED_LEN), device)
+    out = llmkern.paged_decode_attention(q, kc, vc, bt, sl, num_splits=3, k_scale=k_scale, v_scale=0.03)
+    _check(out, q, kc, vc, bt, dec, sl, k_scale=k_scale, v_scale=0.03)
+
+    cu = _cu(MIXED_Q, device)
+    qm = torch.randn(sum(MIXED_Q), 8, 64, generator=g).to(dtype).to(device)
+    plan = llmkern.PagedAttentionPlan(bt, sl, cu, num_heads=8, num_kv_heads=2, head_dim=64, num_blocks=kc.shape[0],
+                                      block_size=16, dtype=dtype, kv_dtype=cache_dtype)
+    out = plan.run(qm, kc, vc, k_scale=k_scale, v_scale=0.03)
+    _check(out, qm, kc, vc, bt, cu, sl, k_scale=k_scale, v_scale=0.03)
+    vs_16bit = (out.double() - ref.paged_prefill_attention(qm.double(), kc16.double(), vc16.double(), bt, cu, sl))
+    err = float(vs_16bit.abs().max())
+    print(f"fp8 {cache_dtype} vs {dtype} cache: max |error| {err:.4f}, output max {float(out.abs().max()):.3f}")
+    assert err < FP8_STEP[cache_dtype] * float(out.abs().max())
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,kw", [
+    (2, 2, dict(num_splits=3)),                  # one row per program (broadcast path), splits merged with sinks
+    (8, 2, dict(window=(30, -1))),               # GQA rows (MMA path), windowed
+], ids=["mha-split", "gqa-window"])
+def test_alibi_and_sinks_decode_and_mixed_step(device, num_heads, num_kv_heads, kw):
+    """ALiBi slopes and sinks together (slopes at twice the paper's, so the bias matters over 100 keys; one sink
+    -inf: no sink for that head) on decode and on a mixed step through a plan, against the reference; and the sinks
+    do change the output."""
+    kc, vc, bt, sl, g = _make(device, seq_lens=MIXED_LEN, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                              head_dim=32, block_size=16, dtype=torch.float16, seed=4)
+    slopes = (2 * llmkern.alibi_slopes(num_heads)).to(device)
+    sinks = torch.randn(num_heads, generator=g).mul(3).to(device)
+    sinks[0] = float("-inf")
+    variants = dict(alibi_slopes=slopes, sinks=sinks, window=kw.get("window", (-1, -1)))
+    q = torch.randn(len(MIXED_LEN), num_heads, 32, generator=g).half().to(device)
+    out = llmkern.paged_decode_attention(q, kc, vc, bt, sl, **variants, num_splits=kw.get("num_splits"))
+    _check(out, q, kc, vc, bt, _cu([1] * len(MIXED_LEN), device), sl, **variants)
+    without = llmkern.paged_decode_attention(q, kc, vc, bt, sl, alibi_slopes=slopes, window=variants["window"],
+                                             num_splits=kw.get("num_splits"))
+    assert (out - without)[:, 1:].abs().max() > 1e-2 and torch.equal(out[:, 0], without[:, 0])
+
+    cu = _cu(MIXED_Q, device)
+    qm = torch.randn(sum(MIXED_Q), num_heads, 32, generator=g).half().to(device)
+    plan = llmkern.PagedAttentionPlan(bt, sl, cu, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=32,
+                                      num_blocks=kc.shape[0], block_size=16, dtype=torch.float16)
+    _check(plan.run(qm, kc, vc, **variants), qm, kc, vc, bt, cu, sl, causal=True, **variants)
+    out = llmkern.paged_prefill_attention(qm, kc, vc, bt, cu, sl, causal=True, **variants)
+    _check(out, qm, kc, vc, bt, cu, sl, causal=True, **variants)
+
+
+def test_paged_variants_bad_input(device, no_kernel):
+    """Refused before any launch: a missing or stray scale, wrong-length or wrong-dtype slopes and sinks, bad values
+    (one-shots), a plan's cache dtype mismatch."""
+    kc16, vc16, bt, sl, _ = _make(device, seq_lens=[5, 9], num_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
+                                  dtype=torch.float16)
+    kc, vc = kc16.to(E5M2), vc16.to(E5M2)
+    q = torch.zeros(2, 4, 32, dtype=torch.float16, device=device)
+    cu = _cu([1, 1], device)
+    ok = dict(k_scale=1.0, v_scale=torch.ones(2, device=device))
+    cases = [
+        (ValueError, "k_scale is required", kc, dict(ok, k_scale=None)),
+        (ValueError, "fp8 caches only", kc16, dict(k_scale=1.0)),
+        (ValueError, "one scale per KV head", kc, dict(ok, v_scale=torch.ones(4, device=device))),
+        (ValueError, "v_scale must be a finite scale", kc, dict(ok, v_scale=torch.tensor([1.0, float("nan")],
+                                                                                        device=device))),
+        (ValueError, "alibi_slopes must have one value per query head", kc16, dict(alibi_slopes=torch.ones(2))),
+        (TypeError, "sinks", kc16, dict(sinks=torch.ones(4, dtype=torch.float16, device=device))),
+        (ValueError, "alibi_slopes must be finite", kc16, dict(alibi_slopes=torch.full((4,), float("inf"),
+                                                                                      device=device))),
+        (ValueError, "sinks must be <= 2", kc16, dict(sinks=torch.full((4,), float("nan"), device=device))),
+    ]
+    for exc, msg, cache, kw in cases:
+        v = vc if cache.dtype == E5M2 else vc16
+        with pytest.raises(exc, match=msg):
+            llmkern.paged_decode_attention(q, cache, v, bt, sl, **kw)
+        with pytest.raises(exc, match=msg):
+            llmkern.paged_prefill_attention(q, cache, v, bt, cu, sl, **kw)
+    plan = llmkern.PagedAttentionPlan(bt, sl, num_heads=4, num_kv_heads=2, head_dim=32, num_blocks=kc.shape[0],
+                                      block_size=4, dtype=torch.float16, kv_dtype=E5M2)
+    with pytest.raises(TypeError, match="k_cache has dtype"):
+        plan.run(q, kc16, vc16)
+    with pytest.raises(ValueError, match="k_scale is required"):
+        plan.run(q, kc, vc, v_scale=1.0)
+    with pytest.raises(ValueError, match="sinks must have one value per query head"):
+        plan.run(q, kc, vc, **ok, sinks=torch.zeros(2, device=device))
+    with pytest.raises(TypeError, match="kv_dtype"):
+        llmkern.PagedAttentionPlan(bt, sl, num_heads=4, num_kv_heads=2, head_dim=32, num_blocks=kc.shape[0],
+                                   block_size=4, dtype=torch.float16, kv_dtype=torch.float32)

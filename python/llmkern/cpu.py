@@ -372,7 +372,10 @@ def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
 
 
 @_adapter("paged_decode_attention")
-def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits):
+def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits,
+                  *variants):
+    if _variant(*variants):
+        return NotImplemented
     out = torch.empty(q.shape, dtype=q.dtype)
     # decode's one query sits at the last key: a right window masks nothing
     _lib().paged_decode(_last_contiguous(q), k_cache, v_cache, block_tables, seq_lens, out, scale, softcap,
@@ -382,7 +385,9 @@ def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, w
 
 @_adapter("paged_prefill_attention")
 def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left,
-                   window_right):
+                   window_right, *variants):
+    if _variant(*variants):
+        return NotImplemented
     out = torch.empty(q.shape, dtype=q.dtype)
     _lib().paged_prefill(_last_contiguous(q), k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale,
                          softcap, window_left, 0 if causal else window_right)
@@ -392,12 +397,15 @@ def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, ca
 @_adapter("paged_attention")
 def _paged_attention(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
                      batch_size, num_tokens, grid_items, grid_reduce, decode_tiles, scale, softcap, window_left,
-                     window_right):
+                     window_right, *variants):
     """A PagedAttentionPlan's run on the C++ kernels above, which take the step's tables, not the plan's work list
     (the schedule and the split-KV workspace are the GPU's): a decode step (one token per sequence) goes to
     paged_decode (its own split choice, over CPU threads), any other step to paged_prefill, which serves mixed
     batches (a decode token is a one-token chunk). The plan's buffers are sized for its capacities: the first
-    batch_size sequences and num_tokens rows are this step's."""
+    batch_size sequences and num_tokens rows are this step's. The variants (k_scale, v_scale, alibi_slopes, sinks) go
+    to the reference."""
+    if _variant(*variants):
+        return NotImplemented
     if num_tokens == 0:
         return
     b = batch_size

@@ -135,7 +135,7 @@ def _check_cache_pair(q_name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     _utils.check_same(["k_cache", "v_cache"], [k_cache, v_cache])
     _utils.check_same([q_name, "k_cache", "v_cache"], [q, k_cache, v_cache],
                       dtype=k_cache.dtype not in _utils.FP8_DTYPES)
-    _check_fp8_arch(k_cache)
+    _check_fp8_arch("k_cache", k_cache.dtype, k_cache.device)
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     if num_blocks < 1 or block_size < 1 or num_kv_heads < 1:
         raise ValueError(f"k_cache: num_blocks, block_size and num_kv_heads must be >= 1, got {tuple(k_cache.shape)}")
@@ -148,11 +148,24 @@ def _check_cache_pair(q_name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cac
 _E4M3_MIN_CAPABILITY = (8, 9)
 
 
-def _check_fp8_arch(cache: torch.Tensor) -> None:
-    if cache.dtype == torch.float8_e4m3fn and cache.device.type == "cuda" and \
-            torch.cuda.get_device_capability(cache.device) < _E4M3_MIN_CAPABILITY:
-        raise ValueError("k_cache: float8_e4m3fn caches need a GPU of compute capability 8.9 or newer (Triton has no "
-                         "e4m3fn before it); use float8_e5m2 on this one")
+def _check_fp8_arch(name: str, cache_dtype: torch.dtype, device: torch.device) -> None:
+    if cache_dtype == torch.float8_e4m3fn and device.type == "cuda" and \
+            torch.cuda.get_device_capability(device) < _E4M3_MIN_CAPABILITY:
+        raise ValueError(f"{name}: float8_e4m3fn caches need a GPU of compute capability 8.9 or newer (Triton has no "
+                         f"e4m3fn before it); use float8_e5m2 on this one")
+
+
+def _check_variants(num_heads: int, q: torch.Tensor, alibi_slopes, sinks) -> None:
+    """alibi_slopes and sinks: None or float32 (num_heads,) on q's device (their values: _utils.check_head_values)."""
+    _utils.check_head_vector("alibi_slopes", alibi_slopes, num_heads, q)
+    _utils.check_head_vector("sinks", sinks, num_heads, q)
+
+
+def _check_variant_values(k_cache, k_scale, v_scale, alibi_slopes, sinks) -> None:
+    """The values of the variants' tensors (one host sync for each one given): the one-shots' checks."""
+    _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
+    _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
+    _utils.check_head_values(alibi_slopes, sinks)
 
 
 def _check_heads(q: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
@@ -345,8 +358,8 @@ class PagedAttentionPlan:
     """Paged attention for one step of a batch, planned once and run per layer (FlashInfer's plan/run wrappers).
 
     PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q=None, *, num_heads, num_kv_heads, head_dim, num_blocks,
-                       block_size, dtype, device=None, num_splits=None, max_batch_size=None, max_num_tokens=None,
-                       max_blocks_per_seq=None, cuda_graph=False)
+                       block_size, dtype, kv_dtype=None, device=None, num_splits=None, max_batch_size=None,
+                       max_num_tokens=None, max_blocks_per_seq=None, cuda_graph=False)
 
     block_tables int32 (batch, width): sequence b's blocks, token t in block block_tables[b, t // block_size] at
       offset t % block_size; entries past a sequence's length are never read (any value);
@@ -358,7 +371,9 @@ class PagedAttentionPlan:
       speculative tokens, in any mixture. None: one new token per sequence (decode), seq_lens >= 1.
     The three may be CPU tensors (no sync at all) or on the device (one device-to-host copy); any strides.
     num_heads, num_kv_heads, head_dim, num_blocks, block_size, dtype: the q and caches `run` will get (num_heads a
-      multiple of num_kv_heads: GQA/MQA). device: the plan's buffers' device (default: block_tables').
+      multiple of num_kv_heads: GQA/MQA). kv_dtype (FlashInfer's kv_data_type): the caches' dtype, `dtype` (the
+      default) or an fp8 cache's float8_e4m3fn / float8_e5m2 (e4m3fn needs compute capability 8.9+ on a GPU).
+      device: the plan's buffers' device (default: block_tables').
     num_splits: programs per decode token (split-KV) in [1, 256]; None chooses per token from its length, the step's
       size and the device's SM count (`choose_num_splits`). Tokens of longer queries are never split.
     max_batch_size, max_num_tokens, max_blocks_per_seq: the capacities the buffers are sized for (default: this
@@ -380,7 +395,8 @@ class PagedAttentionPlan:
 
     def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor] = None,
                  *, num_heads: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None, num_splits: Optional[int] = None,
+                 dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None,
+                 device: torch.device | str | None = None, num_splits: Optional[int] = None,
                  max_batch_size: Optional[int] = None, max_num_tokens: Optional[int] = None,
                  max_blocks_per_seq: Optional[int] = None, cuda_graph: bool = False):
         for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("num_blocks", num_blocks),
@@ -391,6 +407,9 @@ class PagedAttentionPlan:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if dtype not in _utils.FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        if kv_dtype != dtype and kv_dtype not in _utils.FP8_DTYPES:
+            raise TypeError(f"kv_dtype must be dtype ({dtype}) or float8_e4m3fn / float8_e5m2, got {kv_dtype}")
         if num_splits is not None:
             _check_int("num_splits", num_splits, 1)
             if num_splits > _MAX_SPLITS:
@@ -406,8 +425,10 @@ class PagedAttentionPlan:
         self.max_blocks_per_seq = _check_int("max_blocks_per_seq", width if max_blocks_per_seq is None
                                              else max_blocks_per_seq, 1)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.num_blocks, self.block_size, self.dtype, self.kv_dtype = num_blocks, block_size, dtype, kv_dtype
         self.device = torch.device(device) if device is not None else block_tables.device
+        _check_fp8_arch("kv_dtype", kv_dtype, self.device)
+        self._const_scales: dict[float, torch.Tensor] = {}   # a number k_scale / v_scale as the kernel's tensor
         self.num_splits, self.cuda_graph = num_splits, cuda_graph
         self._num_sms = _utils.num_sms(self.device)
 
@@ -496,6 +517,8 @@ class PagedAttentionPlan:
     # ------------------------------------------------------------------------------------------------ per layer
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, causal: bool = True,
             scale: float | None = None, softcap: float | None = None, window: tuple[int, int] = (-1, -1),
+            k_scale: float | torch.Tensor | None = None, v_scale: float | torch.Tensor | None = None,
+            alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the step's new tokens over their cached sequences, for one layer.
 
@@ -506,11 +529,20 @@ class PagedAttentionPlan:
         (Gemma 2's tanh cap) and window=(left, right) as in llmkern.attention: the query at position p sees keys in
         [p - left, p + right] (-1: unbounded). out: written in place (any strides; else a new tensor is returned).
         Returns out, (rows of q, num_heads, head_dim) in q's dtype.
+        The variants, as in the one-shots (paged_decode_attention): k_scale, v_scale, required by an fp8 cache
+        (kv_dtype) and refused otherwise, a float or a float32 (num_kv_heads,) tensor, the scales the cache was
+        written with (the value read is fp8 * scale; dequantized in registers, MMAs in q's dtype); alibi_slopes
+        float32 (num_heads,), ALiBi's bias -slope * |i - j| at the causal/window positions; sinks float32
+        (num_heads,), gpt-oss's per-head logits that join the softmax denominator with no value.
 
         Only what needs no sync is checked, before any launch: TypeError/ValueError naming the argument when q,
-        the caches or out do not match the plan (shape, dtype, device) or scale/softcap/window/causal are invalid.
+        the caches or out do not match the plan (shape, dtype, device), scale/softcap/window/causal or a number
+        k_scale / v_scale are invalid, or a variant tensor has the wrong dtype, shape or device. The values of
+        tensor scales, slopes and sinks are not read here (that needs a sync per layer): the one-shots and
+        paged_kv_write check them; a NaN there gives NaN rows, nothing worse.
         No device-to-host transfer, no device-property query; no allocation when out is given and q and the caches
-        have a contiguous last dim (one that is not is copied).
+        have a contiguous last dim (one that is not is copied) and scales are tensors or numbers seen before (each
+        distinct number becomes a (num_kv_heads,) tensor once, kept by the plan).
         """
         rows = self.max_num_tokens if self.cuda_graph else self.num_tokens
         want_q = (rows, self.num_heads, self.head_dim)
@@ -518,8 +550,9 @@ class PagedAttentionPlan:
         given = [("q", q, want_q), ("k_cache", k_cache, want_cache), ("v_cache", v_cache, want_cache)]
         for name, t, shape in given + ([] if out is None else [("out", out, want_q)]):
             _utils.check_tensor(name, t, ndim=len(shape))
-            if t.dtype != self.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype}, the plan was made for {self.dtype}")
+            want = self.kv_dtype if name in ("k_cache", "v_cache") else self.dtype
+            if t.dtype != want:
+                raise TypeError(f"{name} has dtype {t.dtype}, the plan was made for {want}")
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}, the plan's buffers on {self.device}")
             if tuple(t.shape) != shape:
@@ -531,24 +564,41 @@ class PagedAttentionPlan:
         scale = _utils.check_scale(scale, self.head_dim)
         softcap = _utils.check_softcap(softcap, scale)
         left, right = _utils.check_window(window)
+        k_scale, v_scale = self._kv_scale("k_scale", k_scale), self._kv_scale("v_scale", v_scale)
+        _check_variants(self.num_heads, q, alibi_slopes, sinks)
         q = _utils.last_dim_contiguous("q", q)
         k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
         v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        _paged_attention_op(*self._op_args(q, k_cache, v_cache, out, scale, softcap, left, 0 if causal else right))
+        _paged_attention_op(*self._op_args(q, k_cache, v_cache, out, scale, softcap, left, 0 if causal else right,
+                                           k_scale, v_scale, alibi_slopes, sinks))
         return out
 
-    def _op_args(self, q, k_cache, v_cache, out, scale, softcap, window_left, window_right) -> tuple:
-        """The llmkern::paged_attention arguments of one run: the tensors and this step's sizes."""
+    def _kv_scale(self, name: str, scale) -> torch.Tensor | None:
+        """k_scale / v_scale as the kernel's float32 (num_kv_heads,) tensor (_utils.check_kv_scale's rules); a
+        number's tensor is made once per distinct value and kept."""
+        if isinstance(scale, torch.Tensor) or scale is None:
+            return _utils.check_kv_scale(name, scale, self.kv_dtype, self.num_kv_heads, self._part_lse)
+        key = scale if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+        if key is None or key not in self._const_scales:
+            t = _utils.check_kv_scale(name, scale, self.kv_dtype, self.num_kv_heads, self._part_lse)
+            if key is None:
+                return t
+            self._const_scales[key] = t
+        return self._const_scales[key]
+
+    def _op_args(self, q, k_cache, v_cache, out, scale, softcap, window_left, window_right, k_scale, v_scale,
+                 alibi_slopes, sinks) -> tuple:
+        """The llmkern::paged_attention arguments of one run: the tensors, this step's sizes and the options."""
         return (q, k_cache, v_cache, out, self._block_tables, self._seq_lens, self._cu_seqlens_q, self._schedule,
                 self._part_o, self._part_lse, self.batch_size, self.num_tokens, self._grid_items, self._grid_reduce,
-                self._decode_tiles, scale, softcap, window_left, window_right)
+                self._decode_tiles, scale, softcap, window_left, window_right, k_scale, v_scale, alibi_slopes, sinks)
 
     def __repr__(self) -> str:
         return (f"PagedAttentionPlan(batch_size={self.batch_size}, num_tokens={self.num_tokens}, "
                 f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"block_size={self.block_size}, dtype={self.dtype}, device={self.device}, "
+                f"block_size={self.block_size}, dtype={self.dtype}, kv_dtype={self.kv_dtype}, device={self.device}, "
                 f"decode_tiles={self._decode_tiles}, cuda_graph={self.cuda_graph})")
 
 
@@ -562,22 +612,27 @@ def _check_outputs(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_
 
 def _paged_attention_reference(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o,
                                part_lse, batch_size, num_tokens, grid_items, grid_reduce, decode_tiles, scale,
-                               softcap, window_left, window_right) -> None:
+                               softcap, window_left, window_right, k_scale, v_scale, alibi_slopes, sinks) -> None:
     if num_tokens == 0:
         return
     b = batch_size
     out[:num_tokens] = reference.paged_prefill_attention(
         q[:num_tokens], k_cache, v_cache, block_tables[:b], cu_seqlens_q[:b + 1], seq_lens[:b], causal=False,
-        scale=scale, softcap=softcap, window=(window_left, window_right))
+        scale=scale, softcap=softcap, window=(window_left, window_right), alibi_slopes=alibi_slopes, sinks=sinks,
+        k_scale=k_scale, v_scale=v_scale)
 
 
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      schedule: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor, batch_size: int,
                      num_tokens: int, grid_items: int, grid_reduce: int, decode_tiles: bool, scale: float,
-                     softcap: Optional[float], window_left: int, window_right: int) -> None:
+                     softcap: Optional[float], window_left: int, window_right: int, k_scale: Optional[torch.Tensor],
+                     v_scale: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+                     sinks: Optional[torch.Tensor]) -> None:
     """The Triton implementation of llmkern::paged_attention: the attention kernel over the plan's work list, then
-    the split-KV merge. Sizes are the plan's (host ints): nothing here reads a tensor's values."""
+    the split-KV merge. Sizes are the plan's (host ints): nothing here reads a tensor's values. k_scale, v_scale:
+    given for an fp8 cache (and only then); alibi_slopes, sinks: the optional variants. An absent one's pointer is
+    part_lse's, never read (its constexpr is off)."""
     if grid_items == 0:
         return
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -587,9 +642,13 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     longest = block_tables.shape[1] * block_size    # no sequence outgrows its table (the plan checked)
     window_left, window_right = (_utils.unbounded_beyond(w, longest) for w in (window_left, window_right))
     has_softcap = softcap is not None
+    kv_fp8 = k_scale is not None
+    unused = part_lse
     _utils.launch(
         kernels.paged_attention_kernel, (grid_items, num_kv_heads),
         q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
+        k_scale if kv_fp8 else unused, v_scale if kv_fp8 else unused,
+        unused if alibi_slopes is None else alibi_slopes, unused if sinks is None else sinks,
         2 + _REDUCE_FIELDS * seq_lens.shape[0],
         q.stride(0), q.stride(1), q.stride(2),
         *_cache_strides(k_cache), *_cache_strides(v_cache),
@@ -599,32 +658,35 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1),
         scale * math.log2(math.e), softcap if has_softcap else 1.0, window_left, window_right, group, block_size,
         HEAD_DIM=head_dim, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
+        KV_FP8=kv_fp8, HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
         INTERPRET=_utils.INTERPRET, **cfg,
     )
     if grid_reduce:
         _utils.launch(
             kernels.paged_attention_reduce_kernel, (grid_reduce, num_heads),
-            part_o, part_lse, out, schedule, 2,
+            part_o, part_lse, out, schedule, unused if sinks is None else sinks, 2,
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], HAS_SINKS=sinks is not None, num_warps=4,
         )
 
 
 _paged_attention_op = _dispatch.custom_op(
     "paged_attention", mutates_args=("out", "part_o", "part_lse"), reference=_paged_attention_reference,
-    check=_check_outputs, contiguous=("seq_lens", "cu_seqlens_q", "schedule"))(_paged_attention)
+    check=_check_outputs,
+    contiguous=("seq_lens", "cu_seqlens_q", "schedule", "k_scale", "v_scale", "alibi_slopes", "sinks"))(_paged_attention)
 
 
 @_paged_attention_op.register_fake
 def _(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse, batch_size,
-      num_tokens, grid_items, grid_reduce, decode_tiles, scale, softcap, window_left, window_right) -> None:
+      num_tokens, grid_items, grid_reduce, decode_tiles, scale, softcap, window_left, window_right, k_scale, v_scale,
+      alibi_slopes, sinks) -> None:
     return None
 
 
 def _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num_splits, scale, softcap,
-                  window_left, window_right) -> torch.Tensor:
+                  window_left, window_right, k_scale, v_scale, alibi_slopes, sinks) -> torch.Tensor:
     """The one-shots' Triton path: a plan for this call, then its run's launch."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
@@ -632,8 +694,9 @@ def _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     plan = PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q, num_heads=q.shape[1], num_kv_heads=num_kv_heads,
                               head_dim=head_dim, num_blocks=num_blocks, block_size=block_size, dtype=q.dtype,
-                              device=q.device, num_splits=num_splits)
-    _paged_attention(*plan._op_args(q, k_cache, v_cache, out, scale, softcap, window_left, window_right))
+                              kv_dtype=k_cache.dtype, device=q.device, num_splits=num_splits)
+    _paged_attention(*plan._op_args(q, k_cache, v_cache, out, scale, softcap, window_left, window_right, k_scale,
+                                    v_scale, alibi_slopes, sinks))
     return out
 
 
@@ -712,38 +775,57 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 # ---------------------------------------------------------------------------------------------------- decode
-def _check_decode_values(q, k_cache, v_cache, block_tables, seq_lens, *options) -> None:
-    """Lengths and block ids (one host sync), before any implementation runs (llmkern._dispatch)."""
+_VARIANT_ARGS = ("k_scale", "v_scale", "alibi_slopes", "sinks")   # the one-shot ops' last arguments, read contiguous
+
+
+def _check_decode_values(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
+                         num_splits, *variants) -> None:
+    """Lengths and block ids (one host sync), and the variants' values (one sync each), before any implementation
+    runs (llmkern._dispatch)."""
     _validate_tables(_read_tables(block_tables, seq_lens, None), k_cache.shape[0], k_cache.shape[1])
+    _check_variant_values(k_cache, *variants)
 
 
 def _paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
-                            num_splits):
+                            num_splits, k_scale, v_scale, alibi_slopes, sinks):
     if q.shape[0] == 0:
         return torch.empty_like(q)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                                            softcap=softcap, window=(window_left, window_right))
+                                            softcap=softcap, window=(window_left, window_right),
+                                            alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
 
 
 @_dispatch.custom_op("paged_decode_attention", mutates_args=(), reference=_paged_decode_reference,
-                     check=_check_decode_values, contiguous=("seq_lens",))
+                     check=_check_decode_values, contiguous=("seq_lens",) + _VARIANT_ARGS)
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, softcap: float | None, window_left: int,
-                     window_right: int, num_splits: int) -> torch.Tensor:
+                     window_right: int, num_splits: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                     alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:
     # decode's one query sits at the last key: a right window masks nothing
     return _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, None, num_splits or None, scale, softcap,
-                         window_left, -1)
+                         window_left, -1, k_scale, v_scale, alibi_slopes, sinks)
 
 
 @_paged_decode_op.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits):
+def _(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits, *variants):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _check_variant_args(q, k_cache, k_scale, v_scale, alibi_slopes, sinks) -> tuple:
+    """The one-shots' variant keywords, checked without a sync (values: _check_variant_values, in the op); the
+    scales as float32 (num_kv_heads,) tensors."""
+    num_kv_heads = k_cache.shape[2]
+    _check_variants(q.shape[1], q, alibi_slopes, sinks)
+    return (_utils.check_kv_scale("k_scale", k_scale, k_cache.dtype, num_kv_heads, k_cache),
+            _utils.check_kv_scale("v_scale", v_scale, k_cache.dtype, num_kv_heads, k_cache), alibi_slopes, sinks)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float | None = None,
                            softcap: float | None = None, window: tuple[int, int] = (-1, -1),
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, k_scale: float | torch.Tensor | None = None,
+                           v_scale: float | torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence attends to its whole cached sequence (its own K/V already written).
 
     q (batch, num_heads, head_dim); k_cache, v_cache (num_blocks, block_size, num_kv_heads, head_dim) with
@@ -754,6 +836,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     any view: the cache, q and block_tables (either stride) are read through their strides, seq_lens as its values.
     num_splits: programs per sequence (split-KV); None picks one from batch, length and SM count.
     Returns (batch, num_heads, head_dim) in q's dtype.
+
+    Variants (issue 12; FlashAttention's and vLLM's names), on the shared attention core:
+    * fp8 cache: k_cache, v_cache float8_e4m3fn (compute capability 8.9+ on a GPU) or float8_e5m2, written by
+      paged_kv_write with k_scale / v_scale, which are required here (a float or a float32 (num_kv_heads,) tensor;
+      refused for a 16-bit cache). The value read is fp8 * scale: tiles load as fp8 and are converted to q's dtype
+      in registers, the MMAs run in q's dtype, and the scales multiply the scores and the output once per program.
+    * alibi_slopes float32 (num_heads,): ALiBi's bias -slope * |i - j| on the scores (arXiv 2108.12409; slopes from
+      llmkern.alibi_slopes), finite with |slope| <= 2**96.
+    * sinks float32 (num_heads,): gpt-oss's attention sinks, one natural-log logit per head that joins the softmax
+      denominator and contributes no value (-inf: none; NaN and above 2**127 refused).
+    Wrong dtypes, shapes, devices, a missing or stray scale raise before anything runs; the tensors' values are
+    checked in the op (one host sync each).
 
     A one-shot: it validates the tables on the host (one sync), plans and runs. A decode loop should make one
     `PagedAttentionPlan` per step and call its `run` in every layer.
@@ -775,47 +869,58 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise TypeError(f"num_splits must be an int or None, got {num_splits!r}")
         if not 1 <= num_splits <= _MAX_SPLITS:
             raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}] (or None to choose), got {num_splits}")
+    variants = _check_variant_args(q, k_cache, k_scale, v_scale, alibi_slopes, sinks)
     q = _utils.last_dim_contiguous("q", q)
     k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
     v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
     return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, left, right,
-                            0 if num_splits is None else num_splits)
+                            0 if num_splits is None else num_splits, *variants)
 
 
 # ---------------------------------------------------------------------------------------------------- prefill
-def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *options) -> None:
-    """cu_seqlens_q, lengths and block ids (one host sync), before any implementation runs (llmkern._dispatch)."""
+def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
+                          window_left, window_right, *variants) -> None:
+    """cu_seqlens_q, lengths and block ids (one host sync), and the variants' values (one sync each), before any
+    implementation runs (llmkern._dispatch)."""
     _validate_tables(_read_tables(block_tables, seq_lens, cu_seqlens_q), k_cache.shape[0], k_cache.shape[1],
                      total_q=q.shape[0])
+    _check_variant_values(k_cache, *variants)
 
 
 def _paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
-                             window_left, window_right):
+                             window_left, window_right, k_scale, v_scale, alibi_slopes, sinks):
     if q.shape[0] == 0:
         return torch.empty_like(q)
     return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                              causal=causal, scale=scale, softcap=softcap,
-                                             window=(window_left, 0 if causal else window_right))
+                                             window=(window_left, 0 if causal else window_right),
+                                             alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
+                                             v_scale=v_scale)
 
 
 @_dispatch.custom_op("paged_prefill_attention", mutates_args=(), reference=_paged_prefill_reference,
-                     check=_check_prefill_values, contiguous=("cu_seqlens_q", "seq_lens"))
+                     check=_check_prefill_values, contiguous=("cu_seqlens_q", "seq_lens") + _VARIANT_ARGS)
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, causal: bool, scale: float,
-                      softcap: float | None, window_left: int, window_right: int) -> torch.Tensor:
+                      softcap: float | None, window_left: int, window_right: int, k_scale: torch.Tensor | None,
+                      v_scale: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+                      sinks: torch.Tensor | None) -> torch.Tensor:
     return _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, None, scale, softcap,
-                         window_left, 0 if causal else window_right)
+                         window_left, 0 if causal else window_right, k_scale, v_scale, alibi_slopes, sinks)
 
 
 @_paged_prefill_op.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left, window_right):
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left, window_right,
+      *variants):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *,
                             causal: bool = True, scale: float | None = None, softcap: float | None = None,
-                            window: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+                            window: tuple[int, int] = (-1, -1), k_scale: float | torch.Tensor | None = None,
+                            v_scale: float | torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The newest tokens of each sequence attend to its cached prefix and, causally, to each other.
 
     q (total_q, num_heads, head_dim) packs each sequence's new tokens (rows cu_seqlens_q[b]:cu_seqlens_q[b+1],
@@ -824,7 +929,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     FlashAttention's kvcache API). This is chunked prefill and prefix caching; sequences with one new token (decode)
     may share the batch. Returns (total_q, num_heads, head_dim). scale, softcap and window as in llmkern.attention;
     tensors in any layout, as in paged_decode_attention. A one-shot (one sync, then plan and run), as
-    paged_decode_attention.
+    paged_decode_attention. k_scale, v_scale (an fp8 cache), alibi_slopes and sinks as in paged_decode_attention;
+    ALiBi's distances are those of the bottom-right aligned positions.
     """
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
@@ -841,11 +947,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     scale = _utils.check_scale(scale, head_dim)
     softcap = _utils.check_softcap(softcap, scale)
     left, right = _utils.check_window(window)
+    variants = _check_variant_args(q, k_cache, k_scale, v_scale, alibi_slopes, sinks)
     q = _utils.last_dim_contiguous("q", q)
     k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
     v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
     return _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
-                             left, right)
+                             left, right, *variants)
 
 
 # ---------------------------------------------------------------------------------------------------- compile specs
