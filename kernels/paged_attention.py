@@ -27,6 +27,11 @@ The plan's int32 metadata the kernels read (offsets and layout: llmkern.paged_at
     seq_lens, cu_seqlens_q, block_tables    FlashAttention's names: total cached length (prefix + new tokens),
                                query-row offsets, block ids
 
+The variants (issue 12) come from the core too, each behind a constexpr: an fp8 cache (tiles converted to the query
+dtype in registers by `mma_operand`, the per-KV-head scales applied once per program), ALiBi (`alibi_log2`, at the
+positions the masks use) and attention sinks (`add_sink`: in the attention kernel for an unsplit item, in the reduce
+for a split token, so each token's rows get their sink once).
+
 The attention math (score transform, masks, online softmax, its finish and the split merge) is the shared core in
 kernels/attention.py; what is here is where the tiles come from and how the rows are laid out. Every lse written
 here is a base-2 value, as the core computes it.

@@ -153,8 +153,8 @@ def _check(out, q, kc, vc, bt, cu, sl, **kw):
 
 
 # Error of the fp8 result against the same call on the 16-bit cache it was quantized from, measured here (CPU,
-# interpreter, this test's data: q, V ~ N(0, 1), scores of std <= 1, max |o| about 2.5): e4m3fn 0.109 (4% of max |o|),
-# e5m2 0.200 (8%). The bound, the format's mantissa step (2**-3 with e4m3's 3 bits, 2**-2 with e5m2's 2) times max |o|,
+# interpreter, this test's data: q, V ~ N(0, 1), scores of std <= 1, max |o| 2.6-2.9): e4m3fn 0.111 (4% of max |o|),
+# e5m2 0.186 (6.5%). The bound, the format's mantissa step (2**-3 with e4m3's 3 bits, 2**-2 with e5m2's 2) times max |o|,
 # leaves room for other data and still fails by far if a scale is dropped or applied twice (v_scale 0.03: a factor 33).
 FP8_STEP = {E4M3: 2.0 ** -3, E5M2: 2.0 ** -2}
 
@@ -164,19 +164,19 @@ def test_fp8_cache_decode_prefill_and_plan(device, cache_dtype, dtype):
     """fp8 caches with per-KV-head k_scale tensors and a float v_scale: split decode (the merge), a mixed step
     through a plan (prefill tiles), each equal to the reference on the dequantized cache; the error against the
     16-bit cache is reported and bounded."""
-    kc16, vc16, bt, sl, g = _make(device, seq_lens=MIXED_LEN, num_heads=8, num_kv_heads=2, head_dim=64,
+    kc16, vc16, bt, sl, g = _make(device, seq_lens=MIXED_LEN, num_heads=8, num_kv_heads=2, head_dim=32,
                                   block_size=16, dtype=dtype, seed=3)
     k_scale = torch.tensor([0.02, 0.5], device=device)
     kc16 = kc16 * (2 * k_scale).to(dtype)[:, None]     # K heads at different magnitudes, so each needs its scale
     kc, vc = _fp8(kc16, vc16, cache_dtype, k_scale, 0.03)
-    q = torch.randn(len(MIXED_LEN), 8, 64, generator=g).to(dtype).to(device)
+    q = torch.randn(len(MIXED_LEN), 8, 32, generator=g).to(dtype).to(device)
     dec = _cu([1] * len(MIXED_LEN), device)
     out = llmkern.paged_decode_attention(q, kc, vc, bt, sl, num_splits=3, k_scale=k_scale, v_scale=0.03)
     _check(out, q, kc, vc, bt, dec, sl, k_scale=k_scale, v_scale=0.03)
 
     cu = _cu(MIXED_Q, device)
-    qm = torch.randn(sum(MIXED_Q), 8, 64, generator=g).to(dtype).to(device)
-    plan = llmkern.PagedAttentionPlan(bt, sl, cu, num_heads=8, num_kv_heads=2, head_dim=64, num_blocks=kc.shape[0],
+    qm = torch.randn(sum(MIXED_Q), 8, 32, generator=g).to(dtype).to(device)
+    plan = llmkern.PagedAttentionPlan(bt, sl, cu, num_heads=8, num_kv_heads=2, head_dim=32, num_blocks=kc.shape[0],
                                       block_size=16, dtype=dtype, kv_dtype=cache_dtype)
     out = plan.run(qm, kc, vc, k_scale=k_scale, v_scale=0.03)
     _check(out, qm, kc, vc, bt, cu, sl, k_scale=k_scale, v_scale=0.03)
@@ -187,7 +187,7 @@ def test_fp8_cache_decode_prefill_and_plan(device, cache_dtype, dtype):
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,kw", [
-    (2, 2, dict(num_splits=3)),                  # one row per program (broadcast path), splits merged with sinks
+    (2, 2, dict(num_splits=2)),                  # one row per program (broadcast path), splits merged with sinks
     (8, 2, dict(window=(30, -1))),               # GQA rows (MMA path), windowed
 ], ids=["mha-split", "gqa-window"])
 def test_alibi_and_sinks_decode_and_mixed_step(device, num_heads, num_kv_heads, kw):

@@ -36,6 +36,8 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   paged_prefill_attention q, k_cache, v_cache: strides (all dims)
   paged_prefill_attention block_tables: strides (both dims)
   paged_prefill_attention cu_seqlens_q, seq_lens: contiguous
+  paged_decode_attention, paged_prefill_attention, PagedAttentionPlan.run k_scale, v_scale, alibi_slopes, sinks:
+    contiguous (one value per KV head / query head, read with unit stride; the [fp8] cases: an e5m2 cache)
   PagedAttentionPlan block_tables, seq_lens, cu_seqlens_q: torch (read on the host at plan time, copied into the
     plan's own buffers)
   PagedAttentionPlan.update block_tables, seq_lens, cu_seqlens_q: torch
@@ -119,6 +121,16 @@ def _paged(device):
                 seq_lens=_ints([9, 6], torch.int32, device))
 
 
+E5M2 = torch.float8_e5m2   # the fp8 cases' cache: e5m2 builds on every GPU
+
+
+def _paged_fp8(device):
+    """_paged's cache in e5m2 with its K and V scales (one KV head: a (1,) tensor each)."""
+    p = _paged(device)
+    return dict(p, k_cache=p["k_cache"].to(E5M2), v_cache=p["v_cache"].to(E5M2),
+                k_scale=_ints([0.5], torch.float32, device), v_scale=_ints([2.0], torch.float32, device))
+
+
 def _head_params(device):
     """ALiBi slopes and sinks of two query heads that differ, so that reading a view's gap (NaN) or one head's value
     for the other changes the output."""
@@ -161,12 +173,12 @@ def _generate_model(device: str):
     return transformers.LlamaForCausalLM(cfg).eval().to(device)
 
 
-def _plan(block_tables, seq_lens, cu_seqlens_q, *update):
+def _plan(block_tables, seq_lens, cu_seqlens_q, *update, kv_dtype=None):
     """A plan over _paged's cache (5 blocks of 4 tokens, one KV head of 32, two query heads), updated with `update`'s
     tables when given."""
     plan = llmkern.PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q, num_heads=2, num_kv_heads=1, head_dim=32,
-                                      num_blocks=5, block_size=4, dtype=torch.float32, max_batch_size=2,
-                                      max_num_tokens=5, max_blocks_per_seq=3)
+                                      num_blocks=5, block_size=4, dtype=torch.float32, kv_dtype=kv_dtype,
+                                      max_batch_size=2, max_num_tokens=5, max_blocks_per_seq=3)
     if update:
         plan.update(*update)
     return plan
@@ -213,6 +225,25 @@ def _cases(device) -> dict[str, Case]:
             dict(q=_randn(5, 2, 32, device=device, seed=3), **_paged(device),
                  cu_seqlens_q=_ints([0, 2, 5], torch.int32, device)),
             refused={("cu_seqlens_q", "expanded"): "[0, 0, 0] does not end at total_q: a bad value, refused"}),
+        "paged_decode_attention[fp8]": Case(
+            lambda q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, alibi_slopes, sinks:
+            llmkern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, num_splits=2, k_scale=k_scale,
+                                           v_scale=v_scale, alibi_slopes=alibi_slopes, sinks=sinks),
+            dict(q=_randn(2, 2, 32, device=device, seed=3), **_paged_fp8(device), **_head_params(device))),
+        "paged_prefill_attention[fp8]": Case(
+            lambda q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, k_scale, v_scale, alibi_slopes, sinks:
+            llmkern.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+                                            k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes, sinks=sinks),
+            dict(q=_randn(5, 2, 32, device=device, seed=3), **_paged_fp8(device),
+                 cu_seqlens_q=_ints([0, 2, 5], torch.int32, device), **_head_params(device)),
+            refused={("cu_seqlens_q", "expanded"): "[0, 0, 0] does not end at total_q: a bad value, refused"}),
+        "PagedAttentionPlan.run[fp8]": Case(
+            lambda q, k_cache, v_cache, k_scale, v_scale, alibi_slopes, sinks: _plan(
+                paged["block_tables"], paged["seq_lens"], _ints([0, 2, 5], torch.int32, device), kv_dtype=E5M2).run(
+                q, k_cache, v_cache, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes, sinks=sinks),
+            dict(q=_randn(5, 2, 32, device=device, seed=3),
+                 **{k: v for k, v in _paged_fp8(device).items() if k not in ("block_tables", "seq_lens")},
+                 **_head_params(device))),
         "PagedAttentionPlan": Case(
             lambda block_tables, seq_lens, cu_seqlens_q: _plan_run(_plan(block_tables, seq_lens, cu_seqlens_q), device),
             dict(block_tables=paged["block_tables"], seq_lens=paged["seq_lens"],
@@ -365,7 +396,7 @@ def _flatten(result: Any) -> list:
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of t's bits (NaNs compare equal to themselves this way)."""
     if t.dtype.is_floating_point:
-        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+        return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
     return t
 
 
@@ -419,6 +450,7 @@ def _tensor_args(args: dict[str, Any]) -> list[str]:
 
 def _labels() -> list[str]:
     return ["attention", "attention_varlen", "paged_kv_write", "paged_decode_attention", "paged_prefill_attention",
+            "paged_decode_attention[fp8]", "paged_prefill_attention[fp8]", "PagedAttentionPlan.run[fp8]",
             "PagedAttentionPlan", "PagedAttentionPlan.update", "PagedAttentionPlan.run", "rms_norm", "add_rms_norm", "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
             "sampling_probs", "quant_matmul", "QuantizedWeight", "QuantizedWeight.from_codes",
             "QuantizedWeight.from_gptq", "QuantizedWeight.from_awq", "quantize_weight", "QuantLinear.from_quantized",

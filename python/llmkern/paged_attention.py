@@ -48,7 +48,8 @@ _MAX_SPLITS = 256
 
 
 # ---------------------------------------------------------------------------------------------------- tiles
-def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dtype) -> dict:
+def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dtype,
+                 kv_dtype: torch.dtype | None = None) -> dict:
     """Tile sizes of the attention kernel: BLOCK_M rows = BLOCK_Q query tokens x the `group` query heads of one KV
     head (GQA packing), BLOCK_N keys per step.
 
@@ -68,6 +69,10 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
     rows hold 64 // group tokens of a group (a group larger than the rows: one token, its heads padded to a power of
     two). Decode tokens in a mixed batch use these tiles too (one launch), filling `group` of the rows.
 
+    An fp8 cache (kv_dtype) keeps these tiles, but decode's MMA path takes 8 warps up to head_dim 128: with 4, the
+    fp8 tiles and their 16-bit conversions spilled 12 bytes on sm_80 at group 8, head_dim 128 (e5m2; 8 warps: 106
+    registers, no spill); at head_dim 256 it is the other way round (8 warps spilled 16 bytes on sm_90, 4 do not).
+
     `llmkern check-compile` shows every choice without spills on sm_80 and sm_90 (the fp32 dot path spilled on
     sm_90 with 4 warps; 4 warps at head_dim 128 and 256 spilled on sm_80 for 16-bit prefill tiles).
     """
@@ -81,7 +86,8 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
         if not use_dot and block_d > 128:
             block_n = 16  # the broadcast product (BLOCK_N x 256) fp32 at 32 tokens spilled on sm_90 with triton 3.6
         # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers.
-        num_warps = 8 if (block_m * block_d > 64 * 128 or (use_dot and dtype == torch.float32)) else 4
+        num_warps = 8 if (block_m * block_d > 64 * 128 or (use_dot and dtype == torch.float32)
+                          or (use_dot and kv_dtype in _utils.FP8_DTYPES and block_d <= 128)) else 4
         block_q = 1
     else:
         use_dot = True
@@ -482,7 +488,8 @@ class PagedAttentionPlan:
                 raise ValueError("cu_seqlens_q: this cuda_graph plan runs decode tiles (one new token per sequence), "
                                  "set at construction; a step with longer queries needs another plan")
             decode_tiles = False    # prefill tiles serve decode steps too
-        cfg = _tile_config(decode_tiles, self.num_heads // self.num_kv_heads, self.head_dim, self.dtype)
+        cfg = _tile_config(decode_tiles, self.num_heads // self.num_kv_heads, self.head_dim, self.dtype,
+                           self.kv_dtype)
         work, reduce, slots_used = _schedule(t, cfg["BLOCK_Q"], self.num_kv_heads, self._num_sms, self.num_splits)
         assert slots_used <= self._max_slots and work.shape[0] <= lay.max_items, "split-KV capacity bound broken"
 
@@ -638,7 +645,7 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    cfg = _tile_config(decode_tiles, group, head_dim, q.dtype)
+    cfg = _tile_config(decode_tiles, group, head_dim, q.dtype, k_cache.dtype)
     longest = block_tables.shape[1] * block_size    # no sequence outgrows its table (the plan checked)
     window_left, window_right = (_utils.unbounded_beyond(w, longest) for w in (window_left, window_right))
     has_softcap = softcap is not None
@@ -978,23 +985,29 @@ def _strides(kernel) -> tuple[dict[str, str], dict[str, int]]:
     return sig, {n: 1 for n in names if n in _UNIT_STRIDES}
 
 
-def _attention_spec(dtype: torch.dtype, group: int, head_dim: int, *, decode_tiles: bool,
-                    masks: bool = False) -> CompileSpec:
-    """One attention kernel build: its tiles, causal (HAS_RIGHT), and with masks softcap and both windows."""
-    cfg = _tile_config(decode_tiles, group, head_dim, dtype)
+def _attention_spec(dtype: torch.dtype, group: int, head_dim: int, *, decode_tiles: bool, masks: bool = False,
+                    cache: torch.dtype | None = None, variants: bool = False) -> CompileSpec:
+    """One attention kernel build: its tiles, causal (HAS_RIGHT), with masks softcap and both windows; over a
+    `cache` of another dtype (fp8: KV_FP8), and with `variants` ALiBi and sinks."""
+    cache = cache or dtype
+    cfg = _tile_config(decode_tiles, group, head_dim, dtype, cache)
     stride_sig, unit = _strides(kernels.paged_attention_kernel)
-    sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "O": _ptr(dtype), "BT": "*i32:16",
+    sig = {"Q": _ptr(dtype), "KC": _ptr(cache), "VC": _ptr(cache), "O": _ptr(dtype), "BT": "*i32:16",
            "SEQ_LENS": "*i32:16", "CU_Q": "*i32:16", "SCHEDULE": "*i32:16", "PART_O": "*fp32:16",
-           "PART_LSE": "*fp32:16", "off_work": _I32, **stride_sig, "qk_scale": "fp32", "softcap": "fp32",
+           "PART_LSE": "*fp32:16", "K_SCALE": "*fp32:16", "V_SCALE": "*fp32:16", "ALIBI_SLOPES": "*fp32:16",
+           "SINKS": "*fp32:16", "off_work": _I32, **stride_sig, "qk_scale": "fp32", "softcap": "fp32",
            "window_left": _I32, "window_right": _I32, "group": _I32, "block_size": _I32}
     const = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_Q", "BLOCK_N", "BLOCK_D", "USE_DOT", "MASKED_ROWS")}
-    const.update(unit, HEAD_DIM=head_dim, HAS_LEFT=masks, HAS_RIGHT=True, HAS_SOFTCAP=masks, INTERPRET=False)
-    config = (f"{str(dtype)[6:]} g{group} d{head_dim} {'decode' if decode_tiles else 'prefill'}"
-              f"{' softcap+window' if masks else ''} BM{cfg['BLOCK_M']} BQ{cfg['BLOCK_Q']} BN{cfg['BLOCK_N']} "
+    kv_fp8 = cache in _utils.FP8_DTYPES
+    const.update(unit, HEAD_DIM=head_dim, HAS_LEFT=masks, HAS_RIGHT=True, HAS_SOFTCAP=masks, KV_FP8=kv_fp8,
+                 HAS_ALIBI=variants, HAS_SINKS=variants, INTERPRET=False)
+    config = (f"{str(dtype)[6:]}{' <- ' + str(cache)[6:] if kv_fp8 else ''} g{group} d{head_dim} "
+              f"{'decode' if decode_tiles else 'prefill'}{' softcap+window' if masks else ''}"
+              f"{' alibi+sinks' if variants else ''} BM{cfg['BLOCK_M']} BQ{cfg['BLOCK_Q']} BN{cfg['BLOCK_N']} "
               f"w{cfg['num_warps']}")
     return CompileSpec(kernels.paged_attention_kernel, "paged_attention", config, sig, const,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                       expect_mma=cfg["USE_DOT"] and dtype != torch.float32)
+                       expect_mma=cfg["USE_DOT"] and dtype != torch.float32, archs=_fp8_archs(cache))
 
 
 def _fp8_archs(cache_dtype: torch.dtype) -> tuple[int, ...] | None:
@@ -1033,13 +1046,28 @@ def _compile_specs():
                 if head_dim in (128, 256):
                     yield _attention_spec(dtype, group, head_dim, decode_tiles=False, masks=True)
 
+    # fp8 caches (issue 12): e4m3fn (sm_90 of the checked archs) under bf16 and fp16 queries, e5m2 everywhere, at
+    # the groups that change the tile (1: broadcast path, 8: the Llama-3-8B decode of bench/decode.py) and head
+    # dims 128 / 256; ALiBi and sinks, alone and over an fp8 cache.
+    for dtype, cache in ((torch.bfloat16, torch.float8_e4m3fn), (torch.float16, torch.float8_e4m3fn),
+                         (torch.float16, torch.float8_e5m2), (torch.bfloat16, torch.float8_e5m2)):
+        for group, head_dim in ((1, 128), (8, 128), (8, 256)):
+            yield _attention_spec(dtype, group, head_dim, decode_tiles=True, cache=cache)
+        yield _attention_spec(dtype, 8, 128, decode_tiles=False, cache=cache)
+    for dtype, cache in ((torch.float16, None), (torch.bfloat16, torch.float8_e4m3fn)):
+        for decode_tiles, group, head_dim in ((True, 1, 128), (True, 8, 128), (True, 8, 256), (False, 8, 128),
+                                              (False, 1, 256)):
+            yield _attention_spec(dtype, group, head_dim, decode_tiles=decode_tiles, cache=cache, variants=True,
+                                  masks=head_dim == 256)
+
     kr = kernels.paged_attention_reduce_kernel
-    for head_dim in (64, 128, 256):
+    for head_dim, sinks in ((64, False), (128, False), (256, False), (128, True)):
         stride_sig, unit = _strides(kr)
         sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*fp16:16", "SCHEDULE": "*i32:16",
-               "off_reduce": _I32, **stride_sig}
-        yield CompileSpec(kr, "paged_attention_reduce", f"fp16 d{head_dim} w4", sig,
-                          {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), **unit}, num_warps=4)
+               "SINKS": "*fp32:16", "off_reduce": _I32, **stride_sig}
+        yield CompileSpec(kr, "paged_attention_reduce", f"fp16 d{head_dim}{' sinks' if sinks else ''} w4", sig,
+                          {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), "HAS_SINKS": sinks,
+                           **unit}, num_warps=4)
 
     # the write: copies, and the fp8 quantizing writes (from 16-bit and fp32 K/V into e4m3fn and e5m2 caches)
     kw = kernels.paged_kv_write_kernel
