@@ -29,7 +29,8 @@ setup(
     install_requires=["torch>=2.5", "triton>=3.6"],
     extras_require={
         "cpu": ["ninja"],   # the C++ CPU backend's build tool, when the system has none
-        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers", "matplotlib",
+                 "ninja"],   # ninja: CI builds the C++ backend (a clean machine may have no system ninja)
     },
     entry_points={"console_scripts": ["llmkern=llmkern.cli:main"]},
 )

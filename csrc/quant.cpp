@@ -1,7 +1,7 @@
 // Weight-only int4 / int8 matmul on CPU: out (M, N) = x (M, K) @ W.T + bias with W stored in llmkern's packed format
 // (llmkern/quant_weight.py): qweight int32 (K / PACK, N) packed along K (code of row k in bits
-// [(k % PACK) * bits, +bits) of word row k / PACK), scales (G, N) fp16/bf16, integer zero points (G, N) int16,
-// W[n, k] = (q - z) * s over the group of k, and an optional act-order perm: packed row j is x's column perm[j].
+// [(k % PACK) * bits, +bits) of word row k / PACK), scales (G, N) in x's dtype (fp16, bf16 or fp32), integer
+// zero points (G, N) int16, W[n, k] = (q - z) * s over the group of k, and an optional act-order perm: packed row j is x's column perm[j].
 //
 // Two paths, as on the GPU:
 //   M <= 16 (decode): the packed words are streamed once, in memory order, and unpacked in registers: for each
@@ -45,7 +45,7 @@ std::vector<float> gathered_x(const at::Tensor& x, const int32_t* perm, int64_t 
   return xf;
 }
 
-// n (<= kF) consecutive int16 zero points or fp16/bf16 scales as fp32.
+// n (<= kF) consecutive int16 zero points or scales as fp32.
 template <typename S>
 inline fVec load_small(const S* p, int64_t n) {
   float tmp[kF] = {};
@@ -55,8 +55,9 @@ inline fVec load_small(const S* p, int64_t n) {
 
 // ------------------------------------------------------------------------------------------------------ decode
 // For packed word rows [w0, w1) of one group and the columns [c0, c1): gacc[mb][c] += sum over the rows' k of
-// x[m0 + mb][k] * (q[k][c] - z[c]), gacc with row stride `cols` and indexed from c0. The products are exact in fp32
-// (an fp16/bf16 x times an integer below 2^8 in magnitude); the group's scale is applied by the caller, once.
+// x[m0 + mb][k] * (q[k][c] - z[c]), gacc with row stride `cols` and indexed from c0. For fp16/bf16 x the products
+// are exact in fp32 (an 11- or 8-bit significand times an integer below 2^8 in magnitude); for fp32 x each is
+// rounded once, as in any fp32 dot. The group's scale is applied by the caller, once.
 template <int BITS, int MB>
 void decode_group_rows(const int32_t* qw, int64_t N, const float* xf, int64_t K, int64_t m0, int64_t w0, int64_t w1,
                        int64_t c0, int64_t c1, const fVec* zf, float* gacc, int64_t cols) {
@@ -148,7 +149,7 @@ void gemm_path(const QuantArgs& a, const float* xf, const int32_t* qw, const T* 
       acc_t.zero_();
       for (int64_t k0 = 0; k0 < K; k0 += rows_per_tile) {
         const int64_t nk = std::min(rows_per_tile, K - k0);
-        for (int64_t k = k0; k < k0 + nk; ++k) {  // W tile (nk x nc) = (q - z) * s, exact in fp32
+        for (int64_t k = k0; k < k0 + nk; ++k) {  // W tile (nk x nc) = (q - z) * s (exact for 16-bit scales)
           const int32_t* words = qw + (k / kPack) * N + c0;
           const int shift = static_cast<int>(k % kPack) * BITS;
           const int64_t g = k / a.group;
@@ -189,7 +190,7 @@ void run(const QuantArgs& a, const at::Tensor& x, const at::Tensor& qweight, con
   }
 }
 
-// x (M, K) fp16/bf16 with a contiguous last dim; out (M, N) of x's dtype, written. The caller (llmkern/quant.py) has
+// x (M, K) fp16/bf16/fp32 with a contiguous last dim; out (M, N) of x's dtype, written. The caller (llmkern/quant.py) has
 // checked the whole weight (shapes, dtypes, perm a permutation) before the op runs. path: 0 picks by M (decode up to
 // kDecodeMaxM rows), 1 forces the decode path, 2 the GEMM path (the tests run both on the same shapes).
 void quant_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
@@ -197,7 +198,7 @@ void quant_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
                   int64_t group_size, int64_t path, const at::Tensor& out) {
   check_dim(x, 2, "x");
   check_last_dim_contiguous(x, "x");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "llmkern_cpu: x must be fp16/bf16");
+  check_float(x, "x");
   TORCH_CHECK(bits == 4 || bits == 8, "llmkern_cpu: bits must be 4 or 8");
   const int64_t M = x.size(0), K = x.size(1), pack = 32 / bits;
   const int64_t group = group_size == -1 ? K : group_size;
@@ -226,12 +227,9 @@ void quant_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   if (M == 0 || N == 0) return;
   const QuantArgs args{M, N, K, bits, group};
   const bool decode = path == 1 || (path == 0 && M <= kDecodeMaxM);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "llmkern_cpu::quant_matmul",
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       run<scalar_t>(args, x, qweight, scales, zeros, pp, bias, out, decode);
-                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       run<scalar_t>(args, x, qweight, scales, zeros, pp, bias, out, decode);
-                     }));
+  LLMKERN_DISPATCH_FLOAT(x.scalar_type(), "llmkern_cpu::quant_matmul", [&] {
+    run<scalar_t>(args, x, qweight, scales, zeros, pp, bias, out, decode);
+  });
 }
 
 }  // namespace

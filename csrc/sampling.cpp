@@ -2,7 +2,9 @@
 // vocabulary, and the draw (or the distribution drawn from). The semantics are the Triton kernel's
 // (kernels/sampling.py) and llmkern.reference.sampling_probs's:
 //
-//   q_i = exp((l_i - max l) / T)                       (q = 1 at the top token; T = 0 means greedy: first argmax)
+//   q_i = exp((l_i - max l) / T)                       (q = 1 at the top token; T below 2^-126, 0 and float32's
+//                                                       subnormals, means greedy: first argmax, as 1 / T would
+//                                                       overflow; kernels/sampling.py's GREEDY_BELOW)
 //   top-k:  keep l_i >= t_k, t_k the k-th largest logit (ties at the boundary all kept; k = 0 or >= V: off)
 //   top-p:  among those, keep l_i >= t_p, t_p the largest logit value v with mass(l >= v) >= top_p * mass(kept)
 //           (the smallest most-probable set reaching top_p, ties kept together)
@@ -29,6 +31,8 @@ namespace llmkern {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+// Temperatures below float32's smallest normal are greedy (llmkern.reference.GREEDY_BELOW).
+constexpr float kGreedyBelow = std::numeric_limits<float>::min();
 
 // The uniform that Triton's tl.rand(seed, 0) returns: Philox-4x32 with 10 rounds (Salmon et al., "Parallel random
 // numbers: as easy as 1, 2, 3", SC 2011), key = the 64-bit seed, counter = 0, first output word as int32, folded to
@@ -170,7 +174,7 @@ int64_t sample_row(const T* row, int64_t V, const RowParams& p, int64_t seed, fl
     }
   }
   const bool valid = !nan && m > -kInf && m < kInf;
-  if (!valid || p.temperature == 0.f) {
+  if (!valid || p.temperature < kGreedyBelow) {
     if (probs != nullptr) {
       std::fill(probs, probs + V, 0.f);
       if (valid) probs[arg] = 1.f;

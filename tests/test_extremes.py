@@ -20,11 +20,18 @@ The meanings, in short (the op docstrings have them in full):
   sample / sampling_probs, used as float32: temperature >= 0 and finite in float32, below 2**-126 greedy;
     top_p in (0, 1]; min_p in [0, 1]; top_k >= 0 (>= vocab: off).
   quantization scales (QuantizedWeight.from_codes and every conversion): finite; any finite value is used as is.
+  apply_penalties: repetition_penalty > 0 and finite in float32; presence/frequency_penalty finite in float32;
+    float32 arithmetic, as transformers' processor (a tiny or huge value can send a repeated logit to +-inf).
+  moe_topk routed_scaling_factor: finite in float32; multiplies the weights in float32.
+  beam_search length_penalty: finite; scores are sums of log-probabilities / length ** length_penalty, -0.0 where
+    the power overflows float64 and -inf where it underflows.
 Keep it cheap: small shapes, one value of each class (a test id each) plus three random draws per parameter. Finite
 softcaps from 1 to 2**127 are section 3's (kernel precision): test_large_finite_softcap_precision.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +43,7 @@ from hypothesis import strategies as st
 
 import llmkern
 from llmkern import _utils, reference
+from llmkern.beam_search import BeamSearch, run_searches
 from tolerance import assert_fa_close
 
 TINY = 2.0 ** -126                       # float32's smallest normal
@@ -278,6 +286,87 @@ def _quant_call(value, device):
 
 PARAMS["QuantizedWeight.scales"] = Param(lambda v: abs(v) >= 1e300 or not math.isfinite(_f32(v)), _quant_call,
                                          "scales")
+
+
+# ------------------------------------------------------------------------------------------------ decoding controls
+def _penalties_call(name, value, device):
+    """apply_penalties with one control at `value`: exactly the float32 reference given the value as float32 holds it
+    (the documented meaning: float32 arithmetic, as transformers' processor; inf results included)."""
+    logits = _randn(2, 16, seed=6, scale=3.0, device=device)
+    ids = torch.tensor([[1, 1, -1, 4], [4, 0, 15, 4]], device=device)
+    ours = llmkern.apply_penalties(logits, ids, **{name: value})
+    want = reference.apply_penalties(logits, ids, **{name: _f32(value)})
+    assert torch.equal(ours.cpu(), want.cpu()), f"{name}={value}"
+
+
+PARAMS["apply_penalties.repetition_penalty"] = Param(
+    _f32_refused(0.0, F32_MAX, lo_open=True), lambda v, d: _penalties_call("repetition_penalty", v, d),
+    "repetition_penalty")
+for _name in ("presence_penalty", "frequency_penalty"):
+    PARAMS[f"apply_penalties.{_name}"] = Param(_f32_refused(-F32_MAX, F32_MAX),
+                                               lambda v, d, n=_name: _penalties_call(n, v, d), _name)
+
+
+def _moe_topk_call(value, device):
+    """moe_topk's routed_scaling_factor (DeepSeek-V3's sigmoid routing) against the float64 reference."""
+    logits = _randn(5, 16, seed=8, device=device)
+    kw = dict(scoring="sigmoid", num_expert_group=4, topk_group=2)
+    w, ids = llmkern.moe_topk(logits, 4, routed_scaling_factor=value, **kw)
+    ref_w, ref_ids = reference.moe_topk(logits.double(), 4, routed_scaling_factor=value, **kw)
+    assert torch.equal(ids.cpu().long(), ref_ids.cpu())
+    # documented: the weights times the factor in float32 (a few float32 roundings of the exact product, which is
+    # below the subnormals for a subnormal factor)
+    torch.testing.assert_close(w.cpu().double(), ref_w.cpu(), rtol=2.0 ** -21, atol=2.0 ** -148,
+                               msg=f"routed_scaling_factor={value}")
+
+
+PARAMS["moe_topk.routed_scaling_factor"] = Param(lambda v: not abs(v) <= F32_MAX, _moe_topk_call,
+                                                 "routed_scaling_factor")
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1,
+                                   num_key_value_heads=1, head_dim=32, vocab_size=16, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _beam_scores(length_penalty, device):
+    """The finished hypotheses (tokens, scores) of one beam search over fixed random logits (vocabulary 8, no EOS,
+    2 beams, 2 new tokens), driven as llmkern.beam_search drives it but with no model (beam_search.run_searches)."""
+    cache = llmkern.PagedKVCache(1, 8, 4, 1, 32, dtype=torch.float32, device=device)
+    search = BeamSearch(cache, 0, [1, 2, 3], num_beams=2, max_new_tokens=2, length_penalty=length_penalty,
+                        early_stopping=False, eos=set(), new_ids=itertools.count(1))
+    g = torch.Generator().manual_seed(7)
+
+    def feed(seqs):
+        for sid, tokens in seqs.items():
+            cache.append(sid, len(tokens) - (cache.seq_len(sid) if sid in cache else 0))
+        return torch.randn(len(seqs), 8, generator=g).to(device)
+    run_searches([search], feed, 8, 4)
+    return [b.tokens for b in search.finished], torch.tensor([b.score for b in search.finished])
+
+
+def _beam_call(value, device):
+    """beam_search's length_penalty. A refused value is refused by llmkern.beam_search before its model runs; an
+    accepted one is run through the search itself: with no EOS every
+    hypothesis has 2 tokens, so the hypotheses do not depend on it and each score is the sum of log-probabilities
+    (length_penalty 0) divided by 2 ** value (a float64 power: where it overflows the score is -0.0, where it
+    underflows -inf, the documented degenerate ends; float32 division, so within float32's subnormals either)."""
+    if not math.isfinite(value):
+        llmkern.beam_search(_tiny_llama(), torch.tensor([[5, 6]]), num_beams=2, max_new_tokens=2,
+                            length_penalty=value)
+        raise AssertionError(f"length_penalty={value} was accepted")
+    raw_tokens, raw = _beam_scores(0.0, device)
+    tokens, ours = _beam_scores(value, device)
+    assert tokens == raw_tokens, f"length_penalty={value}"
+    power = 2.0 ** value if value < 1024 else math.inf        # float64's largest power of 2 is 2**1023
+    want = (raw.double() / power).float()
+    torch.testing.assert_close(ours, want, rtol=1e-6, atol=TINY, msg=f"length_penalty={value}")
+
+
+PARAMS["beam_search.length_penalty"] = Param(lambda v: not math.isfinite(v), _beam_call, "length_penalty")
 
 
 def _sweep(param: Param, value, device):

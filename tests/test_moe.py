@@ -125,7 +125,8 @@ def test_topk_bad_input(device):
         (dict(router_logits=logits, top_k=2, correction_bias=torch.zeros(8, device=device)), ValueError, "sigmoid"),
         (dict(router_logits=logits, top_k=2, scoring="sigmoid", correction_bias=torch.zeros(7, device=device)),
          ValueError, "correction_bias"),
-        (dict(router_logits=logits, top_k=2, routed_scaling_factor=float("inf")), TypeError, "routed_scaling"),
+        (dict(router_logits=logits, top_k=2, routed_scaling_factor=float("inf")), ValueError, "routed_scaling"),
+        (dict(router_logits=logits, top_k=2, routed_scaling_factor="2.5"), TypeError, "routed_scaling"),
         (dict(router_logits=_randn(2, 1025, device=device), top_k=2), ValueError, "1024"),
     ]
     for kwargs, err, match in cases:

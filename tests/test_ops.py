@@ -250,3 +250,37 @@ def test_cpu_backend_gets_schema_arguments_after_checks(monkeypatch):
     with pytest.raises(ValueError, match="k_cache is written in place"):
         llmkern.paged_kv_write(k, k, kc[:1].expand(kc.shape), vc, slots)
     assert len(calls) == 1
+
+
+def _fake_outputs(op, args) -> list:
+    """The op's outputs under a FakeTensorMode: the shapes, dtypes and strides its register_fake promises."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        out = op(*fake_args)
+    return [out] if isinstance(out, torch.Tensor) else list(out or [])
+
+
+@pytest.mark.parametrize("name,slot", [(n, "reference") for n in sorted(CASES)] +
+                         [(n, "cpp") for n in sorted(CASES) if n in cpu.implemented()])
+def test_cpu_slot_returns_the_fake_layout(name, slot, monkeypatch):
+    """Each CPU implementation (the reference adapter, the C++ kernel) returns outputs of the shape, dtype and
+    significant strides the op's fake implementation promises: torch.compile plans its graph with the fake's layout,
+    and a real output laid out otherwise (e.g. a column slice of a wider tensor) is a silent mismatch there."""
+    from torch._prims_common import check_significant_strides
+    if slot == "cpp":
+        from conftest import use_cpp_backend
+        use_cpp_backend(monkeypatch)
+    else:
+        monkeypatch.setattr(_utils, "INTERPRET", False)
+        monkeypatch.setattr(cpu, "kernel", lambda op_name: None)
+    op = _dispatch.OPS[name]
+    for args in CASES[name]("cpu"):
+        want = _fake_outputs(op, _clone(args))
+        got = op(*_clone(args))
+        got = [got] if isinstance(got, torch.Tensor) else list(got or [])
+        assert len(got) == len(want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert (g.shape, g.dtype) == (w.shape, w.dtype), f"output {i}"
+            same, dim = check_significant_strides(g, w, only_cuda=False)
+            assert same, f"output {i}: strides {g.stride()} where the fake promises {w.stride()} (dim {dim})"

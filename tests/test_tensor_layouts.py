@@ -64,6 +64,23 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   quantize_weight weight: torch
   QuantLinear.from_quantized bias: torch (copied into the module's parameter)
   QuantLinear.forward x: as quant_matmul x
+  speculative_sample draft_probs, target_probs: strides (batch and draft dims), last dim (in the op)
+  speculative_sample draft_token_ids: strides
+  speculative_sample seed: contiguous
+  beam_topk logits: row stride (0: one row for every beam), last dim (in the op)
+  beam_topk beam_scores: contiguous (a float32 copy in the public function; declared by the op)
+  apply_penalties logits: row stride, last dim (in the op)
+  apply_penalties token_ids: strides
+  apply_penalties repetition_penalty, presence_penalty, frequency_penalty: contiguous
+  apply_penalties logit_bias: row stride (0: one row for every sequence), last dim (in the op)
+  moe_topk router_logits: strides (both dims)
+  moe_topk correction_bias: contiguous (copied by the Triton implementation; torch in the reference)
+  fused_moe hidden_states: row stride, last dim
+  fused_moe w13, w2: strides (all three dims: a transposed view is read in place)
+  fused_moe topk_weights, topk_ids: strides
+  QuantizedExperts qweight, scales, zeros, perm: contiguous (the constructor)
+  quantize_experts w: torch
+  beam_search input_ids, attention_mask: torch (as generate)
   generate input_ids, attention_mask: torch (split into per-prompt token lists before any kernel)
 `test_docstring_lists_every_argument` keeps this list equal to the arguments the harness exercises.
 """
@@ -81,6 +98,7 @@ from torch import nn
 
 import llmkern
 from llmkern import _dispatch
+from llmkern.beam_search import BeamSearchOutput
 from test_ops import CASES as OP_CASES
 
 VARIANTS = ("every_other", "rows", "offset", "column_major", "expanded")
@@ -190,10 +208,25 @@ def _plan_run(plan, device):
     return plan.run(_randn(5, 2, 32, device=device, seed=3)[:plan.num_tokens], paged["k_cache"], paged["v_cache"])
 
 
+def _moe_weights(device):
+    """Dense fp16 experts: w13 (4 experts, 2 x 32 gate/up rows, hidden 64), w2 (4, 64, 32)."""
+    return dict(w13=_randn(4, 64, 64, dtype=torch.float16, device=device, seed=11) / 8,
+                w2=_randn(4, 64, 32, dtype=torch.float16, device=device, seed=12) / 6)
+
+
+def _routing(device):
+    """Top-2 of 4 experts for 6 tokens: topk_weights fp32 and topk_ids int32."""
+    w, ids = llmkern.moe_topk(_randn(6, 4, device=device, seed=14), 2)
+    return dict(topk_weights=w, topk_ids=ids)
+
+
 def _cases(device) -> dict[str, Case]:
     f16 = torch.float16
     paged = _paged(device)
     qw, (codes, zeros, scales, g_idx) = _quantized(device, act_order=True)
+    qexperts = llmkern.quantize_experts(_moe_weights("cpu")["w2"], bits=4, group_size=32).to(device)
+    gen = torch.Generator().manual_seed(15)
+    expert_perm = torch.stack([torch.randperm(32, generator=gen) for _ in range(4)]).to(torch.int32).to(device)
     gptq_qw, _ = _quantized("cpu")
     ql = llmkern.QuantLinear.from_quantized(qw)
     cases = {
@@ -325,6 +358,54 @@ def _cases(device) -> dict[str, Case]:
         "QuantLinear.forward": Case(
             lambda x: ql(x),
             dict(x=_randn(_GEMM_ROWS, 64, dtype=f16, device=device, seed=7))),
+        "speculative_sample": Case(
+            lambda draft_probs, draft_token_ids, target_probs, seed: llmkern.speculative_sample(
+                draft_probs, draft_token_ids, target_probs, seed=seed),
+            dict(draft_probs=torch.softmax(_randn(2, 3, 16, device=device, seed=3) * 2, -1),
+                 draft_token_ids=_ints([[3, 5, 1], [0, 15, 7]], torch.int64, device),
+                 target_probs=torch.softmax(_randn(2, 4, 16, device=device, seed=4) * 2, -1),
+                 seed=_ints([11, 12], torch.int64, device))),
+        "beam_topk": Case(
+            lambda logits, beam_scores: llmkern.beam_topk(logits, beam_scores, num_beams=2, k=3),
+            dict(logits=_randn(4, 16, device=device, seed=5),
+                 beam_scores=_ints([0.0, -1.0, -0.5, -2.0], torch.float32, device))),
+        "apply_penalties": Case(
+            lambda logits, token_ids, repetition_penalty, presence_penalty, frequency_penalty, logit_bias:
+                llmkern.apply_penalties(logits, token_ids, repetition_penalty=repetition_penalty,
+                                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                        logit_bias=logit_bias),
+            dict(logits=_randn(2, 16, dtype=f16, device=device, seed=6),
+                 token_ids=_ints([[1, 1, -1, 4], [4, 0, 15, 4]], torch.int64, device),
+                 repetition_penalty=_ints([1.3, 0.7], torch.float32, device),
+                 presence_penalty=_ints([0.2, -0.1], torch.float32, device),
+                 frequency_penalty=_ints([0.1, 0.3], torch.float32, device),
+                 logit_bias=_randn(2, 16, device=device, seed=7))),
+        "moe_topk": Case(
+            lambda router_logits, correction_bias: llmkern.moe_topk(
+                router_logits, 4, scoring="sigmoid", num_expert_group=4, topk_group=2,
+                correction_bias=correction_bias, routed_scaling_factor=2.5),
+            dict(router_logits=_randn(5, 16, device=device, seed=8),
+                 correction_bias=_randn(16, device=device, seed=9))),
+        "fused_moe": Case(
+            lambda hidden_states, w13, w2, topk_weights, topk_ids: llmkern.fused_moe(
+                hidden_states, w13, w2, topk_weights, topk_ids),
+            dict(hidden_states=_randn(6, 64, dtype=f16, device=device, seed=10), **_moe_weights(device),
+                 **_routing(device))),
+        "QuantizedExperts": Case(
+            lambda qweight, scales, zeros, perm: llmkern.fused_moe(
+                _randn(6, 64, dtype=f16, device=device, seed=10), _moe_weights(device)["w13"],
+                llmkern.QuantizedExperts(qweight, scales, zeros, bits=4, group_size=32, in_features=32,
+                                         out_features=64, perm=perm), **_routing(device)),
+            dict(qweight=qexperts.qweight, scales=qexperts.scales, zeros=qexperts.zeros, perm=expert_perm)),
+        "quantize_experts": Case(
+            lambda w: llmkern.quantize_experts(w, bits=4, group_size=32),
+            dict(w=_randn(2, 8, 64, device="cpu", seed=13))),
+        "beam_search": Case(
+            lambda input_ids, attention_mask: llmkern.beam_search(
+                _generate_model(device), input_ids, attention_mask=attention_mask, num_beams=2, max_new_tokens=1),
+            dict(input_ids=_ints([[0, 5, 6, 7], [9, 10, 11, 12]], torch.int64, device),
+                 attention_mask=_ints([[0, 1, 1, 1], [1, 1, 1, 1]], torch.int64, device)),
+            variants=("every_other", "expanded")),   # as generate
         "generate": Case(
             lambda input_ids, attention_mask: llmkern.generate(
                 _generate_model(device), input_ids, attention_mask=attention_mask, max_new_tokens=2),
@@ -386,8 +467,10 @@ def _flatten(result: Any) -> list:
         return [result]
     if isinstance(result, (tuple, list)):
         return [x for r in result for x in _flatten(r)]
-    if isinstance(result, llmkern.QuantizedWeight):
+    if isinstance(result, (llmkern.QuantizedWeight, llmkern.QuantizedExperts)):
         return [result.qweight, result.scales, result.zeros, result.perm]
+    if isinstance(result, BeamSearchOutput):
+        return _flatten(result.sequences) + [result.scores]
     if isinstance(result, nn.Module):
         return list(result.state_dict().values())
     return [result]
@@ -451,10 +534,12 @@ def _tensor_args(args: dict[str, Any]) -> list[str]:
 def _labels() -> list[str]:
     return ["attention", "attention_varlen", "paged_kv_write", "paged_decode_attention", "paged_prefill_attention",
             "paged_decode_attention[fp8]", "paged_prefill_attention[fp8]", "PagedAttentionPlan.run[fp8]",
-            "PagedAttentionPlan", "PagedAttentionPlan.update", "PagedAttentionPlan.run", "rms_norm", "add_rms_norm", "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
+            "PagedAttentionPlan", "PagedAttentionPlan.update", "PagedAttentionPlan.run", "rms_norm", "add_rms_norm",
+            "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
             "sampling_probs", "quant_matmul", "QuantizedWeight", "QuantizedWeight.from_codes",
             "QuantizedWeight.from_gptq", "QuantizedWeight.from_awq", "quantize_weight", "QuantLinear.from_quantized",
-            "QuantLinear.forward", "generate"]
+            "QuantLinear.forward", "speculative_sample", "beam_topk", "apply_penalties", "moe_topk", "fused_moe",
+            "QuantizedExperts", "quantize_experts", "beam_search", "generate"]
 
 
 @pytest.mark.parametrize("label", _labels())

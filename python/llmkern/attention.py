@@ -182,7 +182,8 @@ def _attention_reference(q, k, v, causal, scale, window_left, window_right, soft
                          sinks):
     o, lse = reference.attention(q, k, v, causal=causal, scale=scale, window=(window_left, window_right),
                                  softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, return_lse=True)
-    return o.contiguous(), (lse if return_lse else lse.new_empty(0))   # laid out as the op's fake says
+    # the fake's layout (the reference computes in (batch, heads, seq, d) and returns a transposed view)
+    return o.contiguous(), (lse.contiguous() if return_lse else lse.new_empty(0))
 
 
 @_dispatch.custom_op("attention", mutates_args=(), reference=_attention_reference, check=_check_head_values,

@@ -45,6 +45,15 @@ class BeamSearchOutput:
     scores: torch.Tensor
 
 
+def _length_power(length: int, length_penalty: float) -> float:
+    """length ** length_penalty as a float64, inf where it overflows (Python's power raises OverflowError there):
+    a score divided by it is then -0.0, the documented degenerate case."""
+    try:
+        return float(length) ** length_penalty
+    except OverflowError:
+        return math.inf
+
+
 @dataclass
 class _Beam:
     seq_id: int          # its sequence in the cache (holds every token but the newest)
@@ -87,7 +96,7 @@ class BeamSearch:
         length = self.steps                                          # generated tokens, this one included
         at_limit = length == self.max_new_tokens
         parents = self.running if len(self.running) == self.num_beams else self.running[:1] * self.num_beams
-        final = (scores / length ** self.length_penalty).tolist()    # float32, as transformers divides
+        final = (scores / _length_power(length, self.length_penalty)).tolist()   # float32, as transformers divides
         running: list[_Beam] = []
         for c, (score, idx) in enumerate(zip(scores.tolist(), indices)):
             if idx < 0:
@@ -121,7 +130,8 @@ class BeamSearch:
             best_length = self.steps
             if self.early_stopping == "never" and self.length_penalty > 0.0:
                 best_length = self.max_new_tokens
-            best = torch.tensor([self.running[0].score], dtype=torch.float32) / best_length ** self.length_penalty
+            best = torch.tensor([self.running[0].score], dtype=torch.float32) / _length_power(best_length,
+                                                                                            self.length_penalty)
             worst = self.finished[-1].score if full else _NEG
             self.improvable = self.improvable and float(best) > worst
         self.done = at_limit or not self.running or not self.improvable or (self.early_stopping is True and full)

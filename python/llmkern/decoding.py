@@ -78,11 +78,15 @@ def _speculative_reference(draft_probs, draft_token_ids, target_probs, seed):
     return reference.speculative_sample(draft_probs, draft_token_ids, target_probs, seed=seed)
 
 
+# The kernels read per-row tensors (seeds, beam scores, penalties) with unit stride: `contiguous=` copies a strided
+# view before the check and every implementation; a strided vocab dim is copied in the Triton implementation.
 @_dispatch.custom_op("speculative_sample", mutates_args=(), reference=_speculative_reference,
-                     check=_speculative_values)
+                     check=_speculative_values, contiguous=("seed",))
 def _speculative_op(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, target_probs: torch.Tensor,
                     seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, k, vocab = draft_probs.shape
+    draft_probs = _utils.last_dim_contiguous("draft_probs", draft_probs)
+    target_probs = _utils.last_dim_contiguous("target_probs", target_probs)
     out = torch.empty(batch, k + 1, dtype=torch.int64, device=draft_probs.device)
     accepted = torch.empty(batch, dtype=torch.int64, device=draft_probs.device)
     if batch:
@@ -152,13 +156,15 @@ def _beam_kp(k: int) -> int:
 
 
 def _beam_topk_reference(logits, beam_scores, num_beams, k):
-    return tuple(t.to(logits.device) for t in reference.beam_topk(logits, beam_scores, num_beams, k))
+    # contiguous: the fake's layout (the reference's are column slices of the sorted (batch, beams * vocab) rows)
+    return tuple(t.to(logits.device).contiguous() for t in reference.beam_topk(logits, beam_scores, num_beams, k))
 
 
-@_dispatch.custom_op("beam_topk", mutates_args=(), reference=_beam_topk_reference)
+@_dispatch.custom_op("beam_topk", mutates_args=(), reference=_beam_topk_reference, contiguous=("beam_scores",))
 def _beam_topk_op(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams: int,
                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch = logits.shape[0] // num_beams
+    logits = _utils.last_dim_contiguous("logits", logits)
     values = torch.empty(batch, k, dtype=torch.float32, device=logits.device)
     indices = torch.empty(batch, k, dtype=torch.int64, device=logits.device)
     if batch:
@@ -228,11 +234,14 @@ def _penalties_reference(logits, token_ids, repetition_penalty, presence_penalty
                                      logit_bias=logit_bias).to(torch.float32)
 
 
-@_dispatch.custom_op("apply_penalties", mutates_args=(), reference=_penalties_reference, check=_penalties_values)
+@_dispatch.custom_op("apply_penalties", mutates_args=(), reference=_penalties_reference, check=_penalties_values,
+                     contiguous=("repetition_penalty", "presence_penalty", "frequency_penalty"))
 def _penalties_op(logits: torch.Tensor, token_ids: torch.Tensor, repetition_penalty: torch.Tensor,
                   presence_penalty: torch.Tensor, frequency_penalty: torch.Tensor,
                   logit_bias: torch.Tensor | None) -> torch.Tensor:
     batch, vocab = logits.shape
+    logits = _utils.last_dim_contiguous("logits", logits)
+    logit_bias = None if logit_bias is None else _utils.last_dim_contiguous("logit_bias", logit_bias)
     length = token_ids.shape[1]
     out = torch.empty(batch, vocab, dtype=torch.float32, device=logits.device)
     work = torch.empty(batch, length, dtype=torch.float32, device=logits.device)   # one value per history entry

@@ -59,6 +59,9 @@ def _topk_blocks(num_experts: int, top_k: int) -> tuple[int, int, int]:
     return TOPK_TILE // block_e, block_e, block_k
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -95,9 +98,10 @@ def _check_topk(router_logits, top_k, renormalize, scoring, num_expert_group, to
         if correction_bias.shape[0] != num_experts:
             raise ValueError(f"correction_bias must have shape ({num_experts},), got {tuple(correction_bias.shape)}")
         _utils.check_same(("router_logits", "correction_bias"), (router_logits, correction_bias), dtype=False)
-    if not isinstance(routed_scaling_factor, numbers.Real) or isinstance(routed_scaling_factor, bool) \
-            or not math.isfinite(routed_scaling_factor):
-        raise TypeError(f"routed_scaling_factor must be a finite float, got {routed_scaling_factor!r}")
+    if not isinstance(routed_scaling_factor, numbers.Real) or isinstance(routed_scaling_factor, bool):
+        raise TypeError(f"routed_scaling_factor must be a float, got {routed_scaling_factor!r}")
+    if not abs(routed_scaling_factor) <= _F32_MAX:      # the kernel multiplies in float32: inf there is refused too
+        raise ValueError(f"routed_scaling_factor must be finite in float32, got {routed_scaling_factor!r}")
 
 
 def _topk_triton(logits, top_k, renormalize, scoring, num_expert_group, topk_group, bias, scaling):
@@ -166,7 +170,8 @@ def moe_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = Tru
     num_expert_group, topk_group: DeepSeek's group-limited routing: E experts in num_expert_group equal groups; only
       the topk_group best groups' experts can be chosen. A group ranks by its best key (softmax, DeepSeek-V2) or by
       the sum of its two best keys (sigmoid, DeepSeek-V3).
-    routed_scaling_factor: multiplies the final weights (DeepSeek-V3: 2.5).
+    routed_scaling_factor: multiplies the final weights in float32 (DeepSeek-V3: 2.5); any value finite in float32
+      (0 zeroes the weights, a negative one flips their sign; a huge one may overflow them to inf), else ValueError.
 
     Order and ties: each row lists its experts by key, best first; equal keys go to the lower expert index (as
     torch.argmax, or torch.sort(descending=True, stable=True)); groups likewise. torch.topk returns the same

@@ -48,8 +48,7 @@ _MAX_SPLITS = 256
 
 
 # ---------------------------------------------------------------------------------------------------- tiles
-def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dtype,
-                 kv_dtype: torch.dtype | None = None) -> dict:
+def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the attention kernel: BLOCK_M rows = BLOCK_Q query tokens x the `group` query heads of one KV
     head (GQA packing), BLOCK_N keys per step.
 
@@ -60,21 +59,21 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
     flight per step to stream from HBM with two pipeline stages; halved for head_dim 256 and for fp32 (same bytes)
     and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers). num_warps 4 (one warpgroup)
     unless the fp32 accumulator rows x BLOCK_D exceeds 64 x 128, then 8, which keeps it at <= 64 registers per
-    thread; also 8 for the fp32 dot path.
+    thread; also 8 for the fp32 dot path and for 16-bit (64 x 128) K/V tiles on the dot path.
 
     Prefill tiles (some sequence has more query tokens: prompt chunks, mixed batches): FlashAttention-2's forward
-    tiles, 64 rows, 4 warps for head_dim <= 64 and 8 above so the (64 x head_dim) fp32 accumulator stays in
-    registers, BLOCK_N 64 (32 for head_dim 256, keeping the K/V tiles' shared-memory footprint); fp32 runs its IEEE
-    dot on FMA units with the operands in registers: 32 x 16 tiles, 4 warps up to head_dim 128 and 8 at 256. The 64
+    tiles, 64 rows, 8 warps so the (64 x head_dim) fp32 accumulator and the (64 x BLOCK_N) scores stay in
+    registers (4 warps spilled on sm_80 at head_dim 64, 168 registers), BLOCK_N 64 (32 for head_dim 256, keeping
+    the K/V tiles' shared-memory footprint); fp32 runs its IEEE dot on FMA units with the operands in registers: 32 x 16 tiles, 4 warps up to head_dim 128 and 8 at 256. The 64
     rows hold 64 // group tokens of a group (a group larger than the rows: one token, its heads padded to a power of
     two). Decode tokens in a mixed batch use these tiles too (one launch), filling `group` of the rows.
 
-    An fp8 cache (kv_dtype) keeps these tiles, but decode's MMA path takes 8 warps up to head_dim 128: with 4, the
-    fp8 tiles and their 16-bit conversions spilled 12 bytes on sm_80 at group 8, head_dim 128 (e5m2; 8 warps: 106
-    registers, no spill); at head_dim 256 it is the other way round (8 warps spilled 16 bytes on sm_90, 4 do not).
+    An fp8 cache keeps the query dtype's tiles: its tiles are half the bytes, and their conversion to 16-bit is what
+    the 8 warps of the (64 x 128) decode tiles also absorb (with 4, e5m2 spilled 12 bytes on sm_80 at group 8; with
+    8, 106 registers; at head_dim 256, 8 warps spilled 16 bytes on sm_90 and 4 do not).
 
     `llmkern check-compile` shows every choice without spills on sm_80 and sm_90 (the fp32 dot path spilled on
-    sm_90 with 4 warps; 4 warps at head_dim 128 and 256 spilled on sm_80 for 16-bit prefill tiles).
+    sm_90 with 4 warps; 4 warps spilled on sm_80 for 16-bit prefill tiles at every head_dim).
     """
     block_d = triton.next_power_of_2(head_dim)
     if decode_tiles:
@@ -85,9 +84,10 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
             block_n = 32
         if not use_dot and block_d > 128:
             block_n = 16  # the broadcast product (BLOCK_N x 256) fp32 at 32 tokens spilled on sm_90 with triton 3.6
-        # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers.
+        # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers; a
+        # 16-bit (64 x 128) K and V tile pair with the softcap and window code spilled on sm_90 with 4 warps.
         num_warps = 8 if (block_m * block_d > 64 * 128 or (use_dot and dtype == torch.float32)
-                          or (use_dot and kv_dtype in _utils.FP8_DTYPES and block_d <= 128)) else 4
+                          or (use_dot and block_n == 64 and block_d == 128)) else 4
         block_q = 1
     else:
         use_dot = True
@@ -97,7 +97,7 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
         if dtype == torch.float32:
             block_n, num_warps = 16, 4 if block_d <= 128 else 8
         else:
-            block_n, num_warps = 64 if block_d <= 128 else 32, 4 if block_d <= 64 else 8
+            block_n, num_warps = 64 if block_d <= 128 else 32, 8
     # A tile of several tokens can hold a row that sees no key of a tile (causal diagonal, windows); one token's
     # rows all see the same keys, at least one per tile (kernels/paged_attention.py).
     return dict(BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot,
@@ -488,8 +488,7 @@ class PagedAttentionPlan:
                 raise ValueError("cu_seqlens_q: this cuda_graph plan runs decode tiles (one new token per sequence), "
                                  "set at construction; a step with longer queries needs another plan")
             decode_tiles = False    # prefill tiles serve decode steps too
-        cfg = _tile_config(decode_tiles, self.num_heads // self.num_kv_heads, self.head_dim, self.dtype,
-                           self.kv_dtype)
+        cfg = _tile_config(decode_tiles, self.num_heads // self.num_kv_heads, self.head_dim, self.dtype)
         work, reduce, slots_used = _schedule(t, cfg["BLOCK_Q"], self.num_kv_heads, self._num_sms, self.num_splits)
         assert slots_used <= self._max_slots and work.shape[0] <= lay.max_items, "split-KV capacity bound broken"
 
@@ -645,7 +644,7 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    cfg = _tile_config(decode_tiles, group, head_dim, q.dtype, k_cache.dtype)
+    cfg = _tile_config(decode_tiles, group, head_dim, q.dtype)
     longest = block_tables.shape[1] * block_size    # no sequence outgrows its table (the plan checked)
     window_left, window_right = (_utils.unbounded_beyond(w, longest) for w in (window_left, window_right))
     has_softcap = softcap is not None
@@ -990,7 +989,7 @@ def _attention_spec(dtype: torch.dtype, group: int, head_dim: int, *, decode_til
     """One attention kernel build: its tiles, causal (HAS_RIGHT), with masks softcap and both windows; over a
     `cache` of another dtype (fp8: KV_FP8), and with `variants` ALiBi and sinks."""
     cache = cache or dtype
-    cfg = _tile_config(decode_tiles, group, head_dim, dtype, cache)
+    cfg = _tile_config(decode_tiles, group, head_dim, dtype)
     stride_sig, unit = _strides(kernels.paged_attention_kernel)
     sig = {"Q": _ptr(dtype), "KC": _ptr(cache), "VC": _ptr(cache), "O": _ptr(dtype), "BT": "*i32:16",
            "SEQ_LENS": "*i32:16", "CU_Q": "*i32:16", "SCHEDULE": "*i32:16", "PART_O": "*fp32:16",
