@@ -103,13 +103,15 @@ def _cases_for(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterable[C
 def _variant_cases(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterable[Case]:
     """ALiBi and sinks (module docstring)."""
     flops, nbytes = _cost(batch, seqlen, h, hk, d, dtype)
-    slopes = llmkern.alibi_slopes(h).to(device)
-    sinks = torch.linspace(-2.0, 2.0, h, device=device)
     alibi = _shape(batch, seqlen, h, hk, d, dtype, "alibi")
+
+    def slopes():   # made in each make(): listing the cases touches no device
+        return llmkern.alibi_slopes(h).to(device)
 
     def make_alibi():
         q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
-        return lambda: attention(q, k, v, causal=True, alibi_slopes=slopes)
+        s = slopes()
+        return lambda: attention(q, k, v, causal=True, alibi_slopes=s)
     yield Case(op="attention_prefill", impl="llmkern", shape=alibi, flops=flops, nbytes=nbytes, make=make_alibi)
 
     def make_sdpa_bias():
@@ -118,7 +120,7 @@ def _variant_cases(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterab
         kt = k.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
         vt = v.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
         i = torch.arange(seqlen, device=device)
-        bias = -slopes[:, None, None] * (i[:, None] - i[None, :]).abs().float()
+        bias = -slopes()[:, None, None] * (i[:, None] - i[None, :]).abs().float()
         bias = bias.masked_fill(i[None, :] > i[:, None], float("-inf")).to(dtype)   # causal, in the bias
         return lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias)
     yield Case(op="attention_prefill", impl="torch_sdpa_bias", shape=alibi, flops=flops, nbytes=nbytes,
@@ -127,14 +129,16 @@ def _variant_cases(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterab
     if flash_attn is not None:
         def make_fa():
             q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
-            return lambda: flash_attn.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes)
+            s = slopes()
+            return lambda: flash_attn.flash_attn_func(q, k, v, causal=True, alibi_slopes=s)
         yield Case(op="attention_prefill", impl="flash_attn", shape=alibi, flops=flops, nbytes=nbytes, make=make_fa)
 
     sink_shape = _shape(batch, seqlen, h, hk, d, dtype, "sinks")
 
     def make_sinks(with_sinks: bool):
         q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
-        return lambda: attention(q, k, v, causal=True, sinks=sinks if with_sinks else None)
+        sinks = torch.linspace(-2.0, 2.0, h, device=device) if with_sinks else None
+        return lambda: attention(q, k, v, causal=True, sinks=sinks)
     yield Case(op="attention_prefill", impl="llmkern", shape=sink_shape, flops=flops, nbytes=nbytes,
                make=lambda: make_sinks(True))
     yield Case(op="attention_prefill", impl="llmkern_no_sinks", shape=sink_shape, flops=flops, nbytes=nbytes,

@@ -151,14 +151,14 @@ def _fp8_dtype(device: torch.device) -> torch.dtype:
 
 
 def _fp8_case(batch, ctx, h, hk, d, dtype, device, shape, flops) -> Case:
-    cache_dtype = _fp8_dtype(device)
     lens = [ctx] * batch
     case = Case(op="decode_attention", impl="llmkern_fp8", shape=shape, flops=flops,
                 nbytes=perf.decode_attention_bytes(lens, h, hk, d, perf.dtype_bytes(dtype), kv_elem=1), make=None,
-                note=f"{str(cache_dtype)[6:]} cache, per-KV-head scales"
-                     f"{'; CPU: llmkern.reference (no C++ fp8 path)' if device.type != 'cuda' else ''}")
+                note=f"per-KV-head scales{'; CPU: llmkern.reference (no C++ fp8 path)' if device.type != 'cuda' else ''}")
 
-    def make():
+    def make():   # the format is chosen here: listing cases queries no device
+        cache_dtype = _fp8_dtype(device)
+        case.note = f"{str(cache_dtype)[6:]} cache, " + case.note
         kc, vc, bt, sl = _paged(batch, ctx, hk, d, dtype, device, BLOCK_SIZE)
         big = torch.finfo(cache_dtype).max
         ks, vs = (c.abs().amax(dim=(0, 1, 3)).float().clamp(min=1e-6) / big for c in (kc, vc))

@@ -1,8 +1,8 @@
 """The attention core, and the fused prefill attention kernel (forward only, FlashAttention-2 style).
 
 ## The core: what every attention kernel shares
-llmkern's attention kernels (`attention_fwd_kernel` below; `paged_decode_kernel`, `paged_decode_reduce_kernel` and
-`paged_prefill_kernel` in kernels/paged_attention.py) differ in where their K/V tiles come from and in how their rows
+llmkern's attention kernels (`attention_fwd_kernel` below; `paged_attention_kernel` and `paged_attention_reduce_kernel`
+in kernels/paged_attention.py) differ in where their K/V tiles come from and in how their rows
 are laid out. The math in between is written once, here:
 
     score_log2(s, qk_scale, softcap, HAS_SOFTCAP)   raw q.k -> base-2 logits: scale, optional tanh soft-cap

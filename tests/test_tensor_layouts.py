@@ -36,8 +36,11 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   paged_prefill_attention q, k_cache, v_cache: strides (all dims)
   paged_prefill_attention block_tables: strides (both dims)
   paged_prefill_attention cu_seqlens_q, seq_lens: contiguous
-  paged_decode_attention, paged_prefill_attention, PagedAttentionPlan.run k_scale, v_scale, alibi_slopes, sinks:
-    contiguous (one value per KV head / query head, read with unit stride; the [fp8] cases: an e5m2 cache)
+  paged_decode_attention k_scale, v_scale, alibi_slopes, sinks: contiguous (one value per KV head / query head,
+    read with unit stride; the [fp8] cases: an e5m2 cache)
+  paged_prefill_attention k_scale, v_scale, alibi_slopes, sinks: contiguous
+  PagedAttentionPlan.run k_scale, v_scale, alibi_slopes, sinks: contiguous
+  PagedKVCache k_scale, v_scale: torch (broadcast into the cache's own (num_layers, num_kv_heads) float32 tensors)
   PagedAttentionPlan block_tables, seq_lens, cu_seqlens_q: torch (read on the host at plan time, copied into the
     plan's own buffers)
   PagedAttentionPlan.update block_tables, seq_lens, cu_seqlens_q: torch
@@ -147,6 +150,11 @@ def _paged_fp8(device):
     p = _paged(device)
     return dict(p, k_cache=p["k_cache"].to(E5M2), v_cache=p["v_cache"].to(E5M2),
                 k_scale=_ints([0.5], torch.float32, device), v_scale=_ints([2.0], torch.float32, device))
+
+
+def _cache_scales(cache) -> list[torch.Tensor]:
+    """What a PagedKVCache made from scale tensors holds: every layer's K and V scales."""
+    return [s for layer in range(2) for s in (cache.k_scale(layer), cache.v_scale(layer))]
 
 
 def _head_params(device):
@@ -277,6 +285,11 @@ def _cases(device) -> dict[str, Case]:
             dict(q=_randn(5, 2, 32, device=device, seed=3),
                  **{k: v for k, v in _paged_fp8(device).items() if k not in ("block_tables", "seq_lens")},
                  **_head_params(device))),
+        "PagedKVCache": Case(
+            lambda k_scale, v_scale: _cache_scales(llmkern.PagedKVCache(2, 4, 4, 2, 32, dtype=E5M2, device=device,
+                                                                        k_scale=k_scale, v_scale=v_scale)),
+            dict(k_scale=_ints([[0.5, 2.0], [1.0, 0.25]], torch.float32, device),
+                 v_scale=_ints([3.0, 0.125], torch.float32, device))),
         "PagedAttentionPlan": Case(
             lambda block_tables, seq_lens, cu_seqlens_q: _plan_run(_plan(block_tables, seq_lens, cu_seqlens_q), device),
             dict(block_tables=paged["block_tables"], seq_lens=paged["seq_lens"],
@@ -534,7 +547,8 @@ def _tensor_args(args: dict[str, Any]) -> list[str]:
 def _labels() -> list[str]:
     return ["attention", "attention_varlen", "paged_kv_write", "paged_decode_attention", "paged_prefill_attention",
             "paged_decode_attention[fp8]", "paged_prefill_attention[fp8]", "PagedAttentionPlan.run[fp8]",
-            "PagedAttentionPlan", "PagedAttentionPlan.update", "PagedAttentionPlan.run", "rms_norm", "add_rms_norm",
+            "PagedKVCache", "PagedAttentionPlan", "PagedAttentionPlan.update", "PagedAttentionPlan.run", "rms_norm",
+            "add_rms_norm",
             "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
             "sampling_probs", "quant_matmul", "QuantizedWeight", "QuantizedWeight.from_codes",
             "QuantizedWeight.from_gptq", "QuantizedWeight.from_awq", "quantize_weight", "QuantLinear.from_quantized",
