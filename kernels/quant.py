@@ -8,7 +8,9 @@ Device code only. The packed layout (llmkern.quant documents it in full):
           `group_size` rows of K (act-order checkpoints are sorted at conversion; `perm` then gathers x's columns).
   perm    int32 (K,), only with HAS_PERM: row j of the packed weight multiplies x[:, perm[j]].
 
-Three kernels: quant_gemv_kernel (M = 1), quant_decode_kernel (M = 2..16) and quant_gemm_kernel (M > 16).
+Three kernels: quant_gemv_kernel (M = 1), quant_decode_kernel (M = 2..16) and quant_gemm_kernel (M > 16), plus
+quant_split_reduce_kernel, which sums the decode kernels' split-K partial tiles in split order (deterministic: no
+atomics) and writes the output.
 
 Every K-tile lies inside one group (at most 32 rows of K, the smallest group size), so a tile needs one scale and one
 zero point per column. That lets the kernels multiply the integer codes (q - z), exact in fp16 and bf16 (|q - z| <=
@@ -56,19 +58,37 @@ def _x_cols(perm_ptr, offs_k, k_mask, K, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
-def _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, stride_om,
-            HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr):
-    """Decode epilogue for an fp32 (BLOCK_M, BLOCK_N) tile. ATOMIC: this program summed one of several K-ranges; add
-    the partial sum into the fp32 workspace (the host filled it with the bias and casts it to the output dtype).
-    Otherwise round to the output dtype to nearest even (round_to), as the atomic path's host cast does."""
+def _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, M, N, stride_om,
+            HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Decode epilogue for an fp32 (BLOCK_M, BLOCK_N) tile. SPLIT: this program summed one of several K-ranges; its
+    partial tile goes to its own (M, N) slice of the fp32 workspace, slice pid_k (quant_split_reduce_kernel adds them
+    up). Otherwise add the bias and round to the output dtype to nearest even (round_to), as the reduce kernel does."""
     mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    if SPLIT:
+        part = ws_ptr + tl.program_id(1) * M * N
+        tl.store(part + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
                  round_to(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
+def quant_split_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om, num_splits,
+                              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """out[m, n] = sum over the splits s, in order, of ws[s, m, n] (+ bias[n]), rounded to out's dtype. Program
+    (m, pid_n) owns BLOCK_N columns of row m. The workspace is (num_splits, M, N) fp32, every element written by the
+    decode kernel before this launch."""
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(num_splits):
+        acc += tl.load(ws_ptr + (s * M + m) * N + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, round_to(acc, out_ptr.dtype.element_ty, INTERPRET), mask=n_mask)
 
 
 @triton.jit
@@ -91,7 +111,7 @@ def quant_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr,
     N, KW, stride_xk, group_size, bits, pack_shift, tiles_per_split,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """M = 1. Program (pid_n, pid_k) owns BLOCK_N output columns and one range of the KW = K / PACK word rows, so every
     packed word is loaded exactly once, by one thread: a (BLOCK_W, BLOCK_N) tile of words is unpacked slot by slot in
@@ -133,7 +153,7 @@ def quant_gemv_kernel(
 
     out = tl.sum(acc, axis=0)[None, :]
     offs_m = tl.arange(0, 1)
-    _finish(out, offs_m, offs_m < 1, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, 0, HAS_BIAS, ATOMIC, INTERPRET)
+    _finish(out, offs_m, offs_m < 1, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, 1, N, 0, HAS_BIAS, SPLIT, INTERPRET)
 
 
 @triton.jit
@@ -141,7 +161,7 @@ def quant_decode_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr, ws_ptr,
     M, N, K, stride_xm, stride_xk, stride_om, group_size, bits, pack_shift, tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """2 <= M <= 16. Program (pid_n, pid_k) owns BLOCK_N output columns for ALL rows and one K-range, so every packed
@@ -171,7 +191,7 @@ def quant_decode_kernel(
         else:
             part = tl.dot(xt, q.to(xt.dtype))
         acc += part * s[None, :]
-    _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, N, stride_om, HAS_BIAS, ATOMIC, INTERPRET)
+    _finish(acc, offs_m, m_mask, offs_n, n_mask, b_ptr, out_ptr, ws_ptr, M, N, stride_om, HAS_BIAS, SPLIT, INTERPRET)
 
 
 @triton.jit

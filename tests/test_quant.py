@@ -213,6 +213,36 @@ def test_decode_split_k(split_k, device):
         assert_quant_close(out.cpu(), x.cpu(), w64, bias.cpu(), what=f"M={m} split_k={split_k}")
 
 
+@pytest.mark.cpu_backends("interpreter")   # the Triton implementation's host path: the one a CUDA call runs
+def test_hot_path_makes_no_host_sync(monkeypatch, device, no_host_sync):
+    """quant_matmul on every path (the GEMV and the 16-row dot with split-K and its reduction, the GEMM) and
+    QuantLinear's forward make no device-to-host transfer, from the first call (the checks read shapes and dtypes
+    only: issue 11). The launch of each (weight, M class) is planned once: M 3 and 5 share the 16-row dot's, M 20
+    and 24 the GEMM's bucket. Repeated calls, reusing the plans and the split-K scratch, give the same bits."""
+    monkeypatch.setattr(quant, "_FORMATS", {})                 # plans made by other tests do not count
+    made = []
+    make_plan = quant._Format._make_plan
+    monkeypatch.setattr(quant._Format, "_make_plan", lambda self, m, *a: made.append(m) or make_plan(self, m, *a))
+    gen = torch.Generator().manual_seed(11)
+    qw = llmkern.quantize_weight((torch.randn(48, 96, generator=gen) * 0.05).half(), bits=4,
+                                 group_size=32).to(device)
+    layer = llmkern.QuantLinear.from_linear(nn.Linear(96, 40).half(), bits=8, group_size=32).to(device)
+    xs = [torch.randn(m, 96, generator=gen).half().to(device) for m in (1, 3, 5, 20, 24)]
+    with no_host_sync():
+        outs = [llmkern.quant_matmul(x, qw) for x in xs]
+        again = [llmkern.quant_matmul(x, qw) for x in xs]
+        layer_outs = [layer(xs[0]), layer(xs[0])]
+    assert made == [1, 3, 20, 1], f"plans made for M = {made}"  # qw: GEMV, dot, GEMM bucket; layer: GEMV
+    assert max(quant._FORMATS[k].plans[p].split for k in quant._FORMATS for p in quant._FORMATS[k].plans) > 1
+    w64 = qw.dequantize(torch.float64)
+    for x, out, out2 in zip(xs, outs, again):
+        assert_quant_close(out.cpu(), x.cpu(), w64, what=f"M={x.shape[0]}")
+        assert torch.equal(out, out2)
+    assert torch.equal(*layer_outs)
+    assert_quant_close(layer_outs[0].cpu(), xs[0].cpu(), layer.quantized_weight().dequantize(torch.float64),
+                       layer.bias.cpu(), what="QuantLinear")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quant_matmul_public(dtype, device):
     """The dispatcher (M in {1, 3, 16, 67} through leading batch dims), bias, and a strided x."""

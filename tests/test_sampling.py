@@ -296,3 +296,34 @@ def test_bad_logits(device, no_kernel):
         llmkern.sample(torch.zeros(10, device=device))
     with pytest.raises(ValueError, match="logits"):
         llmkern.sampling_probs(torch.zeros(2, 0, device=device))
+
+
+# -------------------------------------------------------------------------------------------- hot path
+@pytest.mark.cpu_backends("interpreter")   # the Triton implementation's host path: the one a CUDA call runs
+def test_prebuilt_params_make_no_host_sync(device, no_host_sync):
+    """Tensor parameters checked once where they are built (SamplingParams): sample and sampling_probs with them and
+    a seed tensor make no device-to-host transfer (issue 11), and draw what the keyword path draws."""
+    logits = _logits(4, 300, torch.float32, device, seed=13)
+    seeds = torch.arange(4, device=device)
+    raw = dict(temperature=torch.tensor([0.7, 0.0, 1.3, 1.0], device=device),
+               top_k=torch.tensor([0, 5, 50, 3], device=device),
+               top_p=torch.tensor([0.9, 1.0, 0.5, 1.0], device=device),
+               min_p=torch.tensor([0.0, 0.1, 0.0, 0.05], device=device))
+    params = llmkern.SamplingParams(**raw, batch=4, device=device)      # the range check: one sync per tensor
+    with no_host_sync():
+        tokens = llmkern.sample(logits, params=params, seed=seeds)
+        probs = llmkern.sampling_probs(logits, params=params)
+        with pytest.raises(AssertionError, match="host sync"):         # the keyword path checks values per call
+            llmkern.sample(logits, seed=seeds, **raw)
+    assert torch.equal(tokens, llmkern.sample(logits, seed=seeds, **raw))
+    assert torch.equal(probs, llmkern.sampling_probs(logits, **raw))
+    raw["temperature"][0] = float("nan")      # params hold their own copies: a later write cannot skip the check
+    assert torch.equal(llmkern.sample(logits, params=params, seed=seeds), tokens)
+    with pytest.raises(ValueError, match="temperature"):
+        llmkern.SamplingParams(**raw, batch=4, device=device)
+    with pytest.raises(ValueError, match="not both"):
+        llmkern.sample(logits, params=params, top_k=3, seed=seeds)
+    with pytest.raises(ValueError, match="batch"):
+        llmkern.sampling_probs(logits[:2], params=params)
+    with pytest.raises(TypeError, match="params"):
+        llmkern.sampling_probs(logits, params=tuple(params))

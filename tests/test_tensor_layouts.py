@@ -586,7 +586,7 @@ OP_X_ROWS = {"quant_matmul": _GEMM_ROWS}
 
 
 def _schema_names(op) -> list[str]:
-    return [a.name for a in op._opoverload._schema.arguments]
+    return [a.name for a in op._schema.arguments]
 
 
 @pytest.mark.parametrize("name", sorted(_dispatch.OPS))

@@ -10,7 +10,7 @@ from llmkern.paged_attention import (PagedAttentionPlan, paged_decode_attention,
 from llmkern.attention import alibi_slopes, attention, attention_varlen  # noqa: F401
 from llmkern.layers import add_rms_norm, apply_rope, rms_norm  # noqa: F401
 from llmkern.patch import patch_model  # noqa: F401
-from llmkern.sampling import sample, sampling_probs  # noqa: F401
+from llmkern.sampling import SamplingParams, sample, sampling_probs  # noqa: F401
 from llmkern.decoding import apply_penalties, beam_topk, speculative_sample  # noqa: F401
 from llmkern.quant import quant_matmul  # noqa: F401
 from llmkern.quant_weight import QuantizedWeight, quantize_weight  # noqa: F401

@@ -9,8 +9,14 @@ One decorator declares an op from its Triton implementation:
     @_attention_op.register_fake
     def _(q, ...): ...  # shapes and dtypes only (torch.compile traces through this)
 
-The result is a `torch.library.CustomOpDef`, registered as `torch.ops.llmkern.attention`. The public function
-validates its arguments and then calls this object; nothing in llmkern calls an op through `torch.ops`.
+The result is an `Op`: calling it calls `torch.ops.llmkern.attention` (the OpOverload, also in `OPS`). The public
+function validates its arguments and then calls this object; nothing in llmkern calls an op through `torch.ops`.
+
+Registration is torch.library's low-level one (`Library.define` with the schema inferred from the annotations, and
+`Library.impl` per dispatch key, as vLLM's `direct_register_custom_op`), not `torch.library.custom_op`: that wrapper
+runs Python autograd and aliasing layers on every call, about 17 us per call on this project's CPU against 3.5 us
+(bench/host.py measures every op's path). Without an autograd kernel, an op called on tensors that require grad
+returns outputs whose backward raises (the inference-only contract custom_op gave too).
 
 Which implementation runs (torch.library's per-device registration, as vLLM and Hugging Face's kernels do it):
   * CUDA tensors: the Triton implementation (the decorated function).
@@ -26,10 +32,12 @@ variant, an fp8 cache) returns `NotImplemented` before touching anything, and th
 when it is not) before `check` and before every implementation, so that what `check` validates is exactly what every
 implementation reads, whatever view the caller passed. A mutated argument is never copied (the copy would be
 written instead of the caller's tensor): its kernels honour its strides.
-`check` (optional, same arguments, returns nothing) holds the value checks that need the tensors' contents (a
-device-to-host sync: block ids within the cache, lengths within the tables). It runs before every implementation, on
-every device, so no implementation ever sees values that would make it read or write outside the caller's tensors,
-and it lives inside the op so a `torch.compile(fullgraph=True)` graph holds the op without a data-dependent break.
+`check` (optional, same arguments, returns nothing) holds the checks an op needs when it is called directly
+(torch.ops.llmkern.*), and any value checks that need the tensors' contents (a device-to-host sync: block ids within
+the cache, lengths within the tables). It runs before every implementation, on every device, so no implementation
+ever sees values that would make it read or write outside the caller's tensors, and it lives inside the op so a
+`torch.compile(fullgraph=True)` graph holds the op without a data-dependent break. A check on the hot path of a
+decode step (issue 11) must need no sync and cost little: see quant.py, which caches its checks by signature.
 """
 from __future__ import annotations
 
@@ -41,19 +49,39 @@ import torch
 from llmkern import _utils, cpu
 
 NAMESPACE = "llmkern"
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 # Every op declared through `custom_op`, by name without the namespace ("attention", "rms_norm", ...).
-OPS: dict[str, torch.library.CustomOpDef] = {}
+OPS: dict[str, torch._ops.OpOverload] = {}
+
+
+class Op:
+    """An llmkern:: op as `custom_op` declares it: call it with the schema's arguments, positionally."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.overload = OPS[name]
+        self._call = self.overload._op     # the dispatcher entry itself: no Python frame of OpOverload.__call__
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():   # dynamo traces the OpOverload, not the raw dispatcher entry
+            return self.overload(*args)
+        return self._call(*args)
+
+    def register_fake(self, fake: Callable) -> Callable:
+        """Register the fake implementation (shapes and dtypes only) that torch.compile and FakeTensor run."""
+        torch.library.register_fake(f"{NAMESPACE}::{self.name}", fake, lib=_LIB)
+        return fake
 
 
 def custom_op(name: str, *, mutates_args: Iterable[str] | str, reference: Callable,
               check: Optional[Callable] = None,
-              contiguous: Iterable[str] = ()) -> Callable[[Callable], torch.library.CustomOpDef]:
+              contiguous: Iterable[str] = ()) -> Callable[[Callable], Op]:
     """Declare `llmkern::<name>` from its Triton implementation (the decorated function, whose annotations give the
     schema); CUDA runs it, CPU runs it under the interpreter or else the C++ backend or `reference` (module
     docstring). `contiguous`: arguments every implementation receives contiguous (module docstring). Returns the op;
     register its fake implementation with `@op.register_fake`."""
-    def declare(triton_impl: Callable) -> torch.library.CustomOpDef:
+    def declare(triton_impl: Callable) -> Op:
         schema = torch.library.infer_schema(triton_impl, mutates_args=mutates_args)
         prepare = _contiguous_args(triton_impl, contiguous, mutates_args)
 
@@ -70,11 +98,11 @@ def custom_op(name: str, *, mutates_args: Iterable[str] | str, reference: Callab
             out = cpu_implementation(name, triton_impl, reference)(*args)
             return reference(*args) if out is NotImplemented else out
 
-        op = torch.library.custom_op(f"{NAMESPACE}::{name}", on_cuda, mutates_args=mutates_args,
-                                     device_types="cuda", schema=schema)
-        op.register_kernel("cpu")(on_cpu)
-        OPS[name] = op
-        return op
+        _LIB.define(name + schema)
+        _LIB.impl(name, on_cuda, "CUDA")
+        _LIB.impl(name, on_cpu, "CPU")
+        OPS[name] = getattr(torch.ops, NAMESPACE).__getattr__(name).default
+        return Op(name)
     return declare
 
 

@@ -280,3 +280,27 @@ def num_sms(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# ----------------------------------------------------------------------------------------------- scratch memory
+# Per (device, stream, dtype): one buffer that kernels use for intermediate results within one op call (split-K
+# partial sums, ...). Work on one stream runs in order, so consecutive ops can share it; another stream gets its own.
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+# Outgrown buffers stay alive: a CUDA graph captured while one was current keeps replaying with its address.
+_RETIRED_SCRATCH: list[torch.Tensor] = []
+
+
+def scratch(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (numel,) tensor of uninitialized memory on `device` for an op's intermediates, valid until the next op on
+    the same stream asks for scratch. Reused across calls (no allocation once it is large enough: it grows to twice
+    the largest request), so no per-call allocation or zeroing on a decode step's hot path. Never returned to a
+    caller: an op's outputs are always allocated for them."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, stream, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        if buf is not None:
+            _RETIRED_SCRATCH.append(buf)
+        buf = _SCRATCH[key] = torch.empty(max(numel, 2 * (0 if buf is None else buf.numel())), dtype=dtype,
+                                          device=device)
+    return buf[:numel]

@@ -76,8 +76,15 @@ class QuantLinear(nn.Module):
         return cls.from_quantized(qw, linear.bias)
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
-                               in_features=self.in_features, out_features=self.out_features, perm=self.perm)
+        """The buffers as a QuantizedWeight (views, no copy). Built again only when a buffer was replaced (.to(),
+        .half(), load_state_dict(assign=True)): forward runs it on every call."""
+        buffers = (self.qweight, self.scales, self.zeros, self.perm)
+        cached = self.__dict__.get("_quantized")
+        if cached is None or any(a is not b for a, b in zip(cached[0], buffers)):
+            qw = QuantizedWeight(*buffers[:3], bits=self.bits, group_size=self.group_size,
+                                 in_features=self.in_features, out_features=self.out_features, perm=self.perm)
+            cached = self.__dict__["_quantized"] = (buffers, qw)
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_matmul(x, self.quantized_weight(), self.bias)

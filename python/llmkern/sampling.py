@@ -49,8 +49,9 @@ def per_row_param(name: str, value: Any, batch: int, device: torch.device, *, in
     The range is checked on the value the kernel will see (after the cast to float32), so that e.g. a float64
     temperature of 1e300 (inf in fp32) is refused rather than silently turned into inf. top_k is clamped to
     2**31 - 1 before its int32 cast (after the check): every k >= vocab means "off" anyway.
-    Tensor parameters cost one device-to-host sync here (the range check), before any launch. `like` names the
-    tensor whose device the parameter must share (in error messages). Shared with llmkern.decoding.
+    Tensor parameters cost one device-to-host sync here (the range check), before any launch: a decode loop builds
+    them once as a SamplingParams instead. `like` names the tensor whose device the parameter must share (in error
+    messages). Shared with llmkern.decoding.
     """
     what = "an int" if integer else "a float"
     if isinstance(value, torch.Tensor):
@@ -128,31 +129,83 @@ def row_seeds(seed: Any, generator: Any, batch: int, device: torch.device, like:
     return torch.full((batch,), int(seed), dtype=torch.int64, device=device)
 
 
-def _check(logits: Any, temperature, top_k, top_p, min_p):
+def _check_logits(logits: Any) -> None:
     _utils.check_tensor("logits", logits, ndim=2, dtypes=_utils.FLOAT_DTYPES)
-    batch, vocab = logits.shape
+    vocab = logits.shape[1]
     if vocab == 0:
         raise ValueError("logits must have at least one column (vocab >= 1)")
     if vocab >= 2 ** 24:
         # counts are kept in fp32 by the search, exact up to 2**24
         raise ValueError(f"logits: vocab must be below 2**24 = 16777216, got {vocab}")
-    return logits, check_params(temperature, top_k, top_p, min_p, batch=batch, device=logits.device)
+
+
+class SamplingParams:
+    """Per-row sampling parameters, range-checked once where they are built, for a decode loop's hot path.
+
+    SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, *, batch=1, device="cpu"): each parameter a
+    Python number for every row or a (batch,) tensor on `device`, with `sample`'s ranges and errors (ValueError
+    naming the parameter). Building it costs one device-to-host sync per tensor parameter (the range check);
+    `sample(logits, params=p)` and `sampling_probs(logits, params=p)` then check only p's batch and device against
+    logits: no sync, no copy, however many steps reuse it.
+    Attributes temperature, top_k, top_p, min_p: contiguous (batch,) tensors on `device` as the kernel reads them
+    (float32; top_k int32, clamped to 2**31 - 1), the object's own copies: writing to the caller's tensors later
+    does not change it (an unchecked value never reaches the kernel). Iterating yields them in that order.
+    """
+
+    __slots__ = _PER_ROW
+
+    def __init__(self, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, *, batch: int = 1,
+                 device: torch.device | str = "cpu"):
+        device = torch.device(device)
+        given = (temperature, top_k, top_p, min_p)
+        checked = (
+            per_row_param("temperature", temperature, batch, device, integer=False, lo=0.0, hi=float("inf"),
+                          hi_open=True),
+            per_row_param("top_k", top_k, batch, device, integer=True, lo=0, hi=float("inf"), hi_open=True),
+            per_row_param("top_p", top_p, batch, device, integer=False, lo=0.0, hi=1.0, lo_open=True),
+            per_row_param("min_p", min_p, batch, device, integer=False, lo=0.0, hi=1.0),
+        )
+        for name, value, t in zip(_PER_ROW, given, checked):
+            aliased = isinstance(value, torch.Tensor) and t.data_ptr() == value.data_ptr()
+            setattr(self, name, t.clone() if aliased else t)
+
+    def __iter__(self):
+        return iter((self.temperature, self.top_k, self.top_p, self.min_p))
+
+    def __repr__(self) -> str:
+        return f"SamplingParams(batch={self.temperature.shape[0]}, device={self.temperature.device})"
 
 
 def check_params(temperature, top_k, top_p, min_p, *, batch: int = 1,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """The sampling parameters as the kernel reads them: (temperature, top_k, top_p, min_p), each a contiguous
-    (batch,) tensor on `device` (float32; top_k int32). ValueError naming the first bad one. `sample` and
-    `sampling_probs` call it; a decode loop (llmkern.generate) calls it once up front, so bad parameters are refused
-    before the model runs."""
-    device = torch.device(device)
-    return (
-        per_row_param("temperature", temperature, batch, device, integer=False, lo=0.0, hi=float("inf"),
-                      hi_open=True),
-        per_row_param("top_k", top_k, batch, device, integer=True, lo=0, hi=float("inf"), hi_open=True),
-        per_row_param("top_p", top_p, batch, device, integer=False, lo=0.0, hi=1.0, lo_open=True),
-        per_row_param("min_p", min_p, batch, device, integer=False, lo=0.0, hi=1.0),
-    )
+                 device: torch.device | str = "cpu") -> SamplingParams:
+    """The sampling parameters as the kernel reads them (SamplingParams: temperature, top_k, top_p, min_p, each a
+    contiguous (batch,) tensor on `device`, float32; top_k int32). ValueError naming the first bad one. `sample`
+    and `sampling_probs` call it; a decode loop (llmkern.generate) calls it once up front, so bad parameters are
+    refused before the model runs."""
+    return SamplingParams(temperature, top_k, top_p, min_p, batch=batch, device=device)
+
+
+# sample's and sampling_probs' defaults: with params=..., these keywords must be left at them
+_DEFAULTS = (1.0, 0, 1.0, 0.0)
+
+
+def _params(logits: Any, params: Any, given: tuple) -> SamplingParams:
+    """Check logits, then the parameters: built here from `given` (one sync per tensor), or `params` prebuilt,
+    checked against logits' batch and device only (no sync)."""
+    _check_logits(logits)
+    batch, device = logits.shape[0], logits.device
+    if params is None:
+        return check_params(*given, batch=batch, device=device)
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a llmkern.SamplingParams or None, got {type(params).__name__}")
+    if any(isinstance(v, torch.Tensor) or v != d for v, d in zip(given, _DEFAULTS)):
+        raise ValueError("pass temperature/top_k/top_p/min_p either in params or as keywords, not both")
+    if params.temperature.shape[0] != batch:
+        raise ValueError(f"params were built for batch={params.temperature.shape[0]} but logits have {batch} rows")
+    if params.temperature.device != device:
+        raise ValueError(f"params are on {params.temperature.device} but logits are on {device}; "
+                         "they must share a device")
+    return params
 
 
 # ------------------------------------------------------------------------------------------------- custom ops
@@ -206,7 +259,7 @@ def _run(logits, *args, write_probs: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------- public API
 def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, params: SamplingParams | None = None) -> torch.Tensor:
     """Draw one token per row: int64 (batch,).
 
     logits: (batch, vocab) fp32/fp16/bf16 (any row stride). Each parameter is a Python number for all rows or a
@@ -229,20 +282,24 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
       row is drawn from `generator`, or from torch's default generator when that is None too.
     A row holding NaN or +inf, or whose logits are all -inf, returns -1 (never reads past the row, never hangs:
     every loop has a fixed bound). Bad parameters raise ValueError naming the argument.
+    params: a SamplingParams built once (for example per request batch of a decode loop), instead of the four
+      keywords (ValueError when both are given): its values were checked when it was built, so a call with it and a
+      seed tensor makes no device-to-host sync. Tensor keywords cost one sync each per call (their range check).
     """
-    logits, (temp, k, p, mp) = _check(logits, temperature, top_k, top_p, min_p)
+    temp, k, p, mp = _params(logits, params, (temperature, top_k, top_p, min_p))
     seeds = row_seeds(seed, generator, logits.shape[0], logits.device)
     return _sample_op(logits, temp, k, p, mp, seeds)
 
 
-def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                   params: SamplingParams | None = None) -> torch.Tensor:
     """The exact distribution `sample` draws from: float32 (batch, vocab), zeros outside the kept set.
 
     Same parameters and order as `sample`; computed by the same threshold search (no sort), then a
     normalize-and-write pass. Greedy rows (temperature 0 or below 2**-126) are one-hot at the first argmax; invalid
-    rows (NaN, +inf, all -inf) are all zeros.
+    rows (NaN, +inf, all -inf) are all zeros. params: as in `sample`.
     """
-    logits, (temp, k, p, mp) = _check(logits, temperature, top_k, top_p, min_p)
+    temp, k, p, mp = _params(logits, params, (temperature, top_k, top_p, min_p))
     return _probs_op(logits, temp, k, p, mp)
 
 
