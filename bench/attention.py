@@ -12,6 +12,12 @@ FLOPs and bytes come from llmkern.perf (attention_pairs/attention_flops/attentio
 implementation: they describe the problem, not what an implementation happens to move. `summarize` prints each
 shape's speedup over SDPA.
 
+Variants (one shape: 4 x 4096 tokens on CUDA, the CPU shape in fp32 on CPU; the same heads): `variant=alibi` (llmkern.alibi_slopes(32)) against
+flash_attn_func(alibi_slopes=...) when installed and SDPA with the ALiBi bias materialized as an additive
+(heads, seq, seq) mask, built outside the timing (what code without a fused kernel does); `variant=sinks` (gpt-oss
+sinks), whose peer is llmkern's own plain causal call: the cost of the sink. A variant's FLOPs and bytes are the
+plain problem's (the bias and the sink add O(pairs) scalar work and no HBM traffic).
+
 MLA chunked prefill (llmkern.mla_prefill_attention, DeepSeek-V3's kv_lora_rank 512 + rope 64, 128 heads, one
 sequence): a chunk of 512 new tokens after a cached prefix of 0, 4k and 16k tokens, causal and bottom-right aligned,
 against SDPA over the latents gathered into one contiguous key tensor whose first 512 columns are the values (one KV
@@ -29,6 +35,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+import llmkern
 from llmkern import perf
 from llmkern.attention import attention
 from llmkern.mla import mla_prefill_attention
@@ -38,6 +45,7 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128   # Llama-3-8B (config.json: 32 a
 TOKENS = 16384                                   # tokens per shape: batch = TOKENS // seqlen
 SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
 QUICK_SEQLENS = [1024, 8192]
+VARIANT_BATCH, VARIANT_SEQLEN = 4, 4096
 # CPU: (batch, seqlen, heads, kv_heads, head_dim), small enough for the reference in well under a second.
 CPU_SHAPES = [(1, 1024, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)]   # (batch, seqlen, heads, kv_heads, head_dim)
 CPU_QUICK = [(1, 256, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)]
@@ -47,9 +55,10 @@ MLA_CHUNK, MLA_PREFIXES, MLA_BLOCK_SIZE = 512, [0, 4096, 16384], 64
 MLA_CPU = [(64, 64, 16)]                          # (chunk, prefix, heads): the reference path, a wiring check
 
 
-def _shape(batch, seqlen, h, hk, d, dtype) -> dict:
-    return dict(batch=batch, seqlen=seqlen, heads=h, kv_heads=hk, head_dim=d, causal=True,
-                dtype=str(dtype).replace("torch.", ""))
+def _shape(batch, seqlen, h, hk, d, dtype, variant=None) -> dict:
+    shape = dict(batch=batch, seqlen=seqlen, heads=h, kv_heads=hk, head_dim=d, causal=True,
+                 dtype=str(dtype).replace("torch.", ""))
+    return shape if variant is None else dict(shape, variant=variant)
 
 
 def _cost(batch, seqlen, h, hk, d, dtype) -> tuple[float, float]:
@@ -140,6 +149,51 @@ def _mla_cases(chunk, prefix, h, dtype, device) -> Iterable[Case]:
                note="contiguous latents, one KV head of 576 / 512, explicit bottom-right mask")
 
 
+def _variant_cases(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterable[Case]:
+    """ALiBi and sinks (module docstring)."""
+    flops, nbytes = _cost(batch, seqlen, h, hk, d, dtype)
+    alibi = _shape(batch, seqlen, h, hk, d, dtype, "alibi")
+
+    def slopes():   # made in each make(): listing the cases touches no device
+        return llmkern.alibi_slopes(h).to(device)
+
+    def make_alibi():
+        q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+        s = slopes()
+        return lambda: attention(q, k, v, causal=True, alibi_slopes=s)
+    yield Case(op="attention_prefill", impl="llmkern", shape=alibi, flops=flops, nbytes=nbytes, make=make_alibi)
+
+    def make_sdpa_bias():
+        q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+        qt = q.transpose(1, 2).contiguous()
+        kt = k.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
+        vt = v.transpose(1, 2).repeat_interleave(h // hk, dim=1).contiguous()
+        i = torch.arange(seqlen, device=device)
+        bias = -slopes()[:, None, None] * (i[:, None] - i[None, :]).abs().float()
+        bias = bias.masked_fill(i[None, :] > i[:, None], float("-inf")).to(dtype)   # causal, in the bias
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias)
+    yield Case(op="attention_prefill", impl="torch_sdpa_bias", shape=alibi, flops=flops, nbytes=nbytes,
+               make=make_sdpa_bias, note="ALiBi + causal as a materialized (heads, seq, seq) additive mask")
+
+    if flash_attn is not None:
+        def make_fa():
+            q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+            s = slopes()
+            return lambda: flash_attn.flash_attn_func(q, k, v, causal=True, alibi_slopes=s)
+        yield Case(op="attention_prefill", impl="flash_attn", shape=alibi, flops=flops, nbytes=nbytes, make=make_fa)
+
+    sink_shape = _shape(batch, seqlen, h, hk, d, dtype, "sinks")
+
+    def make_sinks(with_sinks: bool):
+        q, k, v = _inputs(batch, seqlen, h, hk, d, dtype, device)
+        sinks = torch.linspace(-2.0, 2.0, h, device=device) if with_sinks else None
+        return lambda: attention(q, k, v, causal=True, sinks=sinks)
+    yield Case(op="attention_prefill", impl="llmkern", shape=sink_shape, flops=flops, nbytes=nbytes,
+               make=lambda: make_sinks(True))
+    yield Case(op="attention_prefill", impl="llmkern_no_sinks", shape=sink_shape, flops=flops, nbytes=nbytes,
+               make=lambda: make_sinks(False), note="the same call without sinks: the sink's cost")
+
+
 def _sdpa_backends(device: torch.device) -> list[tuple[str, object]]:
     """(impl name, SDPBackend) of the SDPA peers: on CUDA the flash and cuDNN backends, each when this PyTorch has
     it; elsewhere one peer with PyTorch's own choice (backend None)."""
@@ -159,6 +213,8 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
         for batch, seqlen, h, hk, d in CPU_QUICK if quick else CPU_SHAPES:
             for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
                 yield from _cases_for(batch, seqlen, h, hk, d, dtype, device, None)
+            if not quick:
+                yield from _variant_cases(batch, seqlen, h, hk, d, torch.float32, device, None)
         for chunk, prefix, h in MLA_CPU:
             yield from _mla_cases(chunk, prefix, h, torch.float32, device)
         return
@@ -167,6 +223,8 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
                               device, flash_attn)
     for prefix in MLA_PREFIXES[-1:] if quick else MLA_PREFIXES:
         yield from _mla_cases(MLA_CHUNK, prefix, MLA_HEADS, torch.bfloat16, device)
+    yield from _variant_cases(VARIANT_BATCH, VARIANT_SEQLEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, torch.bfloat16,
+                              device, flash_attn)
 
 
 def summarize(records: list[dict]) -> str:
@@ -174,7 +232,8 @@ def summarize(records: list[dict]) -> str:
     by_shape: dict[str, dict[str, float]] = {}
     for r in records:
         mla = f"mla prefix={r['shape']['prefix']} " if r["op"] == "mla_prefill" else ""
-        key = f"{mla}b={r['shape']['batch']} s={r['shape']['seqlen']} {r['shape']['dtype']}"
+        key = f"{mla}b={r['shape']['batch']} s={r['shape']['seqlen']} {r['shape']['dtype']} " \
+              f"{r['shape'].get('variant', '')}".strip()
         by_shape.setdefault(key, {})[r["impl"]] = r["median_ms"]
     peers = sorted({r["impl"] for r in records} - {"llmkern"})
     lines = ["", f"{'shape':<26} {'llmkern ms':>11} " + " ".join(f"{'vs ' + p:>20}" for p in peers)]

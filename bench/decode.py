@@ -41,6 +41,13 @@ layer with its plans made outside the timing (a plan is made once per step and s
   * flashinfer: BatchPrefillWithPagedKVCacheWrapper on the same NHD pages and block ids, plan() outside the timing,
     when importable.
 
+fp8 KV cache (issue 12, impl "llmkern_fp8", every decode shape): the same call over an fp8 copy of the cache
+(float8_e4m3fn on compute capability 8.9+, else float8_e5m2; per-KV-head scales amax / the format's largest value, as
+vLLM calibrates them), one byte per K/V element (`perf.decode_attention_bytes(kv_elem=1)`). The summary's "fp8 x" is
+the bf16 call's time / the fp8 call's (issue 12's target: >= 1.7x at batch 64, context 8k, where the cache is nearly
+all the bytes); the record's note gives the fp8 output's max |error| against the bf16 cache's output on the same data.
+On CPU the fp8 call runs on llmkern.reference (the C++ backend has no fp8 path): a wiring check, not a speed.
+
 On CPU (no CUDA): the issue-15 target shape, batch 8 x context 2048 with Llama-3-8B heads, in fp32 and bf16 caches,
 through the CPU path (the C++ backend when it builds) against SDPA over gathered K/V, with the measured STREAM read
 bandwidth as the roof (bench.common.measured_cpu_peak); --quick runs a batch of 2 x 512 in fp32.
@@ -53,7 +60,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from llmkern import perf
+from llmkern import perf, reference
 from llmkern.bench.common import Case, optional_import
 from llmkern.mla import mla_decode_attention
 from llmkern.paged_attention import PagedAttentionPlan, paged_decode_attention, paged_prefill_attention
@@ -111,6 +118,7 @@ def _cases_for(batch, ctx, h, hk, d, dtype, device, flash_attn, flashinfer) -> I
         return lambda: paged_decode_attention(q, kc, vc, bt, sl)
     yield Case(op="decode_attention", impl="llmkern", shape=shape, flops=flops, nbytes=nbytes, make=make_llmkern,
                note=f"block_size {BLOCK_SIZE}, split-KV chosen automatically")
+    yield _fp8_case(batch, ctx, h, hk, d, dtype, device, shape, flops)
 
     def make_sdpa():
         q = q_new()[:, :, None]                                     # (batch, heads, 1, dim)
@@ -202,6 +210,36 @@ def _mla_cases(batch, ctx, h, dtype, device, flashinfer) -> Iterable[Case]:
             return lambda: wrapper.run(q_nope, q_pe, ckv, kpe)
         yield Case(op="mla_decode", impl="flashinfer", shape=shape, flops=flops, nbytes=nbytes, make=make_fi,
                    note="BatchMLAPagedAttentionWrapper, same pages as llmkern; plan() outside the timing")
+
+
+def _fp8_dtype(device: torch.device) -> torch.dtype:
+    """e4m3fn where Triton builds it (compute capability 8.9+, and on CPU), else e5m2."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return torch.float8_e5m2
+    return torch.float8_e4m3fn
+
+
+def _fp8_case(batch, ctx, h, hk, d, dtype, device, shape, flops) -> Case:
+    lens = [ctx] * batch
+    case = Case(op="decode_attention", impl="llmkern_fp8", shape=shape, flops=flops,
+                nbytes=perf.decode_attention_bytes(lens, h, hk, d, perf.dtype_bytes(dtype), kv_elem=1), make=None,
+                note=f"per-KV-head scales{'; CPU: llmkern.reference (no C++ fp8 path)' if device.type != 'cuda' else ''}")
+
+    def make():   # the format is chosen here: listing cases queries no device
+        cache_dtype = _fp8_dtype(device)
+        case.note = f"{str(cache_dtype)[6:]} cache, " + case.note
+        kc, vc, bt, sl = _paged(batch, ctx, hk, d, dtype, device, BLOCK_SIZE)
+        big = torch.finfo(cache_dtype).max
+        ks, vs = (c.abs().amax(dim=(0, 1, 3)).float().clamp(min=1e-6) / big for c in (kc, vc))
+        kc8, vc8 = reference.quantize_kv(kc, ks, cache_dtype), reference.quantize_kv(vc, vs, cache_dtype)
+        q = torch.randn(batch, h, d, dtype=dtype, device=device)
+        err = (paged_decode_attention(q, kc8, vc8, bt, sl, k_scale=ks, v_scale=vs).float()
+               - paged_decode_attention(q, kc, vc, bt, sl).float()).abs().max()
+        case.note += f"; max |error| vs the {str(dtype)[6:]} cache {float(err):.3g}"
+        del kc, vc
+        return lambda: paged_decode_attention(q, kc8, vc8, bt, sl, k_scale=ks, v_scale=vs)
+    case.make = make
+    return case
 
 
 def _mixed_step(chunk, decodes, ctx, hk, d, dtype, device, block_size=BLOCK_SIZE):
@@ -311,17 +349,19 @@ def summarize(records: list[dict]) -> str:
         key = f"{heads} b={s['batch']} ctx={s['context']} {s['dtype']}"
         by_shape.setdefault(key, {})[r["impl"]] = r
     lines = ["", f"{'shape':<38} {'llmkern ms':>11} {'GB/s':>8} {'%roof':>6} {'vs sdpa':>8} {'vs flash_attn':>14} "
-                 f"{'vs flashinfer':>14}"]
+                 f"{'vs flashinfer':>14} {'fp8 x':>6}"]
     for key, t in by_shape.items():
         if "llmkern" not in t:
             continue
         ours = t["llmkern"]
         pct = "-" if ours["pct_roofline"] is None else f"{ours['pct_roofline']:.1f}"
         vs = lambda peer: f"{t[peer]['median_ms'] / ours['median_ms']:.2f}x" if peer in t else "-"  # noqa: E731
+        fp8 = f"{ours['median_ms'] / t['llmkern_fp8']['median_ms']:.2f}x" if "llmkern_fp8" in t else "-"
         lines.append(f"{key:<38} {ours['median_ms']:>11.4f} {ours['gbps']:>8.1f} {pct:>6} {vs('torch_sdpa'):>8} "
-                     f"{vs('flash_attn'):>14} {vs('flashinfer'):>14}")
+                     f"{vs('flash_attn'):>14} {vs('flashinfer'):>14} {fp8:>6}")
     lines.append("(%roof: of the memory roof, HBM from the datasheet on a GPU, measured STREAM read on a CPU; vs X: X's "
-                 "time / llmkern's time, > 1 means llmkern is faster)")
+                 "time / llmkern's time, > 1 means llmkern is faster; fp8 x: llmkern's time over the bf16 cache / over "
+                 "the fp8 cache, > 1 means the fp8 cache is faster)")
     lines += _summarize_mixed(mixed)
     return "\n".join(lines)
 

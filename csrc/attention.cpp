@@ -48,21 +48,30 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const T* vbase = vp + sq.batch * v_sb + sq.k_row * v_ss + kvh * v_sh;
       const auto kv_row = [&](int64_t j) { return std::pair{kbase + j * k_ss, vbase + j * v_ss}; };
       const int64_t row = sq.q_row + i0, h0 = kvh * group;
-      attend_item<T>(opt, d, group, qp + sq.batch * q_sb + row * q_ss + h0 * q_sh, q_ss, q_sh, nq,
+      attend_item<T>(opt.for_heads(h0), d, group, qp + sq.batch * q_sb + row * q_ss + h0 * q_sh, q_ss, q_sh, nq,
                      i0 + sq.len_k - sq.len_q, sq.len_k, kv_row, op + sq.batch * o_sb + row * o_ss + h0 * o_sh,
                      o_ss, o_sh, lse_p ? lse_p + sq.batch * l_sb + h0 * l_sh + row * l_si : nullptr, l_si, l_sh);
     }
   });
 }
 
+// A per-query-head float32 parameter (alibi_slopes, sinks): its data, or nullptr when absent.
+const float* head_values(const c10::optional<at::Tensor>& t, int64_t heads, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == heads && t->is_contiguous(),
+              "llmkern_cpu: ", name, " must be contiguous float32 (heads,)");
+  return t->const_data_ptr<float>();
+}
+
 // q, k, v: 4-D (batch, seq, heads, d), or 3-D packed with cu_seqlens_q/k (int32, batch + 1, already validated by
 // the caller: non-decreasing from 0 and within the tensors). o: q's shape and dtype, written everywhere a sequence
 // row lies (the caller pre-fills rows past cu_seqlens_q[-1]). lse: fp32, (batch, heads, seqlen_q) or
-// (heads, total_q), or None.
+// (heads, total_q), or None. alibi_slopes, sinks: float32 (heads,) or None.
 void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
                const at::Tensor& o, const c10::optional<at::Tensor>& lse, double scale,
-               c10::optional<double> softcap, int64_t window_left, int64_t window_right) {
+               c10::optional<double> softcap, int64_t window_left, int64_t window_right,
+               const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
   const bool varlen = cu_seqlens_q.has_value();
   const int64_t dims = varlen ? 3 : 4;
   check_float(q, "q");
@@ -97,8 +106,10 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              : std::vector<int64_t>{q.size(0), q.size(2), q.size(1)};
     TORCH_CHECK(lse->sizes() == at::IntArrayRef(want), "llmkern_cpu: lse has the wrong shape");
   }
-  const AttnOptions opt{static_cast<float>(scale), softcap.has_value(),
-                        static_cast<float>(softcap.value_or(1.0)), window_left, window_right};
+  AttnOptions opt{static_cast<float>(scale), softcap.has_value(),
+                  static_cast<float>(softcap.value_or(1.0)), window_left, window_right};
+  opt.alibi_slopes = head_values(alibi_slopes, q.size(-2), "alibi_slopes");
+  opt.sinks = head_values(sinks, q.size(-2), "sinks");
   if (q.numel() == 0) return;
   LLMKERN_DISPATCH_FLOAT(q.scalar_type(), "llmkern_cpu::attention",
                          [&] { attention_impl<scalar_t>(q, k, v, seqs, o, lse, opt, varlen); });
@@ -108,7 +119,8 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 TORCH_LIBRARY_FRAGMENT(llmkern_cpu, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor(a!) o, "
-        "Tensor(b!)? lse, float scale, float? softcap, int window_left, int window_right) -> ()",
+        "Tensor(b!)? lse, float scale, float? softcap, int window_left, int window_right, Tensor? alibi_slopes, "
+        "Tensor? sinks) -> ()",
         &attention);
 }
 

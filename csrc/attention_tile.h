@@ -11,6 +11,10 @@
 // p_i - left <= j <= p_i + right (-1: unbounded; the caller turns causal into right = 0), clipped to [0, seqlen_k).
 // Key tiles outside the union of the item's visible ranges are neither read nor computed; a query that sees no key
 // gets o = 0 and lse = -inf.
+//
+// Variants, per query head (llmkern's alibi_slopes= and sinks=): ALiBi (Press et al., arXiv 2108.12409) adds
+// -slope * |p_i - j| to each visible score after the soft-cap; an attention sink (gpt-oss) is one more logit in the
+// row's softmax denominator with no value, so it scales o down and is part of lse.
 #pragma once
 
 #include <ATen/ops/from_blob.h>
@@ -28,6 +32,16 @@ struct AttnOptions {
   float softcap;    // scores -> softcap * tanh(scores / softcap) (Gemma 2)
   int64_t left;     // window, -1 = unbounded
   int64_t right;
+  const float* alibi_slopes = nullptr;  // per query head, from the item's first head on (see for_heads); or none
+  const float* sinks = nullptr;         // likewise
+
+  // The options of a work item whose query heads start at head0: the per-head pointers moved to it.
+  AttnOptions for_heads(int64_t head0) const {
+    AttnOptions o = *this;
+    if (o.alibi_slopes != nullptr) o.alibi_slopes += head0;
+    if (o.sinks != nullptr) o.sinks += head0;
+    return o;
+  }
 };
 
 // Rows of a work item (queries x heads of one KV head): ~64, so a tile's two matmuls (64 x 128 x head_dim each)
@@ -76,6 +90,23 @@ inline float softmax_update(float* s, int64_t n, int64_t lo, int64_t hi, float& 
     tail += s[j];
   }
   l = l * alpha + hsum(sum) + tail;
+  m = m_new;
+  return alpha;
+}
+
+// s[j] -= slope * |pos - (k0 + j)| for the n scores of one row whose first key is k0 (ALiBi).
+inline void apply_alibi(float* s, int64_t n, float slope, int64_t pos, int64_t k0) {
+  for (int64_t j = 0; j < n; ++j) s[j] -= slope * static_cast<float>(std::abs(pos - (k0 + j)));
+}
+
+// Folds an attention sink (a logit with no value) into a finished row's running max m and sum l; returns the
+// factor the row's accumulator must be scaled by. A sink of -inf is no sink.
+inline float add_sink(float sink, float& m, float& l) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  if (sink == kNegInf) return 1.f;
+  const float m_new = std::max(m, sink);
+  const float alpha = m == kNegInf ? 0.f : std::exp(m - m_new);
+  l = l * alpha + std::exp(sink - m_new);
   m = m_new;
   return alpha;
 }
@@ -159,6 +190,7 @@ void attend_item(const AttnOptions& opt, int64_t d, int64_t group, const T* q_ba
         const int64_t r = i * group + g;
         float* s = &ws.s[r * nk];
         if (opt.has_softcap && lo < hi) apply_softcap(s + lo, hi - lo, opt.softcap);
+        if (opt.alibi_slopes != nullptr && lo < hi) apply_alibi(s + lo, hi - lo, opt.alibi_slopes[g], q_pos0 + i, k0 + lo);
         const float alpha = softmax_update(s, nk, lo < hi ? lo : 0, lo < hi ? hi : 0, ws.m[r], ws.l[r]);
         if (alpha != 1.f) {
           const fVec av(alpha);
@@ -175,8 +207,9 @@ void attend_item(const AttnOptions& opt, int64_t d, int64_t group, const T* q_ba
   for (int64_t i = 0; i < nq; ++i) {
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = i * group + g;
+      const float alpha = opt.sinks != nullptr ? add_sink(opt.sinks[g], ws.m[r], ws.l[r]) : 1.f;
       const float l = ws.l[r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key: o = 0
+      const float inv = l > 0.f ? alpha / l : 0.f;  // a row that saw no key (and no sink): o = 0
       T* o = o_base + i * o_si + g * o_sh;
       const float* a = &ws.acc[r * d];
       const fVec iv(inv);

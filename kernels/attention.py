@@ -1,11 +1,12 @@
 """The attention core, and the fused prefill attention kernel (forward only, FlashAttention-2 style).
 
 ## The core: what every attention kernel shares
-llmkern's attention kernels (`attention_fwd_kernel` below; `paged_decode_kernel`, `paged_decode_reduce_kernel` and
-`paged_prefill_kernel` in kernels/paged_attention.py) differ in where their K/V tiles come from and in how their rows
+llmkern's attention kernels (`attention_fwd_kernel` below; `paged_attention_kernel` and `paged_attention_reduce_kernel`
+in kernels/paged_attention.py) differ in where their K/V tiles come from and in how their rows
 are laid out. The math in between is written once, here:
 
     score_log2(s, qk_scale, softcap, HAS_SOFTCAP)   raw q.k -> base-2 logits: scale, optional tanh soft-cap
+    alibi_log2(s, slope_log2, pos_q, pos_k)         ALiBi: minus slope * |pos_q - pos_k| (base 2), after score_log2
     key_range(p_first, p_last, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
                                              -> (lo, full_lo, full_hi, hi)
                                                     the key tiles a block of queries may see, and those it sees whole
@@ -14,9 +15,14 @@ are laid out. The math in between is written once, here:
     online_softmax_init(ROWS, BLOCK_D) -> (m_i, l_i, acc)   the empty running state
     online_softmax_step(s, v, m_i, l_i, acc, USE_DOT, MASKED_ROWS) -> (m_i, l_i, acc)
                                                     fold one tile of logits and values into the running softmax
+    add_sink(m_i, l_i, acc, sink_log2) -> (m_i, l_i, acc)
+                                                    attention sinks: one more logit per row, with no value
     softmax_output(acc, l_i) -> o                   normalise (o = 0 for a row that saw no key)
     softmax_lse(m_i, l_i) -> lse                    base-2 log-sum-exp (-inf for a row that saw no key)
     dot_precision(dtype)                            "ieee" for fp32 operands (full fp32, not TF32), else "tf32"
+    mma_operand(x, DTYPE, INTERPRET)                a loaded K/V tile as an MMA operand: the query dtype (an fp8
+                                                    cache tile is dequantized here, in registers), fp32 under the
+                                                    interpreter
 
 The split-KV reduce of paged decode is the same online softmax run over the splits: each split's base-2 lse is its
 logit and its normalised partial output its value, so merging partial results needs no code of its own.
@@ -26,9 +32,18 @@ API, the query at position p seeing keys j with p - window_left <= j <= p + wind
 0), where constexprs HAS_LEFT/HAS_RIGHT say which bounds exist (the paged kernels compile a variant per combination;
 the dense kernel applies both, its host turning an unbounded side into a window that covers every key); and an
 INTERPRET flag that, under the Triton interpreter, casts tiles to fp32 (its bf16 dot and arithmetic are unreliable).
-Where variants land once for every kernel: ALiBi adds its bias in `score_log2` (it needs pos_q and pos_k there);
-attention sinks join the denominator after the loop, before `softmax_output` and `softmax_lse` (a sink logit adds to
-l like one more key with no value).
+The variants, each written once here and compiled in only where a constexpr asks for it (HAS_ALIBI, HAS_SINKS, an
+fp8 cache), so kernels without them build as before:
+  * ALiBi (Press et al., arXiv 2108.12409): `alibi_log2` right after `score_log2`, with the positions the masks use
+    (bottom-right aligned), so the bias -slope * |p - j| follows causal and window alignment exactly.
+  * attention sinks (gpt-oss): `add_sink` after the loop, before `softmax_output` and `softmax_lse`; a sink is one
+    more logit per head in the denominator whose value is 0, so lse includes it. Split-KV decode adds it once, in
+    its reduce.
+  * fp8 KV cache: tiles load as fp8 and `mma_operand` converts them to the query dtype (exact: every e4m3/e5m2
+    value is an fp16 and a bf16 value), so the MMAs run in the query dtype. The per-KV-head scales are applied
+    once per program, not per element: k_scale multiplies qk_scale (s = (q . k8) * k_scale * sm_scale) and v_scale
+    the normalised output (o = v_scale * sum p v8 / l), the same numbers as dequantizing every element first, with
+    one rounding less.
 
 ## The dense prefill kernel
 One program owns BLOCK_M query rows of one (sequence, query head). Its Q tile stays on chip; K/V tiles of BLOCK_N keys
@@ -56,6 +71,18 @@ def dot_precision(dtype):
     """tl.dot's input_precision for operands of `dtype`: fp32 inputs get a full IEEE fp32 product rather than TF32
     (10-bit mantissa), so fp32 means fp32 accuracy; "tf32" is tl.dot's own default, which 16-bit operands ignore."""
     return "ieee" if dtype == tl.float32 else "tf32"
+
+
+@triton.jit
+def mma_operand(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """A loaded K or V tile as the operand of the MMAs: fp32 under the interpreter (whose bf16 dot and arithmetic are
+    unreliable), else the query dtype DTYPE. For a 16-bit cache that is a no-op; an fp8 cache tile is dequantized
+    here, in registers (exactly: fp16 and bf16 hold every e4m3 and e5m2 value; the scale is applied elsewhere, see
+    the module docstring)."""
+    if INTERPRET:
+        return x.to(tl.float32)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit
@@ -90,6 +117,18 @@ def score_log2(s, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
         return _tanh(s * (qk_scale / (softcap * LOG2E))) * (softcap * LOG2E)
     else:
         return s * qk_scale
+
+
+@triton.jit
+def alibi_log2(s, slope_log2, pos_q, pos_k):
+    """ALiBi's bias (Press et al. 2022, arXiv 2108.12409) on base-2 logits: s - slope_log2 * |pos_q - pos_k|.
+
+    slope_log2 = the head's slope * log2(e). Arguments broadcast against s (rows, cols): pos_k (1, cols), pos_q
+    (rows, 1) or a scalar, slope_log2 a scalar or (rows, 1). Positions are those of the masks (mask_scores): the
+    distance of a query to each key it sees, whatever the causal/window alignment. Applied after the soft-cap, as
+    FlashAttention-2 does. |pos_q - pos_k| < 2**31 converts to float32 exactly up to 2**24.
+    """
+    return s - slope_log2 * tl.abs(pos_q - pos_k).to(tl.float32)
 
 
 @triton.jit
@@ -167,6 +206,19 @@ def online_softmax_step(s, v, m_i, l_i, acc, USE_DOT: tl.constexpr, MASKED_ROWS:
 
 
 @triton.jit
+def add_sink(m_i, l_i, acc, sink_log2):
+    """Attention sinks (gpt-oss): fold one more base-2 logit per row into the finished running softmax, a "key" whose
+    value is 0, so it joins the denominator l and leaves acc alone but for the rescale to the new max. sink_log2: a
+    scalar or (rows,), the sink * log2(e); -inf is no sink. A row that saw no key gets l = 2^0 = 1 at m = sink: o = 0,
+    lse = the sink. (The online softmax step for a (rows, 1) tile with a zero value, without building the tile.)
+    """
+    m_new = tl.maximum(m_i, sink_log2)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key and no sink: stays empty, not nan
+    alpha = tl.exp2(m_i - m_shift)
+    return m_new, l_i * alpha + tl.exp2(sink_log2 - m_shift), acc * alpha[:, None]
+
+
+@triton.jit
 def softmax_output(acc, l_i):
     """The attention output o = acc / l (rows, BLOCK_D); o = 0 for a row that saw no key (l = 0)."""
     return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -183,7 +235,7 @@ def softmax_lse(m_i, l_i):
 # ------------------------------------------------------------------------------------------- dense prefill kernel
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, ALIBI_SLOPES, SINKS,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -192,14 +244,15 @@ def attention_fwd_kernel(
     seqlen_q_fixed, seqlen_k_fixed, num_heads, group,
     window_left, window_right, qk_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    RETURN_LSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid: (batch * num_heads, cdiv(max_seqlen_q, BLOCK_M)); batch * heads on axis 0, whose limit is 2**31 - 1.
 
     qk_scale = softmax scale * log2(e). window_left/window_right >= 0, both always applied: the host passes an
     unbounded side as a window that covers every key, so one build serves full, causal (window_right = 0) and
-    sliding-window attention. softcap: read only with HAS_SOFTCAP. INTERPRET: both matmuls on fp32 tiles (see the
-    module docstring).
+    sliding-window attention. softcap: read only with HAS_SOFTCAP. ALIBI_SLOPES, SINKS: float32 (num_heads,), read
+    only with HAS_ALIBI / HAS_SINKS. INTERPRET: both matmuls on fp32 tiles (see the module docstring).
     """
     pid_bh = tl.program_id(0)
     # Q tiles in reverse: under causal masking the last tiles see the most keys, so they start first and the
@@ -248,6 +301,8 @@ def attention_fwd_kernel(
     p_first = start_m + seqlen_k - seqlen_q
     p_last = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1 + seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = key_range(p_first, p_last, seqlen_k, window_left, window_right, True, True, BLOCK_N)
+    if HAS_ALIBI:
+        slope_log2 = tl.load(ALIBI_SLOPES + h) * LOG2E
 
     m_i, l_i, acc = online_softmax_init(BLOCK_M, BLOCK_D)
     # the first visited tile; pointers then advance by one tile per step (pointer arithmetic is 64-bit, so a long
@@ -265,6 +320,8 @@ def attention_fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = score_log2(tl.dot(q, k, input_precision=dot_precision(q.dtype)), qk_scale, softcap, HAS_SOFTCAP)
+        if HAS_ALIBI:
+            s = alibi_log2(s, slope_log2, pos_q[:, None], cols[None, :])
         # Only boundary tiles build a mask: the interior [full_lo, full_hi) is visible to every row of this tile.
         # (A runtime branch rather than separate loops: three loop copies cost ~50 more registers on sm_80 and
         # spilled at 128 x 64 tiles.)
@@ -272,6 +329,8 @@ def attention_fwd_kernel(
             s = mask_scores(s, pos_q, cols, seqlen_k, window_left, window_right, True, True)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, True, True)
 
+    if HAS_SINKS:
+        m_i, l_i, acc = add_sink(m_i, l_i, acc, tl.load(SINKS + h) * LOG2E)
     if RETURN_LSE:
         l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start * stride_lm
         tl.store(l_base + offs_m.to(tl.int64) * stride_lm, softmax_lse(m_i, l_i) * LN2, mask=row_ok)  # natural log

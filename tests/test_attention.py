@@ -223,6 +223,64 @@ def test_varlen_matches_batched(device):
     _assert_same_math(lsev, lse.permute(1, 0, 2).flatten(1))
 
 
+# ----------------------------------------------------------------------------------------------- ALiBi and sinks
+@pytest.mark.parametrize("seqlen_q,seqlen_k,causal,window,dtype", [
+    (70, 70, True, (-1, -1), F16),     # causal: the bias grows along each row up to the diagonal
+    (40, 100, False, (-1, -1), BF16),  # full attention, seqlen_q < seqlen_k: |p - j| on both sides of p
+    (100, 40, True, (20, -1), F32),    # bottom-right alignment: the first 60 rows see nothing (o = 0)
+    (65, 90, False, (10, 5), F16),     # a window on both sides
+])
+def test_alibi_and_sinks(device, seqlen_q, seqlen_k, causal, window, dtype):
+    """alibi_slopes and sinks, alone and together (with softcap), against the float64 reference; slopes from
+    llmkern.alibi_slopes scaled so the bias spans many score units across the sequence."""
+    q, k, v = _qkv(1, seqlen_q, seqlen_k, 4, 2, 64, dtype, device, seed=4)
+    slopes = (llmkern.alibi_slopes(4) * 4).to(device)
+    sinks = torch.tensor([-1.0, 0.5, 3.0, float("-inf")], device=device)   # the last head: no sink
+    _check(q, k, v, causal=causal, window=window, alibi_slopes=slopes)
+    o, lse = _check(q, k, v, causal=causal, window=window, sinks=sinks, alibi_slopes=slopes, softcap=4.0)
+    if seqlen_q > seqlen_k:   # rows that see no key: o = 0 and lse = the sink (-inf without one)
+        empty = seqlen_q - seqlen_k
+        assert torch.all(o[:, :empty] == 0)
+        torch.testing.assert_close(lse[:, :, :empty].cpu(), sinks.cpu()[None, :, None].expand(1, 4, empty))
+
+
+def test_sinks_as_gpt_oss_computes_them(device):
+    """The sink is a logit in the softmax denominator, with no value: gpt-oss's eager formula (cat, softmax, drop the
+    sink's column) in float64."""
+    q, k, v = _qkv(1, 30, 30, 4, 1, 32, F32, device, seed=5)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(6)).to(device) * 3
+    scale = 32 ** -0.5
+    scores = torch.einsum("bqhd,bkd->bhqk", q.double(), k[:, :, 0].double()) * scale
+    scores = scores.masked_fill(~reference.attention_mask(30, 30, causal=True, device=device), float("-inf"))
+    logits = torch.cat([scores, sinks.double()[None, :, None, None].expand(1, 4, 30, 1)], dim=-1)
+    probs = torch.softmax(logits, dim=-1)[..., :-1]
+    want = torch.einsum("bhqk,bkd->bqhd", probs, v[:, :, 0].double())
+    got = llmkern.attention(q, k, v, causal=True, sinks=sinks)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_alibi_sinks_varlen(device):
+    _check_varlen([33, 1, 70, 0], [40, 60, 70, 3], 4, 2, 64, F16, device, pad_rows=2, causal=True, window=(30, -1),
+                  alibi_slopes=(llmkern.alibi_slopes(4) * 2).to(device),
+                  sinks=torch.tensor([0.0, 1.0, -2.0, 5.0], device=device))
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 8, 12, 16, 40, 96])
+def test_alibi_slopes(num_heads):
+    """The paper's slopes: 2^(-8 i / n) for a power of two n (8 heads: 1/2, 1/4, ..., 1/256, section 3); for other
+    counts, BLOOM's recipe (transformers' BLOOM builds its biases from the same numbers)."""
+    got = llmkern.alibi_slopes(num_heads)
+    assert got.dtype == F32 and got.shape == (num_heads,)
+    if num_heads & (num_heads - 1) == 0:
+        want = torch.tensor([2.0 ** (-8 * i / num_heads) for i in range(1, num_heads + 1)])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+    torch.testing.assert_close(got, bloom._get_alibi_slopes(num_heads, torch.device("cpu")).float(), rtol=1e-6,
+                               atol=0)
+    if num_heads == 8:
+        assert got.tolist() == [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def _t(*shape, dtype=F16):
     return torch.zeros(*shape, dtype=dtype)
@@ -256,6 +314,25 @@ _CU = torch.tensor([0, 8], dtype=torch.int32)
     (lambda: llmkern.attention(_Q, _K, _K, softcap=1e-40), ValueError, "softcap"),    # subnormal
     (lambda: llmkern.attention(_Q, _K, _K, scale=1e30, softcap=1e-9), ValueError, "softcap"),  # scale/softcap: inf
     (lambda: llmkern.attention(_Q, _K, _K, causal=1), TypeError, "causal"),
+    (lambda: llmkern.attention(_Q, _K, _K, alibi_slopes=torch.ones(2)), ValueError, "alibi_slopes"),
+    (lambda: llmkern.attention(_Q, _K, _K, alibi_slopes=torch.ones(4, dtype=F16)), TypeError, "alibi_slopes"),
+    (lambda: llmkern.attention(_Q, _K, _K, alibi_slopes=torch.ones(1, 4)), ValueError, "alibi_slopes"),
+    (lambda: llmkern.attention(_Q, _K, _K, alibi_slopes=[1.0] * 4), TypeError, "alibi_slopes"),
+    (lambda: llmkern.attention(_Q, _K, _K, alibi_slopes=torch.ones(4, device="meta")), ValueError, "alibi_slopes"),
+    (lambda: llmkern.attention(_Q, _K, _K, alibi_slopes=torch.tensor([1.0, float("nan"), 1.0, 1.0])), ValueError,
+     "alibi_slopes"),
+    (lambda: llmkern.attention(_Q, _K, _K, alibi_slopes=torch.full((4,), float("inf"))), ValueError, "alibi_slopes"),
+    (lambda: llmkern.attention(_Q, _K, _K, alibi_slopes=torch.full((4,), 2.0 ** 97)), ValueError, "alibi_slopes"),
+    (lambda: llmkern.attention(_Q, _K, _K, sinks=torch.zeros(8)), ValueError, "sinks"),
+    (lambda: llmkern.attention(_Q, _K, _K, sinks=torch.zeros(4, dtype=torch.float64)), TypeError, "sinks"),
+    (lambda: llmkern.attention(_Q, _K, _K, sinks=torch.tensor([0.0, 0.0, float("nan"), 0.0])), ValueError, "sinks"),
+    (lambda: llmkern.attention(_Q, _K, _K, sinks=torch.full((4,), float("inf"))), ValueError, "sinks"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, _CU, 8, 8, sinks=torch.zeros(2)), ValueError,
+     "sinks"),
+    (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, _CU, 8, 8, alibi_slopes=torch.full((4,), -2.0 ** 100)),
+     ValueError, "alibi_slopes"),
+    (lambda: llmkern.alibi_slopes(0), ValueError, "num_heads"),
+    (lambda: llmkern.alibi_slopes(4.0), TypeError, "num_heads"),
     (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU.long(), _CU, 8, 8), TypeError, "cu_seqlens_q"),
     (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, torch.tensor([0, 4, 8], dtype=torch.int32), 8, 8),
      ValueError, "cu_seqlens"),

@@ -11,6 +11,9 @@ docstring; attention's scale and softcap in llmkern._utils) or is refused:
 The meanings, in short (the op docstrings have them in full):
   attention scale (every attention op, PagedAttentionPlan.run included): finite, |scale| <= 2**127; 0 or subnormal: uniform over visible keys.
   softcap: > 0; below max(2**-126, |scale| / 2**127) refused; above 2**127 (inf included): no cap.
+  alibi_slopes (every head at the value, as float32): finite with |slope| <= 2**96; sinks: NaN and > 2**127
+    refused, -inf (and below -2**127) no sink.
+  k_scale / v_scale of an fp8 cache (a number): in [2**-126, 3.4e38 / the format's largest value], else refused.
   window sides: -1 unbounded, below -1 refused; any side reaching past every key (2**31 - 1 and more) unbounded.
   rms_norm / add_rms_norm eps: 0 or [2**-126, 3.4e38]; offset: |offset| <= 3.4e38.
   apply_rope theta: 1 < theta < inf.
@@ -82,7 +85,11 @@ def _randn(*shape, seed=0, scale=1.0, device="cpu"):
 # ------------------------------------------------------------------------------------------------ attention
 # Small scores (|q.k| < 1, q and k scaled by 0.05) so that scale = 2**127 still gives finite float32 scores.
 def _attention_call(op: str, device, **kw):
-    """(ours, float64 reference, PyTorch float32) for one attention op and keywords (scale, softcap, window)."""
+    """(ours, float64 reference, PyTorch float32) for one attention op and keywords (scale, softcap, window, and
+    alibi_slopes / sinks as a number that every head gets, in float32)."""
+    for name in ("alibi_slopes", "sinks"):
+        if name in kw:
+            kw[name] = torch.full((2,), kw[name], dtype=torch.float64).float().to(device)   # beyond float32: inf
     ref_kw = dict(kw)
     if ref_kw.get("softcap") is not None and ref_kw["softcap"] > _utils.NO_CAP_ABOVE:
         ref_kw["softcap"] = None                                    # documented: no cap
@@ -104,6 +111,11 @@ def _attention_call(op: str, device, **kw):
         kc, vc = torch.zeros(3, 4, 1, 32, device=device), torch.zeros(3, 4, 1, 32, device=device)
         slots = torch.tensor([8, 9, 10, 11, 0, 1, 2], device=device)
         llmkern.paged_kv_write(k[0], v[0], kc, vc, slots)
+        wide = lambda c: c.double()   # noqa: E731
+        if "k_scale" in kw or "v_scale" in kw:   # an e5m2 cache (the reference dequantizes it); the other scale 1
+            kc, vc = kc.to(torch.float8_e5m2), vc.to(torch.float8_e5m2)
+            kw, ref_kw = {"k_scale": 1.0, "v_scale": 1.0, **kw}, {"k_scale": 1.0, "v_scale": 1.0, **ref_kw}
+            wide = lambda c: c        # noqa: E731
         bt = torch.tensor([[2, 0]], dtype=torch.int32, device=device)
         sl = torch.tensor([7], dtype=torch.int32, device=device)
         if op == "PagedAttentionPlan.run":
@@ -117,7 +129,7 @@ def _attention_call(op: str, device, **kw):
                                                       compute_dtype=torch.float32, **ref_kw)]
         elif op == "paged_decode_attention":
             ours = llmkern.paged_decode_attention(q[0, -1:], kc, vc, bt, sl, **kw)
-            refs = [reference.paged_decode_attention(q[0, -1:].double(), kc.double(), vc.double(), bt, sl, **ref_kw),
+            refs = [reference.paged_decode_attention(q[0, -1:].double(), wide(kc), wide(vc), bt, sl, **ref_kw),
                     reference.paged_decode_attention(q[0, -1:], kc, vc, bt, sl, compute_dtype=torch.float32,
                                                      **ref_kw)]
         else:
@@ -145,6 +157,34 @@ for _op in ATTENTION_OPS:
     PARAMS[f"{_op}.scale"] = Param(_scale_refused, lambda v, d, op=_op: _attention_call(op, d, scale=v), "scale")
     PARAMS[f"{_op}.softcap"] = Param(_softcap_refused, lambda v, d, op=_op: _attention_call(op, d, softcap=v),
                                      "softcap", domain=lambda v: not 1 <= v <= _utils.NO_CAP_ABOVE)
+
+
+def _slope_refused(v):
+    return not abs(_f32(v)) <= _utils.MAX_ALIBI_SLOPE   # as float32 holds it (1e300: inf); NaN refused
+
+
+def _sink_refused(v):
+    return not _f32(v) <= _utils.MAX_SINK
+
+
+# The paged variants: decode for the one-shots (prefill shares their checks). Not PagedAttentionPlan.run: it reads
+# no tensor's values (no sync per layer; its docstring: a NaN slope or sink gives NaN rows), its tensors' dtypes and
+# shapes are checked by tests/test_paged_variants.py.
+VARIANT_OPS = ("attention", "attention_varlen", "paged_decode_attention")
+for _op in VARIANT_OPS:
+    PARAMS[f"{_op}.alibi_slopes"] = Param(_slope_refused, lambda v, d, op=_op: _attention_call(op, d, alibi_slopes=v),
+                                          "alibi_slopes")
+    PARAMS[f"{_op}.sinks"] = Param(_sink_refused, lambda v, d, op=_op: _attention_call(op, d, sinks=v), "sinks")
+
+
+def _kv_scale_refused(v):
+    """An fp8 cache's scale (here e5m2's): a normal float32 whose product with every cache value is finite."""
+    return not _utils.MIN_KV_SCALE <= v <= _utils.max_kv_scale(torch.float8_e5m2)
+
+
+for _name in ("k_scale", "v_scale"):
+    PARAMS[f"paged_decode_attention.{_name}"] = Param(
+        _kv_scale_refused, lambda v, d, name=_name: _attention_call("paged_decode_attention", d, **{name: v}), _name)
 
 
 def _window_refused(v):

@@ -45,6 +45,19 @@ def test_llama3_8b_decode_step():
     assert bound["tokens_per_s"] == pytest.approx(b / bound["time_s"])
 
 
+def test_fp8_kv_cache_bill():
+    """An fp8 cache (one byte per element) halves the KV bytes of both steps; decode at batch 64, context 8k is
+    mostly cache, so its memory-bound time drops by most of that."""
+    b, ctx = 64, 8192
+    bf16, fp8 = roofline.decode_step(L3, b, ctx), roofline.decode_step(L3, b, ctx, kv_elem=1)
+    assert fp8.kv_bytes == bf16.kv_bytes / 2 == (b * ctx + b) * KV_TOKEN / 2
+    assert fp8.weight_bytes == bf16.weight_bytes and fp8.flops == bf16.flops
+    assert roofline.prefill_step(L3, 2, 1024, kv_elem=1).kv_bytes == 2 * 1024 * KV_TOKEN / 2
+    h100 = perf.resolve_device("h100")
+    speedup = roofline.bound(bf16, h100)["time_s"] / roofline.bound(fp8, h100)["time_s"]
+    assert speedup == pytest.approx(bf16.bytes / fp8.bytes) and 1.6 < speedup < 1.8
+
+
 def test_llama3_8b_prefill_step():
     b, ctx = 2, 1024
     step = roofline.prefill_step(L3, b, ctx)
@@ -178,6 +191,9 @@ def test_cli(capsys):
     assert main(["roofline", "--model", "deepseek-v3", "--device", "h200", "--context", "8192"]) == 0
     out = capsys.readouterr().out
     assert "70.27 kB" in out and "MLA latent 512 + rope 64" in out and "71x less" in out
+    assert main(["roofline", "--model", "llama-3-8b", "--device", "h100", "--kv-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache fp8" in out and "65.54 kB, fp8" in out and "4.29 GB" in out    # half of bf16's 131.07 kB, 8.59 GB
     assert main(["roofline", "--model", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
 

@@ -22,8 +22,10 @@ What was found and done, per op and argument ("strides": the kernel takes the ar
 and before every implementation, so what is validated is exactly what the kernel reads; "last dim": strides passed
 except a strided last dim, which is copied first; "torch": read by torch operations on the host only):
   attention q, k, v: strides, last dim
+  attention alibi_slopes, sinks: contiguous (one value per query head, read with unit stride)
   attention_varlen q, k, v: strides, last dim
   attention_varlen cu_seqlens_q, cu_seqlens_k: contiguous (the kernel reads them with unit stride)
+  attention_varlen alibi_slopes, sinks: contiguous
   paged_kv_write k, v: strides (all four dims)
   paged_kv_write k_cache, v_cache: strides (all four dims); written in place, so an expanded (stride-0) or
     self-overlapping cache is refused (ValueError, the op's check)
@@ -44,6 +46,11 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   mla_prefill_attention q_nope, q_pe, ckv_cache, kpe_cache: strides, last dim
   mla_prefill_attention block_tables: strides (both dims)
   mla_prefill_attention cu_seqlens_q, seq_lens: contiguous
+  paged_decode_attention k_scale, v_scale, alibi_slopes, sinks: contiguous (one value per KV head / query head,
+    read with unit stride; the [fp8] cases: an e5m2 cache)
+  paged_prefill_attention k_scale, v_scale, alibi_slopes, sinks: contiguous
+  PagedAttentionPlan.run k_scale, v_scale, alibi_slopes, sinks: contiguous
+  PagedKVCache k_scale, v_scale: torch (broadcast into the cache's own (num_layers, num_kv_heads) float32 tensors)
   PagedAttentionPlan block_tables, seq_lens, cu_seqlens_q: torch (read on the host at plan time, copied into the
     plan's own buffers)
   PagedAttentionPlan.update block_tables, seq_lens, cu_seqlens_q: torch
@@ -156,6 +163,27 @@ def _mla_tables(device):
     return dict(block_tables=_ints([[2, 0], [1, 0]], torch.int32, device), seq_lens=_ints([7, 3], torch.int32, device))
 
 
+E5M2 = torch.float8_e5m2   # the fp8 cases' cache: e5m2 builds on every GPU
+
+
+def _paged_fp8(device):
+    """_paged's cache in e5m2 with its K and V scales (one KV head: a (1,) tensor each)."""
+    p = _paged(device)
+    return dict(p, k_cache=p["k_cache"].to(E5M2), v_cache=p["v_cache"].to(E5M2),
+                k_scale=_ints([0.5], torch.float32, device), v_scale=_ints([2.0], torch.float32, device))
+
+
+def _cache_scales(cache) -> list[torch.Tensor]:
+    """What a PagedKVCache made from scale tensors holds: every layer's K and V scales."""
+    return [s for layer in range(2) for s in (cache.k_scale(layer), cache.v_scale(layer))]
+
+
+def _head_params(device):
+    """ALiBi slopes and sinks of two query heads that differ, so that reading a view's gap (NaN) or one head's value
+    for the other changes the output."""
+    return dict(alibi_slopes=_ints([0.5, 0.125], torch.float32, device), sinks=_ints([1.5, -0.5], torch.float32, device))
+
+
 _WRITTEN_CACHE = "a cache written in place must not overlap itself"
 # quant_matmul with 17 rows runs the GEMM kernel: the decode kernels' split-K sums partials with atomics, whose order
 # (and so the last bit) is not deterministic on a GPU. Their strides are covered by tests/test_quant.py.
@@ -192,12 +220,12 @@ def _generate_model(device: str):
     return transformers.LlamaForCausalLM(cfg).eval().to(device)
 
 
-def _plan(block_tables, seq_lens, cu_seqlens_q, *update):
+def _plan(block_tables, seq_lens, cu_seqlens_q, *update, kv_dtype=None):
     """A plan over _paged's cache (5 blocks of 4 tokens, one KV head of 32, two query heads), updated with `update`'s
     tables when given."""
     plan = llmkern.PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q, num_heads=2, num_kv_heads=1, head_dim=32,
-                                      num_blocks=5, block_size=4, dtype=torch.float32, max_batch_size=2,
-                                      max_num_tokens=5, max_blocks_per_seq=3)
+                                      num_blocks=5, block_size=4, dtype=torch.float32, kv_dtype=kv_dtype,
+                                      max_batch_size=2, max_num_tokens=5, max_blocks_per_seq=3)
     if update:
         plan.update(*update)
     return plan
@@ -232,16 +260,17 @@ def _cases(device) -> dict[str, Case]:
     ql = llmkern.QuantLinear.from_quantized(qw)
     cases = {
         "attention": Case(
-            lambda q, k, v: llmkern.attention(q, k, v, causal=True),
+            lambda q, k, v, alibi_slopes, sinks: llmkern.attention(q, k, v, causal=True, alibi_slopes=alibi_slopes,
+                                                                   sinks=sinks),
             dict(q=_randn(2, 5, 2, 32, dtype=f16, device=device),
                  k=_randn(2, 6, 1, 32, dtype=f16, device=device, seed=1),
-                 v=_randn(2, 6, 1, 32, dtype=f16, device=device, seed=2))),
+                 v=_randn(2, 6, 1, 32, dtype=f16, device=device, seed=2), **_head_params(device))),
         "attention_varlen": Case(
-            lambda q, k, v, cu_seqlens_q, cu_seqlens_k: llmkern.attention_varlen(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, 4, 5, causal=True),
+            lambda q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks: llmkern.attention_varlen(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, 4, 5, causal=True, alibi_slopes=alibi_slopes, sinks=sinks),
             dict(q=_randn(7, 2, 32, device=device), k=_randn(9, 1, 32, device=device, seed=1),
                  v=_randn(9, 1, 32, device=device, seed=2), cu_seqlens_q=_ints([0, 3, 7], torch.int32, device),
-                 cu_seqlens_k=_ints([0, 4, 9], torch.int32, device))),
+                 cu_seqlens_k=_ints([0, 4, 9], torch.int32, device), **_head_params(device))),
         "paged_kv_write": Case(
             llmkern.paged_kv_write,
             dict(k=_randn(3, 1, 32, device=device, seed=3), v=_randn(3, 1, 32, device=device, seed=4),
@@ -276,6 +305,30 @@ def _cases(device) -> dict[str, Case]:
             dict(q_nope=_randn(5, 2, 256, device=device, seed=3), q_pe=_randn(5, 2, 32, device=device, seed=4),
                  **_mla_caches(device), **_mla_tables(device), cu_seqlens_q=_ints([0, 2, 5], torch.int32, device)),
             refused={("cu_seqlens_q", "expanded"): "[0, 0, 0] does not end at total_q: a bad value, refused"}),
+        "paged_decode_attention[fp8]": Case(
+            lambda q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, alibi_slopes, sinks:
+            llmkern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, num_splits=2, k_scale=k_scale,
+                                           v_scale=v_scale, alibi_slopes=alibi_slopes, sinks=sinks),
+            dict(q=_randn(2, 2, 32, device=device, seed=3), **_paged_fp8(device), **_head_params(device))),
+        "paged_prefill_attention[fp8]": Case(
+            lambda q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, k_scale, v_scale, alibi_slopes, sinks:
+            llmkern.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+                                            k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes, sinks=sinks),
+            dict(q=_randn(5, 2, 32, device=device, seed=3), **_paged_fp8(device),
+                 cu_seqlens_q=_ints([0, 2, 5], torch.int32, device), **_head_params(device)),
+            refused={("cu_seqlens_q", "expanded"): "[0, 0, 0] does not end at total_q: a bad value, refused"}),
+        "PagedAttentionPlan.run[fp8]": Case(
+            lambda q, k_cache, v_cache, k_scale, v_scale, alibi_slopes, sinks: _plan(
+                paged["block_tables"], paged["seq_lens"], _ints([0, 2, 5], torch.int32, device), kv_dtype=E5M2).run(
+                q, k_cache, v_cache, k_scale=k_scale, v_scale=v_scale, alibi_slopes=alibi_slopes, sinks=sinks),
+            dict(q=_randn(5, 2, 32, device=device, seed=3),
+                 **{k: v for k, v in _paged_fp8(device).items() if k not in ("block_tables", "seq_lens")},
+                 **_head_params(device))),
+        "PagedKVCache": Case(
+            lambda k_scale, v_scale: _cache_scales(llmkern.PagedKVCache(2, 4, 4, 2, 32, dtype=E5M2, device=device,
+                                                                        k_scale=k_scale, v_scale=v_scale)),
+            dict(k_scale=_ints([[0.5, 2.0], [1.0, 0.25]], torch.float32, device),
+                 v_scale=_ints([3.0, 0.125], torch.float32, device))),
         "PagedAttentionPlan": Case(
             lambda block_tables, seq_lens, cu_seqlens_q: _plan_run(_plan(block_tables, seq_lens, cu_seqlens_q), device),
             dict(block_tables=paged["block_tables"], seq_lens=paged["seq_lens"],
@@ -478,7 +531,7 @@ def _flatten(result: Any) -> list:
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of t's bits (NaNs compare equal to themselves this way)."""
     if t.dtype.is_floating_point:
-        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+        return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
     return t
 
 
@@ -532,7 +585,9 @@ def _tensor_args(args: dict[str, Any]) -> list[str]:
 
 def _labels() -> list[str]:
     return ["attention", "attention_varlen", "paged_kv_write", "paged_decode_attention", "paged_prefill_attention",
-            "PagedAttentionPlan", "PagedAttentionPlan.update", "PagedAttentionPlan.run", "rms_norm", "add_rms_norm",
+            "paged_decode_attention[fp8]", "paged_prefill_attention[fp8]", "PagedAttentionPlan.run[fp8]",
+            "PagedKVCache", "PagedAttentionPlan", "PagedAttentionPlan.update", "PagedAttentionPlan.run", "rms_norm",
+            "add_rms_norm",
             "apply_rope", "apply_rope[tables]", "apply_rope[inplace]", "sample",
             "sampling_probs", "quant_matmul", "QuantizedWeight", "QuantizedWeight.from_codes",
             "QuantizedWeight.from_gptq", "QuantizedWeight.from_awq", "quantize_weight", "QuantLinear.from_quantized",

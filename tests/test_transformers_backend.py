@@ -86,6 +86,42 @@ def test_generate_matches_transformers(kind, ref, pad, gen_kwargs, device):
     torch.testing.assert_close(got_logits[real], want_logits[real], atol=ATOL, rtol=0)
 
 
+def _gpt_oss(device):
+    """A tiny random gpt-oss: attention sinks on every layer, alternating sliding (window 4) and full attention, a
+    4-expert MoE. The sinks drawn at several score units (the initializer's are ~0.1) so that they matter."""
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(**{**COMMON, "intermediate_size": 128}, head_dim=32, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=WINDOW,
+                                    layer_types=["sliding_attention", "full_attention"])
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.randn(4) * 2)
+    return model.to(device)
+
+
+def test_gpt_oss_sinks_match_eager(device):
+    """gpt-oss hands its sinks to the backend as s_aux: same greedy tokens and logits as transformers' eager path
+    (softmax over [scores, sink], sink dropped), through the varlen path (left padding: prefill and decode) and the
+    dense one (the unpadded prompt alone)."""
+    model = _gpt_oss(device)
+    ids, mask = _batch("left", device)
+    want_tokens, want_logits = _run(model, "eager", ids, mask)
+    got_tokens, got_logits = _run(model, "llmkern", ids, mask)
+    assert got_tokens.tolist() == want_tokens.tolist()
+    real = mask.bool()
+    torch.testing.assert_close(got_logits[real], want_logits[real], atol=ATOL, rtol=0)
+    with torch.no_grad():
+        dense = model(ids[1:]).logits
+    torch.testing.assert_close(dense, want_logits[1:], atol=ATOL, rtol=0)
+    # the sinks change the answer by far more than the tolerance, so a backend that dropped them would fail above
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(float("-inf"))   # no sink
+        no_sinks = model(ids, attention_mask=mask).logits
+    assert (no_sinks - got_logits)[real].abs().max() > 100 * ATOL
+
+
 def test_sliding_window_is_applied(device):
     """The window changes the answer here, so the test above can tell a window bug from no window at all."""
     ids, mask = _batch("left", device)

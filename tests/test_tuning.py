@@ -12,7 +12,8 @@ from llmkern.kernels.attention import attention_fwd_kernel
 ATTN, GEMM = tuning.KERNELS["attention_fwd"], tuning.KERNELS["quant_gemm"]
 
 GPU = "NVIDIA Test GPU"
-ATTN_KEY = {"head_dim": 128, "dtype": "bfloat16", "varlen": False, "softcap": False, "lse": False, "seqlen_q": 1024}
+ATTN_KEY = {"head_dim": 128, "dtype": "bfloat16", "varlen": False, "softcap": False, "lse": False, "alibi": False,
+            "sinks": False, "seqlen_q": 1024}
 GEMM_KEY = {"dtype": "float16", "bits": 4, "n": 4096, "k": 4096, "m": 64}
 ATTN_CFG = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
 GEMM_CFG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
@@ -37,7 +38,7 @@ def shipped(tmp_path, monkeypatch):
 
 def _attn(seqlen_q, device=GPU, head_dim=128):
     return ATTN.get_for(device, head_dim=head_dim, dtype=torch.bfloat16, varlen=False, softcap=False,
-                                    lse=False, seqlen_q=seqlen_q)
+                        lse=False, alibi=False, sinks=False, seqlen_q=seqlen_q)
 
 
 def test_bucket():

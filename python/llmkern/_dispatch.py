@@ -26,7 +26,8 @@ Which implementation runs (torch.library's per-device registration, as vLLM and 
       2. the C++ CPU backend, when `llmkern.cpu.kernel(name)` returns a callable;
       3. `reference`, the plain-PyTorch adapter over `llmkern.reference`.
 The three take exactly the op's schema arguments, positionally, and return what the op returns (a mutating op
-mutates its arguments and returns None). `contiguous` names the tensor arguments the kernels read with unit stride
+mutates its arguments and returns None). A C++ kernel that lacks a feature the arguments ask for (an attention
+variant, an fp8 cache) returns `NotImplemented` before touching anything, and the reference runs instead. `contiguous` names the tensor arguments the kernels read with unit stride
 (index tensors such as seq_lens or slot_mapping, whose kernels take no strides): each is made contiguous (a copy only
 when it is not) before `check` and before every implementation, so that what `check` validates is exactly what every
 implementation reads, whatever view the caller passed. A mutated argument is never copied (the copy would be
@@ -94,7 +95,8 @@ def custom_op(name: str, *, mutates_args: Iterable[str] | str, reference: Callab
             args = prepare(args)
             if check is not None:
                 check(*args)
-            return cpu_implementation(name, triton_impl, reference)(*args)
+            out = cpu_implementation(name, triton_impl, reference)(*args)
+            return reference(*args) if out is NotImplemented else out
 
         _LIB.define(name + schema)
         _LIB.impl(name, on_cuda, "CUDA")

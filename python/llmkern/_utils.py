@@ -117,6 +117,95 @@ def check_softcap(softcap: Any, scale: float) -> float | None:
     return float(softcap)
 
 
+# Attention's per-head variants (llmkern.attention and the paged ops), float32 (num_heads,) tensors:
+#   alibi_slopes: finite with |slope| <= 2**96, so that slope * log2(e) * distance stays a finite float32 for every
+#     int32 distance (2**96 * 1.45 * 2**31 < 2**128); any such slope has its meaning (0: no bias; negative: far keys
+#     favoured), though ALiBi's own slopes lie in (0, 1) (llmkern.alibi_slopes).
+#   sinks: natural-log logits, NaN refused; -inf (and anything below -2**127, whose exp is 0 in every float format)
+#     is no sink; above 2**127 (+inf included) refused: sink * log2(e) would overflow float32.
+MAX_ALIBI_SLOPE = 2.0 ** 96
+MAX_SINK = 2.0 ** 127
+
+
+def check_head_vector(name: str, t: Any, num_heads: int, like: torch.Tensor) -> None:
+    """A per-head parameter (alibi_slopes, sinks): None, or a float32 (num_heads,) tensor on like's device."""
+    if t is None:
+        return
+    check_tensor(name, t, ndim=1, dtypes=(torch.float32,))
+    if t.shape[0] != num_heads:
+        raise ValueError(f"{name} must have one value per query head ({num_heads}), got shape {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {like.device}; they must share a device")
+
+
+def check_head_values(alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None) -> None:
+    """The values of alibi_slopes and sinks (one host sync each when given; see MAX_ALIBI_SLOPE and MAX_SINK)."""
+    if alibi_slopes is not None:
+        bad = alibi_slopes[~(alibi_slopes.abs() <= MAX_ALIBI_SLOPE)]   # NaN included
+        if bad.numel():
+            raise ValueError(f"alibi_slopes must be finite with |slope| <= 2**96, got {bad[0].item()!r}")
+    if sinks is not None:
+        bad = sinks[~(sinks <= MAX_SINK)]
+        if bad.numel():
+            raise ValueError(f"sinks must be <= 2**127 and not NaN (-inf: no sink), got {bad[0].item()!r}")
+
+
+# fp8 KV caches (llmkern.PagedKVCache, the paged ops): a scale per KV head, float32. A value x is stored as
+# round_to_fp8(x / scale) and read back as fp8 * scale, so a scale must be a normal float32 (>= 2**-126: a subnormal
+# one GPUs may flush to zero, and x / 0 means nothing) and finite, and no larger than F32_MAX / (the fp8 format's
+# largest value: 448 for e4m3fn, 57344 for e5m2), so that every value the cache can hold reads back finite.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+MIN_KV_SCALE = F32_TINY
+
+
+def max_kv_scale(cache_dtype: torch.dtype) -> float:
+    return F32_MAX / float(torch.finfo(cache_dtype).max)
+
+
+def check_kv_scale(name: str, scale: Any, cache_dtype: torch.dtype, num_kv_heads: int,
+                   like: torch.Tensor) -> torch.Tensor | None:
+    """An fp8 cache's k_scale / v_scale (a number or a float32 (num_kv_heads,) tensor on like's device) as the
+    (num_kv_heads,) float32 tensor the kernels read; None for a 16-bit cache, which takes no scale. A number's value
+    is checked here; a tensor's values by check_kv_scale_values (a host sync), in the op."""
+    if cache_dtype not in FP8_DTYPES:
+        if scale is not None:
+            raise ValueError(f"{name} applies to fp8 caches only; this cache is "
+                             f"{str(cache_dtype).replace('torch.', '')}")
+        return None
+    if scale is None:
+        raise ValueError(f"{name} is required for an fp8 cache: the scale its values were written with "
+                         f"(a float, or a float32 (num_kv_heads,) tensor)")
+    if isinstance(scale, torch.Tensor):
+        check_tensor(name, scale, ndim=1, dtypes=(torch.float32,))
+        if scale.shape[0] != num_kv_heads:
+            raise ValueError(f"{name} must have one scale per KV head ({num_kv_heads}), got shape {tuple(scale.shape)}")
+        if scale.device != like.device:
+            raise ValueError(f"{name} is on {scale.device} but the cache is on {like.device}; they must share a "
+                             f"device")
+        return scale
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{name} must be a float or a float32 tensor, got {scale!r}")
+    _check_kv_scale_range(name, float(scale), cache_dtype)
+    return torch.full((num_kv_heads,), float(scale), dtype=torch.float32, device=like.device)
+
+
+def _check_kv_scale_range(name: str, value: float, cache_dtype: torch.dtype) -> None:
+    top = max_kv_scale(cache_dtype)
+    if not MIN_KV_SCALE <= value <= top:   # also refuses NaN
+        raise ValueError(f"{name} must be a finite scale in [2**-126, {top:.4g}] (a normal float32 whose product "
+                         f"with every {str(cache_dtype).replace('torch.', '')} value is finite), got {value!r}")
+
+
+def check_kv_scale_values(name: str, scale: torch.Tensor | None, cache_dtype: torch.dtype) -> None:
+    """The values of a scale tensor (one host sync), by check_kv_scale's rule."""
+    if scale is None:
+        return
+    top = max_kv_scale(cache_dtype)
+    bad = scale[~((scale >= MIN_KV_SCALE) & (scale <= top))]
+    if bad.numel():
+        _check_kv_scale_range(name, bad[0].item(), cache_dtype)
+
+
 def check_writable(name: str, t: torch.Tensor) -> None:
     """ValueError when t may hold one memory location at two indices (an expanded, stride-0 view, or any layout whose
     strides interleave): a kernel writing it would race with itself. Sufficient test: with the dims sorted by stride,

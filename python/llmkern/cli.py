@@ -5,6 +5,7 @@
   llmkern check-compile [--arch sm_80,sm_90] [--json PATH] [--filter NAME] [--jobs N]
         compile every kernel config for real GPUs, with no GPU                           llmkern.compile_check
   llmkern roofline [--model M] [--device D | --measure] [--batch B] [--context C] [--bits 4|8|16] [--group-size G]
+                   [--kv-dtype bf16|fp16|fp8]
                    [--plot PATH [--bench-json FILE]]
         the lowest possible prefill/decode step time of a model on a device              llmkern.roofline
         (--measure: on this machine's measured roofs, CPU included)                      llmkern.measure
@@ -133,6 +134,8 @@ def _roofline_args(p: argparse.ArgumentParser) -> None:
                    help="weight bits of the decoder's linear layers (default 16 = bf16)")
     p.add_argument("--group-size", type=_positive_int, default=roofline.DEFAULT_GROUP,
                    help=f"quantization group size with --bits 4/8 (default {roofline.DEFAULT_GROUP})")
+    p.add_argument("--kv-dtype", choices=tuple(roofline.KV_DTYPE_BYTES), default="bf16",
+                   help="KV cache dtype (default bf16; fp8: PagedKVCache with float8_e4m3fn/e5m2, half the bytes)")
     p.add_argument("--plot", metavar="PATH", help="draw the roofline chart to PATH (needs matplotlib)")
     p.add_argument("--bench-json", metavar="FILE", help="with --plot: place each record of this `llmkern bench "
                                                         "--json` file as a measured point")
@@ -155,7 +158,8 @@ def _roofline_run(args: argparse.Namespace) -> int:
                                if datasheet else "none (a CPU has no datasheet entry in llmkern.perf.DEVICES)") + "\n")
         peak = measured.as_peak()
     bits = None if args.bits == 16 else args.bits
-    print(roofline.report(model, peak, args.batch, args.context, bits, args.group_size))
+    kv_elem = roofline.KV_DTYPE_BYTES[args.kv_dtype]
+    print(roofline.report(model, peak, args.batch, args.context, bits, args.group_size, args.kv_dtype))
     if args.bench_json and not args.plot:
         print("llmkern roofline: --bench-json needs --plot PATH", file=sys.stderr)
         return 2
@@ -165,9 +169,9 @@ def _roofline_run(args: argparse.Namespace) -> int:
             with open(args.bench_json) as f:
                 records = json.load(f).get("records", [])
         steps = [(f"{model.name} prefill", roofline.prefill_step(model, args.batch, args.context, bits,
-                                                                 args.group_size)),
+                                                                 args.group_size, kv_elem)),
                  (f"{model.name} decode", roofline.decode_step(model, args.batch, args.context, bits,
-                                                               args.group_size))]
+                                                               args.group_size, kv_elem))]
         try:
             placed = roofline.plot(args.plot, peak, steps, records)
         except RuntimeError as e:

@@ -1,8 +1,10 @@
 """The C++ CPU backend: builds csrc/ just in time and runs llmkern's ops on CPU tensors with it.
 
     kernel(op_name) -> Callable | None   the C++ implementation of the custom op llmkern::<op_name>: a function taking
-                                         exactly that op's schema arguments and returning what the op returns; None
-                                         when the C++ backend is off or unavailable, or has no kernel for that op
+                                         exactly that op's schema arguments and returning what the op returns, or
+                                         NotImplemented (having done nothing) when they ask for a feature the C++
+                                         kernel lacks, which the dispatcher then gives to the reference; None when
+                                         the C++ backend is off or unavailable, or has no kernel for that op
     load() -> bool                       build (first use) and load the library once per process; False when that
                                          failed (a one-time warning names the cause and the build log)
     build() -> Build                     the same, raising BuildError on failure (`llmkern build-ext` calls it)
@@ -367,36 +369,48 @@ def _rope_inplace(q, k, positions, cos, sin, theta):
 _NO_LSE = torch.empty(0, dtype=torch.float32)
 
 
+# Not in C++ yet, so these calls go to the reference (NotImplemented: see kernel()): fp8 KV caches (k_scale /
+# v_scale) and ALiBi and attention sinks (alibi_slopes, sinks) in the paged ops. The dense ops have both variants.
+def _variant(*optional) -> bool:
+    return any(t is not None for t in optional)
+
+
 @_adapter("attention")
-def _attention(q, k, v, causal, scale, window_left, window_right, softcap, return_lse):
+def _attention(q, k, v, causal, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks):
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     o = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if return_lse else None
-    _lib().attention(q, k, v, None, None, o, lse, scale, softcap, window_left, 0 if causal else window_right)
+    _lib().attention(q, k, v, None, None, o, lse, scale, softcap, window_left, 0 if causal else window_right,
+                     alibi_slopes, sinks)
     return o, (lse if return_lse else _NO_LSE.clone())
 
 
 @_adapter("attention_varlen")
 def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-                      window_right, softcap, return_lse):
+                      window_right, softcap, return_lse, alibi_slopes, sinks):
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     # rows past cu_seqlens_q[-1] belong to no sequence: 0 and -inf, as from the Triton kernel
     o = torch.zeros(q.shape, dtype=q.dtype)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32) if return_lse else None
     _lib().attention(q, k, v, cu_seqlens_q, cu_seqlens_k, o, lse, scale, softcap, window_left,
-                     0 if causal else window_right)
+                     0 if causal else window_right, alibi_slopes, sinks)
     return o, (lse if return_lse else _NO_LSE.clone())
 
 
 # ----------------------------------------------------------------------------------------- paged_attention.cpp
 @_adapter("paged_kv_write")
-def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping):
+def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    if _variant(k_scale, v_scale):
+        return NotImplemented
     _lib().paged_kv_write(k, v, k_cache, v_cache, slot_mapping)   # any strides, the caches' last dim's included
 
 
 # The attention kernels read a cache with any strides but a strided head_dim: a cache in that (rare) layout is copied.
 @_adapter("paged_decode_attention")
-def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits):
+def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits,
+                  *variants):
+    if _variant(*variants):
+        return NotImplemented
     out = torch.empty(q.shape, dtype=q.dtype)
     # decode's one query sits at the last key: a right window masks nothing
     _lib().paged_decode(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
@@ -406,7 +420,9 @@ def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, w
 
 @_adapter("paged_prefill_attention")
 def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left,
-                   window_right):
+                   window_right, *variants):
+    if _variant(*variants):
+        return NotImplemented
     out = torch.empty(q.shape, dtype=q.dtype)
     _lib().paged_prefill(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
                          cu_seqlens_q, seq_lens, out, scale, softcap, window_left, 0 if causal else window_right)
@@ -416,12 +432,15 @@ def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, ca
 @_adapter("paged_attention")
 def _paged_attention(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
                      batch_size, num_tokens, grid_items, grid_reduce, decode_tiles, scale, softcap, window_left,
-                     window_right):
+                     window_right, *variants):
     """A PagedAttentionPlan's run on the C++ kernels above, which take the step's tables, not the plan's work list
     (the schedule and the split-KV workspace are the GPU's): a decode step (one token per sequence) goes to
     paged_decode (its own split choice, over CPU threads), any other step to paged_prefill, which serves mixed
     batches (a decode token is a one-token chunk). The plan's buffers are sized for its capacities: the first
-    batch_size sequences and num_tokens rows are this step's."""
+    batch_size sequences and num_tokens rows are this step's. The variants (k_scale, v_scale, alibi_slopes, sinks) go
+    to the reference."""
+    if _variant(*variants):
+        return NotImplemented
     if num_tokens == 0:
         return
     b = batch_size

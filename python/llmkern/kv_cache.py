@@ -9,6 +9,12 @@ written again, so they stay shared. A shared block that is only partly filled wo
 either sequence, so the first append into it copies the block, in every layer, to a fresh block owned by the
 appending sequence alone (copy-on-write).
 
+FP8 caches (dtype torch.float8_e4m3fn or torch.float8_e5m2) halve the bytes of a 16-bit cache. Each layer has a
+float32 scale per KV head for K and for V (`k_scale(layer)`, `v_scale(layer)`): the cache stores
+round_to_fp8(x / scale) and the attention kernels read fp8 * scale. The scales are given (vLLM and FlashInfer take
+per-tensor scales; per-head ones are a superset), 1.0 unless set: calibrate them so that max |x| / scale stays near
+the format's largest value (448 for e4m3fn) and values saturate rarely.
+
 Every mutating method checks everything first and only then changes state, so a refused call (CacheFullError,
 ValueError) leaves the cache exactly as it was.
 """
@@ -30,11 +36,17 @@ class PagedKVCache:
 
     Typical step: `slots = cache.append(seq_id, n)` reserves n token slots; write the new K/V of every layer with
     `llmkern.paged_kv_write(k, v, cache.k_cache(layer), cache.v_cache(layer), slots)`; attend with
-    `cache.block_tables(ids)` and `cache.seq_lens(ids)`.
+    `cache.block_tables(ids)` and `cache.seq_lens(ids)`. An fp8 cache also passes `k_scale=cache.k_scale(layer),
+    v_scale=cache.v_scale(layer)` to the write and to the attention ops.
+
+    dtype: float16, bfloat16, float32, or fp8 (float8_e4m3fn, float8_e5m2). k_scale, v_scale (fp8 only; None means
+    1.0): a float, or a float32 tensor that broadcasts to (num_layers, num_kv_heads); each a finite scale in
+    [2**-126, 3.4e38 / the format's largest value]. Raises TypeError/ValueError naming the argument otherwise.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
+                 k_scale: float | torch.Tensor | None = None, v_scale: float | torch.Tensor | None = None):
         for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -44,8 +56,10 @@ class PagedKVCache:
         if block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two (16 and 32 are usual), got {block_size}")
         _utils.check_head_dim("head_dim", head_dim)
-        if dtype not in _utils.FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
+        if dtype not in _utils.FLOAT_DTYPES + _utils.FP8_DTYPES:
+            raise TypeError(f"dtype must be one of float16, bfloat16, float32, float8_e4m3fn, float8_e5m2, got {dtype}")
+        scales = [self._scales(name, value, dtype, num_layers, num_kv_heads)
+                  for name, value in (("k_scale", k_scale), ("v_scale", v_scale))]
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -57,6 +71,7 @@ class PagedKVCache:
         # Zero-filled so that a never-written slot reads as 0 rather than garbage (tests and debugging).
         self._k = torch.zeros(shape, dtype=dtype, device=self.device)
         self._v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._k_scale, self._v_scale = (None if t is None else t.to(self.device) for t in scales)
         # Free blocks as a stack: a freed block is reused first (it is likely still in L2).
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._refs: list[int] = [0] * num_blocks
@@ -70,6 +85,37 @@ class PagedKVCache:
 
     def v_cache(self, layer: int) -> torch.Tensor:
         return self._v[self._layer(layer)]
+
+    def k_scale(self, layer: int) -> torch.Tensor | None:
+        """Layer `layer`'s K scales, float32 (num_kv_heads,) (a view: set them in place), or None for a cache that
+        is not fp8."""
+        return None if self._k_scale is None else self._k_scale[self._layer(layer)]
+
+    def v_scale(self, layer: int) -> torch.Tensor | None:
+        return None if self._v_scale is None else self._v_scale[self._layer(layer)]
+
+    @staticmethod
+    def _scales(name: str, value, dtype: torch.dtype, num_layers: int, num_kv_heads: int) -> torch.Tensor | None:
+        """The (num_layers, num_kv_heads) float32 scales of an fp8 cache (CPU, checked), None for another cache."""
+        if dtype not in _utils.FP8_DTYPES:
+            if value is not None:
+                raise ValueError(f"{name} applies to fp8 caches only; this cache is {str(dtype).replace('torch.', '')}")
+            return None
+        if value is None:
+            value = 1.0
+        if isinstance(value, torch.Tensor):
+            _utils.check_tensor(name, value, dtypes=(torch.float32,))
+            try:
+                table = value.detach().to("cpu").expand(num_layers, num_kv_heads).clone()
+            except RuntimeError:
+                raise ValueError(f"{name} must broadcast to (num_layers, num_kv_heads) = ({num_layers}, "
+                                 f"{num_kv_heads}), got shape {tuple(value.shape)}") from None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            table = torch.full((num_layers, num_kv_heads), float(value), dtype=torch.float64).float()
+        else:
+            raise TypeError(f"{name} must be a float or a float32 tensor, got {value!r}")
+        _utils.check_kv_scale_values(name, table, dtype)
+        return table
 
     def _layer(self, layer: int) -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_layers:

@@ -397,9 +397,9 @@ def _compile_specs():
     for rank in sorted({rank for rank, _ in SUPPORTED}):
         stride_sig, unit = _strides(kr)
         sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*bf16:16", "SCHEDULE": "*i32:16",
-               "off_reduce": "i32", **stride_sig}
+               "SINKS": "*fp32:16", "off_reduce": "i32", **stride_sig}
         yield CompileSpec(kr, "mla_decode_reduce", f"bf16 r{rank} w4", sig,
-                          {"HEAD_DIM": rank, "BLOCK_D": rank, **unit}, num_warps=4)
+                          {"HEAD_DIM": rank, "BLOCK_D": rank, "HAS_SINKS": False, **unit}, num_warps=4)
 
     kw = kernels.mla_kv_write_kernel
     for (rank, rope_dim), dtype in zip(SUPPORTED, (torch.bfloat16, torch.float16, torch.float32)):

@@ -68,6 +68,10 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
     rows hold 64 // group tokens of a group (a group larger than the rows: one token, its heads padded to a power of
     two). Decode tokens in a mixed batch use these tiles too (one launch), filling `group` of the rows.
 
+    An fp8 cache keeps the query dtype's tiles: its tiles are half the bytes, and their conversion to 16-bit is what
+    the 8 warps of the (64 x 128) decode tiles also absorb (with 4, e5m2 spilled 12 bytes on sm_80 at group 8; with
+    8, 106 registers; at head_dim 256, 8 warps spilled 16 bytes on sm_90 and 4 do not).
+
     `llmkern check-compile` shows every choice without spills on sm_80 and sm_90 (the fp32 dot path spilled on
     sm_90 with 4 warps; 4 warps spilled on sm_80 for 16-bit prefill tiles at every head_dim).
     """
@@ -124,18 +128,50 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
 
 
 # ---------------------------------------------------------------------------------------------------- shared checks
+_CACHE_DTYPES = _utils.FLOAT_DTYPES + _utils.FP8_DTYPES
+
+
 def _check_cache_pair(q_name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
-    _utils.check_tensor("k_cache", k_cache, ndim=4, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("v_cache", v_cache, ndim=4, dtypes=_utils.FLOAT_DTYPES)
+    """The cache pair: 4-D, one shape, one dtype; q's dtype, or fp8 (e4m3fn / e5m2) with q in any float dtype."""
+    _utils.check_tensor("k_cache", k_cache, ndim=4, dtypes=_CACHE_DTYPES)
+    _utils.check_tensor("v_cache", v_cache, ndim=4, dtypes=_CACHE_DTYPES)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape (num_blocks, block_size, num_kv_heads, "
                          f"head_dim), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    _utils.check_same([q_name, "k_cache", "v_cache"], [q, k_cache, v_cache])
+    _utils.check_same(["k_cache", "v_cache"], [k_cache, v_cache])
+    _utils.check_same([q_name, "k_cache", "v_cache"], [q, k_cache, v_cache],
+                      dtype=k_cache.dtype not in _utils.FP8_DTYPES)
+    _check_fp8_arch("k_cache", k_cache.dtype, k_cache.device)
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     if num_blocks < 1 or block_size < 1 or num_kv_heads < 1:
         raise ValueError(f"k_cache: num_blocks, block_size and num_kv_heads must be >= 1, got {tuple(k_cache.shape)}")
     _utils.check_head_dim("k_cache", head_dim)
     return num_blocks, block_size, num_kv_heads, head_dim
+
+
+# Triton compiles float8_e4m3fn (its fp8e4nv) for compute capability 8.9 and newer only ("type fp8e4nv not supported
+# in this architecture" on sm_80); float8_e5m2 (fp8e5) builds everywhere.
+_E4M3_MIN_CAPABILITY = (8, 9)
+
+
+def _check_fp8_arch(name: str, cache_dtype: torch.dtype, device: torch.device) -> None:
+    if cache_dtype == torch.float8_e4m3fn and device.type == "cuda" and \
+            torch.cuda.get_device_capability(device) < _E4M3_MIN_CAPABILITY:
+        raise ValueError(f"{name}: float8_e4m3fn caches need a GPU of compute capability 8.9 or newer (Triton has no "
+                         f"e4m3fn before it); use float8_e5m2 on this one")
+
+
+def _check_variants(num_heads: int, q: torch.Tensor, alibi_slopes, sinks) -> None:
+    """alibi_slopes and sinks: None or float32 (num_heads,) on q's device (their values: _utils.check_head_values)."""
+    _utils.check_head_vector("alibi_slopes", alibi_slopes, num_heads, q)
+    _utils.check_head_vector("sinks", sinks, num_heads, q)
+
+
+def _check_variant_values(k_cache, k_scale, v_scale, alibi_slopes, sinks) -> None:
+    """The values of the variants' tensors (one host sync for each one given): the one-shots' checks."""
+    _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
+    _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
+    _utils.check_head_values(alibi_slopes, sinks)
 
 
 def _check_heads(q: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
@@ -328,8 +364,8 @@ class PagedAttentionPlan:
     """Paged attention for one step of a batch, planned once and run per layer (FlashInfer's plan/run wrappers).
 
     PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q=None, *, num_heads, num_kv_heads, head_dim, num_blocks,
-                       block_size, dtype, device=None, num_splits=None, max_batch_size=None, max_num_tokens=None,
-                       max_blocks_per_seq=None, cuda_graph=False)
+                       block_size, dtype, kv_dtype=None, device=None, num_splits=None, max_batch_size=None,
+                       max_num_tokens=None, max_blocks_per_seq=None, cuda_graph=False)
 
     block_tables int32 (batch, width): sequence b's blocks, token t in block block_tables[b, t // block_size] at
       offset t % block_size; entries past a sequence's length are never read (any value);
@@ -341,7 +377,9 @@ class PagedAttentionPlan:
       speculative tokens, in any mixture. None: one new token per sequence (decode), seq_lens >= 1.
     The three may be CPU tensors (no sync at all) or on the device (one device-to-host copy); any strides.
     num_heads, num_kv_heads, head_dim, num_blocks, block_size, dtype: the q and caches `run` will get (num_heads a
-      multiple of num_kv_heads: GQA/MQA). device: the plan's buffers' device (default: block_tables').
+      multiple of num_kv_heads: GQA/MQA). kv_dtype (FlashInfer's kv_data_type): the caches' dtype, `dtype` (the
+      default) or an fp8 cache's float8_e4m3fn / float8_e5m2 (e4m3fn needs compute capability 8.9+ on a GPU).
+      device: the plan's buffers' device (default: block_tables').
     num_splits: programs per decode token (split-KV) in [1, 256]; None chooses per token from its length, the step's
       size and the device's SM count (`choose_num_splits`). Tokens of longer queries are never split.
     max_batch_size, max_num_tokens, max_blocks_per_seq: the capacities the buffers are sized for (default: this
@@ -363,7 +401,8 @@ class PagedAttentionPlan:
 
     def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor] = None,
                  *, num_heads: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None, num_splits: Optional[int] = None,
+                 dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None,
+                 device: torch.device | str | None = None, num_splits: Optional[int] = None,
                  max_batch_size: Optional[int] = None, max_num_tokens: Optional[int] = None,
                  max_blocks_per_seq: Optional[int] = None, cuda_graph: bool = False):
         for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("num_blocks", num_blocks),
@@ -374,6 +413,9 @@ class PagedAttentionPlan:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if dtype not in _utils.FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        if kv_dtype != dtype and kv_dtype not in _utils.FP8_DTYPES:
+            raise TypeError(f"kv_dtype must be dtype ({dtype}) or float8_e4m3fn / float8_e5m2, got {kv_dtype}")
         if num_splits is not None:
             _check_int("num_splits", num_splits, 1)
             if num_splits > _MAX_SPLITS:
@@ -389,8 +431,10 @@ class PagedAttentionPlan:
         self.max_blocks_per_seq = _check_int("max_blocks_per_seq", width if max_blocks_per_seq is None
                                              else max_blocks_per_seq, 1)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.num_blocks, self.block_size, self.dtype, self.kv_dtype = num_blocks, block_size, dtype, kv_dtype
         self.device = torch.device(device) if device is not None else block_tables.device
+        _check_fp8_arch("kv_dtype", kv_dtype, self.device)
+        self._const_scales: dict[float, torch.Tensor] = {}   # a number k_scale / v_scale as the kernel's tensor
         self.num_splits, self.cuda_graph = num_splits, cuda_graph
         self._num_sms = _utils.num_sms(self.device)
 
@@ -479,6 +523,8 @@ class PagedAttentionPlan:
     # ------------------------------------------------------------------------------------------------ per layer
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, causal: bool = True,
             scale: float | None = None, softcap: float | None = None, window: tuple[int, int] = (-1, -1),
+            k_scale: float | torch.Tensor | None = None, v_scale: float | torch.Tensor | None = None,
+            alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the step's new tokens over their cached sequences, for one layer.
 
@@ -489,11 +535,20 @@ class PagedAttentionPlan:
         (Gemma 2's tanh cap) and window=(left, right) as in llmkern.attention: the query at position p sees keys in
         [p - left, p + right] (-1: unbounded). out: written in place (any strides; else a new tensor is returned).
         Returns out, (rows of q, num_heads, head_dim) in q's dtype.
+        The variants, as in the one-shots (paged_decode_attention): k_scale, v_scale, required by an fp8 cache
+        (kv_dtype) and refused otherwise, a float or a float32 (num_kv_heads,) tensor, the scales the cache was
+        written with (the value read is fp8 * scale; dequantized in registers, MMAs in q's dtype); alibi_slopes
+        float32 (num_heads,), ALiBi's bias -slope * |i - j| at the causal/window positions; sinks float32
+        (num_heads,), gpt-oss's per-head logits that join the softmax denominator with no value.
 
         Only what needs no sync is checked, before any launch: TypeError/ValueError naming the argument when q,
-        the caches or out do not match the plan (shape, dtype, device) or scale/softcap/window/causal are invalid.
+        the caches or out do not match the plan (shape, dtype, device), scale/softcap/window/causal or a number
+        k_scale / v_scale are invalid, or a variant tensor has the wrong dtype, shape or device. The values of
+        tensor scales, slopes and sinks are not read here (that needs a sync per layer): the one-shots and
+        paged_kv_write check them; a NaN there gives NaN rows, nothing worse.
         No device-to-host transfer, no device-property query; no allocation when out is given and q and the caches
-        have a contiguous last dim (one that is not is copied).
+        have a contiguous last dim (one that is not is copied) and scales are tensors or numbers seen before (each
+        distinct number becomes a (num_kv_heads,) tensor once, kept by the plan).
         """
         rows = self.max_num_tokens if self.cuda_graph else self.num_tokens
         want_q = (rows, self.num_heads, self.head_dim)
@@ -501,8 +556,9 @@ class PagedAttentionPlan:
         given = [("q", q, want_q), ("k_cache", k_cache, want_cache), ("v_cache", v_cache, want_cache)]
         for name, t, shape in given + ([] if out is None else [("out", out, want_q)]):
             _utils.check_tensor(name, t, ndim=len(shape))
-            if t.dtype != self.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype}, the plan was made for {self.dtype}")
+            want = self.kv_dtype if name in ("k_cache", "v_cache") else self.dtype
+            if t.dtype != want:
+                raise TypeError(f"{name} has dtype {t.dtype}, the plan was made for {want}")
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}, the plan's buffers on {self.device}")
             if tuple(t.shape) != shape:
@@ -514,24 +570,41 @@ class PagedAttentionPlan:
         scale = _utils.check_scale(scale, self.head_dim)
         softcap = _utils.check_softcap(softcap, scale)
         left, right = _utils.check_window(window)
+        k_scale, v_scale = self._kv_scale("k_scale", k_scale), self._kv_scale("v_scale", v_scale)
+        _check_variants(self.num_heads, q, alibi_slopes, sinks)
         q = _utils.last_dim_contiguous("q", q)
         k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
         v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        _paged_attention_op(*self._op_args(q, k_cache, v_cache, out, scale, softcap, left, 0 if causal else right))
+        _paged_attention_op(*self._op_args(q, k_cache, v_cache, out, scale, softcap, left, 0 if causal else right,
+                                           k_scale, v_scale, alibi_slopes, sinks))
         return out
 
-    def _op_args(self, q, k_cache, v_cache, out, scale, softcap, window_left, window_right) -> tuple:
-        """The llmkern::paged_attention arguments of one run: the tensors and this step's sizes."""
+    def _kv_scale(self, name: str, scale) -> torch.Tensor | None:
+        """k_scale / v_scale as the kernel's float32 (num_kv_heads,) tensor (_utils.check_kv_scale's rules); a
+        number's tensor is made once per distinct value and kept."""
+        if isinstance(scale, torch.Tensor) or scale is None:
+            return _utils.check_kv_scale(name, scale, self.kv_dtype, self.num_kv_heads, self._part_lse)
+        key = scale if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+        if key is None or key not in self._const_scales:
+            t = _utils.check_kv_scale(name, scale, self.kv_dtype, self.num_kv_heads, self._part_lse)
+            if key is None:
+                return t
+            self._const_scales[key] = t
+        return self._const_scales[key]
+
+    def _op_args(self, q, k_cache, v_cache, out, scale, softcap, window_left, window_right, k_scale, v_scale,
+                 alibi_slopes, sinks) -> tuple:
+        """The llmkern::paged_attention arguments of one run: the tensors, this step's sizes and the options."""
         return (q, k_cache, v_cache, out, self._block_tables, self._seq_lens, self._cu_seqlens_q, self._schedule,
                 self._part_o, self._part_lse, self.batch_size, self.num_tokens, self._grid_items, self._grid_reduce,
-                self._decode_tiles, scale, softcap, window_left, window_right)
+                self._decode_tiles, scale, softcap, window_left, window_right, k_scale, v_scale, alibi_slopes, sinks)
 
     def __repr__(self) -> str:
         return (f"PagedAttentionPlan(batch_size={self.batch_size}, num_tokens={self.num_tokens}, "
                 f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"block_size={self.block_size}, dtype={self.dtype}, device={self.device}, "
+                f"block_size={self.block_size}, dtype={self.dtype}, kv_dtype={self.kv_dtype}, device={self.device}, "
                 f"decode_tiles={self._decode_tiles}, cuda_graph={self.cuda_graph})")
 
 
@@ -545,22 +618,27 @@ def _check_outputs(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_
 
 def _paged_attention_reference(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o,
                                part_lse, batch_size, num_tokens, grid_items, grid_reduce, decode_tiles, scale,
-                               softcap, window_left, window_right) -> None:
+                               softcap, window_left, window_right, k_scale, v_scale, alibi_slopes, sinks) -> None:
     if num_tokens == 0:
         return
     b = batch_size
     out[:num_tokens] = reference.paged_prefill_attention(
         q[:num_tokens], k_cache, v_cache, block_tables[:b], cu_seqlens_q[:b + 1], seq_lens[:b], causal=False,
-        scale=scale, softcap=softcap, window=(window_left, window_right))
+        scale=scale, softcap=softcap, window=(window_left, window_right), alibi_slopes=alibi_slopes, sinks=sinks,
+        k_scale=k_scale, v_scale=v_scale)
 
 
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      schedule: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor, batch_size: int,
                      num_tokens: int, grid_items: int, grid_reduce: int, decode_tiles: bool, scale: float,
-                     softcap: Optional[float], window_left: int, window_right: int) -> None:
+                     softcap: Optional[float], window_left: int, window_right: int, k_scale: Optional[torch.Tensor],
+                     v_scale: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+                     sinks: Optional[torch.Tensor]) -> None:
     """The Triton implementation of llmkern::paged_attention: the attention kernel over the plan's work list, then
-    the split-KV merge. Sizes are the plan's (host ints): nothing here reads a tensor's values."""
+    the split-KV merge. Sizes are the plan's (host ints): nothing here reads a tensor's values. k_scale, v_scale:
+    given for an fp8 cache (and only then); alibi_slopes, sinks: the optional variants. An absent one's pointer is
+    part_lse's, never read (its constexpr is off)."""
     if grid_items == 0:
         return
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -570,9 +648,13 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     longest = block_tables.shape[1] * block_size    # no sequence outgrows its table (the plan checked)
     window_left, window_right = (_utils.unbounded_beyond(w, longest) for w in (window_left, window_right))
     has_softcap = softcap is not None
+    kv_fp8 = k_scale is not None
+    unused = part_lse
     _utils.launch(
         kernels.paged_attention_kernel, (grid_items, num_kv_heads),
         q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
+        k_scale if kv_fp8 else unused, v_scale if kv_fp8 else unused,
+        unused if alibi_slopes is None else alibi_slopes, unused if sinks is None else sinks,
         2 + _REDUCE_FIELDS * seq_lens.shape[0],
         q.stride(0), q.stride(1), q.stride(2),
         *_cache_strides(k_cache), *_cache_strides(v_cache),
@@ -582,42 +664,46 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1),
         scale * math.log2(math.e), softcap if has_softcap else 1.0, window_left, window_right, group, block_size,
         HEAD_DIM=head_dim, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=has_softcap,
+        KV_FP8=kv_fp8, HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
         INTERPRET=_utils.INTERPRET, **cfg,
     )
     if grid_reduce:
-        _merge_splits(part_o, part_lse, out, schedule, grid_reduce)
+        _merge_splits(part_o, part_lse, out, schedule, grid_reduce, sinks)
 
 
 def _merge_splits(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, schedule: torch.Tensor,
-                  grid_reduce: int) -> None:
+                  grid_reduce: int, sinks: torch.Tensor | None = None) -> None:
     """Split-KV merge (paged_attention_reduce_kernel): for each reduce row of schedule (int32: schedule[1] rows of
     (output row, first slot, num_splits) from schedule[2]), out[row] = its slots' partial outputs of part_o
-    (slots, num_heads, head_dim) fp32, weighted by their base-2 log-sum-exps in part_lse (slots, num_heads).
-    grid_reduce >= schedule[1] programs per head. (Shared with llmkern.mla.)"""
+    (slots, num_heads, head_dim) fp32, weighted by their base-2 log-sum-exps in part_lse (slots, num_heads); sinks
+    (float32 (num_heads,), or None) join each row's softmax denominator once, here. grid_reduce >= schedule[1]
+    programs per head. (Shared with llmkern.mla.)"""
     head_dim = part_o.shape[2]
     _utils.launch(
         kernels.paged_attention_reduce_kernel, (grid_reduce, part_o.shape[1]),
-        part_o, part_lse, out, schedule, 2,
+        part_o, part_lse, out, schedule, part_lse if sinks is None else sinks, 2,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), HAS_SINKS=sinks is not None, num_warps=4,
     )
 
 
 _paged_attention_op = _dispatch.custom_op(
     "paged_attention", mutates_args=("out", "part_o", "part_lse"), reference=_paged_attention_reference,
-    check=_check_outputs, contiguous=("seq_lens", "cu_seqlens_q", "schedule"))(_paged_attention)
+    check=_check_outputs,
+    contiguous=("seq_lens", "cu_seqlens_q", "schedule", "k_scale", "v_scale", "alibi_slopes", "sinks"))(_paged_attention)
 
 
 @_paged_attention_op.register_fake
 def _(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse, batch_size,
-      num_tokens, grid_items, grid_reduce, decode_tiles, scale, softcap, window_left, window_right) -> None:
+      num_tokens, grid_items, grid_reduce, decode_tiles, scale, softcap, window_left, window_right, k_scale, v_scale,
+      alibi_slopes, sinks) -> None:
     return None
 
 
 def _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num_splits, scale, softcap,
-                  window_left, window_right) -> torch.Tensor:
+                  window_left, window_right, k_scale, v_scale, alibi_slopes, sinks) -> torch.Tensor:
     """The one-shots' Triton path: a plan for this call, then its run's launch."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
@@ -625,58 +711,66 @@ def _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     plan = PagedAttentionPlan(block_tables, seq_lens, cu_seqlens_q, num_heads=q.shape[1], num_kv_heads=num_kv_heads,
                               head_dim=head_dim, num_blocks=num_blocks, block_size=block_size, dtype=q.dtype,
-                              device=q.device, num_splits=num_splits)
-    _paged_attention(*plan._op_args(q, k_cache, v_cache, out, scale, softcap, window_left, window_right))
+                              kv_dtype=k_cache.dtype, device=q.device, num_splits=num_splits)
+    _paged_attention(*plan._op_args(q, k_cache, v_cache, out, scale, softcap, window_left, window_right, k_scale,
+                                    v_scale, alibi_slopes, sinks))
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- kv write
-def _check_writable_caches(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Caches that can be written (no element at two indices: strides only, no sync). Slots need no check: the
-    kernel writes only those inside the cache."""
+def _check_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    """Caches that can be written (no element at two indices: strides only) and an fp8 cache's scale tensors' values
+    (one host sync, only for an fp8 cache with scales given as tensors). Slots need no check: the kernel writes only
+    those inside the cache."""
+    _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
+    _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
     _utils.check_writable("k_cache", k_cache)
     _utils.check_writable("v_cache", v_cache)
 
 
-def _paged_kv_write_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
-    reference.paged_kv_write(k, v, k_cache, v_cache, slot_mapping)
-
-
-@_dispatch.custom_op("paged_kv_write", mutates_args=("k_cache", "v_cache"), reference=_paged_kv_write_reference,
-                     check=_check_writable_caches, contiguous=("slot_mapping",))
+@_dispatch.custom_op("paged_kv_write", mutates_args=("k_cache", "v_cache"), reference=reference.paged_kv_write,
+                     check=_check_kv_write, contiguous=("slot_mapping", "k_scale", "v_scale"))
 def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
+                       slot_mapping: torch.Tensor, k_scale: torch.Tensor | None,
+                       v_scale: torch.Tensor | None) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
+    quantize = k_scale is not None   # an fp8 cache (its scales are required)
     _utils.launch(
         kernels.paged_kv_write_kernel, (num_tokens,),
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, k_scale if quantize else k, v_scale if quantize else v,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *_cache_strides(k_cache), *_cache_strides(v_cache),
         num_kv_heads, block_size, num_blocks * block_size,
         HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        QUANTIZE=quantize, INTERPRET=_utils.INTERPRET,
     )
 
 
 @_paged_kv_write_op.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping) -> None:
+def _(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     return None
 
 
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, *, k_scale: float | torch.Tensor | None = None,
+                   v_scale: float | torch.Tensor | None = None) -> None:
     """Copy k, v (num_tokens, num_kv_heads, head_dim) into the cache slots `slot_mapping` (int64, num_tokens).
 
     Slot s is block s // block_size, offset s % block_size. Only slots in [0, num_blocks * block_size) are written:
     -1 (vLLM's padding slot) and any other slot outside the cache leave the cache untouched for that token, without
     an error (no sync: the values are never read on the host). Valid slots come from the block manager
     (`PagedKVCache.append`) or a plan (`PagedAttentionPlan.slot_mapping`), which check the tables they come from.
-    Bit-exact copies: k, v must have the cache's dtype. Slots must be distinct (two tokens in one slot leave either
-    one there). The caches are written through their strides (any view that does not overlap itself: an expanded
-    cache raises ValueError); slot_mapping may be any view, read as its values.
+    A 16-bit or fp32 cache gets bit-exact copies: k, v must have its dtype, and k_scale / v_scale must be None. An fp8
+    cache (float8_e4m3fn or float8_e5m2; k, v in any float dtype) stores round_to_fp8(x / scale), to nearest even,
+    saturated to the format's largest value (+-448 for e4m3fn, +-57344 for e5m2) as vLLM does; its scales are
+    required: k_scale, v_scale a float or a float32 (num_kv_heads,) tensor (one scale per KV head; a finite value in
+    [2**-126, 3.4e38 / fp8 max], a tensor's values checked with one host sync). Slots must be distinct (two tokens in
+    one slot leave either one there). The caches are written through their strides (any view that does not overlap
+    itself: an expanded cache raises ValueError); slot_mapping and the scales may be any view, read as their values.
     """
     _utils.check_tensor("k", k, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     _utils.check_tensor("v", v, ndim=3, dtypes=_utils.FLOAT_DTYPES)
@@ -690,44 +784,65 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     _check_index("slot_mapping", slot_mapping, 1, _SLOT_DTYPE, k)
     if slot_mapping.shape[0] != k.shape[0]:
         raise ValueError(f"slot_mapping must have one slot per token ({k.shape[0]}), got {slot_mapping.shape[0]}")
+    k_scale = _utils.check_kv_scale("k_scale", k_scale, k_cache.dtype, num_kv_heads, k_cache)
+    v_scale = _utils.check_kv_scale("v_scale", v_scale, k_cache.dtype, num_kv_heads, k_cache)
     k = _utils.last_dim_contiguous("k", k)
     v = _utils.last_dim_contiguous("v", v)
-    _paged_kv_write_op(k, v, k_cache, v_cache, slot_mapping)
+    _paged_kv_write_op(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 # ---------------------------------------------------------------------------------------------------- decode
-def _check_decode_values(q, k_cache, v_cache, block_tables, seq_lens, *options) -> None:
-    """Lengths and block ids (one host sync), before any implementation runs (llmkern._dispatch)."""
+_VARIANT_ARGS = ("k_scale", "v_scale", "alibi_slopes", "sinks")   # the one-shot ops' last arguments, read contiguous
+
+
+def _check_decode_values(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
+                         num_splits, *variants) -> None:
+    """Lengths and block ids (one host sync), and the variants' values (one sync each), before any implementation
+    runs (llmkern._dispatch)."""
     _validate_tables(_read_tables(block_tables, seq_lens, None), k_cache.shape[0], k_cache.shape[1])
+    _check_variant_values(k_cache, *variants)
 
 
 def _paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
-                            num_splits):
+                            num_splits, k_scale, v_scale, alibi_slopes, sinks):
     if q.shape[0] == 0:
         return torch.empty_like(q)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                                            softcap=softcap, window=(window_left, window_right))
+                                            softcap=softcap, window=(window_left, window_right),
+                                            alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
 
 
 @_dispatch.custom_op("paged_decode_attention", mutates_args=(), reference=_paged_decode_reference,
-                     check=_check_decode_values, contiguous=("seq_lens",))
+                     check=_check_decode_values, contiguous=("seq_lens",) + _VARIANT_ARGS)
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, softcap: float | None, window_left: int,
-                     window_right: int, num_splits: int) -> torch.Tensor:
+                     window_right: int, num_splits: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                     alibi_slopes: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:
     # decode's one query sits at the last key: a right window masks nothing
     return _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, None, num_splits or None, scale, softcap,
-                         window_left, -1)
+                         window_left, -1, k_scale, v_scale, alibi_slopes, sinks)
 
 
 @_paged_decode_op.register_fake
-def _(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits):
+def _(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits, *variants):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _check_variant_args(q, k_cache, k_scale, v_scale, alibi_slopes, sinks) -> tuple:
+    """The one-shots' variant keywords, checked without a sync (values: _check_variant_values, in the op); the
+    scales as float32 (num_kv_heads,) tensors."""
+    num_kv_heads = k_cache.shape[2]
+    _check_variants(q.shape[1], q, alibi_slopes, sinks)
+    return (_utils.check_kv_scale("k_scale", k_scale, k_cache.dtype, num_kv_heads, k_cache),
+            _utils.check_kv_scale("v_scale", v_scale, k_cache.dtype, num_kv_heads, k_cache), alibi_slopes, sinks)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float | None = None,
                            softcap: float | None = None, window: tuple[int, int] = (-1, -1),
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, k_scale: float | torch.Tensor | None = None,
+                           v_scale: float | torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per sequence attends to its whole cached sequence (its own K/V already written).
 
     q (batch, num_heads, head_dim); k_cache, v_cache (num_blocks, block_size, num_kv_heads, head_dim) with
@@ -738,6 +853,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     any view: the cache, q and block_tables (either stride) are read through their strides, seq_lens as its values.
     num_splits: programs per sequence (split-KV); None picks one from batch, length and SM count.
     Returns (batch, num_heads, head_dim) in q's dtype.
+
+    Variants (issue 12; FlashAttention's and vLLM's names), on the shared attention core:
+    * fp8 cache: k_cache, v_cache float8_e4m3fn (compute capability 8.9+ on a GPU) or float8_e5m2, written by
+      paged_kv_write with k_scale / v_scale, which are required here (a float or a float32 (num_kv_heads,) tensor;
+      refused for a 16-bit cache). The value read is fp8 * scale: tiles load as fp8 and are converted to q's dtype
+      in registers, the MMAs run in q's dtype, and the scales multiply the scores and the output once per program.
+    * alibi_slopes float32 (num_heads,): ALiBi's bias -slope * |i - j| on the scores (arXiv 2108.12409; slopes from
+      llmkern.alibi_slopes), finite with |slope| <= 2**96.
+    * sinks float32 (num_heads,): gpt-oss's attention sinks, one natural-log logit per head that joins the softmax
+      denominator and contributes no value (-inf: none; NaN and above 2**127 refused).
+    Wrong dtypes, shapes, devices, a missing or stray scale raise before anything runs; the tensors' values are
+    checked in the op (one host sync each).
 
     A one-shot: it validates the tables on the host (one sync), plans and runs. A decode loop should make one
     `PagedAttentionPlan` per step and call its `run` in every layer.
@@ -750,10 +877,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     softcap = _utils.check_softcap(softcap, scale)
     left, right = _utils.check_window(window)
     splits = _check_num_splits(num_splits)
+    variants = _check_variant_args(q, k_cache, k_scale, v_scale, alibi_slopes, sinks)
     q = _utils.last_dim_contiguous("q", q)
     k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
     v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
-    return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, left, right, splits)
+    return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, left, right, splits,
+                            *variants)
 
 
 def _check_decode_args(q_name: str, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -779,39 +908,52 @@ def _check_num_splits(num_splits) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- prefill
-def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *options) -> None:
-    """cu_seqlens_q, lengths and block ids (one host sync), before any implementation runs (llmkern._dispatch)."""
+def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
+                          window_left, window_right, *variants) -> None:
+    """cu_seqlens_q, lengths and block ids (one host sync), and the variants' values (one sync each), before any
+    implementation runs (llmkern._dispatch)."""
     _validate_tables(_read_tables(block_tables, seq_lens, cu_seqlens_q), k_cache.shape[0], k_cache.shape[1],
                      total_q=q.shape[0])
+    _check_variant_values(k_cache, *variants)
 
 
 def _paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
-                             window_left, window_right):
+                             window_left, window_right, k_scale, v_scale, alibi_slopes, sinks):
     if q.shape[0] == 0:
         return torch.empty_like(q)
+    # A fresh, aligned copy of q: a CPU matmul's bits depend on its operands' alignment, and a view of q at a storage
+    # offset must give the contiguous call's answer (tests/test_tensor_layouts.py).
+    q = q.clone(memory_format=torch.contiguous_format)
     return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                              causal=causal, scale=scale, softcap=softcap,
-                                             window=(window_left, 0 if causal else window_right))
+                                             window=(window_left, 0 if causal else window_right),
+                                             alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
+                                             v_scale=v_scale)
 
 
 @_dispatch.custom_op("paged_prefill_attention", mutates_args=(), reference=_paged_prefill_reference,
-                     check=_check_prefill_values, contiguous=("cu_seqlens_q", "seq_lens"))
+                     check=_check_prefill_values, contiguous=("cu_seqlens_q", "seq_lens") + _VARIANT_ARGS)
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, causal: bool, scale: float,
-                      softcap: float | None, window_left: int, window_right: int) -> torch.Tensor:
+                      softcap: float | None, window_left: int, window_right: int, k_scale: torch.Tensor | None,
+                      v_scale: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+                      sinks: torch.Tensor | None) -> torch.Tensor:
     return _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, None, scale, softcap,
-                         window_left, 0 if causal else window_right)
+                         window_left, 0 if causal else window_right, k_scale, v_scale, alibi_slopes, sinks)
 
 
 @_paged_prefill_op.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left, window_right):
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left, window_right,
+      *variants):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *,
                             causal: bool = True, scale: float | None = None, softcap: float | None = None,
-                            window: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+                            window: tuple[int, int] = (-1, -1), k_scale: float | torch.Tensor | None = None,
+                            v_scale: float | torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The newest tokens of each sequence attend to its cached prefix and, causally, to each other.
 
     q (total_q, num_heads, head_dim) packs each sequence's new tokens (rows cu_seqlens_q[b]:cu_seqlens_q[b+1],
@@ -820,7 +962,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     FlashAttention's kvcache API). This is chunked prefill and prefix caching; sequences with one new token (decode)
     may share the batch. Returns (total_q, num_heads, head_dim). scale, softcap and window as in llmkern.attention;
     tensors in any layout, as in paged_decode_attention. A one-shot (one sync, then plan and run), as
-    paged_decode_attention.
+    paged_decode_attention. k_scale, v_scale (an fp8 cache), alibi_slopes and sinks as in paged_decode_attention;
+    ALiBi's distances are those of the bottom-right aligned positions.
     """
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
@@ -829,11 +972,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     scale = _utils.check_scale(scale, head_dim)
     softcap = _utils.check_softcap(softcap, scale)
     left, right = _utils.check_window(window)
+    variants = _check_variant_args(q, k_cache, k_scale, v_scale, alibi_slopes, sinks)
     q = _utils.last_dim_contiguous("q", q)
     k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
     v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
     return _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
-                             left, right)
+                             left, right, *variants)
 
 
 def _check_prefill_args(q: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -853,7 +997,8 @@ def _check_prefill_args(q: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_
 
 # ---------------------------------------------------------------------------------------------------- compile specs
 def _ptr(dtype: torch.dtype) -> str:
-    return {torch.float16: "*fp16:16", torch.bfloat16: "*bf16:16", torch.float32: "*fp32:16"}[dtype]
+    return {torch.float16: "*fp16:16", torch.bfloat16: "*bf16:16", torch.float32: "*fp32:16",
+            torch.float8_e4m3fn: "*fp8e4nv:16", torch.float8_e5m2: "*fp8e5:16"}[dtype]
 
 
 _I32 = "i32"
@@ -875,23 +1020,35 @@ def _strides(kernel, wide=_WIDE_STRIDES, unit=_UNIT_STRIDES) -> tuple[dict[str, 
     return sig, {n: 1 for n in names if n in unit}
 
 
-def _attention_spec(dtype: torch.dtype, group: int, head_dim: int, *, decode_tiles: bool,
-                    masks: bool = False) -> CompileSpec:
-    """One attention kernel build: its tiles, causal (HAS_RIGHT), and with masks softcap and both windows."""
+def _attention_spec(dtype: torch.dtype, group: int, head_dim: int, *, decode_tiles: bool, masks: bool = False,
+                    cache: torch.dtype | None = None, variants: bool = False) -> CompileSpec:
+    """One attention kernel build: its tiles, causal (HAS_RIGHT), with masks softcap and both windows; over a
+    `cache` of another dtype (fp8: KV_FP8), and with `variants` ALiBi and sinks."""
+    cache = cache or dtype
     cfg = _tile_config(decode_tiles, group, head_dim, dtype)
     stride_sig, unit = _strides(kernels.paged_attention_kernel)
-    sig = {"Q": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "O": _ptr(dtype), "BT": "*i32:16",
+    sig = {"Q": _ptr(dtype), "KC": _ptr(cache), "VC": _ptr(cache), "O": _ptr(dtype), "BT": "*i32:16",
            "SEQ_LENS": "*i32:16", "CU_Q": "*i32:16", "SCHEDULE": "*i32:16", "PART_O": "*fp32:16",
-           "PART_LSE": "*fp32:16", "off_work": _I32, **stride_sig, "qk_scale": "fp32", "softcap": "fp32",
+           "PART_LSE": "*fp32:16", "K_SCALE": "*fp32:16", "V_SCALE": "*fp32:16", "ALIBI_SLOPES": "*fp32:16",
+           "SINKS": "*fp32:16", "off_work": _I32, **stride_sig, "qk_scale": "fp32", "softcap": "fp32",
            "window_left": _I32, "window_right": _I32, "group": _I32, "block_size": _I32}
     const = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_Q", "BLOCK_N", "BLOCK_D", "USE_DOT", "MASKED_ROWS")}
-    const.update(unit, HEAD_DIM=head_dim, HAS_LEFT=masks, HAS_RIGHT=True, HAS_SOFTCAP=masks, INTERPRET=False)
-    config = (f"{str(dtype)[6:]} g{group} d{head_dim} {'decode' if decode_tiles else 'prefill'}"
-              f"{' softcap+window' if masks else ''} BM{cfg['BLOCK_M']} BQ{cfg['BLOCK_Q']} BN{cfg['BLOCK_N']} "
+    kv_fp8 = cache in _utils.FP8_DTYPES
+    const.update(unit, HEAD_DIM=head_dim, HAS_LEFT=masks, HAS_RIGHT=True, HAS_SOFTCAP=masks, KV_FP8=kv_fp8,
+                 HAS_ALIBI=variants, HAS_SINKS=variants, INTERPRET=False)
+    config = (f"{str(dtype)[6:]}{' <- ' + str(cache)[6:] if kv_fp8 else ''} g{group} d{head_dim} "
+              f"{'decode' if decode_tiles else 'prefill'}{' softcap+window' if masks else ''}"
+              f"{' alibi+sinks' if variants else ''} BM{cfg['BLOCK_M']} BQ{cfg['BLOCK_Q']} BN{cfg['BLOCK_N']} "
               f"w{cfg['num_warps']}")
     return CompileSpec(kernels.paged_attention_kernel, "paged_attention", config, sig, const,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                       expect_mma=cfg["USE_DOT"] and dtype != torch.float32)
+                       expect_mma=cfg["USE_DOT"] and dtype != torch.float32, archs=_fp8_archs(cache))
+
+
+def _fp8_archs(cache_dtype: torch.dtype) -> tuple[int, ...] | None:
+    """The archs a kernel over this cache dtype builds for: e4m3fn only from sm_89 on (of the checked ones, sm_90;
+    see _check_fp8_arch), everything else everywhere."""
+    return (90,) if cache_dtype == torch.float8_e4m3fn else None
 
 
 @register
@@ -924,19 +1081,44 @@ def _compile_specs():
                 if head_dim in (128, 256):
                     yield _attention_spec(dtype, group, head_dim, decode_tiles=False, masks=True)
 
+    # fp8 caches (issue 12): e4m3fn (sm_90 of the checked archs) under bf16 and fp16 queries, e5m2 everywhere, at
+    # the groups that change the tile (1: broadcast path, 8: the Llama-3-8B decode of bench/decode.py) and head
+    # dims 128 / 256; ALiBi and sinks, alone and over an fp8 cache.
+    for dtype, cache in ((torch.bfloat16, torch.float8_e4m3fn), (torch.float16, torch.float8_e4m3fn),
+                         (torch.float16, torch.float8_e5m2), (torch.bfloat16, torch.float8_e5m2)):
+        for group, head_dim in ((1, 128), (8, 128), (8, 256)):
+            yield _attention_spec(dtype, group, head_dim, decode_tiles=True, cache=cache)
+        yield _attention_spec(dtype, 8, 128, decode_tiles=False, cache=cache)
+    for dtype, cache in ((torch.float16, None), (torch.bfloat16, torch.float8_e4m3fn)):
+        for decode_tiles, group, head_dim in ((True, 1, 128), (True, 8, 128), (True, 8, 256), (False, 8, 128),
+                                              (False, 1, 256)):
+            yield _attention_spec(dtype, group, head_dim, decode_tiles=decode_tiles, cache=cache, variants=True,
+                                  masks=head_dim == 256)
+
     kr = kernels.paged_attention_reduce_kernel
-    for head_dim in (64, 128, 256):
+    for head_dim, sinks in ((64, False), (128, False), (256, False), (128, True)):
         stride_sig, unit = _strides(kr)
         sig = {"PART_O": "*fp32:16", "PART_LSE": "*fp32:16", "O": "*fp16:16", "SCHEDULE": "*i32:16",
-               "off_reduce": _I32, **stride_sig}
-        yield CompileSpec(kr, "paged_attention_reduce", f"fp16 d{head_dim} w4", sig,
-                          {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), **unit}, num_warps=4)
+               "SINKS": "*fp32:16", "off_reduce": _I32, **stride_sig}
+        yield CompileSpec(kr, "paged_attention_reduce", f"fp16 d{head_dim}{' sinks' if sinks else ''} w4", sig,
+                          {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), "HAS_SINKS": sinks,
+                           **unit}, num_warps=4)
 
+    # the write: copies, and the fp8 quantizing writes (from 16-bit and fp32 K/V into e4m3fn and e5m2 caches)
     kw = kernels.paged_kv_write_kernel
-    for dtype, heads, head_dim in ((torch.float16, 8, 128), (torch.bfloat16, 1, 256), (torch.float32, 32, 64)):
+    for dtype, cache, heads, head_dim in ((torch.float16, torch.float16, 8, 128),
+                                          (torch.bfloat16, torch.bfloat16, 1, 256),
+                                          (torch.float32, torch.float32, 32, 64),
+                                          (torch.bfloat16, torch.float8_e4m3fn, 8, 128),
+                                          (torch.float16, torch.float8_e5m2, 1, 256),
+                                          (torch.float32, torch.float8_e4m3fn, 32, 64)):
         stride_sig, unit = _strides(kw)
-        sig = {"K": _ptr(dtype), "V": _ptr(dtype), "KC": _ptr(dtype), "VC": _ptr(dtype), "SLOT": "*i64:16",
-               **stride_sig, "num_kv_heads": _I32, "block_size": _I32, "num_slots": _I64}
-        yield CompileSpec(kw, "paged_kv_write", f"{str(dtype)[6:]} h{heads} d{head_dim}", sig,
+        sig = {"K": _ptr(dtype), "V": _ptr(dtype), "KC": _ptr(cache), "VC": _ptr(cache), "SLOT": "*i64:16",
+               "K_SCALE": "*fp32:16", "V_SCALE": "*fp32:16", **stride_sig, "num_kv_heads": _I32, "block_size": _I32,
+               "num_slots": _I64}
+        quantize = cache in _utils.FP8_DTYPES
+        name = f"{str(dtype)[6:]}{' -> ' + str(cache)[6:] if quantize else ''} h{heads} d{head_dim}"
+        yield CompileSpec(kw, "paged_kv_write", name, sig,
                           {"HEAD_DIM": head_dim, "BLOCK_H": triton.next_power_of_2(heads),
-                           "BLOCK_D": triton.next_power_of_2(head_dim), **unit})
+                           "BLOCK_D": triton.next_power_of_2(head_dim), "QUANTIZE": quantize, "INTERPRET": False,
+                           **unit}, archs=_fp8_archs(cache))

@@ -150,10 +150,11 @@ def attention_bytes(batch: int, seqlen_q: int, seqlen_k: int, num_heads: int, nu
 
 # ------------------------------------------------------------------------------------------------ paged decode
 def decode_attention_bytes(seq_lens: Sequence[int], num_heads: int, num_kv_heads: int, head_dim: int,
-                           elem: int) -> float:
-    """Every cached K and V element once, plus q in and o out. Block tables and lengths are noise and ignored."""
+                           elem: int, kv_elem: int | None = None) -> float:
+    """Every cached K and V element once (kv_elem bytes each: 1 for an fp8 cache; default elem), plus q in and o out
+    (elem bytes). Block tables, lengths and an fp8 cache's per-head scales are noise and ignored."""
     tokens = sum(int(s) for s in seq_lens)
-    kv = 2.0 * tokens * num_kv_heads * head_dim * elem
+    kv = 2.0 * tokens * num_kv_heads * head_dim * (elem if kv_elem is None else kv_elem)
     qo = 2.0 * len(seq_lens) * num_heads * head_dim * elem
     return kv + qo
 

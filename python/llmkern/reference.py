@@ -38,13 +38,30 @@ def attention_mask(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window
     return mask
 
 
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's head slopes (Press et al. 2022, arXiv 2108.12409, section 3), float32 (num_heads,).
+
+    For n a power of two: the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8). Otherwise (footnote of section 3,
+    as BLOOM builds them): the n2 = 2^floor(log2 n) slopes of n2 heads, then the odd-indexed slopes of 2 * n2 heads,
+    2^(-4/n2), 2^(-12/n2), ..., for the n - n2 heads left. Computed in float64, rounded once.
+    """
+    n2 = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = [2.0 ** (-8.0 * i / n2) for i in range(1, n2 + 1)]
+    slopes += [2.0 ** (-4.0 * i / n2) for i in range(1, 2 * (num_heads - n2), 2)]
+    return torch.tensor(slopes, dtype=torch.float64).to(torch.float32)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
-              window: tuple[int, int] = (-1, -1), softcap: float | None = None, return_lse: bool = False,
-              compute_dtype: torch.dtype | None = None):
+              window: tuple[int, int] = (-1, -1), softcap: float | None = None,
+              alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+              return_lse: bool = False, compute_dtype: torch.dtype | None = None):
     """q (batch, seqlen_q, num_heads, head_dim); k, v (batch, seqlen_k, num_kv_heads, head_dim).
 
+    Scores s = q.k * scale, then softcap * tanh(s / softcap), then ALiBi's bias -slope_h * |p - j| (query at
+    position p, key j; alibi_slopes (num_heads,)), then the mask. sinks (num_heads,): one more logit per head in the
+    softmax denominator, whose value is 0 (gpt-oss; softmax over [scores, sink], the sink's column dropped).
     Returns o in q's dtype, and with return_lse the float32 (batch, num_heads, seqlen_q) natural-log softmax
-    denominator. A query that sees no key gets o = 0 and lse = -inf.
+    denominator (the sink included). A query that sees no key gets o = 0, and lse = -inf (= the sink with sinks).
     """
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
@@ -58,9 +75,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     s = (qh @ kh.transpose(-1, -2)) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        pos = torch.arange(seqlen_q, device=q.device)[:, None] + (seqlen_k - seqlen_q)   # bottom-right, as the mask
+        distance = (pos - torch.arange(seqlen_k, device=q.device)[None, :]).abs().to(cd)
+        s = s - alibi_slopes.to(cd)[:, None, None] * distance
     mask = attention_mask(seqlen_q, seqlen_k, causal=causal, window=window, device=q.device)
     s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)                                 # -inf for a row with no visible key
+    if sinks is not None:   # the sink joins the denominator only
+        sink = sinks.to(cd)[None, :, None, None].expand(batch, num_heads, seqlen_q, 1)
+        lse = torch.logsumexp(torch.cat([s, sink], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(s, dim=-1)                             # -inf for a row with no visible key
     p = torch.exp(s - lse[..., None])
     p = torch.nan_to_num(p, nan=0.0)                                 # empty rows: exp(-inf - -inf) = nan -> 0
     o = (p @ vh).transpose(1, 2).to(q.dtype)
@@ -72,7 +97,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *,
                      causal: bool = False, scale: float | None = None, window: tuple[int, int] = (-1, -1),
-                     softcap: float | None = None, return_lse: bool = False,
+                     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                     sinks: torch.Tensor | None = None, return_lse: bool = False,
                      compute_dtype: torch.dtype | None = None):
     """Packed sequences: q (total_q, num_heads, head_dim), k, v (total_k, num_kv_heads, head_dim).
 
@@ -81,8 +107,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
         o, lse = attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                           causal=causal, scale=scale, window=window, softcap=softcap, return_lse=True,
-                           compute_dtype=compute_dtype)
+                           causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                           sinks=sinks, return_lse=True, compute_dtype=compute_dtype)
         outs.append(o[0])
         lses.append(lse[0])
     o = torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
@@ -165,38 +191,77 @@ def paged_gather(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
     return cache[blocks, t % block_size]
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _kv_scale(scale, num_kv_heads: int, device) -> torch.Tensor:
+    """A KV-cache scale (a number or a (num_kv_heads,) tensor) as a float32 (num_kv_heads,) tensor."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=device, dtype=torch.float32).expand(num_kv_heads)
+    return torch.full((num_kv_heads,), float(scale), dtype=torch.float32, device=device)
+
+
+def quantize_kv(x: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """x (..., num_kv_heads, head_dim) as an fp8 cache stores it: round_to_fp8(x / scale), to nearest even, saturated
+    to the format's largest finite value (as vLLM's cache write; NaN stays NaN). The division is float32."""
+    s = _kv_scale(scale, x.shape[-2], x.device)
+    big = torch.finfo(dtype).max
+    return (x.to(torch.float32) / s[:, None]).clamp(-big, big).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What an fp8 cache's x (..., num_kv_heads, head_dim) holds: x * scale per KV head, in `dtype`."""
+    return x.to(dtype) * _kv_scale(scale, x.shape[-2], x.device).to(dtype)[:, None]
+
+
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
     """In place: token i of k, v goes to slot slot_mapping[i] (block * block_size + offset); a slot outside
-    [0, num_blocks * block_size), -1 (padding) included, skips its token."""
+    [0, num_blocks * block_size), -1 (padding) included, skips its token. An fp8 cache stores quantize_kv(k, k_scale)
+    and quantize_kv(v, v_scale)."""
     block_size = k_cache.shape[1]
     keep = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * block_size)
     slots = slot_mapping[keep].to(torch.int64)
-    k_cache[slots // block_size, slots % block_size] = k[keep].to(k_cache.dtype)
-    v_cache[slots // block_size, slots % block_size] = v[keep].to(v_cache.dtype)
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        x = x[keep]
+        x = quantize_kv(x, scale, cache.dtype) if cache.dtype in FP8_DTYPES else x.to(cache.dtype)
+        cache[slots // block_size, slots % block_size] = x
+
+
+def _gather_kv(k_cache, v_cache, block_table, seq_len, k_scale, v_scale, like: torch.Tensor):
+    """One sequence's K and V from the cache; an fp8 cache dequantized (in float64 for a float64 `like`, exactly; else
+    float32 products rounded to `like`'s dtype, the dtype the attention below computes in)."""
+    k = paged_gather(k_cache, block_table, seq_len)
+    v = paged_gather(v_cache, block_table, seq_len)
+    if k_cache.dtype in FP8_DTYPES:
+        wide = torch.float64 if like.dtype == torch.float64 else torch.float32
+        k, v = (dequantize_kv(x, s, wide).to(like.dtype) for x, s in ((k, k_scale), (v, v_scale)))
+    return k, v
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float | None = None,
                            softcap: float | None = None, window: tuple[int, int] = (-1, -1),
-                           compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                           alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                           k_scale=None, v_scale=None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """q (batch, num_heads, head_dim): one new token per sequence, at position seq_len - 1 of its cached K/V.
 
-    Gathers each sequence's K/V and runs `attention` with one query row (bottom-right aligned, so the query sits at
-    the last key). Returns (batch, num_heads, head_dim) in q's dtype."""
+    Gathers each sequence's K/V (an fp8 cache dequantized with k_scale / v_scale) and runs `attention` with one
+    query row (bottom-right aligned, so the query sits at the last key). Returns (batch, num_heads, head_dim) in q's
+    dtype."""
     outs = []
     for b, n in enumerate(seq_lens.tolist()):
-        k = paged_gather(k_cache, block_tables[b], n)
-        v = paged_gather(v_cache, block_tables[b], n)
+        k, v = _gather_kv(k_cache, v_cache, block_tables[b], n, k_scale, v_scale, q)
         outs.append(attention(q[b][None, None], k[None], v[None], scale=scale, softcap=softcap, window=window,
-                              compute_dtype=compute_dtype)[0, 0])
+                              alibi_slopes=alibi_slopes, sinks=sinks, compute_dtype=compute_dtype)[0, 0])
     return torch.stack(outs) if outs else q.new_empty(q.shape)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *,
                             causal: bool = True, scale: float | None = None, softcap: float | None = None,
-                            window: tuple[int, int] = (-1, -1),
+                            window: tuple[int, int] = (-1, -1), alibi_slopes: torch.Tensor | None = None,
+                            sinks: torch.Tensor | None = None, k_scale=None, v_scale=None,
                             compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """q (total_q, num_heads, head_dim): rows cu_seqlens_q[b]:cu_seqlens_q[b+1] are the newest tokens of sequence b,
     whose full K/V (seq_lens[b] tokens, prefix included) are in the cache. Bottom-right aligned `attention`."""
@@ -205,10 +270,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     for b, n in enumerate(seq_lens.tolist()):
         if cu[b + 1] == cu[b]:
             continue
-        k = paged_gather(k_cache, block_tables[b], n)
-        v = paged_gather(v_cache, block_tables[b], n)
+        k, v = _gather_kv(k_cache, v_cache, block_tables[b], n, k_scale, v_scale, q)
         out[cu[b]:cu[b + 1]] = attention(q[None, cu[b]:cu[b + 1]], k[None], v[None], causal=causal, scale=scale,
-                                         softcap=softcap, window=window, compute_dtype=compute_dtype)[0]
+                                         softcap=softcap, window=window, alibi_slopes=alibi_slopes, sinks=sinks,
+                                         compute_dtype=compute_dtype)[0]
     return out
 
 

@@ -1,7 +1,7 @@
 """The roofline of a whole model step: how fast prefill and decode can possibly run on a device, and why.
 
-    llmkern roofline --model llama-3-8b --device h100 --batch 16 --context 4096 [--bits 4] [--plot PATH
-                     [--bench-json FILE]]                       (the command: llmkern.cli; this module: the model)
+    llmkern roofline --model llama-3-8b --device h100 --batch 16 --context 4096 [--bits 4] [--kv-dtype fp8]
+                     [--plot PATH [--bench-json FILE]]          (the command: llmkern.cli; this module: the model)
 
 The model of one step (functions below, shared with the end-to-end benchmark):
   * FLOPs: 2 per multiply-add of every linear layer for every token processed, plus attention's QK^T and PV
@@ -32,6 +32,9 @@ from llmkern import perf
 from llmkern.models import ModelShape
 
 BF16_BYTES = 2        # weights, activations and the KV cache are bf16 unless quantized
+# Bytes per element of the KV cache by its dtype (--kv-dtype): an fp8 cache (llmkern.PagedKVCache with
+# float8_e4m3fn / e5m2) halves the bill; its float32 scales, one per layer and KV head, are a few hundred bytes.
+KV_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 DEFAULT_GROUP = 128   # group size of weight-only int4/int8 quantization (GPTQ/AWQ's common default)
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -169,26 +172,29 @@ def linear_flops(model: ModelShape, tokens: int, lm_head_tokens: int) -> float:
 
 
 def prefill_step(model: ModelShape, batch: int, context: int, bits: int | None = None,
-                 group_size: int = DEFAULT_GROUP) -> StepCost:
-    """One forward over `batch` prompts of `context` tokens each (causal), writing their K/V into the cache."""
+                 group_size: int = DEFAULT_GROUP, kv_elem: int = BF16_BYTES) -> StepCost:
+    """One forward over `batch` prompts of `context` tokens each (causal), writing their K/V into the cache
+    (kv_elem bytes per element: KV_DTYPE_BYTES)."""
     tokens = batch * context
     lin = linear_flops(model, tokens, lm_head_tokens=batch)
     attn = batch * _attention_flops_per_layer_avg(model, _causal_pairs(context, None),
                                                   _causal_pairs(context, model.sliding_window))
     w = step_weight_bytes(model, tokens, bits, group_size)
-    kv = kv_cache_bytes(model, batch, context)  # written once
+    kv = kv_cache_bytes(model, batch, context, kv_elem)  # written once
     return StepCost("prefill", tokens, lin + attn, w + kv, lin, attn, w, kv)
 
 
 def decode_step(model: ModelShape, batch: int, context: int, bits: int | None = None,
-                group_size: int = DEFAULT_GROUP) -> StepCost:
-    """One new token for each of `batch` sequences whose cache holds `context` tokens (the new one included)."""
+                group_size: int = DEFAULT_GROUP, kv_elem: int = BF16_BYTES) -> StepCost:
+    """One new token for each of `batch` sequences whose cache holds `context` tokens (the new one included),
+    kv_elem bytes per cache element."""
     lin = linear_flops(model, batch, lm_head_tokens=batch)
     window = model.sliding_window if model.sliding_window is not None else None
     windowed = min(context, window) if window is not None else context
     attn = batch * _attention_flops_per_layer_avg(model, context, windowed, absorbed=True)
     w = step_weight_bytes(model, batch, bits, group_size)
-    kv = kv_cache_bytes(model, batch, context) + batch * kv_bytes_per_token(model)  # read the cache, write the new
+    # read the cache, write the new token's K/V
+    kv = kv_cache_bytes(model, batch, context, kv_elem) + batch * kv_bytes_per_token(model, kv_elem)
     return StepCost("decode", batch, lin + attn, w + kv, lin, attn, w, kv)
 
 
@@ -218,30 +224,31 @@ def _fmt_time(s: float) -> str:
 
 
 def report(model: ModelShape, peak: perf.DevicePeak, batch: int, context: int, bits: int | None = None,
-           group_size: int = DEFAULT_GROUP) -> str:
-    """The text `llmkern roofline` prints."""
+           group_size: int = DEFAULT_GROUP, kv_dtype: str = "bf16") -> str:
+    """The text `llmkern roofline` prints. kv_dtype: a key of KV_DTYPE_BYTES."""
     wq = f"int{bits} (group {group_size}) linear layers, bf16 embeddings/LM head" if bits else "bf16"
     wbytes = weight_bytes(model, bits, group_size)
+    kv_elem = KV_DTYPE_BYTES[kv_dtype]
+    per_token, total = kv_bytes_per_token(model, kv_elem), kv_cache_bytes(model, batch, context, kv_elem)
     lines = [
-        f"{model.name} on {peak.name}: batch {batch}, context {context}, weights {wq}",
+        f"{model.name} on {peak.name}: batch {batch}, context {context}, weights {wq}, KV cache {kv_dtype}",
         f"  model: {model.param_count() / 1e9:.2f} B parameters"
         + (f", {model.active_param_count() / 1e9:.2f} B active per token" if model.is_moe else "")
         + f" ({model.source})",
         f"  device: {peak.hbm_gbps:.4g} GB/s, {peak.tensor_tflops:.4g} dense matmul TFLOP/s, ridge point "
         f"{ridge_point(peak):.0f} FLOP/byte ({peak.source})",
         f"  weight bytes:            {wbytes:.4g} ({_fmt_bytes(wbytes)})",
-        f"  KV cache per token:      {kv_bytes_per_token(model):.4g} ({_fmt_bytes(kv_bytes_per_token(model))}, bf16"
+        f"  KV cache per token:      {per_token:.4g} ({_fmt_bytes(per_token)}, {kv_dtype}"
         + (f"; MLA latent {model.kv_lora_rank} + rope {model.qk_rope_head_dim} per layer: "
-           f"{mha_kv_bytes_per_token(model) / kv_bytes_per_token(model):.0f}x less than per-head K and V, "
-           f"{_fmt_bytes(mha_kv_bytes_per_token(model))})" if model.is_mla else ")"),
-        f"  KV cache total:          {kv_cache_bytes(model, batch, context):.4g} "
-        f"({_fmt_bytes(kv_cache_bytes(model, batch, context))}: {batch} x {context} tokens)",
+           f"{mha_kv_bytes_per_token(model, kv_elem) / per_token:.0f}x less than per-head K and V, "
+           f"{_fmt_bytes(mha_kv_bytes_per_token(model, kv_elem))})" if model.is_mla else ")"),
+        f"  KV cache total:          {total:.4g} ({_fmt_bytes(total)}: {batch} x {context} tokens)",
         "",
         f"  {'step':<8} {'tokens':>8} {'FLOPs':>11} {'bytes':>11} {'FLOP/byte':>10} {'bound':>8} "
         f"{'lowest time':>12} {'tokens/s':>12}",
     ]
-    for step in (prefill_step(model, batch, context, bits, group_size),
-                 decode_step(model, batch, context, bits, group_size)):
+    for step in (prefill_step(model, batch, context, bits, group_size, kv_elem),
+                 decode_step(model, batch, context, bits, group_size, kv_elem)):
         b = bound(step, peak)
         lines.append(f"  {step.kind:<8} {step.tokens:>8} {step.flops:>11.4g} {step.bytes:>11.4g} "
                      f"{step.intensity:>10.1f} {b['bound']:>8} {_fmt_time(b['time_s']):>12} "

@@ -33,6 +33,14 @@ How each case maps onto llmkern (the query/key positions below are transformers'
   them, and their logits are never used). A sliding window counts cache positions, so for a sliding layer the
   real tokens of a row must be contiguous (always true for left or right padding); otherwise the fallback runs.
 * softcap (Gemma-2) and the module's `scaling` are passed through.
+* attention sinks: models with sinks hand them to the attention function as the keyword `s_aux`, one logit per
+  query head (transformers 5.24: gpt-oss, and also GraniteSWA, MiMo-V2-Flash, DeepSeek-V4 among others); they go to
+  llmkern's `sinks=` as float32, on every path (dense, varlen, and the PyTorch fallback).
+* ALiBi: no model of transformers 5.24 hands ALiBi to an attention backend. BLOOM, MPT and Falcon (with
+  `alibi=True`) build the bias tensor themselves and add it to the scores in their own attention code, which never
+  calls `AttentionInterface`, so choosing "llmkern" does not change their attention and there are no slopes to pass
+  through. `llmkern.attention(..., alibi_slopes=llmkern.alibi_slopes(num_heads))` is the kernel-side API for
+  model code of one's own.
 
 Continuous batching (`model.generate_batch` / `init_continuous_batching`) cannot call a function registered under
 "llmkern": transformers 5.x `ContinuousBatchingManager.switch_to_cb_friendly_attn` accepts only "sdpa",
@@ -154,8 +162,9 @@ def llmkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any =
 
 
 # ------------------------------------------------------------------------------------------------ attention
-def _dense_fallback(query, key, value, mask4d, scaling, softcap, is_causal):
-    """Plain PyTorch attention with an arbitrary transformers 4D mask (bool or additive float), fp32 math."""
+def _dense_fallback(query, key, value, mask4d, scaling, softcap, is_causal, sinks=None):
+    """Plain PyTorch attention with an arbitrary transformers 4D mask (bool or additive float), fp32 math; sinks
+    (num_heads,) join each row's softmax denominator with no value."""
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1).float()
     v = value.repeat_interleave(groups, dim=1).float()
@@ -171,7 +180,11 @@ def _dense_fallback(query, key, value, mask4d, scaling, softcap, is_causal):
         scores = scores.masked_fill(~mask4d, float("-inf"))
     else:
         scores = scores + mask4d.float()
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no visible key gets zeros, like llmkern
+    if sinks is not None:
+        sink = sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1].nan_to_num(0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no visible key gets zeros, like llmkern
     out = torch.matmul(probs, v).to(query.dtype)
     return out.transpose(1, 2).contiguous()
 
@@ -201,8 +214,9 @@ def llmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     if dropout:
         raise ValueError(f"llmkern attention is inference-only: dropout must be 0, got {dropout} "
                          "(call model.eval() or set config.attention_dropout = 0)")
-    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
-        raise ValueError("llmkern attention does not support attention sinks (s_aux / module.sinks)")
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:   # one logit per query head (gpt-oss's module.sinks, a parameter of the model's dtype)
+        sinks = sinks.detach().to(torch.float32)
     if kwargs.get("output_attentions", False):
         _warn_once("llmkern attention does not return attention weights (output_attentions); they are None.")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -224,7 +238,7 @@ def llmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     batch, _, seqlen_q, _ = query.shape
 
     if attention_mask is not None and attention_mask.dim() == 4:
-        return _dense_fallback(query, key, value, attention_mask, scale, softcap, causal), None
+        return _dense_fallback(query, key, value, attention_mask, scale, softcap, causal, sinks), None
 
     # llmkern layout (batch, seqlen, heads, head_dim): views, no copies
     q = query.transpose(1, 2)
@@ -251,7 +265,7 @@ def llmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                    f"run (float16/bfloat16/float32, head_dim a multiple of 8 in [32, 256]); those layers use a "
                    f"PyTorch fallback.")
     if attention_mask is None and runnable:
-        out = llmkern.attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap)
+        out = llmkern.attention(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
         return out, None
 
     # Padding: pack each row's real tokens and run varlen. The queries are the last seqlen_q key slots (causal),
@@ -266,12 +280,12 @@ def llmkern_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                        "fallback.")
         mask4d = _dense_mask(valid_k, seqlen_q, causal, window)
         out = _dense_fallback(query, key[:, :, :valid_k.shape[1]], value[:, :, :valid_k.shape[1]], mask4d, scale,
-                              softcap, False)
+                              softcap, False, sinks)
         return out.masked_fill(~valid_q[:, :, None, None], 0.0), None  # padding query rows: zeros, as below
     cu_k, max_k = _packed_rows(valid_k)
     cu_q, max_q = _packed_rows(valid_q)
     out_packed = llmkern.attention_varlen(q[valid_q], k[valid_k], v[valid_k], cu_q, cu_k, max_q, max_k,
-                                          causal=causal, scale=scale, window=window, softcap=softcap)
+                                          causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks)
     out = q.new_zeros(q.shape)
     out[valid_q] = out_packed
     return out, None
