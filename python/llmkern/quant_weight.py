@@ -61,6 +61,7 @@ class QuantizedWeight:
         if perm is not None:
             _utils.check_tensor("perm", perm, ndim=1, dtypes=(torch.int32,))
             _expect_shape("perm", perm, (in_features,))
+            check_permutation("perm", perm)
             tensors.append(perm)
         _utils.check_same(("qweight", "scales", "zeros", "perm")[:len(tensors)], tensors, dtype=False)
         self.qweight = qweight.contiguous()
@@ -236,6 +237,16 @@ def check_finite_scales(name: str, scales: torch.Tensor) -> None:
     depending on the order of the multiplications.)"""
     if not bool(torch.isfinite(scales).all()):
         raise ValueError(f"{name} must be finite (a quantization scale is inf or NaN)")
+
+
+def check_permutation(name: str, perm: torch.Tensor) -> None:
+    """ValueError unless the (K,) `perm` is a permutation of range(K) (one device sync). The act-order kernels gather
+    x's columns through it (x[:, perm[j]]), so an index outside [0, K) would read outside x. The QuantizedWeight
+    constructor (given a perm) and QuantLinear's state-dict loading check it."""
+    k, p = perm.shape[0], perm.long()
+    if k and (int(p.min()) < 0 or int(p.max()) >= k
+              or not bool(torch.zeros(k, dtype=torch.bool, device=p.device).index_fill_(0, p, True).all())):
+        raise ValueError(f"{name} must be a permutation of range({k})")
 
 
 def _expect_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
