@@ -298,6 +298,22 @@ def test_bad_logits(device, no_kernel):
         llmkern.sampling_probs(torch.zeros(2, 0, device=device))
 
 
+def test_prebuilt_params_cannot_be_swapped(device, no_kernel):
+    """A SamplingParams' tensors cannot be reassigned, and one changed in place to another shape or dtype is refused
+    before the kernel (which reads batch int32/float32 values from each) runs."""
+    logits = _logits(3, 50, torch.float32, device)
+    params = llmkern.SamplingParams(batch=3, device=device)
+    with pytest.raises(AttributeError):
+        params.top_k = torch.ones(1, dtype=torch.int32, device=device)
+    params.top_k.resize_(1)
+    with pytest.raises(ValueError, match="top_k"):
+        llmkern.sample(logits, params=params, seed=1)
+    params = llmkern.SamplingParams(batch=3, device=device)
+    params.temperature.data = params.temperature.double()
+    with pytest.raises(ValueError, match="temperature"):
+        llmkern.sampling_probs(logits, params=params)
+
+
 # -------------------------------------------------------------------------------------------- hot path
 @pytest.mark.cpu_backends("interpreter")   # the Triton implementation's host path: the one a CUDA call runs
 def test_prebuilt_params_make_no_host_sync(device, no_host_sync):

@@ -39,6 +39,7 @@ _SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 _INT32_MAX = 2 ** 31 - 1
 # The per-row parameter tensors: the kernel reads element `row` of each (unit stride: the op makes them contiguous).
 _PER_ROW = ("temperature", "top_k", "top_p", "min_p")
+_KERNEL_DTYPES = dict(temperature=torch.float32, top_k=torch.int32, top_p=torch.float32, min_p=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
@@ -147,12 +148,15 @@ class SamplingParams:
     naming the parameter). Building it costs one device-to-host sync per tensor parameter (the range check);
     `sample(logits, params=p)` and `sampling_probs(logits, params=p)` then check only p's batch and device against
     logits: no sync, no copy, however many steps reuse it.
-    Attributes temperature, top_k, top_p, min_p: contiguous (batch,) tensors on `device` as the kernel reads them
-    (float32; top_k int32, clamped to 2**31 - 1), the object's own copies: writing to the caller's tensors later
-    does not change it (an unchecked value never reaches the kernel). Iterating yields them in that order.
+    Attributes temperature, top_k, top_p, min_p (read-only: assigning one raises AttributeError): contiguous (batch,)
+    tensors on `device` as the kernel reads them (float32; top_k int32, clamped to 2**31 - 1), the object's own
+    copies: writing to the caller's tensors later does not change it (an unchecked value never reaches the kernel).
+    Their values are checked once, here: editing them in place afterwards is the caller's responsibility (every call
+    still checks their shape, dtype and device, which needs no sync, so no edit can make the kernel read outside
+    them). Iterating yields them in that order.
     """
 
-    __slots__ = _PER_ROW
+    __slots__ = tuple("_" + name for name in _PER_ROW)
 
     def __init__(self, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, *, batch: int = 1,
                  device: torch.device | str = "cpu"):
@@ -167,7 +171,10 @@ class SamplingParams:
         )
         for name, value, t in zip(_PER_ROW, given, checked):
             aliased = isinstance(value, torch.Tensor) and t.data_ptr() == value.data_ptr()
-            setattr(self, name, t.clone() if aliased else t)
+            setattr(self, "_" + name, t.clone() if aliased else t)
+
+    temperature, top_k, top_p, min_p = (property(lambda self, slot="_" + name: getattr(self, slot))
+                                        for name in _PER_ROW)
 
     def __iter__(self):
         return iter((self.temperature, self.top_k, self.top_p, self.min_p))
@@ -190,8 +197,8 @@ _DEFAULTS = (1.0, 0, 1.0, 0.0)
 
 
 def _params(logits: Any, params: Any, given: tuple) -> SamplingParams:
-    """Check logits, then the parameters: built here from `given` (one sync per tensor), or `params` prebuilt,
-    checked against logits' batch and device only (no sync)."""
+    """Check logits, then the parameters: built here from `given` (one sync per tensor), or `params` prebuilt, whose
+    tensors are checked for the shape, dtype and device the kernel reads (no sync)."""
     _check_logits(logits)
     batch, device = logits.shape[0], logits.device
     if params is None:
@@ -200,11 +207,15 @@ def _params(logits: Any, params: Any, given: tuple) -> SamplingParams:
         raise TypeError(f"params must be a llmkern.SamplingParams or None, got {type(params).__name__}")
     if any(isinstance(v, torch.Tensor) or v != d for v, d in zip(given, _DEFAULTS)):
         raise ValueError("pass temperature/top_k/top_p/min_p either in params or as keywords, not both")
-    if params.temperature.shape[0] != batch:
-        raise ValueError(f"params were built for batch={params.temperature.shape[0]} but logits have {batch} rows")
-    if params.temperature.device != device:
-        raise ValueError(f"params are on {params.temperature.device} but logits are on {device}; "
-                         "they must share a device")
+    for name, t in zip(_PER_ROW, params):      # what the kernel reads: (batch,), its dtype, logits' device
+        if t.device != device:
+            raise ValueError(f"params are on {t.device} but logits are on {device}; they must share a device")
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"params.{name} has shape {tuple(t.shape)} but logits have {batch} rows: params must be "
+                             f"built for batch={batch} (and not resized)")
+        if t.dtype != _KERNEL_DTYPES[name]:
+            raise ValueError(f"params.{name} has dtype {t.dtype}, the kernel reads {_KERNEL_DTYPES[name]} "
+                             "(a SamplingParams' tensors must not be changed in place)")
     return params
 
 
