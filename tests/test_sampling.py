@@ -234,6 +234,15 @@ def test_huge_top_k_is_off(device):
     assert torch.equal(llmkern.sampling_probs(logits, top_k=torch.tensor([2 ** 40, 2 ** 33], device=device)), off)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16])
+def test_narrow_integer_top_k(device, dtype):
+    logits = _logits(3, 50, torch.float32, device)
+    top_k = torch.tensor([1, 1, 0], dtype=dtype, device=device)
+    assert torch.equal(llmkern.SamplingParams(top_k=top_k, batch=3, device=device).top_k,
+                       torch.tensor([1, 1, 0], dtype=torch.int32, device=device))
+    assert torch.equal(llmkern.sample(logits, top_k=top_k, seed=1)[:2], logits[:2].argmax(-1))
+
+
 def test_empty_batch(device):
     logits = torch.empty(0, 100, device=device)
     assert llmkern.sample(logits, seed=1).shape == (0,)

@@ -66,8 +66,9 @@ def per_row_param(name: str, value: Any, batch: int, device: torch.device, *, in
             raise ValueError(f"{name} must be an {'integer' if integer else 'floating-point'} tensor, "
                              f"got {value.dtype}")
         v = value.detach()
-        if integer:
-            _check_range(name, v.to(torch.int64), lo, hi, lo_open, hi_open)
+        if integer:    # in int64 first: a narrow dtype (int8, uint8, ...) cannot hold the clamp bound
+            v = v.to(torch.int64)
+            _check_range(name, v, lo, hi, lo_open, hi_open)
             return v.clamp(max=_INT32_MAX).to(torch.int32).contiguous()
         t = v.to(torch.float32).contiguous()
     else:
