@@ -348,6 +348,8 @@ def test_prebuilt_params_make_no_host_sync(device, no_host_sync):
         llmkern.SamplingParams(**raw, batch=4, device=device)
     with pytest.raises(ValueError, match="not both"):
         llmkern.sample(logits, params=params, top_k=3, seed=seeds)
+    with pytest.raises(ValueError, match="not both"):     # a keyword at its default value is not ignored either
+        llmkern.sampling_probs(logits, params=params, temperature=1.0)
     with pytest.raises(ValueError, match="batch"):
         llmkern.sampling_probs(logits[:2], params=params)
     with pytest.raises(TypeError, match="params"):

@@ -193,7 +193,8 @@ def check_params(temperature, top_k, top_p, min_p, *, batch: int = 1,
     return SamplingParams(temperature, top_k, top_p, min_p, batch=batch, device=device)
 
 
-# sample's and sampling_probs' defaults: with params=..., these keywords must be left at them
+# What sample's and sampling_probs' keywords left at None (unset) stand for. With params=..., every one must be
+# left unset: None, not merely a value equal to the default, so no keyword is ignored silently.
 _DEFAULTS = (1.0, 0, 1.0, 0.0)
 
 
@@ -203,10 +204,10 @@ def _params(logits: Any, params: Any, given: tuple) -> SamplingParams:
     _check_logits(logits)
     batch, device = logits.shape[0], logits.device
     if params is None:
-        return check_params(*given, batch=batch, device=device)
+        return check_params(*(d if v is None else v for v, d in zip(given, _DEFAULTS)), batch=batch, device=device)
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a llmkern.SamplingParams or None, got {type(params).__name__}")
-    if any(isinstance(v, torch.Tensor) or v != d for v, d in zip(given, _DEFAULTS)):
+    if any(v is not None for v in given):
         raise ValueError("pass temperature/top_k/top_p/min_p either in params or as keywords, not both")
     for name, t in zip(_PER_ROW, params):      # what the kernel reads: (batch,), its dtype, logits' device
         if t.device != device:
@@ -270,12 +271,13 @@ def _run(logits, *args, write_probs: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- public API
-def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
+def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None, seed=None,
            generator: torch.Generator | None = None, params: SamplingParams | None = None) -> torch.Tensor:
     """Draw one token per row: int64 (batch,).
 
     logits: (batch, vocab) fp32/fp16/bf16 (any row stride). Each parameter is a Python number for all rows or a
-    (batch,) tensor on logits' device, one value per row. Applied in this order:
+    (batch,) tensor on logits' device, one value per row; None (unset, the default) means temperature 1, top_k 0,
+    top_p 1, min_p 0 (each off). Applied in this order:
       temperature >= 0: logits / temperature, softmax. 0, and any temperature below float32's smallest normal
         2**-126 = 1.2e-38 (llmkern.reference.GREEDY_BELOW; 1 / temperature would overflow float32), means greedy for
         that row: the first argmax. Used as float32: a larger value that rounds below it is greedy too. NaN,
@@ -295,15 +297,15 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     A row holding NaN or +inf, or whose logits are all -inf, returns -1 (never reads past the row, never hangs:
     every loop has a fixed bound). Bad parameters raise ValueError naming the argument.
     params: a SamplingParams built once (for example per request batch of a decode loop), instead of the four
-      keywords (ValueError when both are given): its values were checked when it was built, so a call with it and a
-      seed tensor makes no device-to-host sync. Tensor keywords cost one sync each per call (their range check).
+      keywords (ValueError when any of them is given with it, even at its default value): its values were checked
+      when it was built, so a call with it and a seed tensor makes no device-to-host sync. Tensor keywords cost one sync each per call (their range check).
     """
     temp, k, p, mp = _params(logits, params, (temperature, top_k, top_p, min_p))
     seeds = row_seeds(seed, generator, logits.shape[0], logits.device)
     return _sample_op(logits, temp, k, p, mp, seeds)
 
 
-def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+def sampling_probs(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None,
                    params: SamplingParams | None = None) -> torch.Tensor:
     """The exact distribution `sample` draws from: float32 (batch, vocab), zeros outside the kept set.
 
