@@ -354,3 +354,9 @@ def test_prebuilt_params_make_no_host_sync(device, no_host_sync):
         llmkern.sampling_probs(logits[:2], params=params)
     with pytest.raises(TypeError, match="params"):
         llmkern.sampling_probs(logits, params=tuple(params))
+
+
+@pytest.mark.parametrize("batch,exc", [(-1, ValueError), ("2", TypeError), (2.0, TypeError), (True, TypeError)])
+def test_params_bad_batch(batch, exc):
+    with pytest.raises(exc, match="batch"):
+        llmkern.SamplingParams(0.5, batch=batch)

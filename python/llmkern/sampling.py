@@ -146,9 +146,10 @@ class SamplingParams:
 
     SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, *, batch=1, device="cpu"): each parameter a
     Python number for every row or a (batch,) tensor on `device`, with `sample`'s ranges and errors (ValueError
-    naming the parameter). Building it costs one device-to-host sync per tensor parameter (the range check);
-    `sample(logits, params=p)` and `sampling_probs(logits, params=p)` then check only p's batch and device against
-    logits: no sync, no copy, however many steps reuse it.
+    naming the parameter); batch an int >= 0 (else TypeError/ValueError naming batch). Building it costs one
+    device-to-host sync per tensor parameter (the range check); `sample(logits, params=p)` and
+    `sampling_probs(logits, params=p)` then check only the shape, dtype and device of p's tensors against logits:
+    no sync, no copy, however many steps reuse it.
     Attributes temperature, top_k, top_p, min_p (read-only: assigning one raises AttributeError): contiguous (batch,)
     tensors on `device` as the kernel reads them (float32; top_k int32, clamped to 2**31 - 1), the object's own
     copies: writing to the caller's tensors later does not change it (an unchecked value never reaches the kernel).
@@ -161,6 +162,11 @@ class SamplingParams:
 
     def __init__(self, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, *, batch: int = 1,
                  device: torch.device | str = "cpu"):
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
+            raise TypeError(f"batch must be an int, got {batch!r}")
+        if batch < 0:
+            raise ValueError(f"batch must be >= 0, got {batch}")
+        batch = int(batch)
         device = torch.device(device)
         given = (temperature, top_k, top_p, min_p)
         checked = (
