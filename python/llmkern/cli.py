@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Callable
 
-from llmkern import compile_check, cpu, perf, roofline, tuning
+from llmkern import compile_check, cpu, perf, quant_weight, roofline, tuning
 from llmkern.bench import SUITES, common
 from llmkern.models import MODELS, get_model
 
@@ -125,8 +125,9 @@ def _roofline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=_positive_int, default=4096, help="tokens per sequence (default 4096)")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=16,
                    help="weight bits of the decoder's linear layers (default 16 = bf16)")
-    p.add_argument("--group-size", type=_positive_int, default=roofline.DEFAULT_GROUP,
-                   help=f"quantization group size with --bits 4/8 (default {roofline.DEFAULT_GROUP})")
+    p.add_argument("--group-size", type=int, choices=quant_weight.SUPPORTED_GROUPS, default=None,
+                   help=f"quantization group size with --bits 4/8, one quantize_weight supports (-1: one group per "
+                        f"output channel; default {roofline.DEFAULT_GROUP})")
     p.add_argument("--plot", metavar="PATH", help="draw the roofline chart to PATH (needs matplotlib)")
     p.add_argument("--bench-json", metavar="FILE", help="with --plot: place each record of this `llmkern bench "
                                                         "--json` file as a measured point")
@@ -140,6 +141,11 @@ def _roofline_run(args: argparse.Namespace) -> int:
         print(f"llmkern roofline: {e}", file=sys.stderr)
         return 2
     bits = None if args.bits == 16 else args.bits
+    if args.group_size is None:
+        args.group_size = roofline.DEFAULT_GROUP
+    elif bits is None:
+        print("llmkern roofline: --group-size needs --bits 4 or 8 (16-bit weights have no groups)", file=sys.stderr)
+        return 2
     print(roofline.report(model, peak, args.batch, args.context, bits, args.group_size))
     if args.bench_json and not args.plot:
         print("llmkern roofline: --bench-json needs --plot PATH", file=sys.stderr)
