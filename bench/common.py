@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from llmkern import cpu, perf
+from llmkern import cpu, measure, perf
 
 
 @dataclass
@@ -43,6 +43,9 @@ class Case:
     make: Callable[[], Callable[[], Any]]    # builds the inputs, returns the function to time
     tensor_cores: bool = True                # which compute peak bounds this op
     note: str = ""
+    # More measurements of the timed function (e.g. host time per call), taken after the timing and merged into
+    # the record: metrics(fn, device) -> {name: value}
+    metrics: Callable[[Callable[[], Any], torch.device], dict[str, Any]] | None = None
 
     @property
     def label(self) -> str:
@@ -74,30 +77,12 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, cpu_reps: int = 5) -
     return statistics.median(times)
 
 
-# fp32 matmul size for the measured CPU compute roof: 2048^3 is 17 GFLOP, a fraction of a second on 2 cores.
-CPU_MATMUL_N = 2048
-
-
 @functools.lru_cache(maxsize=None)
-def measured_cpu_peak() -> perf.DevicePeak | None:
-    """This CPU's roof, measured once per process: STREAM read bandwidth over all threads (llmkern.cpu.measure_stream,
-    in C++) as the memory roof, and the median rate of a CPU_MATMUL_N^3 fp32 torch.mm (its BLAS) as the compute
-    roof. The read rate is the roof of the read-dominated ops (decode attention, weight-only matmul, sampling) and a
-    strict one for ops that write as much as they read. None when the C++ backend cannot be built."""
-    try:
-        stream = cpu.measure_stream()
-    except cpu.BuildError:
-        return None
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(CPU_MATMUL_N, CPU_MATMUL_N, generator=g) for _ in range(2))
-    c = torch.empty_like(a)
-    ms = time_ms(lambda: torch.mm(a, b, out=c), torch.device("cpu"), cpu_reps=3)
-    tflops = 2.0 * CPU_MATMUL_N ** 3 / (ms * 1e-3) / 1e12
-    source = (f"measured on this machine: STREAM read {stream['read_gbps']:.1f} GB/s (copy {stream['copy_gbps']:.1f}, "
-              f"triad {stream['triad_gbps']:.1f}; {stream['threads']} threads, {stream['array_bytes'] >> 20} MiB "
-              f"arrays), fp32 matmul {tflops * 1e3:.1f} GFLOP/s ({CPU_MATMUL_N}^3 torch.mm)")
-    return perf.DevicePeak(f"{device_name(torch.device('cpu'))} (measured)", stream["read_gbps"], tflops, tflops,
-                           source)
+def measured_cpu_peak() -> perf.DevicePeak:
+    """This CPU's roof, measured once per process by llmkern.measure (the same figures `llmkern roofline --measure`
+    prints): STREAM read bandwidth over all threads (C++; a torch copy without the C++ backend) as the memory roof,
+    and the fp32 torch.mm rate as the compute roof."""
+    return measure.measure_roofs("cpu").as_peak()
 
 
 def device_roof(device: torch.device) -> perf.DevicePeak | None:
@@ -130,11 +115,12 @@ def run_case(case: Case, device: torch.device) -> dict[str, Any]:
     fn = case.make()
     try:
         ms = time_ms(fn, device)
+        extra = case.metrics(fn, device) if case.metrics is not None else {}
     finally:
         del fn
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return to_record(case, ms, device)
+    return {**to_record(case, ms, device), **extra}
 
 
 def run_suite(cases: Iterable[Case], device: torch.device, *, log: Callable[[str], None] = print) -> list[dict]:
@@ -162,7 +148,8 @@ def summary_table(records: Iterable[dict], device: str | perf.DevicePeak | None 
     GB/s, the roof that binds, the lowest time the device allows and the percentage of it reached.
 
     The peak comes from `device` (a perf.DEVICES key/alias or a DevicePeak), else from each record's device name;
-    with no known peak (CPU runs) the roofline columns show '-'. `llmkern bench` ends with this table.
+    with no known peak (a CPU record, unless its measured roof is passed) the roofline columns show '-'. `llmkern
+    bench` ends with this table, on a CPU with the measured roof (device_roof).
     """
     fixed = perf.resolve_device(device) if isinstance(device, str) else device
     head = (f"{'op':<22} {'impl':<22} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'FLOP/B':>8} {'bound':>8} "

@@ -14,12 +14,22 @@ timed):
                           DynamicCache, as model.generate's prefill does.
     transformers_llmkern  the same call with attn_implementation="llmkern" (only attention differs from SDPA).
   decode   one new token for each of `batch` sequences whose cache holds `context` tokens (the new one included).
-    llmkern               the same step with paged_decode_attention on a PagedKVCache.
+    llmkern               the same step (ModelRunner.forward: one PagedAttentionPlan, run in every layer), eager.
+    llmkern_graph         ModelRunner.decode, the fixed-shape step llmkern.generate runs for decode tokens: batch
+                          padded to a graph size, static buffers, plan.update; on CUDA captured once as a CUDA graph
+                          and replayed (on CPU the same padded step runs eagerly: nothing to capture).
     transformers_sdpa     model(next_token, cache=cache) on a DynamicCache of context - 1 tokens, cropped
                           back after each call (DynamicCache appends by concatenation, as in model.generate).
     transformers_llmkern  the same with attn_implementation="llmkern".
     llmkern_int4          the llmkern step after llmkern.quantize_model(bits=4, group_size=128) (lm_head kept bf16);
                           these cases run last because quantization replaces the shared model's Linear layers.
+Host overhead per decode step, in each decode record:
+  host_ms      (CUDA) the host's wall time to issue one step, without waiting for the GPU: a step whose host_ms
+               approaches its median_ms is host-bound (the GPU idles between launches); graphs cut it to the
+               preparation plus one replay.
+  prepare_ms   (llmkern_graph, every device) the host work of a graph step before its replay: cache slots, block
+               tables, plan.update, one host-to-device copy of the inputs. On CPU every kernel runs synchronously
+               on the host, so this is the one host overhead a CPU run can separate.
 FLOPs and bytes come from llmkern.roofline's prefill_step / decode_step (the `llmkern roofline` tool's formulas), so
 each record's "% of roofline" is measured time against the roofline's lowest time for that step. `summarize` prints
 tokens/s per implementation.
@@ -97,7 +107,8 @@ def _prompt_ids(batch: int, length: int, vocab: int, device: torch.device) -> to
 
 
 # -------------------------------------------------------------------------------------------- timed functions
-def _llmkern_step(device: torch.device, batch: int, context: int, decode: bool, int4: bool = False):
+def _llmkern_step(device: torch.device, batch: int, context: int, decode: bool, int4: bool = False,
+                  graph: bool = False):
     import llmkern
     from llmkern.generate import BLOCK_SIZE, ModelRunner
     model = _model(device, int4=int4)
@@ -105,8 +116,20 @@ def _llmkern_step(device: torch.device, batch: int, context: int, decode: bool, 
     blocks = batch * -(-context // BLOCK_SIZE)
     cache = llmkern.PagedKVCache(cfg.num_hidden_layers, blocks, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim,
                                  dtype=torch.bfloat16, device=device)
-    runner = ModelRunner(model, cache)
+    runner = ModelRunner(model, cache, cuda_graph=graph)
     seqs = list(range(batch))
+    if graph:
+        for s in seqs:
+            cache.append(s, context - 1)
+        last = _prompt_ids(batch, 1, cfg.vocab_size, device).view(-1).tolist()
+
+        @torch.no_grad()
+        def step():
+            logits, _ = runner.decode(seqs, last)   # reserves one slot per sequence: give it back (host only)
+            for s in seqs:
+                cache.truncate(s, context - 1)
+            return logits
+        return step
     if decode:
         # the first context - 1 tokens are already cached (their values do not change the timing); the timed call
         # writes and attends the last one, rewriting the same slot on every repetition
@@ -172,13 +195,17 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
 
     def case(op, impl, batch, context, make, bits=None):
         step = (roofline.prefill_step if op == "e2e_prefill" else roofline.decode_step)(shape, batch, context, bits)
+        metrics = None if op == "e2e_prefill" or not impl.startswith("llmkern") else _host_overhead
         return Case(op=op, impl=impl, shape={"model": name, "batch": batch, "context": context, "tokens": step.tokens},
-                    flops=step.flops, nbytes=step.bytes, make=make, note=note)
+                    flops=step.flops, nbytes=step.bytes, make=make, note=note, metrics=metrics)
 
     for op, shapes, is_decode in (("e2e_prefill", prefill, False), ("e2e_decode", decode, True)):
         for batch, context in shapes:
             yield case(op, "llmkern", batch, context,
                        lambda b=batch, c=context, d=is_decode: _llmkern_step(device, b, c, decode=d))
+            if is_decode:
+                yield case(op, "llmkern_graph", batch, context,
+                           lambda b=batch, c=context: _llmkern_step(device, b, c, decode=True, graph=True))
             for attn in ("sdpa", "llmkern"):
                 yield case(op, f"transformers_{attn}", batch, context,
                            lambda b=batch, c=context, d=is_decode, a=attn: _hf_step(device, b, c, decode=d, attn=a))
@@ -188,16 +215,47 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
                    lambda b=batch, c=context: _llmkern_step(device, b, c, decode=True, int4=True), bits=4)
 
 
+def _host_overhead(step, device: torch.device, reps: int = 20) -> dict[str, float]:
+    """The decode records' host_ms and prepare_ms (module docstring): medians over reps calls of the timed step."""
+    import statistics
+    import time
+    from llmkern.generate import _DecodeStep
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return statistics.median(times)
+
+    out = {"host_ms": median_ms(step)} if device.type == "cuda" else {}
+    run, calls = _DecodeStep.run, []
+    _DecodeStep.run = lambda self: calls.append(1)      # the step's host work alone (no replay, no kernel)
+    try:
+        prepare = median_ms(step)
+    finally:
+        _DecodeStep.run = run
+    if calls:    # the step went through ModelRunner.decode
+        out["prepare_ms"] = prepare
+    return out
+
+
 def summarize(records: list[dict]) -> str:
     """Tokens/s per step and implementation, with the roofline's lowest time when the device is known."""
     head = (f"{'step':<12} {'batch':>5} {'context':>7} {'impl':<22} {'ms':>10} {'tokens/s':>12} {'floor ms':>9} "
-            f"{'% roof':>7}")
+            f"{'% roof':>7} {'host ms':>8} {'prep ms':>8}")
     lines = ["", head, "-" * len(head)]
     for r in records:
         s = r["shape"]
         tps = s["tokens"] / (r["median_ms"] * 1e-3)
         floor = "-" if r["roofline_ms"] is None else f"{r['roofline_ms']:.3f}"
         pct = "-" if r["pct_roofline"] is None else f"{r['pct_roofline']:.1f}%"
+        host, prep = (f"{r[k]:.3f}" if k in r else "-" for k in ("host_ms", "prepare_ms"))
         lines.append(f"{r['op'].removeprefix('e2e_'):<12} {s['batch']:>5} {s['context']:>7} {r['impl']:<22} "
-                     f"{r['median_ms']:>10.3f} {tps:>12.1f} {floor:>9} {pct:>7}")
+                     f"{r['median_ms']:>10.3f} {tps:>12.1f} {floor:>9} {pct:>7} {host:>8} {prep:>8}")
     return "\n".join(lines)

@@ -72,7 +72,6 @@ void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
     check_float(*t, name);
     check_same_dtype(k, *t, "k", name);
-    check_last_dim_contiguous(*t, name);
   }
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == k.size(0), "llmkern_cpu: slot_mapping must be int64 (tokens,)");
@@ -80,11 +79,13 @@ void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   const int64_t slots = k_cache.size(0) * block_size;
   const int64_t* sp = slot_mapping.const_data_ptr<int64_t>();
   const int64_t ss = slot_mapping.stride(0);
-  const size_t row_bytes = d * k.element_size();
+  // Any strides, the last dim's included (a cache written in place cannot be copied first): a row is one memcpy
+  // when both last dims are contiguous, else element by element.
+  const int64_t es = k.element_size();
   const auto copy = [&](const at::Tensor& src, const at::Tensor& dst) {
     const char* s = static_cast<const char*>(src.const_data_ptr());
     char* c = static_cast<char*>(dst.mutable_data_ptr());
-    const int64_t es = src.element_size();
+    const bool rows = d <= 1 || (src.stride(2) == 1 && dst.stride(3) == 1);
     at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, heads * d)),
                      [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -92,8 +93,13 @@ void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
         if (slot < 0 || slot >= slots) continue;   // -1 (padding) or outside the cache: nothing to write
         const int64_t blk = slot / block_size, off = slot % block_size;
         for (int64_t h = 0; h < heads; ++h) {
-          std::memcpy(c + (blk * dst.stride(0) + off * dst.stride(1) + h * dst.stride(2)) * es,
-                      s + (t * src.stride(0) + h * src.stride(1)) * es, row_bytes);
+          char* to = c + (blk * dst.stride(0) + off * dst.stride(1) + h * dst.stride(2)) * es;
+          const char* from = s + (t * src.stride(0) + h * src.stride(1)) * es;
+          if (rows) {
+            std::memcpy(to, from, d * es);
+          } else {
+            for (int64_t i = 0; i < d; ++i) std::memcpy(to + i * dst.stride(3) * es, from + i * src.stride(2) * es, es);
+          }
         }
       }
     });

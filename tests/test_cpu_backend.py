@@ -85,13 +85,19 @@ def test_no_compiler_falls_back_to_reference(tmp_path):
     assert "raised: no C++ compiler" in out
 
 
-def test_compile_error_falls_back_to_reference(tmp_path):
+def test_compile_error_falls_back_to_reference(tmp_path, monkeypatch):
     """A compiler that answers --version but fails every compile: the warning quotes its error and the build log
-    holds the full output."""
+    holds the full output. The build directory holds the lock file of a killed build (cpp_extension's, which it
+    never releases): the build goes ahead (it used to wait forever)."""
+    from llmkern import cpu
     fake = tmp_path / "broken-c++"
     fake.write_text('#!/bin/sh\ncase "$*" in *" -c "*) echo "fake.cpp:1:1: error: simulated compiler failure"; '
                     'exit 1;; esac\nexec c++ "$@"\n')
     fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("LLMKERN_CACHE_DIR", str(tmp_path / "cache"))      # as _run_fallback's child sees them
+    cpu.plan().directory.mkdir(parents=True)
+    (cpu.plan().directory / "lock").touch()
     out = _run_fallback(tmp_path, str(fake))
     assert "error: simulated compiler failure" in out
     log = out.split("build log: ")[1].split(")")[0]

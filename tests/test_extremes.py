@@ -43,6 +43,8 @@ from llmkern import _utils, reference
 from llmkern.beam_search import BeamSearch, run_searches
 from tolerance import assert_fa_close
 
+# On CPU: the Triton interpreter, and the C++ backend for the cases it serves (tests/conftest.py: runs_cpp).
+pytestmark = pytest.mark.cpu_backends("interpreter", "cpp", cpp_case_params=("name", "op"))
 TINY = 2.0 ** -126                       # float32's smallest normal
 F32_MAX = float(torch.finfo(torch.float32).max)
 SUBNORMAL = st.floats(min_value=2.0 ** -149, max_value=TINY, exclude_max=True)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from llmkern import perf, roofline
+from llmkern import cpu, measure, perf, roofline
 from llmkern.bench import common
 from llmkern.cli import main
 from llmkern.models import MODELS, get_model
@@ -202,3 +202,29 @@ def test_plot_cli(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "2 measured points" in out and "1 records without FLOPs" in out
+
+
+# Small sizes: these check the plumbing, not the figures (a 2-core machine shared with other jobs).
+_QUICK = {"copy_bytes": 4 << 20, "matmul_n": 128, "reps": 2}
+
+
+def test_cpu_measured_roof_is_stream(monkeypatch):
+    """On CPU the memory roof is the C++ STREAM read rate; without the C++ backend, a torch copy."""
+    roof = measure.measure_roofs("cpu", **_QUICK)
+    assert roof.read_gbps > 0 and roof.triad_gbps > 0 and roof.copy_gbps > 0 and roof.matmul_dtype == "float32"
+    assert roof.as_peak().hbm_gbps == roof.read_gbps and "STREAM" in roof.method
+    assert measure.MeasuredRoof.from_dict(roof.to_dict()) == roof
+    monkeypatch.setenv(cpu.BACKEND_ENV, "reference")
+    copied = measure.measure_roofs("cpu", **_QUICK)
+    assert copied.read_gbps is None and copied.as_peak().hbm_gbps == copied.copy_gbps and "copies" in copied.method
+
+
+def test_cli_measure(monkeypatch, capsys):
+    real = measure.measure_roofs
+    monkeypatch.setattr(measure, "measure_roofs", lambda device=None: real("cpu", **_QUICK))
+    assert main(["roofline", "--measure", "--model", "llama-3-8b", "--batch", "1", "--context", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "measured roofs: CPU" in out and "STREAM read" in out and "datasheet: none" in out
+    assert "on CPU" in out and "(measured)" in out
+    assert main(["roofline", "--measure", "--device", "h200", "--model", "llama-3-8b"]) == 0
+    assert "datasheet: NVIDIA H200 SXM: 4800 GB/s" in capsys.readouterr().out

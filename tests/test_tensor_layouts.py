@@ -97,6 +97,8 @@ from llmkern import _dispatch
 from llmkern.beam_search import BeamSearchOutput
 from test_ops import CASES as OP_CASES
 
+# On CPU: the Triton interpreter, and the C++ backend for the cases it serves (tests/conftest.py: runs_cpp).
+pytestmark = pytest.mark.cpu_backends("interpreter", "cpp", cpp_case_params=("label", "name"))
 VARIANTS = ("every_other", "rows", "offset", "column_major", "expanded")
 # Gap contents: out of every valid range (a NaN weight, a 2**30 block id or length, a 2**40 slot or seed).
 GARBAGE = {torch.int16: 2 ** 14, torch.int32: 2 ** 30, torch.int64: 2 ** 40}

@@ -134,6 +134,25 @@ def last_dim_contiguous(name: str, t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+# ----------------------------------------------------------------------------------------------- host to device
+def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for a host tensor src without making the host wait for the device: on CUDA from pinned memory,
+    asynchronously on the current stream (PyTorch's caching host allocator keeps the pinned block until the copy has
+    run; a copy from pageable memory would synchronize the stream)."""
+    if dst.device.type == "cuda" and src.device.type == "cpu":
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)
+
+
+def to_device(src: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied as copy_async does (src itself when it is already there)."""
+    if src.device == torch.device(device):
+        return src
+    dst = torch.empty(src.shape, dtype=src.dtype, device=device)
+    copy_async(dst, src)
+    return dst
+
+
 # ----------------------------------------------------------------------------------------------- kernel launch
 def autotune(configs: list[triton.Config], key: list[str], **kwargs: Any) -> Callable:
     """`triton.autotune` that the launcher below can bypass under the interpreter.

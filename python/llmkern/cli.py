@@ -4,9 +4,10 @@
         time the suites on the present device (CUDA if there is one)                     llmkern.bench
   llmkern check-compile [--arch sm_80,sm_90] [--json PATH] [--filter NAME] [--jobs N]
         compile every kernel config for real GPUs, with no GPU                           llmkern.compile_check
-  llmkern roofline [--model M] [--device D] [--batch B] [--context C] [--bits 4|8|16] [--group-size G]
+  llmkern roofline [--model M] [--device D | --measure] [--batch B] [--context C] [--bits 4|8|16] [--group-size G]
                    [--plot PATH [--bench-json FILE]]
         the lowest possible prefill/decode step time of a model on a device              llmkern.roofline
+        (--measure: on this machine's measured roofs, CPU included)                      llmkern.measure
   llmkern build-ext [--verbose]
         build the C++ CPU backend (csrc/) now and print where it went                    llmkern.cpu
 """
@@ -20,7 +21,7 @@ import sys
 import time
 from typing import Callable
 
-from llmkern import compile_check, cpu, perf, quant_weight, roofline, tuning
+from llmkern import compile_check, cpu, measure, perf, quant_weight, roofline, tuning
 from llmkern.bench import SUITES, common
 from llmkern.models import MODELS, get_model
 
@@ -119,8 +120,13 @@ def _positive_int(s: str) -> int:
 def _roofline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama-3-8b",
                    help=f"model shape (default llama-3-8b; known: {', '.join(MODELS)})")
-    p.add_argument("--device", default="h100", help="device peaks from llmkern.perf.DEVICES (default h100 = "
-                                                   f"h100-sxm; known: {', '.join(perf.DEVICES)})")
+    p.add_argument("--device", help="device peaks from llmkern.perf.DEVICES (default h100 = "
+                                    f"h100-sxm; known: {', '.join(perf.DEVICES)}); with --measure, the datasheet to "
+                                    "print next to the measured roofs")
+    p.add_argument("--measure", action="store_true",
+                   help="measure this machine's roofs (the CUDA device if there is one, else the CPU: copy "
+                        "bandwidth, STREAM on CPU, and the matmul rate; llmkern.measure), print them next to the "
+                        "datasheet's, and use them for the step times")
     p.add_argument("--batch", type=_positive_int, default=16, help="sequences per step (default 16)")
     p.add_argument("--context", type=_positive_int, default=4096, help="tokens per sequence (default 4096)")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=16,
@@ -136,7 +142,7 @@ def _roofline_args(p: argparse.ArgumentParser) -> None:
 def _roofline_run(args: argparse.Namespace) -> int:
     try:
         model = get_model(args.model)
-        peak = perf.resolve_device(args.device)
+        datasheet = perf.resolve_device(args.device or "h100") if args.device or not args.measure else None
     except ValueError as e:
         print(f"llmkern roofline: {e}", file=sys.stderr)
         return 2
@@ -146,6 +152,15 @@ def _roofline_run(args: argparse.Namespace) -> int:
     elif bits is None:
         print("llmkern roofline: --group-size needs --bits 4 or 8 (16-bit weights have no groups)", file=sys.stderr)
         return 2
+    peak = datasheet
+    if args.measure:
+        measured = measure.measure_roofs()
+        datasheet = datasheet or perf.device_peak(common.bench_device())
+        print(f"measured roofs: {measured.describe()}\n  ({measured.method})")
+        print("datasheet: " + (f"{datasheet.name}: {datasheet.hbm_gbps:.0f} GB/s, {datasheet.tensor_tflops:.1f} dense "
+                               f"bf16 tensor TFLOP/s, fp32 {datasheet.fp32_tflops:.1f} ({datasheet.source})"
+                               if datasheet else "none (a CPU has no datasheet entry in llmkern.perf.DEVICES)") + "\n")
+        peak = measured.as_peak()
     print(roofline.report(model, peak, args.batch, args.context, bits, args.group_size))
     if args.bench_json and not args.plot:
         print("llmkern roofline: --bench-json needs --plot PATH", file=sys.stderr)

@@ -30,6 +30,7 @@ failure raises), reference (always the reference). LLMKERN_CPU_ISA, LLMKERN_CACH
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -43,6 +44,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 BACKEND_ENV = "LLMKERN_CPU_BACKEND"
 _BACKEND_CHOICES = ("auto", "cpp", "reference")
@@ -170,6 +176,34 @@ def _compile(b: Build, verbose: bool) -> None:
     if not cpp_extension.is_ninja_available():
         raise BuildError("ninja is not installed (pip install ninja)", None)
     b.directory.mkdir(parents=True, exist_ok=True)
+    with _build_lock(b):
+        if b.done.is_file():          # another process built it while this one waited
+            torch.ops.load_library(str(b.library))
+            return
+        _load_extension(b, cxx, verbose)
+
+
+@contextlib.contextmanager
+def _build_lock(b: Build):
+    """One builder per build directory, across processes (pytest-xdist workers, several shells). cpp_extension has
+    its own lock, a file ("lock") that a killed build leaves behind, after which every later build of the directory
+    waits forever; an flock is released by the OS when its holder dies, so under it a leftover "lock" is stale and
+    is removed. (Where fcntl is missing, cpp_extension's lock alone.)"""
+    if fcntl is None:
+        yield
+        return
+    with open(b.directory / "build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (b.directory / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_extension(b: Build, cxx: str, verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
     t0 = time.perf_counter()
     try:
         cpp_extension.load(name=b.name, sources=[str(s) for s in b.sources], extra_cflags=list(b.cflags),
@@ -357,15 +391,16 @@ def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 # ----------------------------------------------------------------------------------------- paged_attention.cpp
 @_adapter("paged_kv_write")
 def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping):
-    _lib().paged_kv_write(_last_contiguous(k), _last_contiguous(v), k_cache, v_cache, slot_mapping)
+    _lib().paged_kv_write(k, v, k_cache, v_cache, slot_mapping)   # any strides, the caches' last dim's included
 
 
+# The attention kernels read a cache with any strides but a strided head_dim: a cache in that (rare) layout is copied.
 @_adapter("paged_decode_attention")
 def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits):
     out = torch.empty(q.shape, dtype=q.dtype)
     # decode's one query sits at the last key: a right window masks nothing
-    _lib().paged_decode(_last_contiguous(q), k_cache, v_cache, block_tables, seq_lens, out, scale, softcap,
-                        window_left, num_splits)
+    _lib().paged_decode(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
+                        seq_lens, out, scale, softcap, window_left, num_splits)
     return out
 
 
@@ -373,8 +408,8 @@ def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, w
 def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left,
                    window_right):
     out = torch.empty(q.shape, dtype=q.dtype)
-    _lib().paged_prefill(_last_contiguous(q), k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale,
-                         softcap, window_left, 0 if causal else window_right)
+    _lib().paged_prefill(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
+                         cu_seqlens_q, seq_lens, out, scale, softcap, window_left, 0 if causal else window_right)
     return out
 
 

@@ -1,20 +1,26 @@
 """`llmkern.generate`: a reference decode loop for Llama-family Hugging Face models, run on llmkern's kernels.
 
 It exists to show the kernels composing into whole model steps (and to time those steps), not to serve traffic:
-no scheduler, no request queue, no CUDA graphs. One step of the loop, for every sequence still running:
+no request queue, no preemption. One step of the loop, for the sequences it schedules:
 
     embeddings (the model's)  ->  per decoder layer:
         llmkern.rms_norm / add_rms_norm (fused residual add)    the model's RMSNorm weights and eps
         q/k/v projections (the model's own Linear layers, or llmkern QuantLinear after quantize_model)
         llmkern.apply_rope with the model's own cos/sin tables  (any rope_scaling the model uses, e.g. Llama-3's)
         llmkern.paged_kv_write into a PagedKVCache (one cache layer per decoder layer)
-        llmkern.paged_prefill_attention (the prompt) or paged_decode_attention (one new token)
+        PagedAttentionPlan.run: one plan per step (made once, from the host's block tables), run in every layer
         o projection, add_rms_norm, the model's MLP
     ->  final add_rms_norm, lm_head on each sequence's last token  ->  llmkern.sample
 
-Prefill runs all prompts packed together (varlen: no padding is ever computed); each decode step runs one token per
-running sequence. A sequence stops at an EOS token or after max_new_tokens; its cache blocks are then freed and the
-batch shrinks. Repetition controls (`llmkern.apply_penalties`) run between lm_head and the sampler when any is on.
+Continuous batching (`max_batch_size`, `max_tokens_per_step`; `_plain_loop`): a step runs the running sequences'
+decode tokens and chunks of prompts in one packed batch (varlen: no padding is computed), waiting prompts join as
+running ones finish. By default every prompt runs at once and the first step prefills them whole. A sequence stops
+at an EOS token or after max_new_tokens; its cache blocks are then freed. Repetition controls
+(`llmkern.apply_penalties`) run between lm_head and the sampler when any is on.
+
+CUDA graphs (`cuda_graph`, default on for CUDA models; `ModelRunner.decode`): a step of decode tokens only runs
+padded to a fixed batch size, on static buffers, with a plan refreshed in place; it is captured once per padded size
+and replayed, from the embeddings through the sampler.
 
 Speculative decoding (`draft_model=`, Leviathan et al., arXiv 2211.17192): each round the draft model proposes k
 tokens (k decode steps on its own paged cache, drawn with `llmkern.sample` from `llmkern.sampling_probs`), the
@@ -29,11 +35,15 @@ raise ValueError.
 """
 from __future__ import annotations
 
+import itertools
 import numbers
+import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import triton
 
 from llmkern import _utils, decoding, layers, paged_attention, sampling
 from llmkern.kv_cache import PagedKVCache
@@ -107,13 +117,22 @@ def _eos_set(eos_token_id: Any, model: Any) -> set[int]:
 class ModelRunner:
     """A Llama-family model's forward pass on llmkern ops over a PagedKVCache: the step `generate` runs.
 
-    ModelRunner(model, cache): model as `generate` takes it; cache a PagedKVCache with one layer per decoder layer,
-    the model's KV heads, head_dim and dtype. `forward` runs one step for tokens whose cache slots the caller has
-    reserved (cache.append); the end-to-end benchmark times it. `feed` reserves the slots itself, for sequences
-    given as all their tokens (generate's loops and llmkern.beam_search use it).
+    ModelRunner(model, cache, *, cuda_graph=False): model as `generate` takes it; cache a PagedKVCache with one layer
+    per decoder layer, the model's KV heads, head_dim and dtype.
+
+    Two ways to run a step. `forward` (and `feed`, which reserves the cache slots itself) runs any packed batch of
+    new tokens eagerly: prompts, chunks of prompts next to decode tokens (one `PagedAttentionPlan` per step, its
+    `run` in every layer), speculative verification, beam search. `decode` runs one new token per sequence through
+    a fixed-shape step: the batch padded to `padded_batch_size(n)`, inputs copied into static buffers, a plan with
+    cuda_graph=True refreshed in place (`plan.update`), and the whole step, from the embeddings through sampling,
+    touching only those buffers. With cuda_graph=True on a CUDA model that step is captured into a CUDA graph
+    once per padded size (vLLM's and SGLang's graph runners; capture on first use, after one eager warm-up run)
+    and replayed; on CPU there is nothing to capture and the same padded step runs eagerly (how CI checks it).
     """
 
-    def __init__(self, model: Any, cache: PagedKVCache):
+    def __init__(self, model: Any, cache: PagedKVCache, *, cuda_graph: bool = False):
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
         self.model = model
         self.inner = model.model
         self.cache = cache
@@ -121,6 +140,8 @@ class ModelRunner:
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.layers = list(self.inner.layers)[: cfg.num_hidden_layers]
+        self.head_dim = self.layers[0].self_attn.head_dim
+        self.device = self.inner.embed_tokens.weight.device
         self.windows = []
         for layer in self.layers:
             attn = layer.self_attn
@@ -128,23 +149,48 @@ class ModelRunner:
             w = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(cfg, "sliding_window", None)
             # HF keeps key j for query i when j > i - w (masking_utils.sliding_window_overlay): left window w - 1
             self.windows.append((-1, -1) if w is None else (int(w) - 1, 0))
+        self.cuda_graph = cuda_graph
+        self._steps: dict[tuple, _DecodeStep] = {}
+        # The model's own rotary tables (any rope_scaling included), computed once for every position a sequence of
+        # this cache can reach; a step gathers its rows (vLLM's cos/sin cache). Dynamic-NTK scaling depends on the
+        # longest position seen so far, so those models compute their tables per step, and are not captured (the
+        # rotary module reads the positions' maximum on the host).
+        rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None)
+        self._dynamic_rope = isinstance(rope, dict) and "dynamic" in str(rope.get("rope_type", rope.get("type")))
+        self._rope = None if self._dynamic_rope else self._rotary(torch.arange(cache.num_blocks * cache.block_size,
+                                                                               device=self.device))
+        self.capture = cuda_graph and self.device.type == "cuda" and not self._dynamic_rope
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: list[int], q_lens: list[int],
-                slots: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
-        """Run packed new tokens (their K/V slots already reserved) through the model; logits of each sequence's
-        last new token, (len(seq_ids), vocab) float32, or with all_logits those of every new token (total, vocab)."""
+    # ------------------------------------------------------------------------------------------------ the model
+    def _plan(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+              **capacity: Any) -> paged_attention.PagedAttentionPlan:
         cache = self.cache
-        device = tokens.device
-        block_tables = cache.block_tables(seq_ids)
-        seq_lens = cache.seq_lens(seq_ids)
-        decode = all(n == 1 for n in q_lens)
-        cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-        cu_q[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
-        cu_q = cu_q.to(device)
+        return paged_attention.PagedAttentionPlan(
+            block_tables, seq_lens, cu_seqlens_q, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, num_blocks=cache.num_blocks, block_size=cache.block_size, dtype=cache.dtype,
+            device=self.device, **capacity)
 
+    def _host_tables(self, seq_ids: Sequence[Any], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 CPU block tables (len(seq_ids), width: default the longest row) and seq_lens: the plan reads them
+        without a device sync."""
+        rows = [self.cache.block_table(i) for i in seq_ids]
+        width = max([len(r) for r in rows] + [1]) if width is None else width
+        bt = torch.zeros(len(rows), width, dtype=torch.int32)
+        for b, r in enumerate(rows):
+            bt[b, :len(r)] = torch.tensor(r, dtype=torch.int32)
+        lens = torch.tensor([self.cache.seq_len(i) for i in seq_ids], dtype=torch.int32)
+        return bt, lens
+
+    def _body(self, tokens: torch.Tensor, positions: torch.Tensor, plan: paged_attention.PagedAttentionPlan,
+              slots: torch.Tensor, attn_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers over packed tokens: (hidden, residual) of every row, before the final norm. Device
+        work only (no host sync): what a CUDA graph captures."""
+        cache = self.cache
         hidden = self.inner.embed_tokens(tokens)                                   # (T, hidden)
-        # The model's own rotary tables for these positions: (1, T, head_dim), any rope_scaling included.
-        cos, sin = self.inner.rotary_emb(hidden[None], positions[None])
+        if self._rope is None:
+            cos, sin = self._rotary(positions)
+        else:
+            cos, sin = (t.index_select(0, positions) for t in self._rope)
         total = tokens.shape[0]
         residual = None
         for i, layer in enumerate(self.layers):
@@ -155,28 +201,47 @@ class ModelRunner:
             else:
                 x, residual = layers.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
             attn = layer.self_attn
-            q = attn.q_proj(x).view(total, self.num_heads, attn.head_dim)
-            k = attn.k_proj(x).view(total, self.num_kv_heads, attn.head_dim)
-            v = attn.v_proj(x).view(total, self.num_kv_heads, attn.head_dim)
-            q, k = layers.apply_rope(q, k, cos=cos[0], sin=sin[0])
+            q = attn.q_proj(x).view(total, self.num_heads, self.head_dim)
+            k = attn.k_proj(x).view(total, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(total, self.num_kv_heads, self.head_dim)
+            q, k = layers.apply_rope(q, k, cos=cos, sin=sin)
             k_cache, v_cache = cache.k_cache(i), cache.v_cache(i)
             paged_attention.paged_kv_write(k, v.contiguous(), k_cache, v_cache, slots)
-            if decode:
-                o = paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
-                                                           scale=attn.scaling, window=self.windows[i])
-            else:
-                o = paged_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_q, seq_lens,
-                                                            causal=True, scale=attn.scaling, window=self.windows[i])
-            hidden = attn.o_proj(o.reshape(total, self.num_heads * attn.head_dim))
+            o = plan.run(q, k_cache, v_cache, causal=True, scale=attn.scaling, window=self.windows[i], out=attn_out)
+            hidden = attn.o_proj(o.reshape(total, self.num_heads * self.head_dim))
             post = layer.post_attention_layernorm
             x, residual = layers.add_rms_norm(hidden, residual, post.weight, post.variance_epsilon)
             hidden = layer.mlp(x)
-        if not all_logits:
-            last = cu_q[1:].long() - 1
-            hidden, residual = hidden[last], residual[last]
+        return hidden, residual
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's rotary cos and sin at these positions, (len(positions), head_dim) each."""
+        like = self.inner.embed_tokens.weight[:1][None]        # only its dtype and device are read
+        cos, sin = self.inner.rotary_emb(like, positions[None])
+        return cos[0], sin[0]
+
+    def _logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         norm = self.inner.norm
         x, _ = layers.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
         return self.model.lm_head(x).float()
+
+    # ------------------------------------------------------------------------------------------------ eager steps
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: list[int], q_lens: list[int],
+                slots: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+        """Run packed new tokens (their K/V slots already reserved) through the model; logits of each sequence's
+        last new token, (len(seq_ids), vocab) float32, or with all_logits those of every new token (total, vocab).
+        positions (total,) int64 on the model's device: each below the cache's num_blocks * block_size (the rotary
+        table's length; no sequence of the cache can be longer).
+        Any mixture of prompt chunks and decode tokens: one plan for the step, run in every layer."""
+        block_tables, seq_lens = self._host_tables(seq_ids)
+        cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+        cu_q[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
+        plan = self._plan(block_tables, seq_lens, cu_q)
+        hidden, residual = self._body(tokens, positions, plan, slots, None)
+        if not all_logits:
+            last = _utils.to_device(torch.tensor([n - 1 for n in itertools.accumulate(q_lens)]), tokens.device)
+            hidden, residual = hidden[last], residual[last]
+        return self._logits(hidden, residual)
 
     def feed(self, seqs: dict[int, list[int]], all_logits: bool = False) -> torch.Tensor:
         """Append each sequence's tokens past its cached length (seqs: id -> all its tokens) and run them: prefill
@@ -185,10 +250,105 @@ class ModelRunner:
         lens = [self.cache.seq_len(i) if i in self.cache else 0 for i in ids]
         new = [seqs[i][n:] for i, n in zip(ids, lens)]
         slots = torch.cat([self.cache.append(i, len(t)) for i, t in zip(ids, new)])
-        device = self.model.model.embed_tokens.weight.device
-        tokens = torch.tensor([t for ts in new for t in ts], dtype=torch.int64, device=device)
-        positions = torch.cat([torch.arange(n, n + len(t)) for n, t in zip(lens, new)]).to(device)
+        tokens = _utils.to_device(torch.tensor([t for ts in new for t in ts], dtype=torch.int64), self.device)
+        positions = _utils.to_device(torch.cat([torch.arange(n, n + len(t)) for n, t in zip(lens, new)]), self.device)
         return self.forward(tokens, positions, ids, [len(t) for t in new], slots, all_logits=all_logits)
+
+    # ------------------------------------------------------------------------------------------------ decode steps
+    def decode(self, seq_ids: Sequence[Any], tokens: Sequence[int], *, sampling_params: dict | None = None,
+               seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One new token per sequence through the fixed-shape step (class docstring): appends one cache slot to each
+        of seq_ids (tokens[b] is the token fed for seq_ids[b], at position seq_len), runs the step, and returns
+        (logits (n, vocab) float32, drawn tokens int64 (n,) or None), views of the step's static buffers (valid until
+        the next `decode` of the same padded size).
+
+        sampling_params: llmkern.sample's temperature/top_k/top_p/min_p (numbers, checked with
+        llmkern.sampling.check_params); given, the step also draws the tokens (inside the graph); seeds: int64 CPU
+        (n,) seeds for those draws (default 0: greedy needs none). The host work (tables, plan.update, one
+        host-to-device copy of tokens, positions and seeds) never waits for the device."""
+        n = len(seq_ids)
+        if n == 0 or len(tokens) != n:
+            raise ValueError(f"decode: one token per sequence, got {len(tokens)} tokens for {n} sequences")
+        key = (padded_batch_size(n), None if sampling_params is None else tuple(sorted(sampling_params.items())))
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = _DecodeStep(self, key[0], sampling_params)
+        positions = [self.cache.seq_len(i) if i in self.cache else 0 for i in seq_ids]
+        for i in seq_ids:
+            self.cache.append(i, 1)
+        step.prepare(*self._host_tables(seq_ids, step.plan.max_blocks_per_seq), tokens, positions, seeds)
+        step.run()
+        return step.logits[:n], None if step.drawn is None else step.drawn[:n]
+
+
+def padded_batch_size(n: int) -> int:
+    """The batch size a decode step of n sequences is padded to (one CUDA graph each): powers of two up to 32, then
+    multiples of 32 (vLLM captures 1, 2, 4 and then every multiple of 8; coarser buckets keep the capture count
+    small: padding wastes less than half a step below 32 and less than 32 rows above)."""
+    return triton.next_power_of_2(n) if n <= 32 else _utils.cdiv(n, 32) * 32
+
+
+class _DecodeStep:
+    """The fixed-shape decode step of one padded batch size: static input buffers, a cuda_graph plan sized for them,
+    the outputs, and (on CUDA, with capture on) the CUDA graph that replays the whole step."""
+
+    def __init__(self, runner: ModelRunner, size: int, sampling_params: dict | None):
+        self.runner, self.size = runner, size
+        device = runner.device
+        # tokens | positions | seeds: one int64 buffer, so a step's inputs cost one host-to-device copy
+        self.inputs = torch.zeros(3, size, dtype=torch.int64, device=device)
+        self.tokens, self.positions, self.seeds = self.inputs
+        # Attention output rows past the batch are never written by the plan: zeroed once, they stay finite.
+        self.attn_out = torch.zeros(size, runner.num_heads, runner.head_dim, dtype=runner.cache.dtype, device=device)
+        # A one-sequence stand-in step to build the plan; prepare() replaces it before the first run.
+        self.plan = runner._plan(torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), None,
+                                 max_batch_size=size, max_num_tokens=size,
+                                 max_blocks_per_seq=runner.cache.num_blocks, cuda_graph=True)
+        self.params = None if sampling_params is None else \
+            sampling.SamplingParams(**sampling_params, batch=size, device=device)
+        self.graph = None
+        self.logits = self.drawn = None
+
+    def prepare(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, tokens: Sequence[int],
+                positions: Sequence[int], seeds: torch.Tensor | None) -> None:
+        """Host side: the plan refreshed in place and the inputs copied into the static buffers (rows past the
+        batch get token 0 at position 0: padding, whose K/V the plan's slot_mapping never writes and whose results
+        are never read)."""
+        n = len(tokens)
+        self.plan.update(block_tables, seq_lens)
+        stage = torch.zeros(3, self.size, dtype=torch.int64)
+        stage[0, :n] = torch.tensor(list(tokens), dtype=torch.int64)
+        stage[1, :n] = torch.tensor(list(positions), dtype=torch.int64)
+        if seeds is not None:
+            stage[2, :n] = seeds
+        _utils.copy_async(self.inputs, stage)
+
+    def body(self) -> None:
+        """Device side: the whole step on the static buffers (no host sync, no shape that depends on the batch)."""
+        r = self.runner
+        hidden, residual = r._body(self.tokens, self.positions, self.plan, self.plan.slot_mapping, self.attn_out)
+        self.logits = r._logits(hidden, residual)
+        if self.params is not None:   # checked once, at construction: sample() with them and a seed tensor is sync-free
+            self.drawn = sampling.sample(self.logits, params=self.params, seed=self.seeds)
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self.body()
+        if self.runner.capture:
+            self._capture()
+
+    def _capture(self) -> None:
+        """Capture the step (its eager run just warmed it up: Triton compiled, cuBLAS initialized). The capture
+        executes nothing and its outputs are new tensors of the graph's memory pool, so one replay of the same step
+        fills them (rewriting the same K/V into the same slots). A host sync inside the step makes the capture raise
+        (CUDA refuses it), so a step that syncs cannot go unnoticed here."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):     # synchronizes, then records on a side stream
+            self.body()
+        self.graph = graph
+        graph.replay()   # the captured outputs are new buffers: fill them (the same step again, same values)
 
 
 @dataclass
@@ -218,7 +378,12 @@ class _Sampler:
     def seeds(self, n: int) -> torch.Tensor | None:
         if self.rng is None:
             return None
-        return torch.randint(0, _SEED_MAX, (n,), generator=self.rng, dtype=torch.int64).to(self.device)
+        return self.host_seeds(n).to(self.device)
+
+    def host_seeds(self, n: int) -> torch.Tensor:
+        """int64 CPU (n,): the next n per-row seeds (from torch's default generator when no seed was given, as
+        llmkern.sample draws them itself)."""
+        return torch.randint(0, _SEED_MAX, (n,), generator=self.rng, dtype=torch.int64)
 
     def scores(self, logits: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
         """The logits the sampler sees: penalized by each row's history (prompt + tokens so far) when a control is
@@ -241,11 +406,14 @@ def _valid(tokens: list[int]) -> list[int]:
     return tokens
 
 
-def _new_cache(model: Any, prompts: list[torch.Tensor], extra_tokens: int, block_size: int) -> PagedKVCache:
-    """A cache with enough blocks for every sequence at its longest (prompt + extra_tokens): no CacheFullError."""
+def _new_cache(model: Any, prompts: list[torch.Tensor], extra_tokens: int, block_size: int,
+               max_batch_size: int | None = None) -> PagedKVCache:
+    """A cache with enough blocks for any max_batch_size sequences (default all) at their longest (prompt +
+    extra_tokens) at once: the most blocks a batch of running sequences can hold, so never a CacheFullError."""
     weight = model.model.embed_tokens.weight
     cfg = model.config
-    num_blocks = sum(_utils.cdiv(p.numel() + extra_tokens, block_size) for p in prompts)
+    needs = sorted((_utils.cdiv(p.numel() + extra_tokens, block_size) for p in prompts), reverse=True)
+    num_blocks = sum(needs[:max_batch_size])
     return PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                 model.model.layers[0].self_attn.head_dim, dtype=weight.dtype, device=weight.device)
 
@@ -276,7 +444,8 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
              repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              logit_bias: torch.Tensor | None = None, seed: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, block_size: int = BLOCK_SIZE,
-             draft_model: Any = None, num_speculative_tokens: int = 4, return_stats: bool = False):
+             draft_model: Any = None, num_speculative_tokens: int = 4, max_batch_size: int | None = None,
+             max_tokens_per_step: int | None = None, cuda_graph: bool | None = None, return_stats: bool = False):
     """Generate up to max_new_tokens tokens per prompt with llmkern kernels; see the module docstring.
 
     model: a Hugging Face Llama/Mistral/Qwen2 *ForCausalLM (any dtype and device the kernels support; its Linear
@@ -295,6 +464,17 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
     draft_model: a smaller model of a supported type with the same vocabulary: speculative decoding, proposing
       num_speculative_tokens (1..15) tokens per round (module docstring). Same output distribution as without it;
       with greedy settings, the same tokens.
+    max_batch_size: at most this many sequences run at once (default: every prompt); the others wait and are
+      admitted as running ones finish. The cache is sized for the longest max_batch_size sequences.
+    max_tokens_per_step: at most this many new tokens per model step (default: no bound, so the first step
+      prefills every admitted prompt whole). Decode tokens come first; prompts are cut into chunks that fill the
+      rest and share steps with the decode tokens (chunked prefill). Both are continuous batching (`_plain_loop`);
+      with greedy settings a sequence's tokens do not depend on them.
+    cuda_graph: decode steps (one new token per sequence) run as a fixed-shape step padded to
+      `padded_batch_size`, captured as a CUDA graph per padded size and replayed (`ModelRunner`), sampling
+      included (unless a repetition control is on: then the graph ends at the logits). Default: on for a CUDA
+      model, off on CPU; True on CPU runs the same padded step without capture. Same tokens either way.
+      Speculative decoding (draft_model) runs its steps eagerly and takes none of these three.
     return_stats: also return a GenerateStats (target passes, proposed and accepted draft tokens, acceptance rate).
     Returns, per prompt, the list of new token ids (ending with the EOS token when one stopped it); with
     return_stats, (that list, GenerateStats).
@@ -324,15 +504,24 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                  logit_bias=logit_bias)
     k = _check_draft(draft_model, model, num_speculative_tokens)
+    max_batch_size = _check_bound("max_batch_size", max_batch_size, len(prompts))
+    max_tokens_per_step = _check_bound("max_tokens_per_step", max_tokens_per_step, None)
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool or None, got {cuda_graph!r}")
+    if draft_model is not None and (max_batch_size < len(prompts) or max_tokens_per_step is not None or cuda_graph):
+        raise ValueError("max_batch_size, max_tokens_per_step and cuda_graph are not supported with draft_model "
+                         "(speculative decoding runs every prompt at once, eagerly)")
     sampler = _Sampler(dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p), penalties, seed, device)
     seqs = _Sequences(prompts, max_new_tokens, eos)
     stats = GenerateStats()
     # Speculation may run k + 1 tokens past the end before the surplus is cut: room for them too.
     extra = max_new_tokens + (k + 1 if draft_model is not None else 0)
-    target = ModelRunner(model, _new_cache(model, prompts, extra, block_size))
     if draft_model is None:
-        _plain_loop(target, sampler, seqs, stats)
+        graphs = device.type == "cuda" if cuda_graph is None else cuda_graph
+        target = ModelRunner(model, _new_cache(model, prompts, extra, block_size, max_batch_size), cuda_graph=graphs)
+        _plain_loop(target, sampler, seqs, stats, max_batch_size, max_tokens_per_step or sys.maxsize)
     else:
+        target = ModelRunner(model, _new_cache(model, prompts, extra, block_size))
         draft = ModelRunner(draft_model, _new_cache(draft_model, prompts, extra, block_size))
         _speculative_loop(target, draft, sampler, seqs, k, stats)
     return (seqs.new, stats) if return_stats else seqs.new
@@ -351,6 +540,16 @@ def _check_penalties(model: Any, device: torch.device, **penalties: Any) -> dict
     return penalties
 
 
+def _check_bound(name: str, value: Any, default: int | None) -> int | None:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
 def _check_draft(draft_model: Any, model: Any, k: Any) -> int:
     if draft_model is None:
         return 0
@@ -365,15 +564,52 @@ def _check_draft(draft_model: Any, model: Any, k: Any) -> int:
     return int(k)
 
 
-def _plain_loop(target: ModelRunner, sampler: _Sampler, seqs: _Sequences, stats: GenerateStats) -> None:
-    """Prefill every prompt in one pass, then one token per running sequence per step."""
-    while seqs.tokens:
-        ids = list(seqs.tokens)
-        logits = target.feed(seqs.tokens)
+def _plain_loop(target: ModelRunner, sampler: _Sampler, seqs: _Sequences, stats: GenerateStats,
+                max_batch_size: int, max_tokens_per_step: int) -> None:
+    """Continuous batching (Orca's iteration-level scheduling, vLLM's chunked prefill): every step runs at most
+    max_batch_size sequences and max_tokens_per_step new tokens. The running sequences' decode tokens are scheduled
+    first, one each, in admission order; the rest of the budget goes to prompt chunks (the unfed part of a prompt,
+    cut to what is left), in admission order; a waiting prompt is admitted when a running sequence finishes and
+    frees its seat. A step of decode tokens only goes through `ModelRunner.decode` when the runner has
+    cuda_graph on (the padded, graph-replayed step), else through `ModelRunner.feed`; a step with prompt chunks is
+    one mixed batch through `feed` (one plan: the chunks and the decode tokens in one launch per layer). A sequence
+    draws its next token once its prompt is fed; its chunks are each causal over its cached prefix, so its tokens do
+    not depend on what shares its steps (greedy: the same tokens as alone, up to floating-point summation order)."""
+    waiting = deque(seqs.tokens)
+    running: list[int] = []
+    graph_sampling = sampler.sampling if sampler.penalties is None else None   # drawn inside the step
+    while waiting or running:
+        while waiting and len(running) < max_batch_size:
+            running.append(waiting.popleft())
+        fed = {i: target.cache.seq_len(i) if i in target.cache else 0 for i in running}
+        pending = {i: len(seqs.tokens[i]) - fed[i] for i in running}
+        chunks, budget = {}, max_tokens_per_step
+        for i in sorted(running, key=lambda i: pending[i] > 1):     # stable: decode tokens, then prompt chunks
+            if budget == 0:
+                break
+            chunks[i] = min(pending[i], budget)
+            budget -= chunks[i]
+        ids = list(chunks)
         stats.target_passes += 1
-        for i, t in zip(ids, sampler.draw(sampler.scores(logits, list(seqs.tokens.values())))):
+        if target.cuda_graph and all(n == 1 for n in chunks.values()):
+            seeds = sampler.host_seeds(len(ids)) if graph_sampling is not None else None
+            logits, drawn = target.decode(ids, [seqs.tokens[i][-1] for i in ids], sampling_params=graph_sampling,
+                                          seeds=seeds)
+            done = ids
+        else:
+            logits = target.feed({i: seqs.tokens[i][:fed[i] + chunks[i]] for i in ids})
+            rows = [b for b, i in enumerate(ids) if chunks[i] == pending[i]]   # prompts fed in full
+            done, drawn = [ids[b] for b in rows], None
+            if len(rows) != len(ids):
+                logits = logits[torch.tensor(rows, dtype=torch.int64, device=logits.device)]
+        if not done:
+            continue
+        tokens = _valid(drawn.tolist()) if drawn is not None else \
+            sampler.draw(sampler.scores(logits, [seqs.tokens[i] for i in done]))
+        for i, t in zip(done, tokens):
             if seqs.emit(i, [t]):
                 target.cache.free(i)
+                running.remove(i)
 
 
 def _speculative_loop(target: ModelRunner, draft: ModelRunner, sampler: _Sampler, seqs: _Sequences, k: int,

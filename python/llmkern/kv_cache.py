@@ -154,7 +154,7 @@ class PagedKVCache:
         self._lens[seq_id] = length + n
         pos = range(length, length + n)
         slots = [table[p // bs] * bs + p % bs for p in pos]
-        return torch.tensor(slots, dtype=torch.int64).to(self.device)
+        return _utils.to_device(torch.tensor(slots, dtype=torch.int64), self.device)   # no wait for the device
 
     def fork(self, src_seq_id: Hashable, new_seq_id: Hashable) -> None:
         """new_seq_id shares all of src's blocks and its length; later appends to either copy a shared, partly

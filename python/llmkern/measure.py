@@ -5,14 +5,19 @@ well-tuned library reaches on the same machine. On an H200 of our GPU lender a d
 4.3 TB/s counting bytes read and written (datasheet: 4.8) and an 8192^3 bf16 matmul ran at about 790 TFLOP/s on
 random data (datasheet: 989.5 dense). `measure_roofs` measures both, the way METHOD notes for such machines advise:
 
-  * copy: one large `dst.copy_(src)` of random float32 data, far larger than any cache; bytes = read + written
-    (2 x the buffer), time = median of the timed copies after warm-up;
+  * copy, on CUDA: one large `dst.copy_(src)` of random float32 data, far larger than any cache; bytes = read +
+    written (2 x the buffer), time = median of the timed copies after warm-up;
+  * memory, on CPU: McCalpin's STREAM read / copy / triad over all of torch's threads, in C++ (csrc/roofline.cpp,
+    llmkern.cpu.measure_stream; best of the repetitions, as STREAM reports). The read rate is the memory roof of
+    the CPU records (decode attention, weight-only matmuls and sampling read far more than they write; it is a
+    strict roof for ops that write as much as they read). Without the C++ backend: the copy above, on CPU;
   * matmul: `torch.mm` of two random n x n matrices (never zeros: they run faster than real data), FLOPs = 2 n^3;
     on CUDA in bf16 (the tensor-core roof, cuBLAS) and in fp32 with TF32 off (the CUDA-core roof); on CPU in fp32.
 
 `annotate` then adds to benchmark records (bench.common's format) the floor and the "% of measured roof" computed
 with the same formula as the datasheet's (llmkern.perf.roofline), so the two percentages sit side by side.
-`llmkern roofline --measure` and the GPU-day run (bench/device_run.sh) share this module.
+`llmkern roofline --measure`, `llmkern bench` on CPU (bench.common.device_roof: a CPU has no datasheet entry) and
+the GPU-day run (bench/device_run.sh) share this module.
 """
 from __future__ import annotations
 
@@ -23,11 +28,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from llmkern import perf
+from llmkern import cpu, perf
 
 # Sizes for a full measurement. CUDA: a 2 GiB buffer (8.6 GB read+written per copy pair, far past the H200's 60 MB
 # L2) and 8192^3 matmuls (1.1 TFLOP, ~1.4 ms in bf16 on an H200: long enough that launch overhead is noise).
-# CPU: a 256 MiB buffer (past the L3 of any one CPU) and 2048^3 fp32 (17 GFLOP, a fraction of a second on 2 cores).
+# CPU: STREAM arrays of 4x the last-level cache (llmkern.cpu.measure_stream; without the C++ backend a 256 MiB copy,
+# past the L3 of any one CPU) and 2048^3 fp32 (17 GFLOP, a fraction of a second on 2 cores).
 CUDA_COPY_BYTES, CUDA_MATMUL_N = 2 << 30, 8192
 CPU_COPY_BYTES, CPU_MATMUL_N = 256 << 20, 2048
 
@@ -40,13 +46,20 @@ class MeasuredRoof:
     matmul_tflops: float          # the dense matmul rate in `matmul_dtype` (the "tensor" roof of the records)
     matmul_dtype: str             # "bfloat16" on CUDA, "float32" on CPU
     fp32_tflops: float            # fp32 matmul rate (CUDA: TF32 off; CPU: the same as matmul_tflops)
-    copy_bytes: int               # size of the copied buffer
+    copy_bytes: int               # size of the copied buffer (CPU STREAM: of each array)
     matmul_n: int
     method: str
+    read_gbps: float | None = None   # CPU STREAM read (bytes read per second / 1e9); None where not measured
+    triad_gbps: float | None = None  # CPU STREAM triad (2 arrays read, 1 written)
+
+    @property
+    def memory_gbps(self) -> float:
+        """The memory roof: the read rate where it was measured (CPU STREAM), else the copy rate."""
+        return self.read_gbps if self.read_gbps is not None else self.copy_gbps
 
     def as_peak(self) -> perf.DevicePeak:
-        """The measured roofs as a DevicePeak, for perf.roofline and the roofline plot."""
-        return perf.DevicePeak(f"{self.device} (measured)", self.copy_gbps, self.matmul_tflops, self.fp32_tflops,
+        """The measured roofs as a DevicePeak, for perf.roofline, `llmkern roofline --measure` and the plot."""
+        return perf.DevicePeak(f"{self.device} (measured)", self.memory_gbps, self.matmul_tflops, self.fp32_tflops,
                                self.method)
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,7 +67,16 @@ class MeasuredRoof:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MeasuredRoof":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        """The inverse of to_dict; fields added later (read_gbps, triad_gbps) may be absent from an older file."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def describe(self) -> str:
+        """One line with every measured figure, for reports."""
+        mem = (f"STREAM read {self.read_gbps:.1f} GB/s, copy {self.copy_gbps:.1f}, triad {self.triad_gbps:.1f}"
+               if self.read_gbps is not None and self.triad_gbps is not None
+               else f"copy {self.copy_gbps:.4g} GB/s (read + write)")
+        return (f"{self.device}: {mem}; {self.matmul_dtype} matmul {self.matmul_tflops:.4g} TFLOP/s"
+                + (f", fp32 {self.fp32_tflops:.4g}" if self.matmul_dtype != "float32" else ""))
 
 
 def _median_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 3) -> float:
@@ -93,21 +115,27 @@ def measure_roofs(device: torch.device | str | None = None, *, copy_bytes: int |
     """Measure the copy bandwidth and matmul rates of `device` (default: CUDA if present, else CPU).
 
     copy_bytes / matmul_n default to CUDA_COPY_BYTES / CUDA_MATMUL_N on CUDA and CPU_COPY_BYTES / CPU_MATMUL_N on
-    CPU; smaller values give a quick but less faithful figure (the dry run uses tiny ones). Takes about a second on
-    an H200 and several seconds on a 2-core CPU. Raises ValueError for non-positive sizes.
+    CPU (copy_bytes: each STREAM array there); smaller values give a quick but less faithful figure (the dry run
+    uses tiny ones). Takes about a second on an H200 and several seconds on a 2-core CPU. Raises ValueError for
+    non-positive sizes.
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
+    stream_bytes = copy_bytes                                  # None: STREAM sizes its arrays from the cache
     copy_bytes = int((CUDA_COPY_BYTES if cuda else CPU_COPY_BYTES) if copy_bytes is None else copy_bytes)
     matmul_n = int((CUDA_MATMUL_N if cuda else CPU_MATMUL_N) if matmul_n is None else matmul_n)
     if copy_bytes < 4 or matmul_n < 1 or reps < 1:
         raise ValueError(f"copy_bytes, matmul_n and reps must be positive, got {copy_bytes}, {matmul_n}, {reps}")
 
-    src = torch.rand(copy_bytes // 4, device=dev, generator=torch.Generator(device=dev).manual_seed(0))
-    dst = torch.empty_like(src)
-    copy_ms = _median_ms(lambda: dst.copy_(src), dev, reps)
-    copy_gbps = 2.0 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9
-    del src, dst
+    stream = None if cuda else _cpu_stream(stream_bytes, reps)
+    if stream is not None:
+        copy_gbps, copy_bytes = stream["copy_gbps"], stream["array_bytes"]
+    else:
+        src = torch.rand(copy_bytes // 4, device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+        dst = torch.empty_like(src)
+        copy_ms = _median_ms(lambda: dst.copy_(src), dev, reps)
+        copy_gbps = 2.0 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9
+        del src, dst
 
     if cuda:
         name = torch.cuda.get_device_name(dev)
@@ -124,11 +152,25 @@ def measure_roofs(device: torch.device | str | None = None, *, copy_bytes: int |
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         tensor = fp32 = _matmul_tflops(matmul_n, torch.float32, dev, reps)
         mm_dtype, lib = "float32", "torch CPU BLAS"
-    method = (f"measured: median of {reps} {copy_bytes / 2**20:.0f} MiB copies (read + write), "
-              f"{matmul_n}^3 {mm_dtype} matmul ({lib}), torch {torch.__version__}")
+    memory = (f"STREAM in C++, best of {reps}, {stream['threads']} threads, 3 x {stream['array_bytes'] / 2**20:.0f} "
+              f"MiB fp32 arrays: read {stream['read_gbps']:.1f} GB/s, copy {stream['copy_gbps']:.1f}, triad "
+              f"{stream['triad_gbps']:.1f}" if stream is not None else
+              f"median of {reps} {copy_bytes / 2**20:.0f} MiB copies (read + write): {copy_gbps:.4g} GB/s")
+    method = (f"measured: {memory}; {matmul_n}^3 {mm_dtype} matmul ({lib}) {tensor:.4g} TFLOP/s; "
+              f"torch {torch.__version__}")
     if cuda:
         torch.cuda.empty_cache()
-    return MeasuredRoof(name, copy_gbps, tensor, mm_dtype, fp32, copy_bytes, matmul_n, method)
+    return MeasuredRoof(name, copy_gbps, tensor, mm_dtype, fp32, copy_bytes, matmul_n, method,
+                        stream["read_gbps"] if stream else None, stream["triad_gbps"] if stream else None)
+
+
+def _cpu_stream(array_bytes: int | None, reps: int) -> dict[str, float] | None:
+    """llmkern.cpu.measure_stream with arrays of array_bytes (None: its default, 4x the last-level cache), or None
+    when the C++ backend cannot be built or is switched off (LLMKERN_CPU_BACKEND=reference): the caller then times
+    a torch copy."""
+    if cpu.backend_choice() == "reference" or not cpu.load():
+        return None
+    return cpu.measure_stream(array_bytes, reps)
 
 
 def annotate(records: Iterable[dict], roof: MeasuredRoof | None) -> None:

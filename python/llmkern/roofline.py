@@ -200,7 +200,7 @@ def report(model: ModelShape, peak: perf.DevicePeak, batch: int, context: int, b
         f"  model: {model.param_count() / 1e9:.2f} B parameters"
         + (f", {model.active_param_count() / 1e9:.2f} B active per token" if model.is_moe else "")
         + f" ({model.source})",
-        f"  device: {peak.hbm_gbps:.0f} GB/s, {peak.tensor_tflops:.1f} dense bf16 tensor TFLOP/s, ridge point "
+        f"  device: {peak.hbm_gbps:.4g} GB/s, {peak.tensor_tflops:.4g} dense matmul TFLOP/s, ridge point "
         f"{ridge_point(peak):.0f} FLOP/byte ({peak.source})",
         f"  weight bytes:            {wbytes:.4g} ({_fmt_bytes(wbytes)})",
         f"  KV cache per token:      {kv_bytes_per_token(model):.4g} ({_fmt_bytes(kv_bytes_per_token(model))}, bf16)",
