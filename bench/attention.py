@@ -12,6 +12,12 @@ FLOPs and bytes come from llmkern.perf (attention_pairs/attention_flops/attentio
 implementation: they describe the problem, not what an implementation happens to move. `summarize` prints each
 shape's speedup over SDPA.
 
+MLA chunked prefill (llmkern.mla_prefill_attention, DeepSeek-V3's kv_lora_rank 512 + rope 64, 128 heads, one
+sequence): a chunk of 512 new tokens after a cached prefix of 0, 4k and 16k tokens, causal and bottom-right aligned,
+against SDPA over the latents gathered into one contiguous key tensor whose first 512 columns are the values (one KV
+head, enable_gqa, an explicit bottom-right mask). FLOPs and bytes: perf.mla_attention_flops/bytes (the absorbed
+form, the latents read once).
+
 On CPU (no CUDA): one 1024-token causal prompt with the same heads, in fp32 and bf16, through the CPU path (the C++
 backend when it builds) against SDPA on PyTorch's CPU kernels, with the measured fp32 matmul rate as the compute
 roof; --quick: 256 tokens in fp32.
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 
 from llmkern import perf
 from llmkern.attention import attention
+from llmkern.mla import mla_prefill_attention
 from llmkern.bench.common import Case, optional_import
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128   # Llama-3-8B (config.json: 32 attention heads, 8 KV heads, 4096/32)
@@ -34,6 +41,10 @@ QUICK_SEQLENS = [1024, 8192]
 # CPU: (batch, seqlen, heads, kv_heads, head_dim), small enough for the reference in well under a second.
 CPU_SHAPES = [(1, 1024, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)]   # (batch, seqlen, heads, kv_heads, head_dim)
 CPU_QUICK = [(1, 256, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)]
+MLA_RANK, MLA_ROPE, MLA_HEADS = 512, 64, 128      # DeepSeek-V3 config.json: kv_lora_rank, qk_rope_head_dim, heads
+MLA_SCALE = 192 ** -0.5                           # 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
+MLA_CHUNK, MLA_PREFIXES, MLA_BLOCK_SIZE = 512, [0, 4096, 16384], 64
+MLA_CPU = [(64, 64, 16)]                          # (chunk, prefix, heads): the reference path, a wiring check
 
 
 def _shape(batch, seqlen, h, hk, d, dtype) -> dict:
@@ -91,6 +102,44 @@ def _cases_for(batch, seqlen, h, hk, d, dtype, device, flash_attn) -> Iterable[C
                    make=make_fa)
 
 
+def _mla_cases(chunk, prefix, h, dtype, device) -> Iterable[Case]:
+    """One sequence: `chunk` new tokens after `prefix` cached ones, all in a paged latent cache."""
+    total = prefix + chunk
+    shape = dict(batch=1, seqlen=chunk, prefix=prefix, heads=h, kv_lora_rank=MLA_RANK, rope_dim=MLA_ROPE,
+                 causal=True, dtype=str(dtype).replace("torch.", ""))
+    flops = perf.mla_attention_flops(perf.attention_pairs(chunk, total, causal=True), h, MLA_RANK, MLA_ROPE)
+    nbytes = perf.mla_attention_bytes(total, chunk, h, MLA_RANK, MLA_ROPE, perf.dtype_bytes(dtype))
+
+    def inputs():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(chunk, h, MLA_RANK + MLA_ROPE, generator=g).to(dtype).to(device)
+        latents = torch.randn(total, MLA_RANK + MLA_ROPE, generator=g).to(dtype).to(device)
+        return q, latents
+
+    def make_llmkern():
+        q, latents = inputs()
+        blocks = -(-total // MLA_BLOCK_SIZE)
+        joint = torch.zeros(blocks, MLA_BLOCK_SIZE, MLA_RANK + MLA_ROPE, dtype=dtype, device=device)
+        joint.view(-1, MLA_RANK + MLA_ROPE)[:total] = latents
+        bt = torch.arange(blocks, dtype=torch.int32, device=device)[None]
+        cu = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+        sl = torch.tensor([total], dtype=torch.int32, device=device)
+        return lambda: mla_prefill_attention(q[..., :MLA_RANK], q[..., MLA_RANK:], joint[..., :MLA_RANK],
+                                             joint[..., MLA_RANK:], bt, cu, sl, scale=MLA_SCALE)
+    yield Case(op="mla_prefill", impl="llmkern", shape=shape, flops=flops, nbytes=nbytes, make=make_llmkern,
+               note=f"paged latents, block_size {MLA_BLOCK_SIZE}")
+
+    def make_sdpa():
+        q, latents = inputs()
+        qt, k = q.transpose(0, 1)[None], latents[None, None]        # (1, h, chunk, 576), (1, 1, total, 576)
+        # bottom-right causal: new token i sees keys j <= prefix + i
+        mask = torch.ones(chunk, total, dtype=torch.bool, device=device).tril(diagonal=prefix)
+        return lambda: F.scaled_dot_product_attention(qt, k, k[..., :MLA_RANK], attn_mask=mask, scale=MLA_SCALE,
+                                                      enable_gqa=True)
+    yield Case(op="mla_prefill", impl="torch_sdpa", shape=shape, flops=flops, nbytes=nbytes, make=make_sdpa,
+               note="contiguous latents, one KV head of 576 / 512, explicit bottom-right mask")
+
+
 def _sdpa_backends(device: torch.device) -> list[tuple[str, object]]:
     """(impl name, SDPBackend) of the SDPA peers: on CUDA the flash and cuDNN backends, each when this PyTorch has
     it; elsewhere one peer with PyTorch's own choice (backend None)."""
@@ -110,17 +159,22 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
         for batch, seqlen, h, hk, d in CPU_QUICK if quick else CPU_SHAPES:
             for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
                 yield from _cases_for(batch, seqlen, h, hk, d, dtype, device, None)
+        for chunk, prefix, h in MLA_CPU:
+            yield from _mla_cases(chunk, prefix, h, torch.float32, device)
         return
     for seqlen in QUICK_SEQLENS if quick else SEQLENS:
         yield from _cases_for(max(1, TOKENS // seqlen), seqlen, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, torch.bfloat16,
                               device, flash_attn)
+    for prefix in MLA_PREFIXES[-1:] if quick else MLA_PREFIXES:
+        yield from _mla_cases(MLA_CHUNK, prefix, MLA_HEADS, torch.bfloat16, device)
 
 
 def summarize(records: list[dict]) -> str:
     """Per shape: llmkern's time and its speedup over each peer that ran (SDPA backends, flash-attn)."""
     by_shape: dict[str, dict[str, float]] = {}
     for r in records:
-        key = f"b={r['shape']['batch']} s={r['shape']['seqlen']} {r['shape']['dtype']}"
+        mla = f"mla prefix={r['shape']['prefix']} " if r["op"] == "mla_prefill" else ""
+        key = f"{mla}b={r['shape']['batch']} s={r['shape']['seqlen']} {r['shape']['dtype']}"
         by_shape.setdefault(key, {})[r["impl"]] = r["median_ms"]
     peers = sorted({r["impl"] for r in records} - {"llmkern"})
     lines = ["", f"{'shape':<26} {'llmkern ms':>11} " + " ".join(f"{'vs ' + p:>20}" for p in peers)]

@@ -21,6 +21,13 @@ Peers in the same run:
   * flashinfer: BatchDecodeWithPagedKVCacheWrapper on the very same NHD pages and block ids as llmkern, when
     importable.
 
+MLA (DeepSeek-V3's multi-head latent attention, llmkern.mla_decode_attention): one latent cache of kv_lora_rank 512
++ rope 64 per token shared by every head, absorbed queries, 128 heads (one GPU) and 16 (DeepSeek-V3 split over 8
+GPUs by heads), batch 1/16/64 x context 8k and 64 x 32k, block_size 64 (FlashMLA's page). Bytes
+`perf.mla_attention_bytes`: the latents once (for all heads), q and o. Peers: torch_sdpa over the latents gathered into
+one contiguous (batch, 1, ctx, 576) key tensor whose first 512 columns are the values (one KV head for every query
+head, enable_gqa), and FlashInfer's BatchMLAPagedAttentionWrapper on the very same pages, when importable.
+
 Mixed batches (op "mixed_attention", issue 11): one prompt chunk of `chunk` tokens over a cached prefix next to
 `decodes` sequences decoding one token each, every sequence holding `context` tokens after the step (on CUDA: a
 chunk of 512 + 63 decodes at context 2048, Llama-3-8B heads, bf16). Bytes and FLOPs: `perf.paged_attention_bytes` /
@@ -48,6 +55,7 @@ import torch.nn.functional as F
 
 from llmkern import perf
 from llmkern.bench.common import Case, optional_import
+from llmkern.mla import mla_decode_attention
 from llmkern.paged_attention import PagedAttentionPlan, paged_decode_attention, paged_prefill_attention
 
 BLOCK_SIZE = 16                                   # vLLM's default block size
@@ -61,6 +69,13 @@ QUICK = [(1, 32768), (64, 2048)]
 MEMORY_FRACTION = 0.25                            # K/V of a shape may take this much of the GPU (peers copy it)
 CPU_SHAPES = [(8, 2048, *LLAMA3)]                 # (batch, context, heads, kv_heads, head_dim)
 CPU_QUICK = [(2, 512, *LLAMA3)]
+MLA_RANK, MLA_ROPE = 512, 64                      # DeepSeek-V3 config.json: kv_lora_rank, qk_rope_head_dim
+MLA_SCALE = 192 ** -0.5                           # 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
+MLA_BLOCK_SIZE = 64                               # FlashMLA's page size
+MLA_HEADS = (128, 16)                             # DeepSeek-V3's heads on one GPU, and per GPU with 8-way TP
+MLA_GRID = [(1, 8192), (16, 8192), (64, 8192), (64, 32768)]
+MLA_QUICK = [(64, 8192)]
+MLA_CPU = [(2, 512, 16)]                          # (batch, context, heads): the reference path, a wiring check
 MIXED = (512, 63, 2048)                           # (prompt chunk, decode sequences, context): issue 11's example
 CPU_MIXED = (64, 7, 256)                          # the same step, small enough for a CPU run
 
@@ -135,6 +150,60 @@ def _cases_for(batch, ctx, h, hk, d, dtype, device, flash_attn, flashinfer) -> I
                    note=f"same pages as llmkern, block_size {BLOCK_SIZE}; plan() outside the timing")
 
 
+def _mla_cases(batch, ctx, h, dtype, device, flashinfer) -> Iterable[Case]:
+    shape = dict(batch=batch, context=ctx, heads=h, kv_lora_rank=MLA_RANK, rope_dim=MLA_ROPE,
+                 dtype=str(dtype).replace("torch.", ""))
+    lens = [ctx] * batch
+    flops = perf.mla_attention_flops(sum(lens), h, MLA_RANK, MLA_ROPE)
+    nbytes = perf.mla_attention_bytes(sum(lens), batch, h, MLA_RANK, MLA_ROPE, perf.dtype_bytes(dtype))
+    per_seq = -(-ctx // MLA_BLOCK_SIZE)
+
+    def q_new():
+        return (torch.randn(batch, h, MLA_RANK, dtype=dtype, device=device),
+                torch.randn(batch, h, MLA_ROPE, dtype=dtype, device=device))
+
+    def pages():
+        """One joint (blocks, block_size, 576) cache viewed as ckv and kpe (vLLM's layout), random block order."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        joint = torch.randn(batch * per_seq, MLA_BLOCK_SIZE, MLA_RANK + MLA_ROPE, dtype=dtype, device=device)
+        tables = torch.randperm(batch * per_seq, generator=g).to(torch.int32).reshape(batch, per_seq).to(device)
+        return joint[..., :MLA_RANK], joint[..., MLA_RANK:], tables, torch.full((batch,), ctx, dtype=torch.int32,
+                                                                                 device=device)
+
+    def make_llmkern():
+        ckv, kpe, bt, sl = pages()
+        q_nope, q_pe = q_new()
+        return lambda: mla_decode_attention(q_nope, q_pe, ckv, kpe, bt, sl, scale=MLA_SCALE)
+    yield Case(op="mla_decode", impl="llmkern", shape=shape, flops=flops, nbytes=nbytes, make=make_llmkern,
+               note=f"block_size {MLA_BLOCK_SIZE}, split-KV chosen automatically")
+
+    def make_sdpa():
+        q = torch.cat(q_new(), dim=-1)[:, :, None]                  # (batch, heads, 1, 576)
+        k = torch.randn(batch, 1, ctx, MLA_RANK + MLA_ROPE, dtype=dtype, device=device)
+        v = k[..., :MLA_RANK]                                       # the values are the latents
+        try:
+            F.scaled_dot_product_attention(q, k, v, scale=MLA_SCALE, enable_gqa=True)
+            return lambda: F.scaled_dot_product_attention(q, k, v, scale=MLA_SCALE, enable_gqa=True)
+        except TypeError:                                           # PyTorch < 2.5 has no enable_gqa
+            ke, ve = k.expand(batch, h, ctx, -1), v.expand(batch, h, ctx, -1)
+            return lambda: F.scaled_dot_product_attention(q, ke, ve, scale=MLA_SCALE)
+    yield Case(op="mla_decode", impl="torch_sdpa", shape=shape, flops=flops, nbytes=nbytes, make=make_sdpa,
+               note="contiguous latents (gathered outside the timing), one KV head of 576 / 512")
+
+    if device.type == "cuda" and flashinfer is not None and hasattr(flashinfer, "mla"):
+        def make_fi():
+            ckv, kpe, bt, sl = pages()
+            q_nope, q_pe = q_new()
+            wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(
+                torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device))   # FlashInfer docs: 128 MB
+            ar = torch.arange(0, batch + 1, dtype=torch.int32, device=device)
+            wrapper.plan(ar, ar * per_seq, bt.reshape(-1), sl, h, MLA_RANK, MLA_ROPE, MLA_BLOCK_SIZE, False,
+                         MLA_SCALE, dtype, dtype)
+            return lambda: wrapper.run(q_nope, q_pe, ckv, kpe)
+        yield Case(op="mla_decode", impl="flashinfer", shape=shape, flops=flops, nbytes=nbytes, make=make_fi,
+                   note="BatchMLAPagedAttentionWrapper, same pages as llmkern; plan() outside the timing")
+
+
 def _mixed_step(chunk, decodes, ctx, hk, d, dtype, device, block_size=BLOCK_SIZE):
     """A cache holding the step's sequences (the chunk's first, then the decodes), all `ctx` tokens long after the
     step, in a random block order; their tables, lengths and query offsets."""
@@ -203,6 +272,8 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
         for batch, ctx, h, hk, d in CPU_QUICK if quick else CPU_SHAPES:
             for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
                 yield from _cases_for(batch, ctx, h, hk, d, dtype, device, None, None)
+        for batch, ctx, h in MLA_CPU:
+            yield from _mla_cases(batch, ctx, h, torch.float32, device, None)
         yield from _mixed_cases(*CPU_MIXED, *LLAMA3, torch.float32, device, None)
         return
     flash_attn = optional_import("flash_attn")
@@ -222,6 +293,9 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
         for batch, ctx in (QUICK[:1] if quick else SMALL_GRID):
             if fits(batch, ctx, hk, d):
                 yield from _cases_for(batch, ctx, h, hk, d, dtype, device, flash_attn, flashinfer)
+    for h in MLA_HEADS[:1] if quick else MLA_HEADS:
+        for batch, ctx in MLA_QUICK if quick else MLA_GRID:
+            yield from _mla_cases(batch, ctx, h, dtype, device, flashinfer)
     yield from _mixed_cases(*MIXED, *LLAMA3, dtype, device, flashinfer)
 
 
@@ -233,7 +307,8 @@ def summarize(records: list[dict]) -> str:
         if r["op"] == "mixed_attention":
             continue
         s = r["shape"]
-        key = f"h={s['heads']}/{s['kv_heads']} b={s['batch']} ctx={s['context']} {s['dtype']}"
+        heads = f"mla h={s['heads']}" if r["op"] == "mla_decode" else f"h={s['heads']}/{s['kv_heads']}"
+        key = f"{heads} b={s['batch']} ctx={s['context']} {s['dtype']}"
         by_shape.setdefault(key, {})[r["impl"]] = r
     lines = ["", f"{'shape':<38} {'llmkern ms':>11} {'GB/s':>8} {'%roof':>6} {'vs sdpa':>8} {'vs flash_attn':>14} "
                  f"{'vs flashinfer':>14}"]

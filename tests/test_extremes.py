@@ -20,6 +20,8 @@ The meanings, in short (the op docstrings have them in full):
   apply_penalties: repetition_penalty > 0 and finite in float32; presence/frequency_penalty finite in float32;
     float32 arithmetic, as transformers' processor (a tiny or huge value can send a repeated logit to +-inf).
   moe_topk routed_scaling_factor: finite in float32; multiplies the weights in float32.
+  mla_decode_attention / mla_prefill_attention scale: as the attention scale; mla_decode_attention num_splits:
+    [1, 256] (more splits than key blocks leave some empty: weight 0 in the merge).
   beam_search length_penalty: finite; scores are sums of log-probabilities / length ** length_penalty, -0.0 where
     the power overflows float64 and -inf where it underflows.
 Keep it cheap: small shapes, one value of each class (a test id each) plus three random draws per parameter. Finite
@@ -152,6 +154,31 @@ def _window_refused(v):
 INT_PARAMS = {f"{op}.window_{side}": Param(_window_refused, lambda v, d, op=op, side=side: _attention_call(
     op, d, window=(v, -1) if side == "left" else (-1, v)), "window")
     for op in ATTENTION_OPS for side in ("left", "right")}
+
+
+# MLA (DeepSeek's absorbed latent attention): scale as the attention ops (|scale| <= 2**127, 0 or subnormal uniform),
+# num_splits in [1, 256]. Small scores (q and the latents scaled by 0.05, rank 256) keep scale = 2**127 finite.
+def _mla_call(op: str, device, scale=0.1, num_splits=None):
+    q_nope, q_pe = _randn(3, 2, 256, scale=0.05, device=device), _randn(3, 2, 32, seed=1, scale=0.05, device=device)
+    ckv, kpe = _randn(2, 4, 256, seed=2, scale=0.05, device=device), _randn(2, 4, 32, seed=3, scale=0.05, device=device)
+    bt = torch.tensor([[1, 0]], dtype=torch.int32, device=device)
+    sl = torch.tensor([7], dtype=torch.int32, device=device)
+    if op == "mla_decode_attention":
+        args = (q_nope[-1:], q_pe[-1:], ckv, kpe, bt, sl)
+        ours = llmkern.mla_decode_attention(*args, scale=scale, num_splits=num_splits)
+    else:
+        args = (q_nope, q_pe, ckv, kpe, bt, torch.tensor([0, 3], dtype=torch.int32, device=device), sl)
+        ours = llmkern.mla_prefill_attention(*args, scale=scale)
+    fn = getattr(reference, op)
+    ref = fn(*[a.double() if a.is_floating_point() else a for a in args], scale=scale)
+    base = fn(*args, scale=scale, compute_dtype=torch.float32)
+    assert_fa_close(ours.cpu(), ref.cpu(), base.cpu(), what=f"{op} scale={scale} num_splits={num_splits}")
+
+
+for _op in ("mla_decode_attention", "mla_prefill_attention"):
+    PARAMS[f"{_op}.scale"] = Param(_scale_refused, lambda v, d, op=_op: _mla_call(op, d, scale=v), "scale")
+INT_PARAMS["mla_decode_attention.num_splits"] = Param(
+    lambda v: not 1 <= v <= 256, lambda v, d: _mla_call("mla_decode_attention", d, num_splits=v), "num_splits")
 
 
 # ------------------------------------------------------------------------------------------------ layers

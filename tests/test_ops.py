@@ -134,6 +134,31 @@ def _fused_moe(device):
     return [(x, w13, None, None, None, 16, -1, w2.qweight, w2.scales, w2.zeros, None, 4, 32, w, ids, "silu")]
 
 
+def _mla(device):
+    """A latent cache of 3 blocks of 8 tokens (kv_lora_rank 256, rope_dim 32: MiniCPM3's), sequences of 5 and 12."""
+    ckv, kpe = _randn(3, 8, 256, device=device), _randn(3, 8, 32, device=device, seed=1)
+    return ckv, kpe, _ints([[2, 0], [0, 1]], torch.int32, device), _ints([5, 12], torch.int32, device)
+
+
+def _mla_kv_write(device):
+    ckv, kpe, _, _ = _mla(device)
+    return [(_randn(2, 256, device=device, seed=2), _randn(2, 32, device=device, seed=3), ckv, kpe,
+             _ints([3, -1], torch.int64, device))]
+
+
+def _mla_decode_attention(device):
+    ckv, kpe, bt, sl = _mla(device)
+    return [(_randn(2, 3, 256, device=device, seed=2), _randn(2, 3, 32, device=device, seed=3), ckv, kpe, bt, sl,
+             0.07, 2)]
+
+
+def _mla_prefill_attention(device):
+    ckv, kpe, bt, sl = _mla(device)
+    cu = _ints([0, 2, 5], torch.int32, device)
+    return [(_randn(5, 3, 256, device=device, seed=2), _randn(5, 3, 32, device=device, seed=3), ckv, kpe, bt, cu, sl,
+             True, 0.07)]
+
+
 # op name -> its argument tuples (schema order); the in-place rope_ takes rope's
 CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_kv_write": _paged_kv_write,
          "paged_decode_attention": _paged_decode_attention, "paged_prefill_attention": _paged_prefill_attention,
@@ -141,7 +166,8 @@ CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_
          "rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "rope_": _rope, "sample": _sample,
          "sampling_probs": _sampling_probs, "quant_matmul": _quant_matmul, "moe_topk": _moe_topk,
          "fused_moe": _fused_moe, "speculative_sample": _speculative_sample, "beam_topk": _beam_topk,
-         "apply_penalties": _apply_penalties}
+         "apply_penalties": _apply_penalties, "mla_kv_write": _mla_kv_write,
+         "mla_decode_attention": _mla_decode_attention, "mla_prefill_attention": _mla_prefill_attention}
 
 
 def _clone(args):

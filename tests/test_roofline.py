@@ -122,6 +122,32 @@ def test_moe_models():
     assert roofline.weight_bytes(mixtral) == pytest.approx(2 * mixtral.param_count(), rel=1e-12)
 
 
+
+def test_deepseek_v3_mla():
+    """DeepSeek-V3 (config.json; MLA, 3 dense layers then MoE with one shared expert): "671B total parameters with
+    37B activated for each token" (arXiv 2412.19437), the issue's cache bill (512 + 64) x 2 bytes x 61 layers, and
+    the absorbed decode's attention FLOPs by hand."""
+    ds = get_model("deepseek-v3")
+    assert ds.param_count() == pytest.approx(671e9, rel=0.001)
+    assert ds.active_param_count() == pytest.approx(37e9, rel=0.02)
+    # attention by hand: q_a 7168x1536, q_b 1536x(128x192), kv_a 7168x576, kv_b 512x(128x256), o (128x128)x7168
+    attn = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168
+    assert ds.attn_params() == attn == 187_105_280
+    assert roofline.kv_bytes_per_token(ds) == (512 + 64) * 2 * 61 == 70_272
+    assert roofline.mha_kv_bytes_per_token(ds) == 61 * 128 * (192 + 128) * 2
+    b, ctx = 4, 4096
+    step = roofline.decode_step(ds, b, ctx)
+    assert step.kv_bytes == pytest.approx(b * (ctx + 1) * 70_272)
+    # absorbed: per pair, head and layer 2 x (512 + 64) for the scores and 2 x 512 for the output
+    assert step.attention_flops == pytest.approx(b * ctx * 61 * 128 * 2 * (2 * 512 + 64))
+    expert, dense = 3 * 7168 * 2048, 3 * 7168 * 18432
+    active = 61 * attn + 3 * dense + 58 * (9 * expert + 256 * 7168)
+    assert step.linear_flops == pytest.approx(2 * b * (active + 129280 * 7168))
+    # prefill decompresses K (192) and V (128) per head
+    pre = roofline.prefill_step(ds, 1, 16)
+    assert pre.attention_flops == pytest.approx(16 * 17 / 2 * 61 * 128 * 2 * (192 + 128))
+    assert roofline.weight_bytes(ds) == pytest.approx(2 * ds.param_count(), rel=1e-12)
+
 def test_causal_pairs_closed_form_matches_perf():
     for seqlen, window in ((1, None), (17, None), (17, 5), (9, 9), (9, 20)):
         lw = -1 if window is None else window - 1
@@ -149,6 +175,9 @@ def test_cli(capsys):
     assert main(["roofline", "--model", "mixtral", "--device", "h100", "--batch", "3"]) == 0
     out = capsys.readouterr().out
     assert "12.88 B active per token" in out and "MoE saves compute, not memory" in out and "<- --batch" in out
+    assert main(["roofline", "--model", "deepseek-v3", "--device", "h200", "--context", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "70.27 kB" in out and "MLA latent 512 + rope 64" in out and "71x less" in out
     assert main(["roofline", "--model", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
     # the group sizes quantize_weight supports (-1: per output channel), and only with --bits 4/8

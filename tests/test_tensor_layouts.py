@@ -34,6 +34,16 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   paged_prefill_attention q, k_cache, v_cache: strides (all dims)
   paged_prefill_attention block_tables: strides (both dims)
   paged_prefill_attention cu_seqlens_q, seq_lens: contiguous
+  mla_kv_write ckv, kpe: strides, last dim
+  mla_kv_write ckv_cache, kpe_cache: strides (all three dims); written in place, so an expanded or self-overlapping
+    cache is refused (ValueError, the op's check)
+  mla_kv_write slot_mapping: contiguous
+  mla_decode_attention q_nope, q_pe, ckv_cache, kpe_cache: strides, last dim
+  mla_decode_attention block_tables: strides (both dims)
+  mla_decode_attention seq_lens: contiguous
+  mla_prefill_attention q_nope, q_pe, ckv_cache, kpe_cache: strides, last dim
+  mla_prefill_attention block_tables: strides (both dims)
+  mla_prefill_attention cu_seqlens_q, seq_lens: contiguous
   PagedAttentionPlan block_tables, seq_lens, cu_seqlens_q: torch (read on the host at plan time, copied into the
     plan's own buffers)
   PagedAttentionPlan.update block_tables, seq_lens, cu_seqlens_q: torch
@@ -138,6 +148,15 @@ def _paged(device):
                 seq_lens=_ints([9, 6], torch.int32, device))
 
 
+def _mla_caches(device):
+    """An MLA latent cache of 3 blocks of 4 tokens: kv_lora_rank 256, rope_dim 32 (the smallest supported)."""
+    return dict(ckv_cache=_randn(3, 4, 256, device=device, seed=1), kpe_cache=_randn(3, 4, 32, device=device, seed=2))
+
+
+def _mla_tables(device):
+    return dict(block_tables=_ints([[2, 0], [1, 0]], torch.int32, device), seq_lens=_ints([7, 3], torch.int32, device))
+
+
 _WRITTEN_CACHE = "a cache written in place must not overlap itself"
 # quant_matmul with 17 rows runs the GEMM kernel: the decode kernels' split-K sums partials with atomics, whose order
 # (and so the last bit) is not deterministic on a GPU. Their strides are covered by tests/test_quant.py.
@@ -239,6 +258,24 @@ def _cases(device) -> dict[str, Case]:
             llmkern.paged_prefill_attention,
             dict(q=_randn(5, 2, 32, device=device, seed=3), **_paged(device),
                  cu_seqlens_q=_ints([0, 2, 5], torch.int32, device)),
+            refused={("cu_seqlens_q", "expanded"): "[0, 0, 0] does not end at total_q: a bad value, refused"}),
+        "mla_kv_write": Case(
+            llmkern.mla_kv_write,
+            dict(ckv=_randn(3, 256, device=device, seed=3), kpe=_randn(3, 32, device=device, seed=4),
+                 **_mla_caches(device), slot_mapping=_ints([5, -1, 9], torch.int64, device)),
+            refused={("ckv_cache", "expanded"): _WRITTEN_CACHE, ("kpe_cache", "expanded"): _WRITTEN_CACHE},
+            skip={("slot_mapping", "expanded"): "one slot for every token: which token lands there is unspecified"}),
+        "mla_decode_attention": Case(
+            lambda q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens: llmkern.mla_decode_attention(
+                q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, scale=0.1, num_splits=2),
+            dict(q_nope=_randn(2, 2, 256, device=device, seed=3), q_pe=_randn(2, 2, 32, device=device, seed=4),
+                 **_mla_caches(device), **_mla_tables(device))),
+        "mla_prefill_attention": Case(
+            lambda q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens:
+                llmkern.mla_prefill_attention(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q,
+                                              seq_lens, scale=0.1),
+            dict(q_nope=_randn(5, 2, 256, device=device, seed=3), q_pe=_randn(5, 2, 32, device=device, seed=4),
+                 **_mla_caches(device), **_mla_tables(device), cu_seqlens_q=_ints([0, 2, 5], torch.int32, device)),
             refused={("cu_seqlens_q", "expanded"): "[0, 0, 0] does not end at total_q: a bad value, refused"}),
         "PagedAttentionPlan": Case(
             lambda block_tables, seq_lens, cu_seqlens_q: _plan_run(_plan(block_tables, seq_lens, cu_seqlens_q), device),
@@ -502,7 +539,8 @@ def _labels() -> list[str]:
             "sampling_probs", "quant_matmul", "QuantizedWeight", "QuantizedWeight.from_codes",
             "QuantizedWeight.from_gptq", "QuantizedWeight.from_awq", "quantize_weight", "QuantLinear.from_quantized",
             "QuantLinear.forward", "speculative_sample", "beam_topk", "apply_penalties", "moe_topk", "fused_moe",
-            "QuantizedExperts", "quantize_experts", "beam_search", "generate"]
+            "QuantizedExperts", "quantize_experts", "beam_search", "generate", "mla_kv_write",
+            "mla_decode_attention", "mla_prefill_attention"]
 
 
 @pytest.mark.parametrize("label", _labels())
@@ -521,11 +559,15 @@ def test_public_op_layouts(label, device):
 # they are. Two layouts: every_other (every dim strided, gaps of out-of-range values) and expanded (stride 0; the
 # in-place ops must refuse it for what they write). The public cases above cover the others for the same code.
 OP_VARIANTS = ("every_other", "expanded")
+# Refused: caches written in place, expanded; cu_seqlens_q expanded ([0, 0, 0] does not end at total_q). Skipped: an
+# expanded slot_mapping (one slot for every token, see above).
 OP_REFUSED = {("rope_", n, v) for n in ("q", "k") for v in OP_VARIANTS} | {
     ("paged_kv_write", n, "expanded") for n in ("k_cache", "v_cache")} | {
-    ("paged_prefill_attention", "cu_seqlens_q", "expanded")} | {    # [0, 0, 0] does not end at total_q: refused
+    ("mla_kv_write", n, "expanded") for n in ("ckv_cache", "kpe_cache")} | {
+    # [0, 0, 0] does not end at total_q: refused
+    (op, "cu_seqlens_q", "expanded") for op in ("paged_prefill_attention", "mla_prefill_attention")} | {
     ("paged_attention", n, "expanded") for n in ("out", "part_o", "part_lse")}   # written in place
-OP_SKIPPED = {("paged_kv_write", "slot_mapping", "expanded")} | {   # one slot for every token (see above)
+OP_SKIPPED = {(op, "slot_mapping", "expanded") for op in ("paged_kv_write", "mla_kv_write")} | {   # one slot per token
     # llmkern::paged_attention runs a PagedAttentionPlan's work list, built with (and only valid for) its tables: one
     # repeated value is no plan (work items would name sequences that do not exist), and the op has no check that
     # reads values (that is the point of the plan: no sync per call). The plan's public layouts are covered above.

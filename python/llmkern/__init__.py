@@ -8,6 +8,7 @@ from llmkern.kv_cache import CacheFullError, PagedKVCache  # noqa: F401
 from llmkern.paged_attention import (PagedAttentionPlan, paged_decode_attention, paged_kv_write,  # noqa: F401
                                      paged_prefill_attention)
 from llmkern.attention import attention, attention_varlen  # noqa: F401
+from llmkern.mla import mla_decode_attention, mla_kv_write, mla_prefill_attention  # noqa: F401
 from llmkern.layers import add_rms_norm, apply_rope, rms_norm  # noqa: F401
 from llmkern.patch import patch_model  # noqa: F401
 from llmkern.sampling import SamplingParams, sample, sampling_probs  # noqa: F401

@@ -587,14 +587,24 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         INTERPRET=_utils.INTERPRET, **cfg,
     )
     if grid_reduce:
-        _utils.launch(
-            kernels.paged_attention_reduce_kernel, (grid_reduce, num_heads),
-            part_o, part_lse, out, schedule, 2,
-            part_o.stride(0), part_o.stride(1), part_o.stride(2),
-            part_lse.stride(0), part_lse.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], num_warps=4,
-        )
+        _merge_splits(part_o, part_lse, out, schedule, grid_reduce)
+
+
+def _merge_splits(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, schedule: torch.Tensor,
+                  grid_reduce: int) -> None:
+    """Split-KV merge (paged_attention_reduce_kernel): for each reduce row of schedule (int32: schedule[1] rows of
+    (output row, first slot, num_splits) from schedule[2]), out[row] = its slots' partial outputs of part_o
+    (slots, num_heads, head_dim) fp32, weighted by their base-2 log-sum-exps in part_lse (slots, num_heads).
+    grid_reduce >= schedule[1] programs per head. (Shared with llmkern.mla.)"""
+    head_dim = part_o.shape[2]
+    _utils.launch(
+        kernels.paged_attention_reduce_kernel, (grid_reduce, part_o.shape[1]),
+        part_o, part_lse, out, schedule, 2,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+    )
 
 
 _paged_attention_op = _dispatch.custom_op(
@@ -737,25 +747,37 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
     _check_heads(q, num_kv_heads, head_dim)
+    _check_decode_args("q", q, block_tables, seq_lens)
+    scale = _utils.check_scale(scale, head_dim)
+    softcap = _utils.check_softcap(softcap, scale)
+    left, right = _utils.check_window(window)
+    splits = _check_num_splits(num_splits)
+    q = _utils.last_dim_contiguous("q", q)
+    k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
+    v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
+    return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, left, right, splits)
+
+
+def _check_decode_args(q_name: str, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """A decode's index tensors (no sync): int32 on q's device, one table row and one length per query row of
+    q_name. (Shared with llmkern.mla.)"""
     batch = q.shape[0]
     _check_index("block_tables", block_tables, 2, _INDEX_DTYPE, q)
     _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, q)
     if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(f"block_tables ({tuple(block_tables.shape)}) and seq_lens ({tuple(seq_lens.shape)}) must "
-                         f"have one row per sequence of q (batch {batch})")
-    scale = _utils.check_scale(scale, head_dim)
-    softcap = _utils.check_softcap(softcap, scale)
-    left, right = _utils.check_window(window)
-    if num_splits is not None:
-        if not isinstance(num_splits, int) or isinstance(num_splits, bool):
-            raise TypeError(f"num_splits must be an int or None, got {num_splits!r}")
-        if not 1 <= num_splits <= _MAX_SPLITS:
-            raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}] (or None to choose), got {num_splits}")
-    q = _utils.last_dim_contiguous("q", q)
-    k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
-    v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
-    return _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, left, right,
-                            0 if num_splits is None else num_splits)
+                         f"have one row per sequence of {q_name} (batch {batch})")
+
+
+def _check_num_splits(num_splits) -> int:
+    """A one-shot's num_splits: None (0 to the op: choose) or an int in [1, _MAX_SPLITS]."""
+    if num_splits is None:
+        return 0
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool):
+        raise TypeError(f"num_splits must be an int or None, got {num_splits!r}")
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}] (or None to choose), got {num_splits}")
+    return num_splits
 
 
 # ---------------------------------------------------------------------------------------------------- prefill
@@ -805,6 +827,21 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
     num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
     _check_heads(q, num_kv_heads, head_dim)
+    _check_prefill_args(q, block_tables, cu_seqlens_q, seq_lens, causal)
+    scale = _utils.check_scale(scale, head_dim)
+    softcap = _utils.check_softcap(softcap, scale)
+    left, right = _utils.check_window(window)
+    q = _utils.last_dim_contiguous("q", q)
+    k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
+    v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
+    return _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
+                             left, right)
+
+
+def _check_prefill_args(q: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        seq_lens: torch.Tensor, causal) -> None:
+    """A prefill's index tensors (no sync: int32 on q's device; batch + 1 offsets and batch table rows for seq_lens'
+    batch) and causal (a bool). (Shared with llmkern.mla.)"""
     _check_index("block_tables", block_tables, 2, _INDEX_DTYPE, q)
     _check_index("cu_seqlens_q", cu_seqlens_q, 1, _INDEX_DTYPE, q)
     _check_index("seq_lens", seq_lens, 1, _INDEX_DTYPE, q)
@@ -814,14 +851,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                          f"batch {batch}; got {tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    scale = _utils.check_scale(scale, head_dim)
-    softcap = _utils.check_softcap(softcap, scale)
-    left, right = _utils.check_window(window)
-    q = _utils.last_dim_contiguous("q", q)
-    k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
-    v_cache = _utils.last_dim_contiguous("v_cache", v_cache)
-    return _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
-                             left, right)
 
 
 # ---------------------------------------------------------------------------------------------------- compile specs
@@ -840,10 +869,12 @@ _UNIT_STRIDES = ("stride_qd", "stride_kcd", "stride_vcd", "stride_od", "stride_p
                  "stride_btn", "stride_plh")
 
 
-def _strides(kernel) -> tuple[dict[str, str], dict[str, int]]:
+def _strides(kernel, wide=_WIDE_STRIDES, unit=_UNIT_STRIDES) -> tuple[dict[str, str], dict[str, int]]:
+    """A kernel's stride arguments for its compile specs: (signature of the non-unit ones, the unit ones); wide and
+    unit name the 64-bit and the unit strides (llmkern.mla passes its own)."""
     names = [n for n in kernel.arg_names if n.startswith("stride_")]
-    sig = {n: (_I64 if n in _WIDE_STRIDES else _I32) + ":16" for n in names if n not in _UNIT_STRIDES}
-    return sig, {n: 1 for n in names if n in _UNIT_STRIDES}
+    sig = {n: (_I64 if n in wide else _I32) + ":16" for n in names if n not in unit}
+    return sig, {n: 1 for n in names if n in unit}
 
 
 def _attention_spec(dtype: torch.dtype, group: int, head_dim: int, *, decode_tiles: bool,

@@ -162,6 +162,21 @@ def decode_attention_flops(seq_lens: Sequence[int], num_heads: int, head_dim: in
     return 4.0 * num_heads * head_dim * sum(int(s) for s in seq_lens)
 
 
+def mla_attention_bytes(cached_tokens: int, query_rows: int, num_heads: int, kv_lora_rank: int, rope_dim: int,
+                        elem: int) -> float:
+    """MLA over a latent cache (llmkern.mla_decode_attention / mla_prefill_attention): every cached latent
+    (kv_lora_rank) and RoPE key (rope_dim) once, shared by all heads, plus q_nope and q_pe in and o (kv_lora_rank)
+    out per query row and head. Decode: cached_tokens = sum(seq_lens), query_rows = batch."""
+    return float(elem * (cached_tokens * (kv_lora_rank + rope_dim) + query_rows * num_heads * (2 * kv_lora_rank
+                                                                                               + rope_dim)))
+
+
+def mla_attention_flops(pairs: int, num_heads: int, kv_lora_rank: int, rope_dim: int) -> float:
+    """Absorbed MLA: per head and (query, key) pair, a score over kv_lora_rank + rope_dim and an output of
+    kv_lora_rank, 2 FLOPs per multiply-add. Decode: pairs = sum(seq_lens)."""
+    return 2.0 * num_heads * (2 * kv_lora_rank + rope_dim) * pairs
+
+
 def paged_attention_bytes(seq_lens: Sequence[int], q_lens: Sequence[int], num_heads: int, num_kv_heads: int,
                           head_dim: int, elem: int) -> float:
     """A mixed paged step (PagedAttentionPlan.run): every cached K and V element of every sequence once, plus each

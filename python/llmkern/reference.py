@@ -212,6 +212,74 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
+# ------------------------------------------------------------------------------------- multi-head latent attention
+# DeepSeek-V2 (arXiv 2405.04434), sections 2.1.2 (low-rank key-value joint compression) and 2.1.3 (decoupled
+# rotary position embedding). Per token t the cache holds the compressed latent c_t^KV = W^DKV h_t (kv_lora_rank
+# wide) and the decoupled RoPE key k_t^R = RoPE(W^KR h_t) (rope_dim wide), both shared by every head. Head i's key is
+# [W^UK_i c_t^KV; k_t^R], its value W^UV_i c_t^KV, and with its query [q^C_{t,i}; q^R_{t,i}]
+#     o_{t,i} = sum_j softmax_j((q^C_{t,i} . W^UK_i c_j^KV + q^R_{t,i} . k_j^R) / sqrt(d_h + d_h^R)) W^UV_i c_j^KV.
+# Absorbed form (the paper notes that W^UK can be absorbed into W^UQ, and W^UV into W^O, at inference):
+# q^C_{t,i} . W^UK_i c_j^KV = (W^UK_i^T q^C_{t,i}) . c_j^KV, so with q_nope = W^UK_i^T q^C_{t,i} (kv_lora_rank wide)
+# and q_pe = q^R_{t,i},
+#     s_j = scale * (q_nope . c_j^KV + q_pe . k_j^R),    o = sum_j softmax(s)_j c_j^KV,
+# and W^UV_i o is head i's output. These functions compute that absorbed form; the caller supplies the scale
+# (1 / sqrt(d_h + d_h^R): 1 / sqrt(128 + 64) for DeepSeek-V2/V3, times their YaRN factor with long-context RoPE).
+def _mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor, scale: float,
+                   mask: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor:
+    """q_nope (tq, heads, rank), q_pe (tq, heads, rope_dim) against one sequence's ckv (tk, rank), kpe (tk,
+    rope_dim); mask (tq, tk) True where visible, or None. Returns (tq, heads, rank) in q_nope's dtype."""
+    s = scale * (torch.einsum("qhr,kr->hqk", q_nope.to(cd), ckv.to(cd))
+                 + torch.einsum("qhp,kp->hqk", q_pe.to(cd), kpe.to(cd)))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("hqk,kr->qhr", p, ckv.to(cd)).to(q_nope.dtype)
+
+
+def mla_kv_write(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """In place: token i's ckv (rank,) and kpe (rope_dim,) go to slot slot_mapping[i] (block * block_size +
+    offset) of the (num_blocks, block_size, rank) and (num_blocks, block_size, rope_dim) caches; a slot outside
+    [0, num_blocks * block_size), -1 (padding) included, skips its token."""
+    block_size = ckv_cache.shape[1]
+    keep = (slot_mapping >= 0) & (slot_mapping < ckv_cache.shape[0] * block_size)
+    slots = slot_mapping[keep].to(torch.int64)
+    ckv_cache[slots // block_size, slots % block_size] = ckv[keep].to(ckv_cache.dtype)
+    kpe_cache[slots // block_size, slots % block_size] = kpe[keep].to(kpe_cache.dtype)
+
+
+def mla_decode_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
+                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """q_nope (batch, heads, rank), q_pe (batch, heads, rope_dim): one new token per sequence, attending to all
+    seq_lens[b] cached tokens (its own included). Returns (batch, heads, rank) in q_nope's dtype."""
+    cd = _compute_dtype(q_nope, compute_dtype)
+    outs = [_mla_attention(q_nope[b, None], q_pe[b, None], paged_gather(ckv_cache, block_tables[b], n),
+                           paged_gather(kpe_cache, block_tables[b], n), scale, None, cd)[0]
+            for b, n in enumerate(seq_lens.tolist())]
+    return torch.stack(outs) if outs else q_nope.new_empty(q_nope.shape)
+
+
+def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+                          kpe_cache: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          seq_lens: torch.Tensor, *, scale: float, causal: bool = True,
+                          compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """q_nope (total_q, heads, rank), q_pe (total_q, heads, rope_dim): rows cu_seqlens_q[b]:cu_seqlens_q[b+1] are
+    the newest tokens of sequence b, whose seq_lens[b] tokens (prefix included) are in the cache; bottom-right
+    aligned causal mask as `attention_mask`. Returns (total_q, heads, rank)."""
+    cd = _compute_dtype(q_nope, compute_dtype)
+    out = q_nope.new_zeros(q_nope.shape)
+    cu = cu_seqlens_q.tolist()
+    for b, n in enumerate(seq_lens.tolist()):
+        if cu[b + 1] == cu[b]:
+            continue
+        rows = slice(cu[b], cu[b + 1])
+        mask = attention_mask(cu[b + 1] - cu[b], n, causal=causal, device=q_nope.device)
+        out[rows] = _mla_attention(q_nope[rows], q_pe[rows], paged_gather(ckv_cache, block_tables[b], n),
+                                   paged_gather(kpe_cache, block_tables[b], n), scale, mask, cd)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------- sampling
 # Greedy below float32's smallest normal temperature (2**-126): the kernels take temperature as float32, and there
 # 1 / temperature would overflow or be flushed.

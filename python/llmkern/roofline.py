@@ -13,6 +13,12 @@ The model of one step (functions below, shared with the end-to-end benchmark):
     on chip, so this is a lower bound on traffic.
   * Time: llmkern.perf.roofline: max(FLOPs / peak tensor FLOP/s, bytes / peak bandwidth), and the roof that binds.
 
+MLA (DeepSeek-V3): the cache is one kv_lora_rank latent plus one qk_rope_head_dim RoPE key per token and layer.
+Decode runs the absorbed form (llmkern.mla_decode_attention: every head attends to the latent itself, a pair costs
+2 x (2 x kv_lora_rank + qk_rope_head_dim) FLOPs per head); prefill decompresses K and V per head (head dims
+qk_nope + qk_rope and v_head_dim), as DeepSeek's inference code does. The linear FLOPs are the same either way:
+absorbing kv_b into the query and the output moves its multiply-adds from the keys to the queries, token for token.
+
 Decode with a small batch reads every weight to do 2 FLOPs per weight per sequence: intensity ~ batch FLOP/byte in
 bf16, far below the ridge (~295 FLOP/byte on an H100), so it is memory-bound; prefill of thousands of tokens is
 compute-bound.
@@ -39,17 +45,18 @@ def linear_weight_bytes(model: ModelShape, bits: int | None = None, group_size: 
                         experts: float | None = None) -> float:
     """Bytes of every decoder layer's linear weights: bf16, or packed `bits`-bit with scales and zero points.
     A MoE model's experts count `experts` times per layer (default: all of them, the weights as stored)."""
-    n = (model.num_experts if experts is None else experts) if model.is_moe else 1
-    per_layer = _linear_bytes(model.attn_linear_shapes(), bits, group_size) \
-        + n * _linear_bytes(model.expert_linear_shapes(), bits, group_size)
-    return float(model.layers * per_layer)
+    n = (model.num_experts if experts is None else experts) + model.shared_experts
+    dense_layers = model.layers - model.moe_layers
+    return float(model.layers * _linear_bytes(model.attn_linear_shapes(), bits, group_size)
+                 + dense_layers * _linear_bytes(model.dense_mlp_shapes(), bits, group_size)
+                 + model.moe_layers * n * _linear_bytes(model.expert_linear_shapes(), bits, group_size))
 
 
 def _other_weight_bytes(model: ModelShape) -> float:
     """Norms, q/k/v biases and MoE routers, all layers, plus the final norm (bf16; never quantized)."""
     bias = (model.heads + 2 * model.kv_heads) * model.head_dim if model.qkv_bias else 0
-    per_layer = model._norm_params() + bias + model.router_params()
-    return float(BF16_BYTES * (model.layers * per_layer + model.hidden))
+    per_layer = model._norm_params() + bias
+    return float(BF16_BYTES * (model.layers * per_layer + model.moe_layers * model.router_params() + model.hidden))
 
 
 def weight_bytes(model: ModelShape, bits: int | None = None, group_size: int = DEFAULT_GROUP) -> float:
@@ -81,8 +88,17 @@ def step_weight_bytes(model: ModelShape, tokens: int, bits: int | None = None,
 
 # -------------------------------------------------------------------------------------------------- KV cache
 def kv_bytes_per_token(model: ModelShape, elem: int = BF16_BYTES) -> float:
-    """K and V of every layer for one token."""
+    """K and V of every layer for one token; MLA: the latent and the RoPE key (DeepSeek-V3: (512 + 64) x 2 bytes x
+    61 layers = 70,272 bytes)."""
+    if model.is_mla:
+        return float(model.layers * (model.kv_lora_rank + model.qk_rope_head_dim) * elem)
     return float(2 * model.layers * model.kv_heads * model.head_dim * elem)
+
+
+def mha_kv_bytes_per_token(model: ModelShape, elem: int = BF16_BYTES) -> float:
+    """What an MLA model's cache would hold per token with its K and V decompressed per head (keys of head_dim, values
+    of v_head_dim): the bill MLA avoids."""
+    return float(model.layers * model.heads * (model.head_dim + model.v_head_dim) * elem)
 
 
 def _kv_tokens(model: ModelShape, context: int) -> float:
@@ -126,18 +142,29 @@ def _causal_pairs(seqlen: int, window: int | None) -> float:
     return window * (window + 1) / 2 + (seqlen - window) * window
 
 
-def _attention_flops_per_layer_avg(model: ModelShape, pairs_full: float, pairs_windowed: float) -> float:
+def _attention_flops_per_pair(model: ModelShape, *, absorbed: bool = False) -> float:
+    """QK^T and PV FLOPs of one (query, key) pair in one layer, all heads. MLA: absorbed (decode) over the latent,
+    or decompressed (prefill) with keys of head_dim and values of v_head_dim."""
+    if not model.is_mla:
+        return perf.attention_flops(1, model.heads, model.head_dim, 1)
+    if absorbed:
+        return 2.0 * model.heads * (2 * model.kv_lora_rank + model.qk_rope_head_dim)
+    return 2.0 * model.heads * (model.head_dim + model.v_head_dim)
+
+
+def _attention_flops_per_layer_avg(model: ModelShape, pairs_full: float, pairs_windowed: float, *,
+                                   absorbed: bool = False) -> float:
     """Attention FLOPs summed over all layers, sliding layers using their windowed pair count."""
-    per_pair = perf.attention_flops(1, model.heads, model.head_dim, 1)
+    per_pair = _attention_flops_per_pair(model, absorbed=absorbed)
     slid = model.sliding_layers if model.sliding_window is not None else 0
     return per_pair * (slid * pairs_windowed + (model.layers - slid) * pairs_full)
 
 
 def linear_flops(model: ModelShape, tokens: int, lm_head_tokens: int) -> float:
     """Every linear layer a token passes (a MoE model: its experts_per_token experts and the router), per token."""
-    k = model.experts_per_token if model.is_moe else 1
-    per_token = model.layers * (sum(n * kk for n, kk in model.attn_linear_shapes())
-                                + k * sum(n * kk for n, kk in model.expert_linear_shapes()) + model.router_params())
+    dense_layers = model.layers - model.moe_layers
+    per_token = (model.layers * sum(n * k for n, k in model.attn_linear_shapes())
+                 + dense_layers * model.dense_mlp_params() + model.moe_layers * model.active_mlp_params())
     return 2.0 * (per_token * tokens + model.vocab * model.hidden * lm_head_tokens)
 
 
@@ -159,7 +186,7 @@ def decode_step(model: ModelShape, batch: int, context: int, bits: int | None = 
     lin = linear_flops(model, batch, lm_head_tokens=batch)
     window = model.sliding_window if model.sliding_window is not None else None
     windowed = min(context, window) if window is not None else context
-    attn = batch * _attention_flops_per_layer_avg(model, context, windowed)
+    attn = batch * _attention_flops_per_layer_avg(model, context, windowed, absorbed=True)
     w = step_weight_bytes(model, batch, bits, group_size)
     kv = kv_cache_bytes(model, batch, context) + batch * kv_bytes_per_token(model)  # read the cache, write the new
     return StepCost("decode", batch, lin + attn, w + kv, lin, attn, w, kv)
@@ -203,7 +230,10 @@ def report(model: ModelShape, peak: perf.DevicePeak, batch: int, context: int, b
         f"  device: {peak.hbm_gbps:.4g} GB/s, {peak.tensor_tflops:.4g} dense matmul TFLOP/s, ridge point "
         f"{ridge_point(peak):.0f} FLOP/byte ({peak.source})",
         f"  weight bytes:            {wbytes:.4g} ({_fmt_bytes(wbytes)})",
-        f"  KV cache per token:      {kv_bytes_per_token(model):.4g} ({_fmt_bytes(kv_bytes_per_token(model))}, bf16)",
+        f"  KV cache per token:      {kv_bytes_per_token(model):.4g} ({_fmt_bytes(kv_bytes_per_token(model))}, bf16"
+        + (f"; MLA latent {model.kv_lora_rank} + rope {model.qk_rope_head_dim} per layer: "
+           f"{mha_kv_bytes_per_token(model) / kv_bytes_per_token(model):.0f}x less than per-head K and V, "
+           f"{_fmt_bytes(mha_kv_bytes_per_token(model))})" if model.is_mla else ")"),
         f"  KV cache total:          {kv_cache_bytes(model, batch, context):.4g} "
         f"({_fmt_bytes(kv_cache_bytes(model, batch, context))}: {batch} x {context} tokens)",
         "",
