@@ -104,6 +104,9 @@ def test_bad_input(monkeypatch):
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(min_p=float("nan")), dict(top_k=-3)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=2, **bad)
+    for prompt in ([5, model.config.vocab_size], [5, -3]):     # outside the embedding: no IndexError from it
+        with pytest.raises(ValueError, match=r"input_ids.*\[0, vocab_size"):
+            llmkern.generate(model, [[4], prompt], max_new_tokens=2)
     with pytest.raises(TypeError, match="model.float"):
         llmkern.generate(_model("llama").double(), ids, attention_mask=mask, max_new_tokens=2)
     monkeypatch.undo()

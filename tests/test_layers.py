@@ -236,9 +236,11 @@ def test_rope_bad_input(device, no_kernel):
         llmkern.apply_rope(q, k[:, :2], pos)
     with pytest.raises(TypeError, match="positions"):
         llmkern.apply_rope(q, k, pos.float())
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match=r"positions.*got \(4,\)$"):     # the shape passed, not a reshaped one
         llmkern.apply_rope(q, k, torch.arange(4, device=device))
     cos, sin = reference.rope_cos_sin(pos, 32)
+    with pytest.raises(ValueError, match=r"cos.*got \(2, 32\)$"):
+        llmkern.apply_rope(q, k, cos=cos[:2], sin=sin[:2])
     with pytest.raises(ValueError, match="together"):
         llmkern.apply_rope(q, k, cos=cos)
     with pytest.raises(ValueError, match="not both"):

@@ -128,6 +128,21 @@ def test_one_plan_for_every_layer_and_update_in_place(device):
             torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
+def test_empty_step(device):
+    """A step with no sequences (batch 0) plans with the default capacities and runs as a no-op; the plan then
+    takes a real step."""
+    kc = torch.randn(4, 8, 2, 32, device=device)
+    plan = _plan(torch.zeros(0, 2, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.int32,
+                 device=device), None, kc, 4)
+    assert plan.batch_size == 0 and plan.run(torch.randn(0, 4, 32, device=device), kc, kc).shape == (0, 4, 32)
+    bt, sl = torch.tensor([[1, 2]], dtype=torch.int32, device=device), torch.tensor([9], dtype=torch.int32,
+                                                                                   device=device)
+    plan.update(bt, sl)
+    q = torch.randn(1, 4, 32, device=device)
+    torch.testing.assert_close(plan.run(q, kc, kc), llmkern.paged_prefill_attention(
+        q, kc, kc, bt, _cu([1], device), sl), rtol=1e-5, atol=1e-6)
+
+
 def test_run_and_kv_write_without_host_sync(device, no_host_sync):
     """plan.run (decode with split-KV and its merge; a mixed step) and paged_kv_write read no value on the host,
     query no device property, and, with out given, allocate nothing."""

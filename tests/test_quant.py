@@ -420,6 +420,11 @@ def test_bad_input(device, no_kernel):
         (TypeError, "bias", lambda: llmkern.quant_matmul(x, qw, torch.zeros(16).bfloat16())),
         (ValueError, "device", lambda: llmkern.quant_matmul(x.to("meta"), qw)),
         (TypeError, "dtype", lambda: qw.to(dtype=torch.float64)),
+        # an act-order perm must be a permutation of range(K): the kernels gather x's columns through it
+        *[(ValueError, "perm must be a permutation", lambda p=p: llmkern.QuantizedWeight(
+            qw.qweight, qw.scales, qw.zeros, bits=4, group_size=32, in_features=64, out_features=16, perm=p))
+          for p in (torch.arange(64, dtype=torch.int32).index_fill_(0, torch.tensor([3]), 10**6),
+                    torch.arange(64, dtype=torch.int32) - 1, torch.zeros(64, dtype=torch.int32))],
         # GPTQ: dtypes, shapes, bits, group size, g_idx
         (TypeError, "qweight", lambda: llmkern.QuantizedWeight.from_gptq(qweight.float(), qzeros, s, group_size=32)),
         (TypeError, "qzeros", lambda: llmkern.QuantizedWeight.from_gptq(qweight, qzeros.long(), s, group_size=32)),

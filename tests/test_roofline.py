@@ -196,6 +196,15 @@ def test_cli(capsys):
     assert "KV cache fp8" in out and "65.54 kB, fp8" in out and "4.29 GB" in out    # half of bf16's 131.07 kB, 8.59 GB
     assert main(["roofline", "--model", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
+    # the group sizes quantize_weight supports (-1: per output channel), and only with --bits 4/8
+    assert main(["roofline", "--bits", "4", "--group-size", "-1"]) == 0
+    assert "int4 (group -1)" in capsys.readouterr().out
+    for bad in ("7", "1"):
+        with pytest.raises(SystemExit) as e:
+            main(["roofline", "--bits", "4", "--group-size", bad])
+        assert e.value.code == 2 and "--group-size" in capsys.readouterr().err
+    assert main(["roofline", "--group-size", "64"]) == 2
+    assert "--group-size needs --bits" in capsys.readouterr().err
 
 
 def _records():

@@ -234,6 +234,15 @@ def test_huge_top_k_is_off(device):
     assert torch.equal(llmkern.sampling_probs(logits, top_k=torch.tensor([2 ** 40, 2 ** 33], device=device)), off)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16])
+def test_narrow_integer_top_k(device, dtype):
+    logits = _logits(3, 50, torch.float32, device)
+    top_k = torch.tensor([1, 1, 0], dtype=dtype, device=device)
+    assert torch.equal(llmkern.SamplingParams(top_k=top_k, batch=3, device=device).top_k,
+                       torch.tensor([1, 1, 0], dtype=torch.int32, device=device))
+    assert torch.equal(llmkern.sample(logits, top_k=top_k, seed=1)[:2], logits[:2].argmax(-1))
+
+
 def test_empty_batch(device):
     logits = torch.empty(0, 100, device=device)
     assert llmkern.sample(logits, seed=1).shape == (0,)
@@ -298,6 +307,22 @@ def test_bad_logits(device, no_kernel):
         llmkern.sampling_probs(torch.zeros(2, 0, device=device))
 
 
+def test_prebuilt_params_cannot_be_swapped(device, no_kernel):
+    """A SamplingParams' tensors cannot be reassigned, and one changed in place to another shape or dtype is refused
+    before the kernel (which reads batch int32/float32 values from each) runs."""
+    logits = _logits(3, 50, torch.float32, device)
+    params = llmkern.SamplingParams(batch=3, device=device)
+    with pytest.raises(AttributeError):
+        params.top_k = torch.ones(1, dtype=torch.int32, device=device)
+    params.top_k.resize_(1)
+    with pytest.raises(ValueError, match="top_k"):
+        llmkern.sample(logits, params=params, seed=1)
+    params = llmkern.SamplingParams(batch=3, device=device)
+    params.temperature.data = params.temperature.double()
+    with pytest.raises(ValueError, match="temperature"):
+        llmkern.sampling_probs(logits, params=params)
+
+
 # -------------------------------------------------------------------------------------------- hot path
 @pytest.mark.cpu_backends("interpreter")   # the Triton implementation's host path: the one a CUDA call runs
 def test_prebuilt_params_make_no_host_sync(device, no_host_sync):
@@ -323,7 +348,15 @@ def test_prebuilt_params_make_no_host_sync(device, no_host_sync):
         llmkern.SamplingParams(**raw, batch=4, device=device)
     with pytest.raises(ValueError, match="not both"):
         llmkern.sample(logits, params=params, top_k=3, seed=seeds)
+    with pytest.raises(ValueError, match="not both"):     # a keyword at its default value is not ignored either
+        llmkern.sampling_probs(logits, params=params, temperature=1.0)
     with pytest.raises(ValueError, match="batch"):
         llmkern.sampling_probs(logits[:2], params=params)
     with pytest.raises(TypeError, match="params"):
         llmkern.sampling_probs(logits, params=tuple(params))
+
+
+@pytest.mark.parametrize("batch,exc", [(-1, ValueError), ("2", TypeError), (2.0, TypeError), (True, TypeError)])
+def test_params_bad_batch(batch, exc):
+    with pytest.raises(exc, match="batch"):
+        llmkern.SamplingParams(0.5, batch=batch)

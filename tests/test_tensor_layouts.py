@@ -70,7 +70,8 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   sampling_probs temperature, top_k, top_p, min_p: contiguous
   quant_matmul x: strides, last dim
   quant_matmul bias: contiguous
-  QuantizedWeight qweight, scales, zeros, perm: contiguous (the constructor, and the op's declaration)
+  QuantizedWeight qweight, scales, zeros, perm: contiguous (the constructor, and the op's declaration); an expanded
+    perm repeats one index, not a permutation: refused (ValueError)
   QuantizedWeight.from_codes q, zeros, scales, g_idx: torch (packed into new contiguous tensors)
   QuantizedWeight.from_gptq qweight, qzeros, scales, g_idx: torch
   QuantizedWeight.from_awq qweight, qzeros, scales: torch
@@ -384,7 +385,8 @@ def _cases(device) -> dict[str, Case]:
                 _randn(_GEMM_ROWS, 64, dtype=f16, device=device, seed=9),
                 llmkern.QuantizedWeight(qweight, scales, zeros, bits=4, group_size=32, in_features=64,
                                         out_features=24, perm=perm)),
-            dict(qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros, perm=qw.perm)),
+            dict(qweight=qw.qweight, scales=qw.scales, zeros=qw.zeros, perm=qw.perm),
+            refused={("perm", "expanded"): "one index repeated is not a permutation: refused"}),
         "QuantizedWeight.from_codes": Case(
             lambda q, zeros, scales, g_idx: llmkern.QuantizedWeight.from_codes(
                 q, zeros, scales, bits=4, group_size=32, g_idx=g_idx),

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Callable
 
-from llmkern import compile_check, cpu, measure, perf, roofline, tuning
+from llmkern import compile_check, cpu, measure, perf, quant_weight, roofline, tuning
 from llmkern.bench import SUITES, common
 from llmkern.models import MODELS, get_model
 
@@ -132,8 +132,9 @@ def _roofline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=_positive_int, default=4096, help="tokens per sequence (default 4096)")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=16,
                    help="weight bits of the decoder's linear layers (default 16 = bf16)")
-    p.add_argument("--group-size", type=_positive_int, default=roofline.DEFAULT_GROUP,
-                   help=f"quantization group size with --bits 4/8 (default {roofline.DEFAULT_GROUP})")
+    p.add_argument("--group-size", type=int, choices=quant_weight.SUPPORTED_GROUPS, default=None,
+                   help=f"quantization group size with --bits 4/8, one quantize_weight supports (-1: one group per "
+                        f"output channel; default {roofline.DEFAULT_GROUP})")
     p.add_argument("--kv-dtype", choices=tuple(roofline.KV_DTYPE_BYTES), default="bf16",
                    help="KV cache dtype (default bf16; fp8: PagedKVCache with float8_e4m3fn/e5m2, half the bytes)")
     p.add_argument("--plot", metavar="PATH", help="draw the roofline chart to PATH (needs matplotlib)")
@@ -148,6 +149,12 @@ def _roofline_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"llmkern roofline: {e}", file=sys.stderr)
         return 2
+    bits = None if args.bits == 16 else args.bits
+    if args.group_size is None:
+        args.group_size = roofline.DEFAULT_GROUP
+    elif bits is None:
+        print("llmkern roofline: --group-size needs --bits 4 or 8 (16-bit weights have no groups)", file=sys.stderr)
+        return 2
     peak = datasheet
     if args.measure:
         measured = measure.measure_roofs()
@@ -157,7 +164,6 @@ def _roofline_run(args: argparse.Namespace) -> int:
                                f"bf16 tensor TFLOP/s, fp32 {datasheet.fp32_tflops:.1f} ({datasheet.source})"
                                if datasheet else "none (a CPU has no datasheet entry in llmkern.perf.DEVICES)") + "\n")
         peak = measured.as_peak()
-    bits = None if args.bits == 16 else args.bits
     kv_elem = roofline.KV_DTYPE_BYTES[args.kv_dtype]
     print(roofline.report(model, peak, args.batch, args.context, bits, args.group_size, args.kv_dtype))
     if args.bench_json and not args.plot:

@@ -451,7 +451,8 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
     model: a Hugging Face Llama/Mistral/Qwen2 *ForCausalLM (any dtype and device the kernels support; its Linear
       layers may be llmkern QuantLinear from `llmkern.quantize_model`).
     input_ids: a (batch, seqlen) int tensor, with `attention_mask` (1 = token, 0 = padding, any side) when prompts
-      have different lengths; or a list of token-id lists (or 1-D tensors) of any lengths.
+      have different lengths; or a list of token-id lists (or 1-D tensors) of any lengths. Ids must be in
+      [0, vocab_size) (ValueError naming input_ids).
     temperature/top_k/top_p/min_p: llmkern.sample's parameters; temperature 0 (the default) is greedy.
     repetition_penalty/presence_penalty/frequency_penalty (numbers) and logit_bias (a (vocab,) float tensor):
       llmkern.apply_penalties' controls, counted over each sequence's prompt and generated tokens (transformers'
@@ -488,9 +489,14 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
     prompts = _prompts(input_ids, attention_mask)
     if not prompts:
         raise ValueError("input_ids holds no prompt")
+    vocab = model.model.embed_tokens.weight.shape[0]     # the rows the embedding looks ids up in
     for i, p in enumerate(prompts):
         if p.numel() == 0:
             raise ValueError(f"prompt {i} has no tokens (all padding?)")
+        lo, hi = (int(v) for v in torch.aminmax(p))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids: prompt {i} holds token id {lo if lo < 0 else hi}, outside the vocabulary "
+                             f"[0, vocab_size={vocab})")
     eos = _eos_set(eos_token_id, model)
     sampling.check_params(temperature, top_k, top_p, min_p)   # refused here, not after the first forward
     device = model.model.embed_tokens.weight.device

@@ -186,22 +186,20 @@ def _table_view(name: str, t: torch.Tensor, batch: int, seqlen: int, head_dim: i
     if t.shape[-1] not in (head_dim, head_dim // 2):
         raise ValueError(f"{name}'s last dim must be head_dim ({head_dim}, Hugging Face's cat(freqs, freqs)) or "
                          f"head_dim/2 ({head_dim // 2}), got {t.shape[-1]}")
-    if t.dim() == 2:
-        t = t.unsqueeze(0)
-    if t.dim() != 3 or t.shape[1] != seqlen or t.shape[0] not in (1, batch):
+    view = t.unsqueeze(0) if t.dim() == 2 else t
+    if view.dim() != 3 or view.shape[1] != seqlen or view.shape[0] not in (1, batch):
         raise ValueError(f"{name} must have shape (seq, d), (1, seq, d) or (batch, seq, d) with batch={batch}, "
-                         f"seq={seqlen}, got {tuple(t.shape)}")
-    return _utils.last_dim_contiguous(name, t)
+                         f"seq={seqlen}, got {tuple(t.shape)}")     # the caller's shape, not the view's
+    return _utils.last_dim_contiguous(name, view)
 
 
 def _positions_view(positions: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     _utils.check_tensor("positions", positions, dtypes=(torch.int32, torch.int64))
-    if positions.dim() == 1:
-        positions = positions.unsqueeze(0)
-    if positions.dim() != 2 or positions.shape[1] != seqlen or positions.shape[0] not in (1, batch):
+    view = positions.unsqueeze(0) if positions.dim() == 1 else positions
+    if view.dim() != 2 or view.shape[1] != seqlen or view.shape[0] not in (1, batch):
         raise ValueError(f"positions must have shape (seq,), (1, seq) or (batch, seq) with batch={batch}, "
-                         f"seq={seqlen}, got {tuple(positions.shape)}")
-    return positions
+                         f"seq={seqlen}, got {tuple(positions.shape)}")     # the caller's shape, not the view's
+    return view
 
 
 def _as4d(t: torch.Tensor) -> torch.Tensor:

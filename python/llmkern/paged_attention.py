@@ -383,7 +383,8 @@ class PagedAttentionPlan:
     num_splits: programs per decode token (split-KV) in [1, 256]; None chooses per token from its length, the step's
       size and the device's SM count (`choose_num_splits`). Tokens of longer queries are never split.
     max_batch_size, max_num_tokens, max_blocks_per_seq: the capacities the buffers are sized for (default: this
-      step's); `update` refuses a step beyond them.
+      step's, at least 1: an empty step, batch 0, is planned and runs as a no-op); `update` refuses a step beyond
+      them.
     cuda_graph: fixed launch sizes for CUDA-graph capture. The grid is sized for the capacities (programs past the
       step's work return at once), q and out have max_num_tokens rows (rows past num_tokens are padding: not read,
       not written), slot_mapping covers them with -1, and the tile kind chosen at construction (decode tiles when
@@ -424,7 +425,8 @@ class PagedAttentionPlan:
             raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
         tables = _read_tables(block_tables, seq_lens, cu_seqlens_q)
         batch, tokens = tables.seq_lens.shape[0], int(tables.cu_seqlens_q[-1])
-        self.max_batch_size = _check_int("max_batch_size", batch if max_batch_size is None else max_batch_size, 1)
+        self.max_batch_size = _check_int("max_batch_size", max(batch, 1) if max_batch_size is None
+                                         else max_batch_size, 1)
         self.max_num_tokens = _check_int("max_num_tokens", max(tokens, 1) if max_num_tokens is None
                                          else max_num_tokens, 1)
         width = max(1, tables.block_tables.shape[1])

@@ -212,10 +212,11 @@ def _matmul(fmt: _Format, x, qweight, scales, zeros, perm, bias, path=None, spli
 
 # ----------------------------------------------------------------------------------------------- the op
 def _weight(x, qweight, scales, zeros, perm, bits, group_size) -> QuantizedWeight:
-    """The op's tensors as a QuantizedWeight, which checks that they agree (no device sync)."""
-    return QuantizedWeight(qweight, scales, zeros, bits=bits, group_size=group_size,
-                           in_features=x.shape[-1] if x.dim() else 0,
-                           out_features=scales.shape[1] if scales.dim() == 2 else 0, perm=perm)
+    """The op's tensors as a QuantizedWeight, checking that they agree (no device sync: a perm's values were checked
+    where its QuantizedWeight was built)."""
+    return QuantizedWeight._unchecked_values(qweight, scales, zeros, bits=bits, group_size=group_size,
+                                             in_features=x.shape[-1] if x.dim() else 0,
+                                             out_features=scales.shape[1] if scales.dim() == 2 else 0, perm=perm)
 
 
 def _meta(t: Optional[torch.Tensor]) -> Optional[tuple]:

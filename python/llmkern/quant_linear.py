@@ -15,7 +15,7 @@ from torch import nn
 from llmkern import patch_moe
 from llmkern.quant import quant_matmul
 from llmkern.quant_weight import (SCALE_DTYPES, QuantizedWeight, check_bits_group, check_finite_scales,
-                                  quantize_weight)
+                                  check_permutation, quantize_weight)
 
 
 class QuantLinear(nn.Module):
@@ -49,10 +49,7 @@ class QuantLinear(nn.Module):
         check_finite_scales(f"{prefix}scales", self.scales)
         # A loaded act-order permutation must be one (the kernels gather x's columns through it).
         if self.perm is not None:
-            seen = torch.zeros(self.in_features, dtype=torch.bool, device=self.perm.device)
-            p = self.perm.long()
-            if int(p.min()) < 0 or int(p.max()) >= self.in_features or not bool(seen.index_fill_(0, p, True).all()):
-                raise ValueError(f"{prefix}perm must be a permutation of range({self.in_features})")
+            check_permutation(f"{prefix}perm", self.perm)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":

@@ -48,6 +48,20 @@ class QuantizedWeight:
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int,
                  group_size: int, in_features: int, out_features: int, perm: Optional[torch.Tensor] = None):
+        self._set(qweight, scales, zeros, bits, group_size, in_features, out_features, perm)
+        if perm is not None:
+            check_permutation("perm", perm)
+
+    @classmethod
+    def _unchecked_values(cls, qweight, scales, zeros, *, bits, group_size, in_features, out_features,
+                          perm=None) -> "QuantizedWeight":
+        """The constructor's checks of shapes, dtypes and devices only, no device sync: for the op's per-signature
+        check (llmkern.quant), whose tensors a checked QuantizedWeight normally gave it."""
+        self = cls.__new__(cls)
+        self._set(qweight, scales, zeros, bits, group_size, in_features, out_features, perm)
+        return self
+
+    def _set(self, qweight, scales, zeros, bits, group_size, in_features, out_features, perm) -> None:
         check_bits_group(bits, group_size, in_features)
         pack = 32 // bits
         groups = 1 if group_size == -1 else in_features // group_size
@@ -236,6 +250,17 @@ def check_finite_scales(name: str, scales: torch.Tensor) -> None:
     depending on the order of the multiplications.)"""
     if not bool(torch.isfinite(scales).all()):
         raise ValueError(f"{name} must be finite (a quantization scale is inf or NaN)")
+
+
+def check_permutation(name: str, perm: torch.Tensor) -> None:
+    """ValueError unless the (K,) `perm` is a permutation of range(K) (one device sync). The act-order kernels gather
+    x's columns through it (x[:, perm[j]]), so an index outside [0, K) would read outside x. The QuantizedWeight
+    constructor (given a perm) and QuantLinear's state-dict loading check it; torch.ops.llmkern.quant_matmul called
+    directly checks perm's shape, dtype and device only (no sync per call)."""
+    k, p = perm.shape[0], perm.long()
+    if k and (int(p.min()) < 0 or int(p.max()) >= k
+              or not bool(torch.zeros(k, dtype=torch.bool, device=p.device).index_fill_(0, p, True).all())):
+        raise ValueError(f"{name} must be a permutation of range({k})")
 
 
 def _expect_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

@@ -39,6 +39,7 @@ _SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 _INT32_MAX = 2 ** 31 - 1
 # The per-row parameter tensors: the kernel reads element `row` of each (unit stride: the op makes them contiguous).
 _PER_ROW = ("temperature", "top_k", "top_p", "min_p")
+_KERNEL_DTYPES = dict(temperature=torch.float32, top_k=torch.int32, top_p=torch.float32, min_p=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
@@ -65,8 +66,9 @@ def per_row_param(name: str, value: Any, batch: int, device: torch.device, *, in
             raise ValueError(f"{name} must be an {'integer' if integer else 'floating-point'} tensor, "
                              f"got {value.dtype}")
         v = value.detach()
-        if integer:
-            _check_range(name, v.to(torch.int64), lo, hi, lo_open, hi_open)
+        if integer:    # in int64 first: a narrow dtype (int8, uint8, ...) cannot hold the clamp bound
+            v = v.to(torch.int64)
+            _check_range(name, v, lo, hi, lo_open, hi_open)
             return v.clamp(max=_INT32_MAX).to(torch.int32).contiguous()
         t = v.to(torch.float32).contiguous()
     else:
@@ -144,18 +146,27 @@ class SamplingParams:
 
     SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, *, batch=1, device="cpu"): each parameter a
     Python number for every row or a (batch,) tensor on `device`, with `sample`'s ranges and errors (ValueError
-    naming the parameter). Building it costs one device-to-host sync per tensor parameter (the range check);
-    `sample(logits, params=p)` and `sampling_probs(logits, params=p)` then check only p's batch and device against
-    logits: no sync, no copy, however many steps reuse it.
-    Attributes temperature, top_k, top_p, min_p: contiguous (batch,) tensors on `device` as the kernel reads them
-    (float32; top_k int32, clamped to 2**31 - 1), the object's own copies: writing to the caller's tensors later
-    does not change it (an unchecked value never reaches the kernel). Iterating yields them in that order.
+    naming the parameter); batch an int >= 0 (else TypeError/ValueError naming batch). Building it costs one
+    device-to-host sync per tensor parameter (the range check); `sample(logits, params=p)` and
+    `sampling_probs(logits, params=p)` then check only the shape, dtype and device of p's tensors against logits:
+    no sync, no copy, however many steps reuse it.
+    Attributes temperature, top_k, top_p, min_p (read-only: assigning one raises AttributeError): contiguous (batch,)
+    tensors on `device` as the kernel reads them (float32; top_k int32, clamped to 2**31 - 1), the object's own
+    copies: writing to the caller's tensors later does not change it (an unchecked value never reaches the kernel).
+    Their values are checked once, here: editing them in place afterwards is the caller's responsibility (every call
+    still checks their shape, dtype and device, which needs no sync, so no edit can make the kernel read outside
+    them). Iterating yields them in that order.
     """
 
-    __slots__ = _PER_ROW
+    __slots__ = tuple("_" + name for name in _PER_ROW)
 
     def __init__(self, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, *, batch: int = 1,
                  device: torch.device | str = "cpu"):
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
+            raise TypeError(f"batch must be an int, got {batch!r}")
+        if batch < 0:
+            raise ValueError(f"batch must be >= 0, got {batch}")
+        batch = int(batch)
         device = torch.device(device)
         given = (temperature, top_k, top_p, min_p)
         checked = (
@@ -167,7 +178,10 @@ class SamplingParams:
         )
         for name, value, t in zip(_PER_ROW, given, checked):
             aliased = isinstance(value, torch.Tensor) and t.data_ptr() == value.data_ptr()
-            setattr(self, name, t.clone() if aliased else t)
+            setattr(self, "_" + name, t.clone() if aliased else t)
+
+    temperature, top_k, top_p, min_p = (property(lambda self, slot="_" + name: getattr(self, slot))
+                                        for name in _PER_ROW)
 
     def __iter__(self):
         return iter((self.temperature, self.top_k, self.top_p, self.min_p))
@@ -185,26 +199,31 @@ def check_params(temperature, top_k, top_p, min_p, *, batch: int = 1,
     return SamplingParams(temperature, top_k, top_p, min_p, batch=batch, device=device)
 
 
-# sample's and sampling_probs' defaults: with params=..., these keywords must be left at them
+# What sample's and sampling_probs' keywords left at None (unset) stand for. With params=..., every one must be
+# left unset: None, not merely a value equal to the default, so no keyword is ignored silently.
 _DEFAULTS = (1.0, 0, 1.0, 0.0)
 
 
 def _params(logits: Any, params: Any, given: tuple) -> SamplingParams:
-    """Check logits, then the parameters: built here from `given` (one sync per tensor), or `params` prebuilt,
-    checked against logits' batch and device only (no sync)."""
+    """Check logits, then the parameters: built here from `given` (one sync per tensor), or `params` prebuilt, whose
+    tensors are checked for the shape, dtype and device the kernel reads (no sync)."""
     _check_logits(logits)
     batch, device = logits.shape[0], logits.device
     if params is None:
-        return check_params(*given, batch=batch, device=device)
+        return check_params(*(d if v is None else v for v, d in zip(given, _DEFAULTS)), batch=batch, device=device)
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a llmkern.SamplingParams or None, got {type(params).__name__}")
-    if any(isinstance(v, torch.Tensor) or v != d for v, d in zip(given, _DEFAULTS)):
+    if any(v is not None for v in given):
         raise ValueError("pass temperature/top_k/top_p/min_p either in params or as keywords, not both")
-    if params.temperature.shape[0] != batch:
-        raise ValueError(f"params were built for batch={params.temperature.shape[0]} but logits have {batch} rows")
-    if params.temperature.device != device:
-        raise ValueError(f"params are on {params.temperature.device} but logits are on {device}; "
-                         "they must share a device")
+    for name, t in zip(_PER_ROW, params):      # what the kernel reads: (batch,), its dtype, logits' device
+        if t.device != device:
+            raise ValueError(f"params are on {t.device} but logits are on {device}; they must share a device")
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"params.{name} has shape {tuple(t.shape)} but logits have {batch} rows: params must be "
+                             f"built for batch={batch} (and not resized)")
+        if t.dtype != _KERNEL_DTYPES[name]:
+            raise ValueError(f"params.{name} has dtype {t.dtype}, the kernel reads {_KERNEL_DTYPES[name]} "
+                             "(a SamplingParams' tensors must not be changed in place)")
     return params
 
 
@@ -258,12 +277,13 @@ def _run(logits, *args, write_probs: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- public API
-def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
+def sample(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None, seed=None,
            generator: torch.Generator | None = None, params: SamplingParams | None = None) -> torch.Tensor:
     """Draw one token per row: int64 (batch,).
 
     logits: (batch, vocab) fp32/fp16/bf16 (any row stride). Each parameter is a Python number for all rows or a
-    (batch,) tensor on logits' device, one value per row. Applied in this order:
+    (batch,) tensor on logits' device, one value per row; None (unset, the default) means temperature 1, top_k 0,
+    top_p 1, min_p 0 (each off). Applied in this order:
       temperature >= 0: logits / temperature, softmax. 0, and any temperature below float32's smallest normal
         2**-126 = 1.2e-38 (llmkern.reference.GREEDY_BELOW; 1 / temperature would overflow float32), means greedy for
         that row: the first argmax. Used as float32: a larger value that rounds below it is greedy too. NaN,
@@ -283,15 +303,15 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     A row holding NaN or +inf, or whose logits are all -inf, returns -1 (never reads past the row, never hangs:
     every loop has a fixed bound). Bad parameters raise ValueError naming the argument.
     params: a SamplingParams built once (for example per request batch of a decode loop), instead of the four
-      keywords (ValueError when both are given): its values were checked when it was built, so a call with it and a
-      seed tensor makes no device-to-host sync. Tensor keywords cost one sync each per call (their range check).
+      keywords (ValueError when any of them is given with it, even at its default value): its values were checked
+      when it was built, so a call with it and a seed tensor makes no device-to-host sync. Tensor keywords cost one sync each per call (their range check).
     """
     temp, k, p, mp = _params(logits, params, (temperature, top_k, top_p, min_p))
     seeds = row_seeds(seed, generator, logits.shape[0], logits.device)
     return _sample_op(logits, temp, k, p, mp, seeds)
 
 
-def sampling_probs(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+def sampling_probs(logits: torch.Tensor, *, temperature=None, top_k=None, top_p=None, min_p=None,
                    params: SamplingParams | None = None) -> torch.Tensor:
     """The exact distribution `sample` draws from: float32 (batch, vocab), zeros outside the kept set.
 
