@@ -351,14 +351,6 @@ class _Layout:
         return self.off_bt + self.max_batch * self.width
 
 
-def _copy_to(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Host -> device without waiting: from pinned memory, asynchronously on the current stream (PyTorch's caching
-    host allocator keeps the pinned block until the copy has run)."""
-    if dst.device.type == "cuda":
-        src = src.pin_memory()
-    dst.copy_(src, non_blocking=True)
-
-
 # ---------------------------------------------------------------------------------------------------- the plan
 class PagedAttentionPlan:
     """Paged attention for one step of a batch, planned once and run per layer (FlashInfer's plan/run wrappers).
@@ -504,8 +496,8 @@ class PagedAttentionPlan:
         stage[lay.off_bt:].view(batch, lay.width)[:, :cols] = t.block_tables[:, :cols]
         slots = torch.full((self.max_num_tokens if self.cuda_graph else tokens,), -1, dtype=_SLOT_DTYPE)
         slots[:tokens] = _slot_mapping(t, self.block_size)
-        _copy_to(self._data[:stage.numel()], stage)
-        _copy_to(self._slots[:slots.numel()], slots)
+        _utils.copy_async(self._data[:stage.numel()], stage)
+        _utils.copy_async(self._slots[:slots.numel()], slots)
 
         self.batch_size, self.num_tokens, self._decode_tiles = batch, tokens, decode_tiles
         if self.cuda_graph:   # launch sizes for any step within the capacities
