@@ -211,8 +211,10 @@ def quantize_weight(weight: torch.Tensor, *, bits: int = 4, group_size: int = 12
     """Round-to-nearest quantization of an nn.Linear weight (out_features, in_features).
 
     Scales are stored in the weight's dtype (fp16, bf16 or fp32): the activation dtype the result multiplies, so a
-    float32 model (the usual dtype on a CPU) runs in float32. Every dequantized element is within half a quantization
-    step (its scale / 2) of the original.
+    float32 model (the usual dtype on a CPU) runs in float32. Every element's exact dequantized value (q - z) * s
+    (`dequantize(torch.float64)`) is within half a quantization step (its scale / 2) of the original;
+    `dequantize()` in a 16-bit scales dtype adds that dtype's rounding of the product (int8 bf16: up to about 0.9
+    step: bf16 keeps 8 significant bits, int8 codes need up to 8).
     """
     _utils.check_tensor("weight", weight, ndim=2, dtypes=_utils.FLOAT_DTYPES)
     if not isinstance(symmetric, bool):
