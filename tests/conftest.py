@@ -100,11 +100,16 @@ def backend(request, device) -> str:
 @pytest.fixture
 def no_kernel(monkeypatch):
     """Bad input must be refused before any kernel runs: a Triton launch or a C++ call fails the test."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
     from llmkern import _utils, cpu
 
     def boom(*a, **k):
         raise AssertionError("a kernel was launched")
     monkeypatch.setattr(_utils, "launch", boom)
+    monkeypatch.setattr(JITFunction, "run", boom)             # kernels launched as kernel[grid](...), not via launch
+    monkeypatch.setattr(InterpretedFunction, "run", boom)
     monkeypatch.setattr(cpu, "_lib", boom)
 
 

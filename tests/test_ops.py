@@ -196,6 +196,52 @@ CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_
          "mla_decode_attention": _mla_decode_attention, "mla_prefill_attention": _mla_prefill_attention}
 
 
+# op name -> (argument position, the inconsistent value from the case's argument, a word of the error): each op's
+# `check` refuses a direct call (torch.ops.llmkern.*) whose tensors disagree, before any implementation runs.
+BAD_ARGS = {
+    "attention": (1, lambda k: k[..., :32], "k"),                         # head_dim 32 vs q's 64
+    "attention_varlen": (1, lambda k: k[..., :16], "k"),
+    "paged_kv_write": (0, lambda k: k[:, :1], "k"),                       # 1 KV head vs the cache's 2
+    "paged_decode_attention": (0, lambda q: q[..., :16], "q"),
+    "paged_prefill_attention": (3, lambda bt: bt[:1], "block_tables"),
+    "rms_norm": (1, lambda w: w[:8], "weight"),                           # the repro of breaker bug 4
+    "add_rms_norm": (1, lambda r: r[:2], "residual"),
+    "rope": (1, lambda k: k[:, :2], "k"),
+    "rope_": (1, lambda k: k[:, :2], "k"),
+    "sample": (2, lambda top_k: top_k[:2], "top_k"),
+    "sampling_probs": (1, lambda t: t.double(), "temperature"),
+    "quant_matmul": (1, lambda qweight: qweight[:4], "qweight"),
+    "moe_topk": (0, lambda logits: logits[:, :8], "correction_bias"),     # 8 experts vs the bias's 16
+    "fused_moe": (14, lambda ids: ids[:4], "topk_ids"),
+    "speculative_sample": (2, lambda p: p[:, :2], "target_probs"),
+    "beam_topk": (1, lambda scores: scores[:3], "beam_scores"),
+    "apply_penalties": (1, lambda ids: ids[:3], "token_ids"),
+    "mla_kv_write": (1, lambda kpe: kpe[:, :16], "kpe"),
+    "mla_decode_attention": (1, lambda q_pe: q_pe[:1], "q_pe"),
+    "mla_prefill_attention": (5, lambda cu: cu[:2], "cu_seqlens_q"),
+}
+# Ops without a BAD_ARGS case, and why.
+UNCHECKED = {"paged_attention": "a PagedAttentionPlan's run: its sizes and work schedule come from the plan, which "
+                                "validated them; a direct call is not supported (its schedule would need a sync)"}
+
+
+@pytest.mark.cpu_backends("interpreter", "cpp")
+@pytest.mark.parametrize("name", sorted(_dispatch.OPS))
+def test_direct_call_with_inconsistent_arguments_raises(name, device, request):
+    """torch.ops.llmkern.<op> called directly with one argument that disagrees with the others raises a
+    ValueError/TypeError naming it before any implementation runs (the Triton kernels would read outside the
+    caller's tensors), on the Triton path and on the C++ backend's."""
+    if name in UNCHECKED:
+        pytest.skip(UNCHECKED[name])
+    assert name in BAD_ARGS, f"llmkern::{name} has no BAD_ARGS case: add one"
+    position, bad, word = BAD_ARGS[name]
+    args = list(_clone(CASES[name](device)[-1]))
+    args[position] = bad(args[position])
+    request.getfixturevalue("no_kernel")    # after building the case (fused_moe's routes with moe_topk)
+    with pytest.raises((ValueError, TypeError), match=word):
+        _dispatch.OPS[name](*args)
+
+
 OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")   # all
 
 

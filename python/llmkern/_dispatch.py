@@ -40,7 +40,8 @@ written instead of the caller's tensor): its kernels honour its strides.
 the cache, lengths within the tables). It runs before every implementation, on every device, so no implementation
 ever sees values that would make it read or write outside the caller's tensors, and it lives inside the op so a
 `torch.compile(fullgraph=True)` graph holds the op without a data-dependent break. A check on the hot path of a
-decode step (issue 11) must need no sync and cost little: see quant.py, which caches its checks by signature.
+decode step (issue 11) must need no sync and cost little: `signature_checked` runs such a check once per argument
+signature (quant.py caches its checks the same way, with the weight format they build).
 """
 from __future__ import annotations
 
@@ -135,6 +136,32 @@ def custom_op(name: str, *, mutates_args: Iterable[str] | str, reference: Callab
         OPS[name] = getattr(torch.ops, NAMESPACE).__getattr__(name).default
         return Op(name)
     return declare
+
+
+def signature_checked(check: Callable, maxsize: int = 1024) -> Callable:
+    """`check` run once per argument signature: every tensor's shape, strides, dtype and device, every other
+    argument's type and value. For checks that read nothing else (no tensor contents, no data pointers), which is
+    what an op's argument checks are: building the key costs about a microsecond, a plain check of a few tensors
+    several (bench/host.py). A check that raises caches nothing, and neither does one given an unhashable argument
+    (a public function's caller may pass anything: the check names it). At most `maxsize` signatures are kept (a
+    decode loop has a handful per op; the dict is emptied when full rather than grown without bound)."""
+    seen: dict[tuple, None] = {}
+
+    def checked(*args) -> None:
+        key = tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a)
+                    for a in args)
+        try:
+            if key in seen:
+                return
+        except TypeError:           # unhashable
+            check(*args)
+            return
+        check(*args)
+        if len(seen) >= maxsize:
+            seen.clear()
+        seen[key] = None
+    checked.__wrapped__ = check
+    return checked
 
 
 def _contiguous_args(fn: Callable, names: Iterable[str], mutates_args: Iterable[str] | str) -> Callable:

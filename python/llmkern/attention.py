@@ -117,6 +117,12 @@ def _check_qkv(q, k, v, ndim: int):
         raise ValueError(f"q's num_heads ({num_heads}) must be a multiple of k/v's num_kv_heads ({num_kv_heads})")
 
 
+def _check_batched(q, k, v):
+    _check_qkv(q, k, v, ndim=4)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}; they must match")
+
+
 def _check_options(q, causal, scale, window, softcap, alibi_slopes, sinks, return_lse):
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
@@ -145,6 +151,22 @@ def _check_head_values(*args) -> None:
     """The op's value check (a host sync, only when the variant is on): the last two schema arguments are
     alibi_slopes and sinks."""
     _utils.check_head_values(*args[-2:])
+
+
+@_dispatch.signature_checked
+def _check_op_options(q, causal, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks) -> None:
+    """The options as the ops receive them (the public functions' checks, for a direct torch.ops.llmkern call)."""
+    _check_options(q, causal, scale, (window_left, window_right), softcap, alibi_slopes, sinks, return_lse)
+
+
+_check_batched_signature = _dispatch.signature_checked(_check_batched)
+
+
+def _check_attention_op(q, k, v, *options) -> None:
+    """llmkern::attention's check: attention()'s argument checks (once per signature, no sync), then the values."""
+    _check_batched_signature(q, k, v)
+    _check_op_options(q, *options)
+    _check_head_values(*options)
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, q: torch.Tensor):
@@ -186,7 +208,7 @@ def _attention_reference(q, k, v, causal, scale, window_left, window_right, soft
     return o.contiguous(), (lse.contiguous() if return_lse else lse.new_empty(0))
 
 
-@_dispatch.custom_op("attention", mutates_args=(), reference=_attention_reference, check=_check_head_values,
+@_dispatch.custom_op("attention", mutates_args=(), reference=_attention_reference, check=_check_attention_op,
                      contiguous=("alibi_slopes", "sinks"))
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, window_left: int,
                   window_right: int, softcap: Optional[float], return_lse: bool, alibi_slopes: Optional[torch.Tensor],
@@ -241,17 +263,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Raises TypeError/ValueError naming the argument for a wrong type, dtype, shape (slopes or sinks not of length
     num_heads) or device, before any kernel runs.
     """
-    _check_qkv(q, k, v, ndim=4)
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}; they must match")
+    _check_batched(q, k, v)
     scale, window, softcap = _check_options(q, causal, scale, window, softcap, alibi_slopes, sinks, return_lse)
     o, lse = _attention_op(q, k, v, causal, scale, window[0], window[1], softcap, return_lse, alibi_slopes, sinks)
     return (o, lse) if return_lse else o
 
 
 # ----------------------------------------------------------------------------------------------- varlen op
+def _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    _check_qkv(q, k, v, ndim=3)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"cu_seqlens_q (length {cu_seqlens_q.shape[0]}) and cu_seqlens_k (length "
+                         f"{cu_seqlens_k.shape[0]}) must both have length batch + 1")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+
+
+_check_varlen_signature = _dispatch.signature_checked(_check_varlen_args)
+
+
 def _check_varlen_values(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options):
-    """The cu_seqlens values (a host sync), before any implementation runs (llmkern._dispatch)."""
+    """llmkern::attention_varlen's check: attention_varlen()'s argument checks (once per signature, no sync), then
+    the cu_seqlens values (a host sync), before any implementation runs (llmkern._dispatch)."""
+    _check_varlen_signature(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_op_options(q, *options)
     _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     _check_head_values(*options)
@@ -316,14 +353,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     cu_seqlens may be any view (strided, expanded): they are read as their values. scale, softcap, window,
     alibi_slopes and sinks take the same values as in attention() (positions count within each sequence).
     """
-    _check_qkv(q, k, v, ndim=3)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
-    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
-        raise ValueError(f"cu_seqlens_q (length {cu_seqlens_q.shape[0]}) and cu_seqlens_k (length "
-                         f"{cu_seqlens_k.shape[0]}) must both have length batch + 1")
-    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    _check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, window, softcap = _check_options(q, causal, scale, window, softcap, alibi_slopes, sinks, return_lse)
     o, lse = _attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                                   window[0], window[1], softcap, return_lse, alibi_slopes, sinks)

@@ -24,7 +24,7 @@ import triton
 
 from llmkern import _dispatch, _utils, compile_check, reference
 from llmkern.kernels import decoding as kernels
-from llmkern.sampling import per_row_param, row_seeds
+from llmkern.sampling import check_row_tensor, per_row_param, row_seeds
 
 # One fixed tile per kernel, not autotuned: a different tile changes the fp32 summation order of a row's mass and so
 # could move a speculative draw that sits on a CDF step (the reason `sample` has one config too).
@@ -70,7 +70,42 @@ def _index_values(name: str, ids: torch.Tensor, lo: int, hi: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- speculative sampling
+def _check_speculative_args(draft_probs, draft_token_ids, target_probs) -> None:
+    _utils.check_tensor("draft_probs", draft_probs, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("target_probs", target_probs, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("draft_token_ids", draft_token_ids, ndim=2, dtypes=_INDEX_DTYPES)
+    _utils.check_same(("draft_probs", "target_probs"), (draft_probs, target_probs))
+    _utils.check_same(("draft_probs", "draft_token_ids"), (draft_probs, draft_token_ids), dtype=False)
+    batch, k, vocab = draft_probs.shape
+    if vocab == 0:
+        raise ValueError("draft_probs must have at least one column (vocab >= 1)")
+    if k > MAX_DRAFT_TOKENS:
+        raise ValueError(f"draft_probs: at most {MAX_DRAFT_TOKENS} draft tokens per row, got k = {k}")
+    if tuple(target_probs.shape) != (batch, k + 1, vocab):
+        raise ValueError(f"target_probs must have shape (batch, k + 1, vocab) = {(batch, k + 1, vocab)}, got "
+                         f"{tuple(target_probs.shape)}")
+    if tuple(draft_token_ids.shape) != (batch, k):
+        raise ValueError(f"draft_token_ids must have shape (batch, k) = {(batch, k)}, got "
+                         f"{tuple(draft_token_ids.shape)}")
+
+
+def _check_int64_ids(name: str, ids: torch.Tensor) -> None:
+    """The kernels read ids as int64 (one signature): the public functions copy int32 ids, a direct call must too."""
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{name}: the op reads int64 ids (the public function converts int32), got {ids.dtype}")
+
+
+@_dispatch.signature_checked
+def _check_speculative_op(draft_probs, draft_token_ids, target_probs, seed) -> None:
+    _check_speculative_args(draft_probs, draft_token_ids, target_probs)
+    _check_int64_ids("draft_token_ids", draft_token_ids)
+    row_seeds(seed, None, draft_probs.shape[0], draft_probs.device, like="draft_probs")
+
+
 def _speculative_values(draft_probs, draft_token_ids, target_probs, seed):
+    """llmkern::speculative_sample's check: speculative_sample()'s argument checks as the op receives them (once per
+    signature, no sync), then the draft ids' values (one sync)."""
+    _check_speculative_op(draft_probs, draft_token_ids, target_probs, seed)
     _index_values("draft_token_ids", draft_token_ids, 0, draft_probs.shape[-1])
 
 
@@ -127,22 +162,8 @@ def speculative_sample(draft_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     -1 padding; accepted (batch,) int64, the number of accepted draft tokens (tokens[:, accepted] is the drawn one).
     Raises TypeError/ValueError naming the argument for bad shapes, dtypes, devices or ids, before any launch.
     """
-    _utils.check_tensor("draft_probs", draft_probs, ndim=3, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("target_probs", target_probs, ndim=3, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("draft_token_ids", draft_token_ids, ndim=2, dtypes=_INDEX_DTYPES)
-    _utils.check_same(("draft_probs", "target_probs"), (draft_probs, target_probs))
-    _utils.check_same(("draft_probs", "draft_token_ids"), (draft_probs, draft_token_ids), dtype=False)
-    batch, k, vocab = draft_probs.shape
-    if vocab == 0:
-        raise ValueError("draft_probs must have at least one column (vocab >= 1)")
-    if k > MAX_DRAFT_TOKENS:
-        raise ValueError(f"draft_probs: at most {MAX_DRAFT_TOKENS} draft tokens per row, got k = {k}")
-    if tuple(target_probs.shape) != (batch, k + 1, vocab):
-        raise ValueError(f"target_probs must have shape (batch, k + 1, vocab) = {(batch, k + 1, vocab)}, got "
-                         f"{tuple(target_probs.shape)}")
-    if tuple(draft_token_ids.shape) != (batch, k):
-        raise ValueError(f"draft_token_ids must have shape (batch, k) = {(batch, k)}, got "
-                         f"{tuple(draft_token_ids.shape)}")
+    _check_speculative_args(draft_probs, draft_token_ids, target_probs)
+    batch = draft_probs.shape[0]
     # int32 ids become an int64 copy (one kernel signature); the op checks the ids the kernel reads.
     ids = draft_token_ids if draft_token_ids.dtype == torch.int64 else draft_token_ids.to(torch.int64)
     seeds = row_seeds(seed, generator, batch, draft_probs.device, like="draft_probs")
@@ -155,12 +176,50 @@ def _beam_kp(k: int) -> int:
     return max(2, triton.next_power_of_2(k))
 
 
+def _beam_k(num_beams: int, k: int | None) -> int:
+    return 2 * num_beams if k is None else k    # transformers' (1 + number of EOS ids) * num_beams, one EOS id
+
+
+def _check_beam_args(logits, beam_scores, num_beams, k) -> None:
+    _utils.check_tensor("logits", logits, ndim=2, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("beam_scores", beam_scores, ndim=1)
+    if not beam_scores.dtype.is_floating_point:
+        raise TypeError(f"beam_scores must be a floating-point tensor, got {beam_scores.dtype}")
+    _utils.check_same(("logits", "beam_scores"), (logits, beam_scores), dtype=False)
+    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    rows, vocab = logits.shape
+    if vocab == 0 or rows % num_beams:
+        raise ValueError(f"logits must be (batch * num_beams, vocab) with vocab >= 1; got shape {tuple(logits.shape)} "
+                         f"for num_beams = {num_beams}")
+    if num_beams * vocab >= 2 ** 31:
+        raise ValueError(f"logits: num_beams * vocab must be below 2**31 (int32 flat indices), got {num_beams * vocab}")
+    if beam_scores.shape[0] != rows:
+        raise ValueError(f"beam_scores must have shape ({rows},), one score per logits row, got "
+                         f"{tuple(beam_scores.shape)}")
+    k = _beam_k(num_beams, k)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= min(MAX_BEAM_CANDIDATES,
+                                                                                        num_beams * vocab):
+        raise ValueError(f"k must be an int in [1, {min(MAX_BEAM_CANDIDATES, num_beams * vocab)}] "
+                         f"(at most {MAX_BEAM_CANDIDATES} and num_beams * vocab), got {k!r}")
+
+
+@_dispatch.signature_checked
+def _check_beam_op(logits, beam_scores, num_beams, k) -> None:
+    """llmkern::beam_topk's check: beam_topk()'s argument checks as the op receives them (once per signature, no
+    sync); the kernel reads float32 beam scores (beam_topk converts)."""
+    _check_beam_args(logits, beam_scores, num_beams, k)
+    if beam_scores.dtype != torch.float32:
+        raise TypeError(f"beam_scores: the op reads float32 scores (beam_topk converts), got {beam_scores.dtype}")
+
+
 def _beam_topk_reference(logits, beam_scores, num_beams, k):
     # contiguous: the fake's layout (the reference's are column slices of the sorted (batch, beams * vocab) rows)
     return tuple(t.to(logits.device).contiguous() for t in reference.beam_topk(logits, beam_scores, num_beams, k))
 
 
-@_dispatch.custom_op("beam_topk", mutates_args=(), reference=_beam_topk_reference, contiguous=("beam_scores",))
+@_dispatch.custom_op("beam_topk", mutates_args=(), reference=_beam_topk_reference, check=_check_beam_op,
+                     contiguous=("beam_scores",))
 def _beam_topk_op(logits: torch.Tensor, beam_scores: torch.Tensor, num_beams: int,
                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch = logits.shape[0] // num_beams
@@ -196,33 +255,47 @@ def beam_topk(logits: torch.Tensor, beam_scores: torch.Tensor, *, num_beams: int
       candidates; when fewer than k remain, the last entries are (-inf, -1).
     Raises TypeError/ValueError naming the argument before any launch.
     """
-    _utils.check_tensor("logits", logits, ndim=2, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("beam_scores", beam_scores, ndim=1)
-    if not beam_scores.dtype.is_floating_point:
-        raise TypeError(f"beam_scores must be a floating-point tensor, got {beam_scores.dtype}")
-    _utils.check_same(("logits", "beam_scores"), (logits, beam_scores), dtype=False)
-    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    rows, vocab = logits.shape
-    if vocab == 0 or rows % num_beams:
-        raise ValueError(f"logits must be (batch * num_beams, vocab) with vocab >= 1; got shape {tuple(logits.shape)} "
-                         f"for num_beams = {num_beams}")
-    if num_beams * vocab >= 2 ** 31:
-        raise ValueError(f"logits: num_beams * vocab must be below 2**31 (int32 flat indices), got {num_beams * vocab}")
-    if beam_scores.shape[0] != rows:
-        raise ValueError(f"beam_scores must have shape ({rows},), one score per logits row, got "
-                         f"{tuple(beam_scores.shape)}")
-    k = 2 * num_beams if k is None else k
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= min(MAX_BEAM_CANDIDATES,
-                                                                                        num_beams * vocab):
-        raise ValueError(f"k must be an int in [1, {min(MAX_BEAM_CANDIDATES, num_beams * vocab)}] "
-                         f"(at most {MAX_BEAM_CANDIDATES} and num_beams * vocab), got {k!r}")
+    _check_beam_args(logits, beam_scores, num_beams, k)
     scores = beam_scores.detach().to(torch.float32).contiguous()
-    return _beam_topk_op(_utils.last_dim_contiguous("logits", logits), scores, int(num_beams), int(k))
+    return _beam_topk_op(_utils.last_dim_contiguous("logits", logits), scores, int(num_beams),
+                         int(_beam_k(num_beams, k)))
 
 
 # ----------------------------------------------------------------------------------------------- penalties
+def _check_penalty_args(logits, token_ids) -> None:
+    _utils.check_tensor("logits", logits, ndim=2, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("token_ids", token_ids, ndim=2, dtypes=_INDEX_DTYPES)
+    _utils.check_same(("logits", "token_ids"), (logits, token_ids), dtype=False)
+    batch, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits must have at least one column (vocab >= 1)")
+    if token_ids.shape[0] != batch:
+        raise ValueError(f"token_ids must have shape ({batch}, max_len), one history per logits row, got "
+                         f"{tuple(token_ids.shape)}")
+    if token_ids.shape[1] >= MAX_HISTORY:
+        raise ValueError(f"token_ids: histories must be shorter than 2**24 tokens, got {token_ids.shape[1]}")
+
+
+@_dispatch.signature_checked
+def _check_penalties_op(logits, token_ids, repetition_penalty, presence_penalty, frequency_penalty,
+                        logit_bias) -> None:
+    """apply_penalties()'s argument checks as the op receives them (once per signature, no sync): int64 ids, the
+    penalties float32 (batch,) tensors, the bias float32 (its values: `_penalties_values`)."""
+    _check_penalty_args(logits, token_ids)
+    _check_int64_ids("token_ids", token_ids)
+    batch, vocab = logits.shape
+    for name, t in (("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
+                    ("frequency_penalty", frequency_penalty)):
+        check_row_tensor(name, t, batch, logits.device, torch.float32)
+    _check_bias(logit_bias, batch, vocab, logits.device)
+    if logit_bias is not None and logit_bias.dtype != torch.float32:
+        raise TypeError(f"logit_bias: the op reads a float32 bias (apply_penalties converts), got {logit_bias.dtype}")
+
+
 def _penalties_values(logits, token_ids, repetition_penalty, presence_penalty, frequency_penalty, logit_bias):
+    """llmkern::apply_penalties' check: the arguments (`_check_penalties_op`), then the history's and the bias's
+    values (one sync each)."""
+    _check_penalties_op(logits, token_ids, repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
     _index_values("token_ids", token_ids, -1, logits.shape[1])
     if logit_bias is not None and bool((torch.isnan(logit_bias) | (logit_bias == math.inf)).any()):
         raise ValueError("logit_bias must hold no NaN and no +inf (as float32); -inf bans a token")
@@ -295,17 +368,8 @@ def apply_penalties(logits: torch.Tensor, token_ids: torch.Tensor, *, repetition
     counts in the output row itself, exactly, while the counts are needed.
     Raises TypeError/ValueError naming the argument before any launch.
     """
-    _utils.check_tensor("logits", logits, ndim=2, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("token_ids", token_ids, ndim=2, dtypes=_INDEX_DTYPES)
-    _utils.check_same(("logits", "token_ids"), (logits, token_ids), dtype=False)
+    _check_penalty_args(logits, token_ids)
     batch, vocab = logits.shape
-    if vocab == 0:
-        raise ValueError("logits must have at least one column (vocab >= 1)")
-    if token_ids.shape[0] != batch:
-        raise ValueError(f"token_ids must have shape ({batch}, max_len), one history per logits row, got "
-                         f"{tuple(token_ids.shape)}")
-    if token_ids.shape[1] >= MAX_HISTORY:
-        raise ValueError(f"token_ids: histories must be shorter than 2**24 tokens, got {token_ids.shape[1]}")
     # int32 ids become an int64 copy (one kernel signature); the op checks the ids the kernel reads.
     ids = token_ids if token_ids.dtype == torch.int64 else token_ids.to(torch.int64)
     params = penalty_params(batch, vocab, logits.device, repetition_penalty=repetition_penalty,

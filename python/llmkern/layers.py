@@ -73,6 +73,16 @@ def _check_rms_args(x, weight, eps, offset, casting, residual=None):
         raise ValueError(f"casting must be one of {_CASTINGS}, got {casting!r}")
 
 
+# The ops' checks (a direct torch.ops.llmkern call gets the public function's), once per argument signature; the
+# public functions call the same cached checks, so the op's own check is then a cache hit.
+_check_rms_norm = _dispatch.signature_checked(_check_rms_args)
+
+
+@_dispatch.signature_checked
+def _check_add_rms_norm(x, residual, weight, eps, offset, casting):
+    _check_rms_args(x, weight, eps, offset, casting, residual=residual)
+
+
 def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
     """(rows, hidden) view with a contiguous hidden dim (reshape copies only when no such view exists)."""
     t = _utils.last_dim_contiguous(name, t)
@@ -98,7 +108,8 @@ def _rms_norm_reference(x, weight, eps, offset, casting):
     return reference.rms_norm(x, weight, eps, offset=offset, casting=casting).contiguous()  # as register_fake
 
 
-@_dispatch.custom_op("rms_norm", mutates_args=(), reference=_rms_norm_reference, contiguous=("weight",))
+@_dispatch.custom_op("rms_norm", mutates_args=(), reference=_rms_norm_reference, check=_check_rms_norm,
+                     contiguous=("weight",))
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str) -> torch.Tensor:
     x2 = _rows("x", x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -116,7 +127,8 @@ def _add_rms_norm_reference(x, residual, weight, eps, offset, casting):
     return y.contiguous(), r.contiguous()
 
 
-@_dispatch.custom_op("add_rms_norm", mutates_args=(), reference=_add_rms_norm_reference, contiguous=("weight",))
+@_dispatch.custom_op("add_rms_norm", mutates_args=(), reference=_add_rms_norm_reference, check=_check_add_rms_norm,
+                     contiguous=("weight",))
 def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                      casting: str) -> tuple[torch.Tensor, torch.Tensor]:
     x2, r2 = _rows("x", x), _rows("residual", residual)
@@ -144,7 +156,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
     Face's modules do). offset: finite in float32 (|offset| <= 3.4e38). Both are used as float32. TypeError /
     ValueError name the bad argument.
     """
-    _check_rms_args(x, weight, eps, offset, casting)
+    _check_rms_norm(x, weight, eps, offset, casting)
     return _rms_norm_op(x, weight, float(eps), float(offset), casting)
 
 
@@ -155,7 +167,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     This is a pre-norm transformer's `hidden = residual + block_out; residual = hidden; hidden = norm(hidden)` in one
     pass over memory. Both outputs are new tensors (the inputs are not modified).
     """
-    _check_rms_args(x, weight, eps, offset, casting, residual=residual)
+    _check_add_rms_norm(x, residual, weight, eps, offset, casting)
     return _add_rms_norm_op(x, residual, weight, float(eps), float(offset), casting)
 
 
@@ -200,6 +212,43 @@ def _positions_view(positions: torch.Tensor, batch: int, seqlen: int) -> torch.T
         raise ValueError(f"positions must have shape (seq,), (1, seq) or (batch, seq) with batch={batch}, "
                          f"seq={seqlen}, got {tuple(positions.shape)}")     # the caller's shape, not the view's
     return view
+
+
+@_dispatch.signature_checked
+def _check_rope(q, k, positions, cos, sin, theta) -> None:
+    """apply_rope's argument checks (its docstring), also the ops' (a direct torch.ops.llmkern call): shapes, dtypes
+    and devices of q, k and the angles' source, and theta; once per argument signature, no sync."""
+    _utils.check_tensor("q", q, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("k", k, dtypes=_utils.FLOAT_DTYPES)
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must be (batch, seq, heads, head_dim) or (tokens, heads, head_dim), got {tuple(q.shape)}")
+    if k.dim() != q.dim():
+        raise ValueError(f"k must have q's rank {q.dim()}, got shape {tuple(k.shape)}")
+    _check_pair("q", q, "k", k)
+    _utils.check_same(("q", "k"), (q, k))
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k's head_dim must equal q's ({head_dim}), got {k.shape[-1]}")
+    if head_dim % 2 or not (2 <= head_dim <= 2 * _ROPE_HALVES[-1]):
+        raise ValueError(f"q: head_dim must be even and in [2, {2 * _ROPE_HALVES[-1]}], got {head_dim}")
+    batch, seqlen = (1, q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[1])
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together")
+    if cos is not None:
+        if positions is not None:
+            raise ValueError("give either positions or cos/sin tables, not both")
+        _table_view("cos", cos, batch, seqlen, head_dim)
+        _table_view("sin", sin, batch, seqlen, head_dim)
+        _utils.check_same(("q", "cos", "sin"), (q, cos, sin), dtype=False)
+    else:
+        if positions is None:
+            raise ValueError("apply_rope needs positions (with theta) or cos/sin tables")
+        _positions_view(positions, batch, seqlen)
+        _utils.check_same(("q", "positions"), (q, positions), dtype=False)
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+            raise TypeError(f"theta must be a float, got {theta!r}")
+        if not (theta > 1 and math.isfinite(theta)):
+            raise ValueError(f"theta must be a finite float > 1, got {theta!r}")
 
 
 def _as4d(t: torch.Tensor) -> torch.Tensor:
@@ -248,7 +297,7 @@ def _rope_inplace_reference(q, k, positions, cos, sin, theta):
     k.copy_(k_rot)
 
 
-@_dispatch.custom_op("rope", mutates_args=(), reference=_rope_reference)
+@_dispatch.custom_op("rope", mutates_args=(), reference=_rope_reference, check=_check_rope)
 def _rope_op(q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor], cos: Optional[torch.Tensor],
              sin: Optional[torch.Tensor], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     q_in, k_in = _utils.last_dim_contiguous("q", q), _utils.last_dim_contiguous("k", k)
@@ -264,9 +313,11 @@ def _(q, k, positions, cos, sin, theta):
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-def _check_inplace(q, k, *tables) -> None:
+def _check_inplace(q, k, positions, cos, sin, theta) -> None:
     """What rotating q and k in place needs (no sync; the op's check, so a direct call of llmkern::rope_ gets it too):
-    a contiguous head_dim (the kernel's only unit-stride dim), no element at two indices, q and k apart."""
+    apply_rope's checks, a contiguous head_dim (the kernel's only unit-stride dim), no element at two indices, q and
+    k apart (these read data pointers: not cached)."""
+    _check_rope(q, k, positions, cos, sin, theta)
     for name, t in (("q", q), ("k", k)):
         if t.stride(-1) != 1:
             raise ValueError(f"inplace=True needs {name} with a contiguous last dim, got strides {t.stride()}")
@@ -301,39 +352,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None 
     (they must then have a contiguous last dim, and must not overlap each other or themselves) and returns them.
     theta: 1 < theta < inf (ValueError otherwise; used through log2(theta), so any finite value works).
     """
-    _utils.check_tensor("q", q, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("k", k, dtypes=_utils.FLOAT_DTYPES)
-    if q.dim() not in (3, 4):
-        raise ValueError(f"q must be (batch, seq, heads, head_dim) or (tokens, heads, head_dim), got {tuple(q.shape)}")
-    if k.dim() != q.dim():
-        raise ValueError(f"k must have q's rank {q.dim()}, got shape {tuple(k.shape)}")
-    _check_pair("q", q, "k", k)
-    _utils.check_same(("q", "k"), (q, k))
-    head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim:
-        raise ValueError(f"k's head_dim must equal q's ({head_dim}), got {k.shape[-1]}")
-    if head_dim % 2 or not (2 <= head_dim <= 2 * _ROPE_HALVES[-1]):
-        raise ValueError(f"q: head_dim must be even and in [2, {2 * _ROPE_HALVES[-1]}], got {head_dim}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
-    batch, seqlen = (1, q.shape[0]) if q.dim() == 3 else (q.shape[0], q.shape[1])
-    if (cos is None) != (sin is None):
-        raise ValueError("cos and sin must be given together")
-    if cos is not None:
-        if positions is not None:
-            raise ValueError("give either positions or cos/sin tables, not both")
-        _table_view("cos", cos, batch, seqlen, head_dim)
-        _table_view("sin", sin, batch, seqlen, head_dim)
-        _utils.check_same(("q", "cos", "sin"), (q, cos, sin), dtype=False)
-    else:
-        if positions is None:
-            raise ValueError("apply_rope needs positions (with theta) or cos/sin tables")
-        _positions_view(positions, batch, seqlen)
-        _utils.check_same(("q", "positions"), (q, positions), dtype=False)
-        if not isinstance(theta, (int, float)) or isinstance(theta, bool):
-            raise TypeError(f"theta must be a float, got {theta!r}")
-        if not (theta > 1 and math.isfinite(theta)):
-            raise ValueError(f"theta must be a finite float > 1, got {theta!r}")
+    _check_rope(q, k, positions, cos, sin, theta)
     if inplace:
         _rope_inplace_op(q, k, positions, cos, sin, float(theta))
         return q, k

@@ -133,9 +133,27 @@ def _last_dims_contiguous(*named: tuple[str, torch.Tensor]) -> list[torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------- cache write
+def _check_kv_write_args(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None:
+    _utils.check_tensor("ckv", ckv, ndim=2, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("kpe", kpe, ndim=2, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("ckv_cache", ckv_cache, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("kpe_cache", kpe_cache, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_same(["ckv", "kpe", "ckv_cache", "kpe_cache"], [ckv, kpe, ckv_cache, kpe_cache])
+    _check_cache_pair(ckv_cache, kpe_cache)
+    if ckv.shape[1] != ckv_cache.shape[2] or kpe.shape[1] != kpe_cache.shape[2] or kpe.shape[0] != ckv.shape[0]:
+        raise ValueError(f"ckv must be (num_tokens, {ckv_cache.shape[2]}) and kpe (num_tokens, "
+                         f"{kpe_cache.shape[2]}) to match the caches, got {tuple(ckv.shape)} and {tuple(kpe.shape)}")
+    _check_index("slot_mapping", slot_mapping, 1, _SLOT_DTYPE, ckv)
+    if slot_mapping.shape[0] != ckv.shape[0]:
+        raise ValueError(f"slot_mapping must have one slot per token ({ckv.shape[0]}), got {slot_mapping.shape[0]}")
+
+
+@_dispatch.signature_checked
 def _check_writable_caches(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None:
-    """Caches that can be written (no element at two indices: strides only, no sync). Slots need no check: the
-    kernel writes only those inside the cache, as paged_kv_write's."""
+    """llmkern::mla_kv_write's check (once per signature, no sync): mla_kv_write()'s argument checks, and caches
+    that can be written (no element at two indices: strides only). Slots need no check: the kernel writes only those
+    inside the cache, as paged_kv_write's."""
+    _check_kv_write_args(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)
     _utils.check_writable("ckv_cache", ckv_cache)
     _utils.check_writable("kpe_cache", kpe_cache)
 
@@ -176,18 +194,7 @@ def mla_kv_write(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, 
     (num_blocks, block_size, kv_lora_rank + rope_dim) tensor; an expanded cache raises ValueError); slot_mapping may
     be any view, read as its values. Raises TypeError/ValueError naming the argument before anything is written.
     """
-    _utils.check_tensor("ckv", ckv, ndim=2, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("kpe", kpe, ndim=2, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("ckv_cache", ckv_cache, ndim=3, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("kpe_cache", kpe_cache, ndim=3, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_same(["ckv", "kpe", "ckv_cache", "kpe_cache"], [ckv, kpe, ckv_cache, kpe_cache])
-    _check_cache_pair(ckv_cache, kpe_cache)
-    if ckv.shape[1] != ckv_cache.shape[2] or kpe.shape[1] != kpe_cache.shape[2] or kpe.shape[0] != ckv.shape[0]:
-        raise ValueError(f"ckv must be (num_tokens, {ckv_cache.shape[2]}) and kpe (num_tokens, "
-                         f"{kpe_cache.shape[2]}) to match the caches, got {tuple(ckv.shape)} and {tuple(kpe.shape)}")
-    _check_index("slot_mapping", slot_mapping, 1, _SLOT_DTYPE, ckv)
-    if slot_mapping.shape[0] != ckv.shape[0]:
-        raise ValueError(f"slot_mapping must have one slot per token ({ckv.shape[0]}), got {slot_mapping.shape[0]}")
+    _check_kv_write_args(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)
     ckv, kpe = _last_dims_contiguous(("ckv", ckv), ("kpe", kpe))
     _mla_kv_write_op(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)
 
@@ -234,9 +241,19 @@ def _reduce_schedule(batch: int, num_splits: int, device) -> torch.Tensor:
     return sched
 
 
+@_dispatch.signature_checked
+def _check_decode_op(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, scale, num_splits) -> None:
+    _check_latent(q_nope, q_pe, ckv_cache, kpe_cache)
+    _check_decode_args("q_nope", q_nope, block_tables, seq_lens)
+    _check_required_scale(scale)
+    _check_num_splits(num_splits or None)
+
+
 def _check_decode_values(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, *options) -> None:
-    """Lengths and block ids (one host sync, paged attention's table checks), before any implementation runs
+    """mla_decode_attention()'s argument checks as the op receives them (once per signature, no sync), then lengths
+    and block ids (one host sync, paged attention's table checks), before any implementation runs
     (llmkern._dispatch)."""
+    _check_decode_op(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, *options)
     _validate_tables(_read_tables(block_tables, seq_lens, None), ckv_cache.shape[0], ckv_cache.shape[1])
 
 
@@ -295,10 +312,20 @@ def mla_decode_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: to
     return _mla_decode_op(*tensors, block_tables, seq_lens, scale, splits)
 
 
+@_dispatch.signature_checked
+def _check_prefill_op(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, causal,
+                      scale) -> None:
+    _check_latent(q_nope, q_pe, ckv_cache, kpe_cache)
+    _check_prefill_args(q_nope, block_tables, cu_seqlens_q, seq_lens, causal)
+    _check_required_scale(scale)
+
+
 def _check_prefill_values(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens,
                           *options) -> None:
-    """cu_seqlens_q, lengths and block ids (one host sync, paged attention's table checks), before any
-    implementation runs (llmkern._dispatch)."""
+    """mla_prefill_attention()'s argument checks as the op receives them (once per signature, no sync), then
+    cu_seqlens_q, lengths and block ids (one host sync, paged attention's table checks), before any implementation
+    runs (llmkern._dispatch)."""
+    _check_prefill_op(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, *options)
     _validate_tables(_read_tables(block_tables, seq_lens, cu_seqlens_q), ckv_cache.shape[0], ckv_cache.shape[1],
                      total_q=q_nope.shape[0])
 

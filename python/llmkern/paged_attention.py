@@ -187,6 +187,23 @@ def _check_heads(q: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
                          f"({num_kv_heads})")
 
 
+def _check_q_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
+    """The one-shots' q (num_rows, num_heads, head_dim) against the cache pair; returns the cache's shape."""
+    _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
+    _check_heads(q, num_kv_heads, head_dim)
+    return num_blocks, block_size, num_kv_heads, head_dim
+
+
+def _check_one_shot_op(q, k_cache, v_cache, scale, softcap, window_left, window_right, *variants) -> None:
+    """The one-shot ops' arguments that their public functions check, as the ops receive them (for a direct
+    torch.ops.llmkern call): q and the caches, scale, softcap, window, the variants' tensors (no sync)."""
+    head_dim = _check_q_cache(q, k_cache, v_cache)[3]
+    _utils.check_softcap(softcap, _utils.check_scale(scale, head_dim))
+    _utils.check_window((window_left, window_right))
+    _check_variant_args(q, k_cache, *variants)
+
+
 def _check_index(name: str, t: torch.Tensor, ndim: int, dtype: torch.dtype, like: torch.Tensor,
                  like_name: str = "q") -> None:
     _utils.check_tensor(name, t, ndim=ndim, dtypes=(dtype,))
@@ -716,14 +733,40 @@ def _plan_and_run(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num
 
 
 # ---------------------------------------------------------------------------------------------------- kv write
-def _check_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
-    """Caches that can be written (no element at two indices: strides only) and an fp8 cache's scale tensors' values
-    (one host sync, only for an fp8 cache with scales given as tensors). Slots need no check: the kernel writes only
-    those inside the cache."""
-    _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
-    _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
+def _check_kv_write_args(k, v, k_cache, v_cache, slot_mapping) -> int:
+    """paged_kv_write()'s tensors (no sync); returns num_kv_heads."""
+    _utils.check_tensor("k", k, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _utils.check_tensor("v", v, ndim=3, dtypes=_utils.FLOAT_DTYPES)
+    _, _, num_kv_heads, head_dim = _check_cache_pair("k", k, k_cache, v_cache)
+    _utils.check_same(["k", "v"], [k, v])
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1:] != (num_kv_heads, head_dim):
+        raise ValueError(f"k must be (num_tokens, {num_kv_heads}, {head_dim}) to match the cache, got "
+                         f"{tuple(k.shape)}")
+    _check_index("slot_mapping", slot_mapping, 1, _SLOT_DTYPE, k)
+    if slot_mapping.shape[0] != k.shape[0]:
+        raise ValueError(f"slot_mapping must have one slot per token ({k.shape[0]}), got {slot_mapping.shape[0]}")
+    return num_kv_heads
+
+
+@_dispatch.signature_checked
+def _check_kv_write_op(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    num_kv_heads = _check_kv_write_args(k, v, k_cache, v_cache, slot_mapping)
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        _utils.check_kv_scale(name, scale, k_cache.dtype, num_kv_heads, k_cache)
     _utils.check_writable("k_cache", k_cache)
     _utils.check_writable("v_cache", v_cache)
+
+
+def _check_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    """llmkern::paged_kv_write's check: paged_kv_write()'s argument checks as the op receives them and caches that
+    can be written (no element at two indices: strides only), once per signature, no sync; then an fp8 cache's
+    scale tensors' values (one host sync each). Slots need no check: the kernel writes only those inside the
+    cache."""
+    _check_kv_write_op(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
+    _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
 
 
 @_dispatch.custom_op("paged_kv_write", mutates_args=("k_cache", "v_cache"), reference=reference.paged_kv_write,
@@ -770,18 +813,7 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     one slot leave either one there). The caches are written through their strides (any view that does not overlap
     itself: an expanded cache raises ValueError); slot_mapping and the scales may be any view, read as their values.
     """
-    _utils.check_tensor("k", k, ndim=3, dtypes=_utils.FLOAT_DTYPES)
-    _utils.check_tensor("v", v, ndim=3, dtypes=_utils.FLOAT_DTYPES)
-    _, _, num_kv_heads, head_dim = _check_cache_pair("k", k, k_cache, v_cache)
-    _utils.check_same(["k", "v"], [k, v])
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[1:] != (num_kv_heads, head_dim):
-        raise ValueError(f"k must be (num_tokens, {num_kv_heads}, {head_dim}) to match the cache, got "
-                         f"{tuple(k.shape)}")
-    _check_index("slot_mapping", slot_mapping, 1, _SLOT_DTYPE, k)
-    if slot_mapping.shape[0] != k.shape[0]:
-        raise ValueError(f"slot_mapping must have one slot per token ({k.shape[0]}), got {slot_mapping.shape[0]}")
+    num_kv_heads = _check_kv_write_args(k, v, k_cache, v_cache, slot_mapping)
     k_scale = _utils.check_kv_scale("k_scale", k_scale, k_cache.dtype, num_kv_heads, k_cache)
     v_scale = _utils.check_kv_scale("v_scale", v_scale, k_cache.dtype, num_kv_heads, k_cache)
     k = _utils.last_dim_contiguous("k", k)
@@ -793,10 +825,21 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 _VARIANT_ARGS = ("k_scale", "v_scale", "alibi_slopes", "sinks")   # the one-shot ops' last arguments, read contiguous
 
 
+@_dispatch.signature_checked
+def _check_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
+                     num_splits, *variants) -> None:
+    _check_one_shot_op(q, k_cache, v_cache, scale, softcap, window_left, window_right, *variants)
+    _check_decode_args("q", q, block_tables, seq_lens)
+    _check_num_splits(num_splits or None)
+
+
 def _check_decode_values(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
                          num_splits, *variants) -> None:
-    """Lengths and block ids (one host sync), and the variants' values (one sync each), before any implementation
-    runs (llmkern._dispatch)."""
+    """paged_decode_attention()'s argument checks as the op receives them (once per signature, no sync), then lengths
+    and block ids (one host sync) and the variants' values (one sync each), before any implementation runs
+    (llmkern._dispatch)."""
+    _check_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
+                     num_splits, *variants)
     _validate_tables(_read_tables(block_tables, seq_lens, None), k_cache.shape[0], k_cache.shape[1])
     _check_variant_values(k_cache, *variants)
 
@@ -867,9 +910,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     A one-shot: it validates the tables on the host (one sync), plans and runs. A decode loop should make one
     `PagedAttentionPlan` per step and call its `run` in every layer.
     """
-    _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
-    num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
-    _check_heads(q, num_kv_heads, head_dim)
+    num_blocks, block_size, num_kv_heads, head_dim = _check_q_cache(q, k_cache, v_cache)
     _check_decode_args("q", q, block_tables, seq_lens)
     scale = _utils.check_scale(scale, head_dim)
     softcap = _utils.check_softcap(softcap, scale)
@@ -906,10 +947,20 @@ def _check_num_splits(num_splits) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- prefill
+@_dispatch.signature_checked
+def _check_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
+                      window_left, window_right, *variants) -> None:
+    _check_one_shot_op(q, k_cache, v_cache, scale, softcap, window_left, window_right, *variants)
+    _check_prefill_args(q, block_tables, cu_seqlens_q, seq_lens, causal)
+
+
 def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
                           window_left, window_right, *variants) -> None:
-    """cu_seqlens_q, lengths and block ids (one host sync), and the variants' values (one sync each), before any
+    """paged_prefill_attention()'s argument checks as the op receives them (once per signature, no sync), then
+    cu_seqlens_q, lengths and block ids (one host sync) and the variants' values (one sync each), before any
     implementation runs (llmkern._dispatch)."""
+    _check_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
+                      window_left, window_right, *variants)
     _validate_tables(_read_tables(block_tables, seq_lens, cu_seqlens_q), k_cache.shape[0], k_cache.shape[1],
                      total_q=q.shape[0])
     _check_variant_values(k_cache, *variants)
@@ -963,9 +1014,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     paged_decode_attention. k_scale, v_scale (an fp8 cache), alibi_slopes and sinks as in paged_decode_attention;
     ALiBi's distances are those of the bottom-right aligned positions.
     """
-    _utils.check_tensor("q", q, ndim=3, dtypes=_utils.FLOAT_DTYPES)
-    num_blocks, block_size, num_kv_heads, head_dim = _check_cache_pair("q", q, k_cache, v_cache)
-    _check_heads(q, num_kv_heads, head_dim)
+    num_blocks, block_size, num_kv_heads, head_dim = _check_q_cache(q, k_cache, v_cache)
     _check_prefill_args(q, block_tables, cu_seqlens_q, seq_lens, causal)
     scale = _utils.check_scale(scale, head_dim)
     softcap = _utils.check_softcap(softcap, scale)

@@ -206,7 +206,7 @@ _DEFAULTS = (1.0, 0, 1.0, 0.0)
 
 def _params(logits: Any, params: Any, given: tuple) -> SamplingParams:
     """Check logits, then the parameters: built here from `given` (one sync per tensor), or `params` prebuilt, whose
-    tensors are checked for the shape, dtype and device the kernel reads (no sync)."""
+    tensors the op's check checks for the shape, dtype and device the kernel reads (no sync)."""
     _check_logits(logits)
     batch, device = logits.shape[0], logits.device
     if params is None:
@@ -215,16 +215,34 @@ def _params(logits: Any, params: Any, given: tuple) -> SamplingParams:
         raise TypeError(f"params must be a llmkern.SamplingParams or None, got {type(params).__name__}")
     if any(v is not None for v in given):
         raise ValueError("pass temperature/top_k/top_p/min_p either in params or as keywords, not both")
-    for name, t in zip(_PER_ROW, params):      # what the kernel reads: (batch,), its dtype, logits' device
-        if t.device != device:
-            raise ValueError(f"params are on {t.device} but logits are on {device}; they must share a device")
-        if tuple(t.shape) != (batch,):
-            raise ValueError(f"params.{name} has shape {tuple(t.shape)} but logits have {batch} rows: params must be "
-                             f"built for batch={batch} (and not resized)")
-        if t.dtype != _KERNEL_DTYPES[name]:
-            raise ValueError(f"params.{name} has dtype {t.dtype}, the kernel reads {_KERNEL_DTYPES[name]} "
-                             "(a SamplingParams' tensors must not be changed in place)")
     return params
+
+
+def check_row_tensor(name: str, t: torch.Tensor, batch: int, device: torch.device, dtype: torch.dtype,
+                     like: str = "logits") -> None:
+    """ValueError unless a per-row parameter tensor is what a kernel reads: (batch,) of `dtype` on `device` (the
+    ops' checks; the values were checked where the tensor was built). Shared with llmkern.decoding."""
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {like} is on {device}; they must share a device")
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {like} has {batch} rows: one value per row (a "
+                         f"SamplingParams must be built for batch={batch}, and not resized)")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}, the kernel reads {dtype} (a SamplingParams' tensors must not "
+                         "be changed in place)")
+
+
+@_dispatch.signature_checked
+def _check_kernel_args(logits, temperature, top_k, top_p, min_p, seed=None) -> None:
+    """The ops' check (a direct torch.ops.llmkern call, and a SamplingParams changed in place after it was built):
+    what the kernel reads, logits as `sample` takes them, each parameter a (batch,) tensor of the kernel's dtype on
+    logits' device, seed an int64 (batch,) tensor; once per argument signature, no sync."""
+    _check_logits(logits)
+    batch, device = logits.shape[0], logits.device
+    for name, t in zip(_PER_ROW, (temperature, top_k, top_p, min_p)):
+        check_row_tensor(name, t, batch, device, _KERNEL_DTYPES[name])
+    if seed is not None:
+        row_seeds(seed, None, batch, device)
 
 
 # ------------------------------------------------------------------------------------------------- custom ops
@@ -237,7 +255,8 @@ def _probs_reference(logits, temperature, top_k, top_p, min_p):
     return probs.to(device=logits.device, dtype=torch.float32)
 
 
-@_dispatch.custom_op("sample", mutates_args=(), reference=_sample_reference, contiguous=_PER_ROW + ("seed",))
+@_dispatch.custom_op("sample", mutates_args=(), reference=_sample_reference, check=_check_kernel_args,
+                     contiguous=_PER_ROW + ("seed",))
 def _sample_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                min_p: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     batch = logits.shape[0]
@@ -252,7 +271,8 @@ def _(logits, temperature, top_k, top_p, min_p, seed):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
-@_dispatch.custom_op("sampling_probs", mutates_args=(), reference=_probs_reference, contiguous=_PER_ROW)
+@_dispatch.custom_op("sampling_probs", mutates_args=(), reference=_probs_reference, check=_check_kernel_args,
+                     contiguous=_PER_ROW)
 def _probs_op(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
               min_p: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
