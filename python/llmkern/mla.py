@@ -32,9 +32,33 @@ llmkern.reference; the C++ CPU backend (csrc/) has no MLA kernel yet.
 Kernels (kernels/mla.py): one program owns a row tile of BLOCK_M (query token, head) pairs of one sequence and one
 split of its keys; each step loads a tile of ckv and kpe once and uses the ckv tile twice, as the keys of the scores
 and as the values of the output. The row tile is sized so that its (rows x kv_lora_rank) fp32 output accumulator and
-its q_nope operand stay in registers (`_config`); more pairs than a tile holds take more tiles, each reading the
-latent cache (a decode at 128 heads and 32 rows per tile: four times, adjacent in the launch so that the repeats can
-hit L2).
+its q_nope operand stay in registers without spills (`_config`); more pairs than a tile holds take more tiles, each
+loading its split's latents from global memory itself.
+
+Latent reads per decode (`decode_row_tiles`): how many times each latent byte of a (sequence, split) is loaded from
+global memory, 16-bit, kv_lora_rank 512, the same tiles on sm_80 and sm_90 (fp32 and rank 256 keep 16- and 32-row
+tiles):
+    heads          16    32    64    128
+    32-row tile     1     1     2      4     (before: 16 rows up to 16 heads, else 32)
+    now             1     1     1      2     (16 rows up to 16 heads, 32 up to 32, else 64)
+One of those loads per byte has to come from HBM; the others are made by the tiles of the same (sequence, split),
+which sit next to each other on the grid's fastest axis (axis 0), so they start together and are expected to hit L2.
+That expectation is what only a GPU can confirm: a profiler's DRAM bytes against the latent bytes, or `llmkern bench
+decode`'s MLA GB/s, which counts each latent byte once (perf.mla_attention_bytes) and so falls short of the memory
+roof when the repeats go to HBM.
+Why not one tile for all 128 heads: their fp32 accumulator, 128 x 512 x 4 bytes = 256 KiB, is the whole register
+file of an sm_80 or sm_90 SM (65536 32-bit registers); the 64-row tile's half of that (128 registers a thread over
+8 warps) is the most that compiles without spills (`_config` names what spilled). The peers draw the same line:
+  * FlashMLA's dense decode for sm_90 (github.com/deepseek-ai/FlashMLA, csrc/sm90/decode/dense: BLOCK_SIZE_M = 64
+    query rows per CTA of two warpgroups, grid (row blocks, KV heads, SM partitions)) runs 128 heads as two CTAs per
+    sequence, each loading the latents; its deep dive (docs/20250422-new-kernel-deep-dive.md) gives the 64 x 512
+    output as 32768 registers, half an SM, split into two 64 x 256 halves, one per warpgroup, and loads the KV cache
+    with TMA's EVICT_FIRST hint. Its README's 3000 GB/s on an H800 SXM5 (about 90% of 3.35 TB/s) is for the
+    memory-bound shapes; at 128 heads and one query token the deep dive puts MLA decode at the compute bound
+    (2 x heads FLOPs a byte against the H800's ~865 TFLOPS / 3.35 TB/s).
+  * FlashInfer's MLA decode (github.com/flashinfer-ai/flashinfer, include/flashinfer/attention/mla.cuh for sm_80,
+    mla_hopper.cuh for sm_90) also takes CTA_TILE_Q = 64 rows, with the 512 output columns split between two
+    warpgroups, and 64, 32 or 16 keys a step as the SM's shared memory allows.
 """
 from __future__ import annotations
 
