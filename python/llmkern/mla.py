@@ -87,9 +87,8 @@ SUPPORTED = ((512, 64), (256, 64), (256, 32))
 
 # ---------------------------------------------------------------------------------------------------- configs
 def _config(rank: int, num_heads: int, dtype: torch.dtype, decode: bool) -> dict:
-    """Tile sizes for mla_attention_kernel: BLOCK_M (query token, head) rows, BLOCK_N keys a step, and SPLIT_ONLY:
-    True where the tile compiles without spills only with the split epilogue (fp32 partials merged by the reduce
-    kernel), which a decode then takes even with one split. The same tiles serve sm_80 and sm_90.
+    """Tile sizes for mla_attention_kernel: BLOCK_M (query token, head) rows, BLOCK_N keys a step. The same tiles
+    serve sm_80 and sm_90.
 
     The fp32 output accumulator (rows x kv_lora_rank) and the q_nope operand (rows x kv_lora_rank, which an sm_80
     mma.sync keeps in registers for every warp that shares its rows) grow with the rows and the rank. Each choice
@@ -100,10 +99,10 @@ def _config(rank: int, num_heads: int, dtype: torch.dtype, decode: bool) -> dict
         (module docstring):
           <= 16 heads: 16 rows (all its heads, the M of an MMA) with 4 warps (8 warps spilled 8 bytes on sm_80);
           <= 32 heads: 32 rows with 8 warps;
-          more: 64 rows, 16 keys a step, 8 warps, split epilogue only: 250 registers on sm_90, 254 on sm_80, no
-            spills. The same tile with the direct (16-bit) epilogue spilled 88 bytes on sm_90; 32 keys a step
-            spilled 24 (split) and 136 (direct) bytes on sm_90, 16 (direct) on sm_80; 4 warps spilled over 1 KiB.
-            FlashMLA's and FlashInfer's MLA decode also take 64 query rows per CTA.
+          more: 64 rows, 16 keys a step, 8 warps: 248-254 registers, no spills, on both archs, once the direct
+            epilogue stores its two column halves one after the other (storing the whole tile spilled 88 bytes
+            on sm_90); 32 keys a step spilled 24 (split) and 136 (direct) bytes on sm_90, 16 (direct) on sm_80;
+            4 warps spilled over 1 KiB. FlashMLA's and FlashInfer's MLA decode also take 64 query rows per CTA.
       16-bit, rank 512, prefill: 32 rows with 8 warps (64 rows spilled 24 to 96 bytes on both archs).
       16-bit, rank 256: 32 rows with 4 warps (8 warps spilled 8 to 12 bytes).
       fp32 runs its IEEE dot on FMA units with both operands in registers: 16 rows, 8 warps at rank 512, 4 at 256
@@ -112,14 +111,14 @@ def _config(rank: int, num_heads: int, dtype: torch.dtype, decode: bool) -> dict
     fp32 halves it to keep the bytes.
     """
     if dtype == torch.float32:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if rank > 256 else 4, num_stages=2, SPLIT_ONLY=False)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8 if rank > 256 else 4, num_stages=2)
     if rank <= 256:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_ONLY=False)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     if decode and num_heads <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_ONLY=False)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
     if decode and num_heads > 32:
-        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, SPLIT_ONLY=True)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2, SPLIT_ONLY=False)
+        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 def decode_row_tiles(num_heads: int, dtype: torch.dtype = torch.bfloat16, kv_lora_rank: int = 512) -> int:
@@ -245,8 +244,7 @@ def _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_
     batch = seq_lens.shape[0]
     out = torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
     cfg = _config(rank, num_heads, q_nope.dtype, decode)
-    split_only = cfg.pop("SPLIT_ONLY")
-    split = num_splits > 1 or split_only   # a split-only tile writes partials even for one split
+    split = num_splits > 1
     # Split partials (decode only): token b's split s is slot b * num_splits + s of paged attention's merge, which
     # reads them as (slots, num_heads, ...). Unsplit, the kernel writes out directly: 1-element stand-ins.
     shape = (total_q, num_splits, num_heads) if split else (1, 1, 1)
@@ -425,16 +423,16 @@ def _attention_spec(dtype: torch.dtype, num_heads: int, *, decode: bool, causal:
 def _compile_specs():
     """Every tile the dispatcher can pick (`_config`: by rank, dtype, decode or prefill, and for a 16-bit decode at
     rank 512 whether the heads fit 16, 32 or more rows) for every supported (kv_lora_rank, rope_dim) (SUPPORTED),
-    each decode tile in its split and (unless SPLIT_ONLY) direct epilogue, prefill causal (the masked-rows softmax)
-    and not. Then the split merge at each rank and the cache write."""
+    each decode tile in its split and direct epilogue, prefill causal (the masked-rows softmax) and not. Then the
+    split merge at each rank and the cache write."""
     for rank, rope_dim in SUPPORTED:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             seen = set()
             for heads in (16, 32, 128):    # the three decode tiles of rank 512 (one elsewhere: deduplicated)
-                cfg = _config(rank, heads, dtype, True)
-                if tuple(cfg.items()) not in seen:
-                    seen.add(tuple(cfg.items()))
-                    for split in (True,) if cfg["SPLIT_ONLY"] else (True, False):
+                cfg = tuple(_config(rank, heads, dtype, True).items())
+                if cfg not in seen:
+                    seen.add(cfg)
+                    for split in (True, False):
                         yield _attention_spec(dtype, heads, decode=True, split=split, rank=rank, rope_dim=rope_dim)
             for causal in (True, False):
                 yield _attention_spec(dtype, 128, decode=False, causal=causal, rank=rank, rope_dim=rope_dim)
