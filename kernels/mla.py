@@ -19,7 +19,7 @@ kernel, paged_attention_reduce_kernel (the core's online softmax over the splits
 The output accumulator is BLOCK_M x kv_lora_rank fp32, whole in each program: kv_lora_rank is a constexpr power of
 two (no padded lanes), and BLOCK_M is chosen on the host (python/llmkern/mla.py) so that this accumulator and the
 q_nope operand fit the register file without spills (`llmkern check-compile`): up to 64 rows, with the direct
-epilogue storing the 512 columns as two halves. More pairs than one tile holds take several tiles per (sequence,
+epilogue storing the kv_lora_rank output columns as two halves. More pairs than one tile holds take several tiles per (sequence,
 split), adjacent in the launch (axis 0), so they stream the same latent tiles at about the same time: each tile
 loads every latent byte of its split once (python/llmkern/mla.py counts them: twice at DeepSeek-V3's 128 heads).
 """
