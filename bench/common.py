@@ -191,7 +191,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cpu":
         env["cpu_backend"] = cpu.build_info() if cpu.load() else "unavailable: the CPU ops ran llmkern.reference"
         # the vector ISA torch's own CPU kernels use (ATEN_CPU_CAPABILITY lowers it), the threads, and how busy the
-        # machine was when the run started (a shared machine's other load slows every implementation)
+        # machine was when the records were written (a shared machine's other load slows every implementation)
         env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         env["threads"] = torch.get_num_threads()
         env["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
