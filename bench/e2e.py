@@ -354,12 +354,6 @@ def _smollm2_cases() -> Iterable[Case]:
     """One case per implementation; `run_suite` turns each into its prefill, decode and generate records. The
     case's own callable (the full generate) is what a plain common.run_case would time."""
     from llmkern import roofline
-    from transformers import AutoConfig
-    folder, name = smollm2_gguf()
-    # the shape, for the roofline's FLOPs and bytes (float32 weights: 4 bytes each)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name) if "smollm2" not in _MODEL else \
-        _MODEL["smollm2"][0].config
-    shape = _shape_of(config, SMOLLM2_NAME)
     n = CPU_NEW_TOKENS
     for impl in ("transformers_sdpa", "llmkern", "llmkern_int4"):
         bits = 4 if impl == "llmkern_int4" else None
@@ -371,7 +365,9 @@ def _smollm2_cases() -> Iterable[Case]:
             return fn
 
         def cost(context: int, bits=bits) -> dict[str, Any]:
-            """FLOPs and bytes of the prefill, one decode step at the middle context, and the whole call."""
+            """FLOPs and bytes of the prefill, one decode step at the middle context, and the whole call (the
+            shape read from the loaded model; float32 weights and cache: 4 bytes each)."""
+            shape = _shape_of(_smollm2()[0].config, SMOLLM2_NAME)
             kw = dict(bits=bits, group_size=SMOLLM2_GROUP, kv_elem=4, weight_elem=4)
             pre = roofline.prefill_step(shape, 1, context, **kw)
             steps = [roofline.decode_step(shape, 1, context + i, **kw) for i in range(1, n)]
