@@ -58,11 +58,13 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
     wgmma) and use tl.dot. BLOCK_N 64 keeps a (64 x 128) fp16 K tile and V tile at 16 KiB each, enough bytes in
     flight per step to stream from HBM with two pipeline stages; halved for head_dim 256 and for fp32 (same bytes)
     and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers). num_warps 8: 256 threads
-    share the tiles, the (BLOCK_N x BLOCK_D) products and the fp32 accumulator, so a thread holds half of what it
-    would with 4 (the broadcast path at head_dim 128: 64 registers a thread at 8 warps, 72-96 at 4 - 32 resident
-    warps per SM against 20-28). Except at head_dim 256 on the 16-bit dot path with up to 32 rows, which takes 4:
-    with 8 it spilled on sm_80 (32 rows) and on sm_90 (16 rows over an fp8 cache, below). Measured with `llmkern
-    check-compile` (bench/results/compile-registers-vs-house-core.md).
+    share the tiles, the (BLOCK_N x BLOCK_D) products and the fp32 accumulator, so a thread holds about half of
+    what it would with 4 (16-bit head_dim 64 and 256, triton 3.6 and 3.9: 40-67 registers a thread at 8 warps
+    against 62-168 at 4, never fewer resident warps per SM). Two exceptions take 4 warps. The broadcast path at
+    padded head_dim 128: 8 warps cut its registers on triton 3.9 (72-96 -> 61-64) but raised them on triton 3.6,
+    the GPU machine's (80-96 -> 100-128, 24 -> 16 resident warps). And head_dim 256 on the 16-bit dot path with up
+    to 32 rows: with 8 it spilled on sm_80 (32 rows) and on sm_90 (16 rows over an fp8 cache, below). Measured
+    with `llmkern check-compile` (bench/results/compile-registers-vs-house-core.md).
 
     Prefill tiles (some sequence has more query tokens: prompt chunks, mixed batches): FlashAttention-2's forward
     tiles, 64 rows, 8 warps so the (64 x head_dim) fp32 accumulator and the (64 x BLOCK_N) scores stay in
@@ -92,7 +94,8 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
         if use_dot and block_m == 16 and block_d > 128:
             block_n = 16  # fp8 (16 x 256) tiles at 32 keys spilled on sm_90 with triton 3.6 (4 warps: 12 bytes, 8: 16)
         # (the fp32 dot path, on FMA units with its operands in registers, spilled on sm_90 with 4 at head_dim 256)
-        num_warps = 4 if (use_dot and block_d > 128 and block_m <= 32 and dtype != torch.float32) else 8
+        num_warps = 4 if ((use_dot and block_d > 128 and block_m <= 32 and dtype != torch.float32)
+                          or (not use_dot and block_d == 128)) else 8
         block_q = 1
     else:
         use_dot = True
