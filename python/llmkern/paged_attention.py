@@ -57,9 +57,14 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
     nothing for one head); larger groups are padded to >= 16 rows (the M of an sm_80 mma.m16n8k16 and of a Hopper
     wgmma) and use tl.dot. BLOCK_N 64 keeps a (64 x 128) fp16 K tile and V tile at 16 KiB each, enough bytes in
     flight per step to stream from HBM with two pipeline stages; halved for head_dim 256 and for fp32 (same bytes)
-    and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers). num_warps 4 (one warpgroup)
-    unless the fp32 accumulator rows x BLOCK_D exceeds 64 x 128, then 8, which keeps it at <= 64 registers per
-    thread; also 8 for the fp32 dot path and for 16-bit (64 x 128) K/V tiles on the dot path.
+    and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers). num_warps 8: 256 threads
+    share the tiles, the (BLOCK_N x BLOCK_D) products and the fp32 accumulator, so a thread holds about half of
+    what it would with 4 (16-bit head_dim 64 and 256, triton 3.6 and 3.9: 40-67 registers a thread at 8 warps
+    against 62-168 at 4, never fewer resident warps per SM). Two exceptions take 4 warps. The broadcast path at
+    padded head_dim 128: 8 warps cut its registers on triton 3.9 (72-96 -> 61-64) but raised them on triton 3.6,
+    the GPU machine's (80-96 -> 100-128, 24 -> 16 resident warps). And head_dim 256 on the 16-bit dot path with up
+    to 32 rows: with 8 it spilled on sm_80 (32 rows) and on sm_90 (16 rows over an fp8 cache, below). Measured
+    with `llmkern check-compile` (bench/results/compile-registers-vs-house-core.md).
 
     Prefill tiles (some sequence has more query tokens: prompt chunks, mixed batches): FlashAttention-2's forward
     tiles, 64 rows, 8 warps so the (64 x head_dim) fp32 accumulator and the (64 x BLOCK_N) scores stay in
@@ -88,10 +93,9 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
             block_n = 16  # the broadcast product (BLOCK_N x 256) fp32 at 32 tokens spilled on sm_90 with triton 3.6
         if use_dot and block_m == 16 and block_d > 128:
             block_n = 16  # fp8 (16 x 256) tiles at 32 keys spilled on sm_90 with triton 3.6 (4 warps: 12 bytes, 8: 16)
-        # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers; a
-        # 16-bit (64 x 128) K and V tile pair with the softcap and window code spilled on sm_90 with 4 warps.
-        num_warps = 8 if (block_m * block_d > 64 * 128 or (use_dot and dtype == torch.float32)
-                          or (use_dot and block_n == 64 and block_d == 128)) else 4
+        # (the fp32 dot path, on FMA units with its operands in registers, spilled on sm_90 with 4 at head_dim 256)
+        num_warps = 4 if ((use_dot and block_d > 128 and block_m <= 32 and dtype != torch.float32)
+                          or (not use_dot and block_d == 128)) else 8
         block_q = 1
     else:
         use_dot = True
