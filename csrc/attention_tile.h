@@ -136,14 +136,6 @@ inline AttnScratch& attn_scratch() {
   return s;
 }
 
-template <typename T>
-inline void convert_row(const T* src, float* dst, int64_t d, float mul = 1.f) {
-  const fVec mv(mul);
-  int64_t i = 0;
-  for (; i + kF <= d; i += kF) (load_f(src + i) * mv).store(dst + i);
-  if (i < d) (load_f(src + i, d - i) * mv).store(dst + i, d - i);
-}
-
 // One work item. Query i, head g: q_base + i * q_si + g * q_sh (head_dim contiguous); likewise the output; lse
 // (natural log, fp32) at lse_base + g * lse_sh + i * lse_si when lse_base is not null.
 template <typename T, typename KVRow>

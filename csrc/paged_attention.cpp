@@ -204,15 +204,6 @@ void tile_pv(float* acc, const float* alpha, const float* p, const T* const* vp,
   }
 }
 
-// f(std::integral_constant<int, n>{}) for a run-time 1 <= n <= N: one instantiation of f per count.
-template <int N, typename F>
-void with_count(int64_t n, const F& f) {
-  if constexpr (N > 1) {
-    if (n < N) return with_count<N - 1>(n, f);
-  }
-  f(std::integral_constant<int, N>{});
-}
-
 // Runs f(std::integral_constant<int, GN>{}, g0) over the group in blocks of at most MaxGN heads.
 template <int MaxGN, typename F>
 void for_head_blocks(int64_t group, const F& f) {
