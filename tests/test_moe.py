@@ -228,6 +228,11 @@ def test_fused_moe_act_order(device):
                what="act-order")
     with pytest.raises(ValueError, match="permutation"):
         moe.QuantizedExperts.from_gate_up([gptq_like(inter, hidden, order[0])], [gptq_like(inter, hidden, order[1])])
+    bad = q2.perm.clone()
+    bad[1, 0] = bad[1, 1]       # one expert's row repeats an index: the kernel would skip a column of x
+    with pytest.raises(ValueError, match="perm must be a permutation of range.* in every row"):
+        moe.QuantizedExperts(q2.qweight, q2.scales, q2.zeros, bits=4, group_size=32, in_features=inter,
+                             out_features=hidden, perm=bad)
 
 
 def test_fused_moe_strided_inputs(device):

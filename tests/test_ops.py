@@ -310,3 +310,23 @@ def test_cpu_slot_returns_the_fake_layout(name, slot, monkeypatch):
             assert (g.shape, g.dtype) == (w.shape, w.dtype), f"output {i}"
             same, dim = check_significant_strides(g, w, only_cuda=False)
             assert same, f"output {i}: strides {g.stride()} where the fake promises {w.stride()} (dim {dim})"
+
+
+@pytest.mark.parametrize("backend_env", ["default", "reference"])
+def test_backward_raises(monkeypatch, backend_env):
+    """The ops are inference-only: with grad on, backward through an op's output raises a RuntimeError naming it
+    (on every CPU backend), instead of torch's fallback that warns and leaves the parameters without gradients;
+    under no_grad the outputs need no grad."""
+    if backend_env == "reference":
+        monkeypatch.setenv(cpu.BACKEND_ENV, "reference")
+    lin = torch.nn.Linear(32, 32)
+    y = llmkern.rms_norm(lin(torch.randn(4, 32)), torch.ones(32), 1e-6)
+    with pytest.raises(RuntimeError, match="llmkern::rms_norm has no backward"):
+        y.pow(2).sum().backward()
+    assert lin.weight.grad is None
+    q, k, v = (torch.randn(1, 4, 2, 32, requires_grad=True) for _ in range(3))
+    out, lse = llmkern.attention(q, k, v, causal=True, return_lse=True)
+    with pytest.raises(RuntimeError, match="llmkern::attention has no backward"):
+        (out.sum() + lse.sum()).backward()
+    with torch.no_grad():
+        assert not llmkern.attention(q, k, v, causal=True).requires_grad

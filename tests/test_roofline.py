@@ -249,6 +249,22 @@ def test_plot_cli(tmp_path, capsys):
     assert "2 measured points" in out and "1 records without FLOPs" in out
 
 
+@pytest.mark.parametrize("case", ["missing", "not-bench", "no-folder", "no-plot"])
+def test_plot_cli_bad_inputs(tmp_path, capsys, case):
+    """A bad --plot / --bench-json is a one-line error and exit code 2, before the report (no traceback)."""
+    not_bench = tmp_path / "x.json"
+    not_bench.write_text(json.dumps({"records": 5}))
+    png = str(tmp_path / "r.png")
+    argv = {"missing": ["--plot", png, "--bench-json", str(tmp_path / "none.json")],
+            "not-bench": ["--plot", png, "--bench-json", str(not_bench)],
+            "no-folder": ["--plot", str(tmp_path / "no" / "r.png")],
+            "no-plot": ["--bench-json", str(not_bench)]}[case]
+    assert main(["roofline", "--model", "qwen2.5-7b", "--device", "h100", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("llmkern roofline: --") and err.count("\n") == 1 and "Traceback" not in err
+    assert out == ""
+
+
 # Small sizes: these check the plumbing, not the figures (a 2-core machine shared with other jobs).
 _QUICK = {"copy_bytes": 4 << 20, "matmul_n": 128, "reps": 2}
 

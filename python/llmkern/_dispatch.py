@@ -15,8 +15,11 @@ function validates its arguments and then calls this object; nothing in llmkern 
 Registration is torch.library's low-level one (`Library.define` with the schema inferred from the annotations, and
 `Library.impl` per dispatch key, as vLLM's `direct_register_custom_op`), not `torch.library.custom_op`: that wrapper
 runs Python autograd and aliasing layers on every call, about 17 us per call on this project's CPU against 3.5 us
-(bench/host.py measures every op's path). Without an autograd kernel, an op called on tensors that require grad
-returns outputs whose backward raises (the inference-only contract custom_op gave too).
+(bench/host.py measures every op's path). The ops are inference-only: called through `Op` (as every public
+function does) with grad mode on and an input that requires grad, an op returns outputs whose backward raises a
+RuntimeError naming the op (the contract custom_op gave too), instead of torch's autograd fallback, which only warns
+and leaves the inputs without gradients. The check costs one `torch.is_grad_enabled()` under no_grad and
+inference_mode; torch.ops.llmkern.* called directly get torch's fallback.
 
 Which implementation runs (torch.library's per-device registration, as vLLM and Hugging Face's kernels do it):
   * CUDA tensors: the Triton implementation (the decorated function).
@@ -66,12 +69,40 @@ class Op:
     def __call__(self, *args):
         if torch.compiler.is_compiling():   # dynamo traces the OpOverload, not the raw dispatcher entry
             return self.overload(*args)
-        return self._call(*args)
+        out = self._call(*args)
+        if torch.is_grad_enabled():
+            grads = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            if grads:
+                return _NoBackward.wrap(self.name, grads, out)
+        return out
 
     def register_fake(self, fake: Callable) -> Callable:
         """Register the fake implementation (shapes and dtypes only) that torch.compile and FakeTensor run."""
         torch.library.register_fake(f"{NAMESPACE}::{self.name}", fake, lib=_LIB)
         return fake
+
+
+class _NoBackward(torch.autograd.Function):
+    """Ties an op's outputs to its inputs that require grad, with a backward that raises (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, name: str, num_outputs: int, *tensors: torch.Tensor):
+        ctx.name = name
+        outputs = tuple(t.view_as(t) for t in tensors[len(tensors) - num_outputs:])
+        return outputs[0] if num_outputs == 1 else outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"llmkern::{ctx.name} has no backward: llmkern's ops are inference-only (call them under "
+                           "torch.no_grad() or torch.inference_mode(), or detach their inputs)")
+
+    @staticmethod
+    def wrap(name: str, grads: list[torch.Tensor], out):
+        if isinstance(out, torch.Tensor):
+            return _NoBackward.apply(name, 1, *grads, out)
+        if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+            return type(out)(_NoBackward.apply(name, len(out), *grads, *out))
+        return out          # a mutating op's None
 
 
 def custom_op(name: str, *, mutates_args: Iterable[str] | str, reference: Callable,

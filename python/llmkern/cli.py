@@ -164,29 +164,48 @@ def _roofline_run(args: argparse.Namespace) -> int:
                                f"bf16 tensor TFLOP/s, fp32 {datasheet.fp32_tflops:.1f} ({datasheet.source})"
                                if datasheet else "none (a CPU has no datasheet entry in llmkern.perf.DEVICES)") + "\n")
         peak = measured.as_peak()
+    try:   # the plot's inputs are checked before the report is printed: a bad one is a one-line error
+        records = _plot_records(args)
+    except ValueError as e:
+        print(f"llmkern roofline: {e}", file=sys.stderr)
+        return 2
     kv_elem = roofline.KV_DTYPE_BYTES[args.kv_dtype]
     print(roofline.report(model, peak, args.batch, args.context, bits, args.group_size, args.kv_dtype))
-    if args.bench_json and not args.plot:
-        print("llmkern roofline: --bench-json needs --plot PATH", file=sys.stderr)
-        return 2
     if args.plot:
-        records = []
-        if args.bench_json:
-            with open(args.bench_json) as f:
-                records = json.load(f).get("records", [])
         steps = [(f"{model.name} prefill", roofline.prefill_step(model, args.batch, args.context, bits,
                                                                  args.group_size, kv_elem)),
                  (f"{model.name} decode", roofline.decode_step(model, args.batch, args.context, bits,
                                                                args.group_size, kv_elem))]
         try:
             placed = roofline.plot(args.plot, peak, steps, records)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:
             print(f"llmkern roofline: {e}", file=sys.stderr)
             return 2
         skipped = len(records) - placed
         note = f" ({skipped} records without FLOPs not placed)" if skipped else ""
         print(f"\nwrote {args.plot}: roofline with {len(steps)} model steps and {placed} measured points{note}")
     return 0
+
+
+def _plot_records(args: argparse.Namespace) -> list[dict]:
+    """The `llmkern bench --json` records to place on the --plot chart (none without --bench-json). ValueError for
+    --bench-json without --plot, a --plot path whose folder does not exist, or a file that is not a bench JSON (an
+    object whose "records" is a list of objects)."""
+    if args.bench_json and not args.plot:
+        raise ValueError("--bench-json needs --plot PATH")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise ValueError(f"--plot: the folder of {args.plot} does not exist")
+    if not args.bench_json:
+        return []
+    try:
+        with open(args.bench_json) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--bench-json: cannot read {args.bench_json}: {e}") from None
+    records = data.get("records") if isinstance(data, dict) else None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"--bench-json: {args.bench_json} is not an `llmkern bench --json` file (no list of records)")
+    return records
 
 
 # ----------------------------------------------------------------------------------------------------- build-ext

@@ -161,16 +161,23 @@ def check_one(spec: CompileSpec, cap: int) -> dict:
 
 
 def run(archs: list[int], name_filter: str | None = None, jobs: int = 1) -> list[dict]:
-    specs = _selected(name_filter)
-    work = [(i, cap) for i, spec in enumerate(specs) for cap in archs if spec.archs is None or cap in spec.archs]
-    if jobs <= 1:
-        return [check_one(specs[i], cap) for i, cap in work]
-    # Compiles are CPU-bound and independent: a process pool uses every core (CI has 2). JIT functions do not
-    # pickle, so each forked worker rebuilds the same spec list and picks its item by index.
+    """Compile every selected spec for each of `archs`; records in spec order, each spec's archs together.
+
+    Each arch compiles in processes of its own, forked from this one before it compiled anything: triton 3.6 keeps
+    what it decided for one target within a process (after an sm_90 build, an e5m2 conversion for sm_80 was lowered
+    to sm_89's cvt and ptxas refused it), so one process per arch checks what a GPU of that arch would build. Compiles
+    are CPU-bound and independent: the pool uses `jobs` cores (CI has 2). JIT functions do not pickle, so each
+    forked worker rebuilds the same spec list and picks its item by index."""
     import concurrent.futures as cf
     import multiprocessing as mp
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as ex:
-        return list(ex.map(_check_indexed, work, [name_filter] * len(work)))
+
+    specs = _selected(name_filter)
+    records: dict[tuple[int, int], dict] = {}
+    for cap in archs:
+        work = [(i, cap) for i, spec in enumerate(specs) if spec.archs is None or cap in spec.archs]
+        with cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=mp.get_context("fork")) as ex:
+            records.update(zip(work, ex.map(_check_indexed, work, [name_filter] * len(work))))
+    return [records[key] for key in sorted(records)]
 
 
 def _selected(name_filter: str | None) -> list[CompileSpec]:

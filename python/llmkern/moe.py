@@ -204,6 +204,20 @@ class QuantizedExperts:
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int,
                  group_size: int, in_features: int, out_features: int, perm: Optional[torch.Tensor] = None):
+        self._set(qweight, scales, zeros, bits, group_size, in_features, out_features, perm)
+        if perm is not None:
+            quant_weight.check_permutation("perm", perm)
+
+    @classmethod
+    def _unchecked_values(cls, qweight, scales, zeros, *, bits, group_size, in_features, out_features,
+                          perm=None) -> "QuantizedExperts":
+        """The constructor's checks of shapes, dtypes and devices only, no device sync: for the op's per-call
+        arguments and a patched module's buffers, which a checked QuantizedExperts normally gave them."""
+        self = cls.__new__(cls)
+        self._set(qweight, scales, zeros, bits, group_size, in_features, out_features, perm)
+        return self
+
+    def _set(self, qweight, scales, zeros, bits, group_size, in_features, out_features, perm) -> None:
         check_bits_group(bits, group_size, in_features)
         _utils.check_tensor("qweight", qweight, ndim=3, dtypes=(torch.int32,))
         _utils.check_tensor("scales", scales, ndim=3, dtypes=SCALE_DTYPES)
@@ -402,17 +416,19 @@ class _Weight:
             return cls(name, tensor)
         if tensor.dim() != 3 or scales is None or zeros is None:
             raise ValueError(f"{name}: a quantized weight needs (E, K // PACK, N) words, scales and zeros")
-        return cls(name, QuantizedExperts(tensor, scales, zeros, bits=bits, group_size=group_size,
-                                          in_features=tensor.shape[1] * (32 // bits) if bits in (4, 8) else 0,
-                                          out_features=tensor.shape[2], perm=perm))
+        return cls(name, QuantizedExperts._unchecked_values(
+            tensor, scales, zeros, bits=bits, group_size=group_size,
+            in_features=tensor.shape[1] * (32 // bits) if bits in (4, 8) else 0, out_features=tensor.shape[2],
+            perm=perm))
 
     def dense(self) -> torch.Tensor:
         """(E, N, K) for the reference path: the tensor itself (the reference converts the experts it uses), or the
         dequantized experts in float32."""
         if not self.quantized:
             return self.tensor
-        q = QuantizedExperts(self.tensor, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
-                             in_features=self.k, out_features=self.n, perm=self.perm)
+        q = QuantizedExperts._unchecked_values(self.tensor, self.scales, self.zeros, bits=self.bits,
+                                               group_size=self.group_size, in_features=self.k, out_features=self.n,
+                                               perm=self.perm)
         return q.dequantize(torch.float32)
 
 

@@ -64,13 +64,15 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
     Prefill tiles (some sequence has more query tokens: prompt chunks, mixed batches): FlashAttention-2's forward
     tiles, 64 rows, 8 warps so the (64 x head_dim) fp32 accumulator and the (64 x BLOCK_N) scores stay in
     registers (4 warps spilled on sm_80 at head_dim 64, 168 registers), BLOCK_N 64 (32 for head_dim 256, keeping
-    the K/V tiles' shared-memory footprint); fp32 runs its IEEE dot on FMA units with the operands in registers: 32 x 16 tiles, 4 warps up to head_dim 128 and 8 at 256. The 64
+    the K/V tiles' shared-memory footprint); fp32 runs its IEEE dot on FMA units with the operands in registers: 32 x
+    16 tiles, 8 warps (4 spilled 24 bytes on sm_80 with triton 3.6 at head_dim 64). The 64
     rows hold 64 // group tokens of a group (a group larger than the rows: one token, its heads padded to a power of
     two). Decode tokens in a mixed batch use these tiles too (one launch), filling `group` of the rows.
 
     An fp8 cache keeps the query dtype's tiles: its tiles are half the bytes, and their conversion to 16-bit is what
     the 8 warps of the (64 x 128) decode tiles also absorb (with 4, e5m2 spilled 12 bytes on sm_80 at group 8; with
-    8, 106 registers; at head_dim 256, 8 warps spilled 16 bytes on sm_90 and 4 do not).
+    8, 106 registers; at head_dim 256, 16-row tiles take 16 keys a step: at 32, 4 warps spilled 12 bytes on sm_90
+    with triton 3.6 and 8 warps 16 bytes).
 
     `llmkern check-compile` shows every choice without spills on sm_80 and sm_90 (the fp32 dot path spilled on
     sm_90 with 4 warps; 4 warps spilled on sm_80 for 16-bit prefill tiles at every head_dim).
@@ -84,6 +86,8 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
             block_n = 32
         if not use_dot and block_d > 128:
             block_n = 16  # the broadcast product (BLOCK_N x 256) fp32 at 32 tokens spilled on sm_90 with triton 3.6
+        if use_dot and block_m == 16 and block_d > 128:
+            block_n = 16  # fp8 (16 x 256) tiles at 32 keys spilled on sm_90 with triton 3.6 (4 warps: 12 bytes, 8: 16)
         # fp32 tiles are twice the bytes and the IEEE-fp32 dot runs on FMA units with its operands in registers; a
         # 16-bit (64 x 128) K and V tile pair with the softcap and window code spilled on sm_90 with 4 warps.
         num_warps = 8 if (block_m * block_d > 64 * 128 or (use_dot and dtype == torch.float32)
@@ -95,7 +99,7 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
         block_m = max(rows, triton.next_power_of_2(group))
         block_q = max(1, rows // group)
         if dtype == torch.float32:
-            block_n, num_warps = 16, 4 if block_d <= 128 else 8
+            block_n, num_warps = 16, 8
         else:
             block_n, num_warps = 64 if block_d <= 128 else 32, 8
     # A tile of several tokens can hold a row that sees no key of a tile (causal diagonal, windows); one token's

@@ -85,9 +85,9 @@ def _quantized(module: nn.Module, part: str) -> moe.QuantizedExperts | None:
         return None
     t = {name: getattr(module, f"{part}_{name}") for name in _QUANT_TENSORS}
     e, kw, n = t["qweight"].shape
-    return moe.QuantizedExperts(t["qweight"], t["scales"], t["zeros"], bits=module.llmkern_bits,
-                                group_size=module.llmkern_group_size, in_features=kw * (32 // module.llmkern_bits),
-                                out_features=n, perm=t["perm"])
+    return moe.QuantizedExperts._unchecked_values(   # buffers a checked QuantizedExperts gave (no sync per forward)
+        t["qweight"], t["scales"], t["zeros"], bits=module.llmkern_bits, group_size=module.llmkern_group_size,
+        in_features=kw * (32 // module.llmkern_bits), out_features=n, perm=t["perm"])
 
 
 @functools.lru_cache(maxsize=1)

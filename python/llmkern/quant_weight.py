@@ -211,8 +211,10 @@ def quantize_weight(weight: torch.Tensor, *, bits: int = 4, group_size: int = 12
     """Round-to-nearest quantization of an nn.Linear weight (out_features, in_features).
 
     Scales are stored in the weight's dtype (fp16, bf16 or fp32): the activation dtype the result multiplies, so a
-    float32 model (the usual dtype on a CPU) runs in float32. Every dequantized element is within half a quantization
-    step (its scale / 2) of the original.
+    float32 model (the usual dtype on a CPU) runs in float32. Every element's exact dequantized value (q - z) * s
+    (`dequantize(torch.float64)`) is within half a quantization step (its scale / 2) of the original;
+    `dequantize()` in a 16-bit scales dtype adds that dtype's rounding of the product (int8 bf16: up to about 0.9
+    step: bf16 keeps 8 significant bits, int8 codes need up to 8).
     """
     _utils.check_tensor("weight", weight, ndim=2, dtypes=_utils.FLOAT_DTYPES)
     if not isinstance(symmetric, bool):
@@ -253,14 +255,16 @@ def check_finite_scales(name: str, scales: torch.Tensor) -> None:
 
 
 def check_permutation(name: str, perm: torch.Tensor) -> None:
-    """ValueError unless the (K,) `perm` is a permutation of range(K) (one device sync). The act-order kernels gather
-    x's columns through it (x[:, perm[j]]), so an index outside [0, K) would read outside x. The QuantizedWeight
-    constructor (given a perm) and QuantLinear's state-dict loading check it; torch.ops.llmkern.quant_matmul called
-    directly checks perm's shape, dtype and device only (no sync per call)."""
-    k, p = perm.shape[0], perm.long()
-    if k and (int(p.min()) < 0 or int(p.max()) >= k
-              or not bool(torch.zeros(k, dtype=torch.bool, device=p.device).index_fill_(0, p, True).all())):
-        raise ValueError(f"{name} must be a permutation of range({k})")
+    """ValueError unless `perm`, (K,) or (E, K), is a permutation of range(K) (each row of it; one device sync). The
+    act-order kernels gather x's columns through it (x[:, perm[j]]), so an index outside [0, K) would read outside x.
+    The QuantizedWeight and QuantizedExperts constructors (given a perm) and QuantLinear's state-dict loading check it;
+    torch.ops.llmkern.quant_matmul / fused_moe called directly check perm's shape, dtype and device only (no sync per
+    call)."""
+    k = perm.shape[-1]
+    p = perm.long().reshape(-1, k)
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= k
+                      or not bool(torch.zeros(p.shape, dtype=torch.bool, device=p.device).scatter_(1, p, True).all())):
+        raise ValueError(f"{name} must be a permutation of range({k})" + (" in every row" if perm.dim() > 1 else ""))
 
 
 def _expect_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

@@ -87,7 +87,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     else:
         lse = torch.logsumexp(s, dim=-1)                             # -inf for a row with no visible key
     p = torch.exp(s - lse[..., None])
-    p = torch.nan_to_num(p, nan=0.0)                                 # empty rows: exp(-inf - -inf) = nan -> 0
+    # a row with no visible key (lse = -inf) gives exp(-inf - -inf) = nan: its output is 0. NaN from the data (a NaN
+    # score, or scores beyond float32 range) stays NaN, as in PyTorch's softmax.
+    p = p.masked_fill(lse[..., None] == float("-inf"), 0.0)
     o = (p @ vh).transpose(1, 2).to(q.dtype)
     if return_lse:
         return o, lse.to(torch.float32)
@@ -572,7 +574,7 @@ def quantize_rtn(w: torch.Tensor, *, bits: int, group_size: int, symmetric: bool
     With zero points the range of each group is widened to include 0 (as GPTQ does), so the zero point is an integer
     in [0, 2**bits - 1]. Symmetric: q - 2**(bits-1) in [-(2**(bits-1) - 1), 2**(bits-1) - 1], zero point 2**(bits-1).
     The scale is rounded UP to scale_dtype before the codes are computed, so the codes span the whole range and every
-    dequantized element is within half a step (s / 2) of the original.
+    element's exact (q - z) * s is within half a step (s / 2) of the original (a 16-bit product adds its rounding).
     """
     n, k = w.shape
     gs = k if group_size == -1 else group_size
