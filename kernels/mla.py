@@ -18,9 +18,10 @@ kernel, paged_attention_reduce_kernel (the core's online softmax over the splits
 
 The output accumulator is BLOCK_M x kv_lora_rank fp32, whole in each program: kv_lora_rank is a constexpr power of
 two (no padded lanes), and BLOCK_M is chosen on the host (python/llmkern/mla.py) so that this accumulator and the
-q_nope operand fit the register file without spills (`llmkern check-compile`). More pairs than one tile holds take
-several tiles per (sequence, split), adjacent in the launch (axis 0), so they stream the same latent tiles at about
-the same time.
+q_nope operand fit the register file without spills (`llmkern check-compile`): up to 64 rows, with the direct
+epilogue storing the kv_lora_rank output columns as two halves. More pairs than one tile holds take several tiles per (sequence,
+split), adjacent in the launch (axis 0), so they stream the same latent tiles at about the same time: each tile
+loads every latent byte of its split once (python/llmkern/mla.py counts them: twice at DeepSeek-V3's 128 heads).
 """
 import triton
 import triton.language as tl
@@ -152,6 +153,10 @@ def mla_attention_kernel(
                      + r[None, :] * stride_pod, o, mask=row_ok[:, None])
             tl.store(PART_LSE + tok * stride_plt + h * stride_plh + split * stride_pls, softmax_lse(m_i, l_i),
                      mask=row_ok)
-        else:
-            tl.store(O + tok[:, None] * stride_ot + h[:, None] * stride_oh + r[None, :] * stride_od,
-                     round_to(o, O.dtype.element_ty, INTERPRET), mask=row_ok[:, None])
+        else:   # stored as two column halves: the whole 64 x 512 16-bit store spilled 88 bytes on sm_90
+            o = round_to(o, O.dtype.element_ty, INTERPRET)
+            o_lo, o_hi = tl.split(tl.permute(tl.reshape(o, (BLOCK_M, 2, RANK // 2)), (0, 2, 1)))
+            half = tl.arange(0, RANK // 2)
+            o_ptr = O + tok[:, None] * stride_ot + h[:, None] * stride_oh + half[None, :] * stride_od
+            tl.store(o_ptr, o_lo, mask=row_ok[:, None])
+            tl.store(o_ptr + (RANK // 2) * stride_od, o_hi, mask=row_ok[:, None])

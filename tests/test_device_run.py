@@ -77,6 +77,8 @@ def test_device_sweep_selects_the_issue_shapes(monkeypatch):
     assert set(shapes["attention"]) == {(1024, 16), (4096, 4), (16384, 1)}
     assert set(shapes["decode"]) == {(b, c) for b in (1, 16, 64) for c in (1024, 8192, 32768)} | {
         ("mixed_attention", 2048)}
+    mla = {(c.shape["heads"], c.shape["batch"]) for c in device.suite_cases("decode", cuda) if c.op == "mla_decode"}
+    assert mla == {(h, b) for h in (128, 16) for b in (1, 64)}   # many heads (compute-bound) and few (memory-bound)
     assert {m for m, _, _ in shapes["quant"]} == {1, 16, 128} and len(shapes["quant"]) == 12
     assert set(shapes["sampling"]) == {(1, 128256), (64, 128256), (256, 128256)}
     assert set(shapes["layers"]) == {"rmsnorm", "add_rmsnorm", "rope"}

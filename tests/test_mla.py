@@ -95,6 +95,28 @@ def test_decode_deepseek_v3_shape(device):
     _check("mla_decode_attention", q_nope, q_pe, ckv, kpe, bt, sl, scale=1 / math.sqrt(192), num_splits=4)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_128_heads_two_row_tiles(device, monkeypatch, num_splits):
+    """DeepSeek-V3 on one GPU (128 heads, rank 512, bf16): the dispatcher launches 2 row tiles of 64 heads per
+    (sequence, split), so each latent byte is loaded twice (mla.decode_row_tiles; 4 times with the old 32-row
+    tile); the output against the float64 reference, through the direct epilogue (its two column halves) with one
+    split and the partials' merge with three."""
+    grids = []
+    launch = mla._utils.launch
+
+    def record(kernel, grid, *args, **kw):
+        grids.append((kernel, tuple(grid), kw.get("BLOCK_M"), kw.get("SPLIT")))
+        return launch(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(mla._utils, "launch", record)
+    ckv, kpe, bt, sl, g = _make(device, seq_lens=[20, 37], rank=512, rope_dim=64, dtype=torch.bfloat16)
+    q_nope, q_pe = _queries(g, 2, 128, 512, 64, torch.bfloat16, device)
+    _check("mla_decode_attention", q_nope, q_pe, ckv, kpe, bt, sl, scale=1 / math.sqrt(192), num_splits=num_splits)
+    attn = [(grid, bm, split) for kernel, grid, bm, split in grids if kernel is mla.kernels.mla_attention_kernel]
+    assert attn == [((2, 2, num_splits), 64, num_splits > 1)]
+    assert mla.decode_row_tiles(128) == 2 and mla.decode_row_tiles(64) == 1 and mla.decode_row_tiles(16) == 1
+
+
 def test_decode_splits_agree(device):
     """The split count changes the summation order only: 1, 2 and 5 splits agree to fp32 rounding."""
     ckv, kpe, bt, sl, g = _make(device, seq_lens=[90, 33], dtype=torch.float32)

@@ -32,9 +32,33 @@ llmkern.reference; the C++ CPU backend (csrc/) has no MLA kernel yet.
 Kernels (kernels/mla.py): one program owns a row tile of BLOCK_M (query token, head) pairs of one sequence and one
 split of its keys; each step loads a tile of ckv and kpe once and uses the ckv tile twice, as the keys of the scores
 and as the values of the output. The row tile is sized so that its (rows x kv_lora_rank) fp32 output accumulator and
-its q_nope operand stay in registers (`_config`); more pairs than a tile holds take more tiles, each reading the
-latent cache (a decode at 128 heads and 32 rows per tile: four times, adjacent in the launch so that the repeats can
-hit L2).
+its q_nope operand stay in registers without spills (`_config`); more pairs than a tile holds take more tiles, each
+loading its split's latents from global memory itself.
+
+Latent reads per decode (`decode_row_tiles`): how many times each latent byte of a (sequence, split) is loaded from
+global memory, 16-bit, kv_lora_rank 512, the same tiles on sm_80 and sm_90 (fp32 and rank 256 keep 16- and 32-row
+tiles):
+    heads          16    32    64    128
+    32-row tile     1     1     2      4     (before: 16 rows up to 16 heads, else 32)
+    now             1     1     1      2     (16 rows up to 16 heads, 32 up to 32, else 64)
+One of those loads per byte has to come from HBM; the others are made by the tiles of the same (sequence, split),
+which sit next to each other on the grid's fastest axis (axis 0), so they start together and are expected to hit L2.
+That expectation is what only a GPU can confirm: a profiler's DRAM bytes against the latent bytes, or `llmkern bench
+decode`'s MLA GB/s, which counts each latent byte once (perf.mla_attention_bytes) and so falls short of the memory
+roof when the repeats go to HBM.
+Why not one tile for all 128 heads: their fp32 accumulator, 128 x 512 x 4 bytes = 256 KiB, is the whole register
+file of an sm_80 or sm_90 SM (65536 32-bit registers); the 64-row tile's half of that (128 registers a thread over
+8 warps) is the most that compiles without spills (`_config` names what spilled). The peers draw the same line:
+  * FlashMLA's dense decode for sm_90 (github.com/deepseek-ai/FlashMLA, csrc/sm90/decode/dense: BLOCK_SIZE_M = 64
+    query rows per CTA of two warpgroups, grid (row blocks, KV heads, SM partitions)) runs 128 heads as two CTAs per
+    sequence, each loading the latents; its deep dive (docs/20250422-new-kernel-deep-dive.md) gives the 64 x 512
+    output as 32768 registers, half an SM, split into two 64 x 256 halves, one per warpgroup, and loads the KV cache
+    with TMA's EVICT_FIRST hint. Its README's 3000 GB/s on an H800 SXM5 (about 90% of 3.35 TB/s) is for the
+    memory-bound shapes; at 128 heads and one query token the deep dive puts MLA decode at the compute bound
+    (2 x heads FLOPs a byte against the H800's ~865 TFLOPS / 3.35 TB/s).
+  * FlashInfer's MLA decode (github.com/flashinfer-ai/flashinfer, include/flashinfer/attention/mla.cuh for sm_80,
+    mla_hopper.cuh for sm_90) also takes CTA_TILE_Q = 64 rows, with the 512 output columns split between two
+    warpgroups, and 64, 32 or 16 keys a step as the SM's shared memory allows.
 """
 from __future__ import annotations
 
@@ -63,15 +87,23 @@ SUPPORTED = ((512, 64), (256, 64), (256, 32))
 
 # ---------------------------------------------------------------------------------------------------- configs
 def _config(rank: int, num_heads: int, dtype: torch.dtype, decode: bool) -> dict:
-    """Tile sizes for mla_attention_kernel: BLOCK_M (query token, head) rows, BLOCK_N keys a step.
+    """Tile sizes for mla_attention_kernel: BLOCK_M (query token, head) rows, BLOCK_N keys a step. The same tiles
+    serve sm_80 and sm_90.
 
     The fp32 output accumulator (rows x kv_lora_rank) and the q_nope operand (rows x kv_lora_rank, which an sm_80
     mma.sync keeps in registers for every warp that shares its rows) grow with the rows and the rank. Each choice
-    below compiles without spills on sm_80 and sm_90 with triton 3.6 and 3.9 (`llmkern check-compile`); the
-    alternatives that spilled are named, since ptxas, given a need just above 64, 80 or 128 registers, sometimes
-    caps the kernel there and spills a few bytes:
-      16-bit, rank 512: 32 rows with 8 warps (64 rows spilled on sm_80); a decode of 16 heads or fewer takes 16
-        rows (all its heads, the M of an MMA) with 4 warps (8 warps spilled 8 bytes on sm_80).
+    below compiles without spills on sm_80 and sm_90 with triton 3.9 (`llmkern check-compile`; the 64-row tile is
+    not yet checked on triton 3.6); the alternatives that spilled are named, since ptxas, given a need just above
+    64, 80 or 128 registers, sometimes caps the kernel there and spills a few bytes:
+      16-bit, rank 512, decode: the fewest row tiles per sequence, since each tile reads the latent cache once
+        (module docstring):
+          <= 16 heads: 16 rows (all its heads, the M of an MMA) with 4 warps (8 warps spilled 8 bytes on sm_80);
+          <= 32 heads: 32 rows with 8 warps;
+          more: 64 rows, 16 keys a step, 8 warps: 248-254 registers, no spills, on both archs, once the direct
+            epilogue stores its two column halves one after the other (storing the whole tile spilled 88 bytes
+            on sm_90); 32 keys a step spilled 24 (split) and 136 (direct) bytes on sm_90, 16 (direct) on sm_80;
+            4 warps spilled over 1 KiB. FlashMLA's and FlashInfer's MLA decode also take 64 query rows per CTA.
+      16-bit, rank 512, prefill: 32 rows with 8 warps (64 rows spilled 24 to 96 bytes on both archs).
       16-bit, rank 256: 32 rows with 4 warps (8 warps spilled 8 to 12 bytes).
       fp32 runs its IEEE dot on FMA units with both operands in registers: 16 rows, 8 warps at rank 512, 4 at 256
         (8 spilled 8 bytes on sm_80 with triton 3.6).
@@ -84,7 +116,19 @@ def _config(rank: int, num_heads: int, dtype: torch.dtype, decode: bool) -> dict
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     if decode and num_heads <= 16:
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+    if decode and num_heads > 32:
+        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def decode_row_tiles(num_heads: int, dtype: torch.dtype = torch.bfloat16, kv_lora_rank: int = 512) -> int:
+    """Row tiles (programs) per (sequence, split) that mla_decode_attention launches for `num_heads` query heads:
+    each one loads every latent byte of its split from global memory once, so this is how many times a decode
+    reads each latent byte (the first from HBM, the rest, launched next to it, hopefully from L2). DeepSeek-V3
+    (rank 512, 16-bit): 1 up to 64 heads, 2 at 128. ValueError for a rank not in SUPPORTED."""
+    if kv_lora_rank not in {r for r, _ in SUPPORTED}:
+        raise ValueError(f"kv_lora_rank must be one of {sorted({r for r, _ in SUPPORTED})}, got {kv_lora_rank}")
+    return _utils.cdiv(num_heads, _config(kv_lora_rank, num_heads, dtype, True)["BLOCK_M"])
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -252,8 +296,8 @@ def _mla_decode_op(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Te
     if batch == 0:
         return torch.empty(q_nope.shape, dtype=q_nope.dtype, device=q_nope.device)
     if num_splits == 0:
-        tiles = _utils.cdiv(num_heads, _config(q_nope.shape[2], num_heads, q_nope.dtype, True)["BLOCK_M"])
-        num_splits = choose_num_splits(batch, tiles, int(seq_lens.max()), q_nope.device)
+        num_splits = choose_num_splits(batch, decode_row_tiles(num_heads, q_nope.dtype, q_nope.shape[2]),
+                                       int(seq_lens.max()), q_nope.device)
     # DECODE: query b is row b, and the kernel never reads cu_seqlens_q (seq_lens fills the argument)
     return _launch(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, seq_lens, scale, decode=True,
                    causal=False, max_q_len=1, num_splits=num_splits)
@@ -378,13 +422,13 @@ def _attention_spec(dtype: torch.dtype, num_heads: int, *, decode: bool, causal:
 @register
 def _compile_specs():
     """Every tile the dispatcher can pick (`_config`: by rank, dtype, decode or prefill, and for a 16-bit decode at
-    rank 512 whether the heads fit 16 rows) for every supported (kv_lora_rank, rope_dim) (SUPPORTED), each decode
-    tile in its split and direct epilogue, prefill causal (the masked-rows softmax) and not. Then the split merge
-    at each rank and the cache write."""
+    rank 512 whether the heads fit 16, 32 or more rows) for every supported (kv_lora_rank, rope_dim) (SUPPORTED),
+    each decode tile in its split and direct epilogue, prefill causal (the masked-rows softmax) and not. Then the
+    split merge at each rank and the cache write."""
     for rank, rope_dim in SUPPORTED:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             seen = set()
-            for heads in (16, 128):    # the two decode tiles of rank 512 (one tile elsewhere: deduplicated)
+            for heads in (16, 32, 128):    # the three decode tiles of rank 512 (one elsewhere: deduplicated)
                 cfg = tuple(_config(rank, heads, dtype, True).items())
                 if cfg not in seen:
                     seen.add(cfg)

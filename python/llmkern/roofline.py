@@ -38,28 +38,30 @@ KV_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 DEFAULT_GROUP = 128   # group size of weight-only int4/int8 quantization (GPTQ/AWQ's common default)
 
 # --------------------------------------------------------------------------------------------------- weights
-def _linear_bytes(shapes, bits: int | None, group_size: int) -> float:
+def _linear_bytes(shapes, bits: int | None, group_size: int, elem: int = BF16_BYTES) -> float:
+    """Dense weights of `elem` bytes each, or packed `bits`-bit codes with `elem`-byte scales."""
     if bits is None or bits >= 16:
-        return float(sum(n * k for n, k in shapes) * BF16_BYTES)
-    return float(sum(perf.quant_weight_bytes(n, k, bits, group_size) for n, k in shapes))
+        return float(sum(n * k for n, k in shapes) * elem)
+    return float(sum(perf.quant_weight_bytes(n, k, bits, group_size, scale_elem=elem) for n, k in shapes))
 
 
 def linear_weight_bytes(model: ModelShape, bits: int | None = None, group_size: int = DEFAULT_GROUP,
-                        experts: float | None = None) -> float:
-    """Bytes of every decoder layer's linear weights: bf16, or packed `bits`-bit with scales and zero points.
-    A MoE model's experts count `experts` times per layer (default: all of them, the weights as stored)."""
+                        experts: float | None = None, elem: int = BF16_BYTES) -> float:
+    """Bytes of every decoder layer's linear weights: `elem` bytes each (bf16 by default), or packed `bits`-bit
+    with scales (of `elem` bytes) and zero points. A MoE model's experts count `experts` times per layer
+    (default: all of them, the weights as stored)."""
     n = (model.num_experts if experts is None else experts) + model.shared_experts
     dense_layers = model.layers - model.moe_layers
-    return float(model.layers * _linear_bytes(model.attn_linear_shapes(), bits, group_size)
-                 + dense_layers * _linear_bytes(model.dense_mlp_shapes(), bits, group_size)
-                 + model.moe_layers * n * _linear_bytes(model.expert_linear_shapes(), bits, group_size))
+    return float(model.layers * _linear_bytes(model.attn_linear_shapes(), bits, group_size, elem)
+                 + dense_layers * _linear_bytes(model.dense_mlp_shapes(), bits, group_size, elem)
+                 + model.moe_layers * n * _linear_bytes(model.expert_linear_shapes(), bits, group_size, elem))
 
 
-def _other_weight_bytes(model: ModelShape) -> float:
-    """Norms, q/k/v biases and MoE routers, all layers, plus the final norm (bf16; never quantized)."""
+def _other_weight_bytes(model: ModelShape, elem: int = BF16_BYTES) -> float:
+    """Norms, q/k/v biases and MoE routers, all layers, plus the final norm (never quantized)."""
     bias = (model.heads + 2 * model.kv_heads) * model.head_dim if model.qkv_bias else 0
     per_layer = model._norm_params() + bias
-    return float(BF16_BYTES * (model.layers * per_layer + model.moe_layers * model.router_params() + model.hidden))
+    return float(elem * (model.layers * per_layer + model.moe_layers * model.router_params() + model.hidden))
 
 
 def weight_bytes(model: ModelShape, bits: int | None = None, group_size: int = DEFAULT_GROUP) -> float:
@@ -79,14 +81,15 @@ def experts_touched(model: ModelShape, tokens: int) -> float:
 
 
 def step_weight_bytes(model: ModelShape, tokens: int, bits: int | None = None,
-                      group_size: int = DEFAULT_GROUP) -> float:
+                      group_size: int = DEFAULT_GROUP, elem: int = BF16_BYTES) -> float:
     """Weight bytes one forward step must read: everything but the embedding table, of which only the `tokens`
     rows looked up (the whole table when it is tied, being the LM head too); of a MoE model's experts, those the
-    `tokens` tokens are expected to touch (experts_touched)."""
-    lm_head = model.vocab * model.hidden * BF16_BYTES
-    emb_rows = 0 if model.tied_embeddings else min(tokens, model.vocab) * model.hidden * BF16_BYTES
-    return (linear_weight_bytes(model, bits, group_size, experts_touched(model, tokens))
-            + _other_weight_bytes(model) + lm_head + emb_rows)
+    `tokens` tokens are expected to touch (experts_touched). `elem`: bytes per unquantized weight (4 for a
+    float32 model)."""
+    lm_head = model.vocab * model.hidden * elem
+    emb_rows = 0 if model.tied_embeddings else min(tokens, model.vocab) * model.hidden * elem
+    return (linear_weight_bytes(model, bits, group_size, experts_touched(model, tokens), elem)
+            + _other_weight_bytes(model, elem) + lm_head + emb_rows)
 
 
 # -------------------------------------------------------------------------------------------------- KV cache
@@ -172,27 +175,29 @@ def linear_flops(model: ModelShape, tokens: int, lm_head_tokens: int) -> float:
 
 
 def prefill_step(model: ModelShape, batch: int, context: int, bits: int | None = None,
-                 group_size: int = DEFAULT_GROUP, kv_elem: int = BF16_BYTES) -> StepCost:
+                 group_size: int = DEFAULT_GROUP, kv_elem: int = BF16_BYTES,
+                 weight_elem: int = BF16_BYTES) -> StepCost:
     """One forward over `batch` prompts of `context` tokens each (causal), writing their K/V into the cache
-    (kv_elem bytes per element: KV_DTYPE_BYTES)."""
+    (kv_elem bytes per element: KV_DTYPE_BYTES; weight_elem bytes per unquantized weight)."""
     tokens = batch * context
     lin = linear_flops(model, tokens, lm_head_tokens=batch)
     attn = batch * _attention_flops_per_layer_avg(model, _causal_pairs(context, None),
                                                   _causal_pairs(context, model.sliding_window))
-    w = step_weight_bytes(model, tokens, bits, group_size)
+    w = step_weight_bytes(model, tokens, bits, group_size, weight_elem)
     kv = kv_cache_bytes(model, batch, context, kv_elem)  # written once
     return StepCost("prefill", tokens, lin + attn, w + kv, lin, attn, w, kv)
 
 
 def decode_step(model: ModelShape, batch: int, context: int, bits: int | None = None,
-                group_size: int = DEFAULT_GROUP, kv_elem: int = BF16_BYTES) -> StepCost:
+                group_size: int = DEFAULT_GROUP, kv_elem: int = BF16_BYTES,
+                weight_elem: int = BF16_BYTES) -> StepCost:
     """One new token for each of `batch` sequences whose cache holds `context` tokens (the new one included),
-    kv_elem bytes per cache element."""
+    kv_elem bytes per cache element, weight_elem bytes per unquantized weight."""
     lin = linear_flops(model, batch, lm_head_tokens=batch)
     window = model.sliding_window if model.sliding_window is not None else None
     windowed = min(context, window) if window is not None else context
     attn = batch * _attention_flops_per_layer_avg(model, context, windowed, absorbed=True)
-    w = step_weight_bytes(model, batch, bits, group_size)
+    w = step_weight_bytes(model, batch, bits, group_size, weight_elem)
     # read the cache, write the new token's K/V
     kv = kv_cache_bytes(model, batch, context, kv_elem) + batch * kv_bytes_per_token(model, kv_elem)
     return StepCost("decode", batch, lin + attn, w + kv, lin, attn, w, kv)
