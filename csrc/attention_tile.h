@@ -67,7 +67,13 @@ inline void apply_softcap(float* s, int64_t n, float softcap) {
 // factor the row's accumulator must be rescaled by returned. A row that has seen no key yet keeps m = -inf.
 inline float softmax_update(float* s, int64_t n, int64_t lo, int64_t hi, float& m, float& l) {
   float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, s[j]);
+  int64_t j = lo;
+  if (hi - lo >= kF) {
+    fVec mv(mx);
+    for (; j + kF <= hi; j += kF) mv = at::vec::maximum(mv, fVec::loadu(s + j));
+    mx = hmax(mv);
+  }
+  for (; j < hi; ++j) mx = std::max(mx, s[j]);
   if (mx == -std::numeric_limits<float>::infinity()) {  // nothing visible here (or every score -inf)
     std::fill(s, s + n, 0.f);
     return 1.f;
@@ -78,8 +84,7 @@ inline float softmax_update(float* s, int64_t n, int64_t lo, int64_t hi, float& 
   std::fill(s + hi, s + n, 0.f);
   const fVec mv(m_new);
   fVec sum(0.f);
-  int64_t j = lo;
-  for (; j + kF <= hi; j += kF) {
+  for (j = lo; j + kF <= hi; j += kF) {
     const fVec p = (fVec::loadu(s + j) - mv).exp_u20();
     p.store(s + j);
     sum = sum + p;
@@ -129,14 +134,6 @@ struct AttnScratch {
 inline AttnScratch& attn_scratch() {
   thread_local AttnScratch s;
   return s;
-}
-
-template <typename T>
-inline void convert_row(const T* src, float* dst, int64_t d, float mul = 1.f) {
-  const fVec mv(mul);
-  int64_t i = 0;
-  for (; i + kF <= d; i += kF) (load_f(src + i) * mv).store(dst + i);
-  if (i < d) (load_f(src + i, d - i) * mv).store(dst + i, d - i);
 }
 
 // One work item. Query i, head g: q_base + i * q_si + g * q_sh (head_dim contiguous); likewise the output; lse

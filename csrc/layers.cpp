@@ -133,20 +133,26 @@ void rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual, co
 template <typename T>
 void rotate_heads(const T* in, T* out, int64_t heads, int64_t stride_in, int64_t stride_out, const float* c,
                   const float* s, int64_t half) {
+  constexpr int64_t kStep = 2 * kF;  // one full 16-bit vector: two fp32 vectors, converted back with one store
   for (int64_t h = 0; h < heads; ++h) {
     const T* x = in + h * stride_in;
     T* y = out + h * stride_out;
     int64_t i = 0;
-    for (; i + kF <= half; i += kF) {
-      const fVec x1 = load_f(x + i), x2 = load_f(x + half + i);
-      const fVec cv = fVec::loadu(c + i), sv = fVec::loadu(s + i);
-      store_f(y + i, at::vec::fmsub(x1, cv, x2 * sv));
-      store_f(y + half + i, at::vec::fmadd(x2, cv, x1 * sv));
+    for (; i + kStep <= half; i += kStep) {
+      fVec x1a, x1b, x2a, x2b;
+      load2_f(x + i, x1a, x1b);
+      load2_f(x + half + i, x2a, x2b);
+      const fVec ca = fVec::loadu(c + i), cb = fVec::loadu(c + i + kF);
+      const fVec sa = fVec::loadu(s + i), sb = fVec::loadu(s + i + kF);
+      store2_f(y + i, at::vec::fmsub(x1a, ca, x2a * sa), at::vec::fmsub(x1b, cb, x2b * sb));
+      store2_f(y + half + i, at::vec::fmadd(x2a, ca, x1a * sa), at::vec::fmadd(x2b, cb, x1b * sb));
     }
-    for (; i < half; ++i) {
-      const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[half + i]);
-      y[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
-      y[half + i] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+    for (; i < half; i += kF) {
+      const int64_t n = std::min(kF, half - i);
+      const fVec x1 = load_f(x + i, n), x2 = load_f(x + half + i, n);
+      const fVec cv = fVec::loadu(c + i, n), sv = fVec::loadu(s + i, n);
+      store_f(y + i, at::vec::fmsub(x1, cv, x2 * sv), n);
+      store_f(y + half + i, at::vec::fmadd(x2, cv, x1 * sv), n);
     }
   }
 }
@@ -185,10 +191,8 @@ void rope_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out
       if (use_table) {
         const TableT* ct = cp + b * scb + si * scs;
         const TableT* st = sp + b * ssb + si * sss;
-        for (int64_t i = 0; i < half; ++i) {
-          c[i] = static_cast<float>(ct[i]);
-          s[i] = static_cast<float>(st[i]);
-        }
+        convert_row(ct, c.data(), half);
+        convert_row(st, s.data(), half);
       } else {
         const int64_t off = b * spb + si * sps;
         const float pos = pos64 ? static_cast<float>(static_cast<const int64_t*>(pp)[off])

@@ -109,92 +109,120 @@ void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
 }
 
 // ------------------------------------------------------------------------------------------------- decode
-// Tokens per decode tile: the tile's scores (heads x 32 fp32, 4 KB at 32 heads) stay in L1, its V rows (32 tokens
-// x num_kv_heads x head_dim: 128 KB for 8 fp32 heads of 128) stay in L2 from their prefetch to the P @ V pass, and
-// the exp of a head's scores is vectorized across the tile's tokens.
+// Decode is one query per (sequence, head) against every cached key: 2 x group FMAs per cached element and nothing
+// to reuse, so the loops below are counted in instructions per cached element (callgrind): each K and V vector is
+// loaded and converted to fp32 once and multiplied into every query head of its group (GQA) while their
+// accumulators stay in registers.
+//
+// Tokens per decode tile: the tile's scores (heads x 32 fp32, 4 KB at 32 heads) stay in L1, its K and V rows (32
+// tokens x num_kv_heads x head_dim: 128 KB each for 8 fp32 heads of 128) stay in L2 from their prefetch to their
+// use, and the exp of a head's scores is vectorized across the tile's tokens.
 constexpr int64_t kDecodeTile = 32;
 
 // Per-thread decode scratch, for every query head of a sequence: q rows (pre-scaled, fp32), their scores for one
-// tile, the accumulators, the running max and sum.
+// tile, the accumulators, the running max and sum, and the factor each accumulator is rescaled by before the tile's
+// P @ V.
 struct DecodeScratch {
-  std::vector<float> q, s, acc, m, l;
+  std::vector<float> q, s, acc, m, l, alpha;
   void reserve(int64_t heads, int64_t d) {
     q.resize(heads * d);
     s.resize(heads * kDecodeTile);
     acc.resize(heads * d);
     m.resize(heads);
     l.resize(heads);
+    alpha.resize(heads);
   }
 };
 
-// The heads of a group are processed GN at a time, GN a compile-time count (1..8) so that the GN accumulators of the
-// two loops below are registers: 8 of them, plus operands, fit AVX2's 16 and AVX-512's 32 vector registers.
-constexpr int kHeadBlock = 8;
+// Query heads of a group are processed GN at a time, GN a compile-time count so that the accumulators are
+// registers. Scores: GN accumulators + the K vector (AVX2 has 16 vector registers, AVX-512 32), so up to 8.
+// P @ V: 2 x GN accumulators (two vectors of head_dim per token, which halves the broadcasts of p per V element),
+// + GN broadcasts + 2 V vectors, so up to 4.
+constexpr int kScoreHeads = 8;
+constexpr int kPvHeads = 4;
 
-// Scores of GN heads (q rows at q, row stride d, pre-scaled) against the tile's nt K rows: s[g * kDecodeTile + t].
-// K row t is streamed once, one vector at a time, and multiplied into every head.
+// Scores of GN heads (q rows at q, row stride d, pre-scaled) against the tile's nt K rows (kp[t] + koff):
+// s[g * kDecodeTile + t]. Per K vector: one load and conversion, GN FMAs with q read from L1.
 template <int GN, typename T>
-void tile_scores(const float* q, const T* const* kp, int64_t nt, int64_t d, float* s) {
+void tile_scores(const float* q, const T* const* kp, int64_t koff, int64_t nt, int64_t d, float* s) {
   for (int64_t t = 0; t < nt; ++t) {
+    const T* k = kp[t] + koff;
     fVec a[GN];
     for (int g = 0; g < GN; ++g) a[g] = fVec(0.f);
     int64_t i = 0;
+#pragma GCC unroll 4
     for (; i + kF <= d; i += kF) {
-      const fVec kv = load_f(kp[t] + i);
+      const fVec kv = load_f(k + i);
       for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * d + i), kv, a[g]);
     }
     if (i < d) {
-      const fVec kv = load_f(kp[t] + i, d - i);
+      const fVec kv = load_f(k + i, d - i);
       for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * d + i, d - i), kv, a[g]);
     }
     for (int g = 0; g < GN; ++g) s[g * kDecodeTile + t] = hsum(a[g]);
   }
 }
 
-// acc[g] += sum_t p[g * kDecodeTile + t] * V row t, for GN heads: one d-slice of every head's accumulator stays in
-// registers while the tile's V rows stream through it, each V element loaded once for all heads.
+// acc[g] = alpha[g] * acc[g] + sum_t p[g * kDecodeTile + t] * V row t (vp[t] + voff), for GN heads: a slice of
+// 2 * kF columns of every head's accumulator stays in registers while the tile's V rows stream through it, each V
+// element loaded and converted once for all GN heads, each p broadcast once per 2 * kF columns.
 template <int GN, typename T>
-void tile_pv(float* acc, const float* p, const T* const* vp, int64_t nt, int64_t d) {
-  for (int64_t i = 0; i < d; i += kF) {
+void tile_pv(float* acc, const float* alpha, const float* p, const T* const* vp, int64_t voff, int64_t nt,
+             int64_t d) {
+  int64_t i = 0;
+  for (; i + 2 * kF <= d; i += 2 * kF) {
+    fVec a0[GN], a1[GN];
+    for (int g = 0; g < GN; ++g) {
+      const fVec al(alpha[g]);
+      a0[g] = fVec::loadu(acc + g * d + i) * al;
+      a1[g] = fVec::loadu(acc + g * d + i + kF) * al;
+    }
+#pragma GCC unroll 2
+    for (int64_t t = 0; t < nt; ++t) {
+      fVec v0, v1;
+      load2_f(vp[t] + voff + i, v0, v1);
+      for (int g = 0; g < GN; ++g) {
+        const fVec pg(p[g * kDecodeTile + t]);
+        a0[g] = at::vec::fmadd(pg, v0, a0[g]);
+        a1[g] = at::vec::fmadd(pg, v1, a1[g]);
+      }
+    }
+    for (int g = 0; g < GN; ++g) {
+      a0[g].store(acc + g * d + i);
+      a1[g].store(acc + g * d + i + kF);
+    }
+  }
+  for (; i < d; i += kF) {  // head_dim not a multiple of 2 * kF: the last columns one vector (or less) at a time
     const int64_t n = std::min(kF, d - i);
     fVec a[GN];
-    for (int g = 0; g < GN; ++g) a[g] = fVec::loadu(acc + g * d + i, n);
+    for (int g = 0; g < GN; ++g) a[g] = fVec::loadu(acc + g * d + i, n) * fVec(alpha[g]);
     for (int64_t t = 0; t < nt; ++t) {
-      const fVec vv = n == kF ? load_f(vp[t] + i) : load_f(vp[t] + i, n);
+      const fVec vv = n == kF ? load_f(vp[t] + voff + i) : load_f(vp[t] + voff + i, n);
       for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec(p[g * kDecodeTile + t]), vv, a[g]);
     }
     for (int g = 0; g < GN; ++g) a[g].store(acc + g * d + i, n);
   }
 }
 
-// Runs f(std::integral_constant<int, GN>, g0) over the group in blocks of at most kHeadBlock heads.
-template <typename F>
+// Runs f(std::integral_constant<int, GN>{}, g0) over the group in blocks of at most MaxGN heads.
+template <int MaxGN, typename F>
 void for_head_blocks(int64_t group, const F& f) {
-  using std::integral_constant;
-  for (int64_t g0 = 0; g0 < group; g0 += kHeadBlock) {
-    switch (std::min<int64_t>(kHeadBlock, group - g0)) {
-      case 1: f(integral_constant<int, 1>{}, g0); break;
-      case 2: f(integral_constant<int, 2>{}, g0); break;
-      case 3: f(integral_constant<int, 3>{}, g0); break;
-      case 4: f(integral_constant<int, 4>{}, g0); break;
-      case 5: f(integral_constant<int, 5>{}, g0); break;
-      case 6: f(integral_constant<int, 6>{}, g0); break;
-      case 7: f(integral_constant<int, 7>{}, g0); break;
-      default: f(integral_constant<int, 8>{}, g0); break;
-    }
+  for (int64_t g0 = 0; g0 < group; g0 += MaxGN) {
+    with_count<MaxGN>(std::min<int64_t>(MaxGN, group - g0), [&](auto gn) { f(gn, g0); });
   }
 }
 
 // Asks for the cache lines of `bytes` bytes at p, to arrive while other work runs.
 inline void prefetch(const void* p, int64_t bytes) {
+#pragma GCC unroll 4
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
 }
 
 // Every query head of one sequence against its tokens [start, end): acc (heads x d, unnormalized), and per head the
 // running max m and sum l (natural-log domain), in ws. rows(j) points at token j's K and V rows of KV head 0; head h
-// is h * stride_kh (stride_vh) further. All KV heads of a token are handled together: in the NHD layout they are one
-// contiguous span (num_kv_heads x head_dim), so the scores pass streams the cache in memory order, and each K and V
-// row is read once, for all the query heads of its group (GQA).
+// is h * stride_kh (stride_vh) further. Per tile: the scores of every head (KV head by KV head, each K row read once
+// for all the query heads of its group), the online softmax of every head, then P @ V (each V row read once for
+// the group).
 template <typename T>
 void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stride_kh, int64_t stride_vh,
                   int64_t start, int64_t end, int64_t kv_heads, int64_t group, int64_t d, DecodeScratch& ws) {
@@ -203,47 +231,34 @@ void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stri
   std::fill(acc, acc + heads * d, 0.f);
   std::fill(ws.m.begin(), ws.m.begin() + heads, -std::numeric_limits<float>::infinity());
   std::fill(ws.l.begin(), ws.l.begin() + heads, 0.f);
+  // A token's K (V) rows of every KV head: one span in the NHD layout, prefetched as one.
   const int64_t k_span = ((kv_heads - 1) * stride_kh + d) * static_cast<int64_t>(sizeof(T));
   const int64_t v_span = ((kv_heads - 1) * stride_vh + d) * static_cast<int64_t>(sizeof(T));
   const T* kp[kDecodeTile];
   const T* vp[kDecodeTile];
-  const T* vh[kDecodeTile];
   for (int64_t n0 = start; n0 < end; n0 += kDecodeTile) {
     const int64_t nt = std::min(kDecodeTile, end - n0);
     for (int64_t t = 0; t < nt; ++t) std::tie(kp[t], vp[t]) = rows(n0 + t);
-    // This tile's V rows are read column-wise below, which no hardware prefetcher follows, and the next tile's K
-    // rows start at scattered blocks: ask for both now, while the scores are computed.
+    // This tile's V rows are used after the scores, and the next tile's K rows start at scattered blocks: ask for
+    // both now, while the scores are computed.
     for (int64_t t = 0; t < nt; ++t) prefetch(vp[t], v_span);
     for (int64_t j = n0 + kDecodeTile; j < std::min(end, n0 + 2 * kDecodeTile); ++j) prefetch(rows(j).first, k_span);
-    // Scores, token by token and KV head by KV head: the cache in memory order.
-    for (int64_t t = 0; t < nt; ++t) {
-      for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-        const T* krow = kp[t] + kvh * stride_kh;
-        for_head_blocks(group, [&](auto gn, int64_t g0) {
-          const int64_t h = kvh * group + g0;
-          tile_scores<decltype(gn)::value>(&ws.q[h * d], &krow, 1, d, &ws.s[h * kDecodeTile + t]);
-        });
-      }
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+      for_head_blocks<kScoreHeads>(group, [&](auto gn, int64_t g0) {
+        const int64_t h = kvh * group + g0;
+        tile_scores<decltype(gn)::value>(&ws.q[h * d], kp, kvh * stride_kh, nt, d, &ws.s[h * kDecodeTile]);
+      });
     }
-    // Online softmax per head; p overwrites the scores.
+    // Online softmax per head; p overwrites the scores, alpha rescales the accumulator in the P @ V pass.
     for (int64_t h = 0; h < heads; ++h) {
       float* sh = &ws.s[h * kDecodeTile];
       if (opt.has_softcap) apply_softcap(sh, nt, opt.softcap);
-      const float alpha = softmax_update(sh, nt, 0, nt, ws.m[h], ws.l[h]);
-      if (alpha != 1.f) {
-        const fVec av(alpha);
-        float* ah = acc + h * d;
-        int64_t i = 0;
-        for (; i + kF <= d; i += kF) (fVec::loadu(ah + i) * av).store(ah + i);
-        for (; i < d; ++i) ah[i] *= alpha;
-      }
+      ws.alpha[h] = softmax_update(sh, nt, 0, nt, ws.m[h], ws.l[h]);
     }
-    // acc += p @ V, KV head by KV head.
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-      for (int64_t t = 0; t < nt; ++t) vh[t] = vp[t] + kvh * stride_vh;
-      for_head_blocks(group, [&](auto gn, int64_t g0) {
+      for_head_blocks<kPvHeads>(group, [&](auto gn, int64_t g0) {
         const int64_t h = kvh * group + g0;
-        tile_pv<decltype(gn)::value>(acc + h * d, &ws.s[h * kDecodeTile], vh, nt, d);
+        tile_pv<decltype(gn)::value>(acc + h * d, &ws.alpha[h], &ws.s[h * kDecodeTile], vp, kvh * stride_vh, nt, d);
       });
     }
   }

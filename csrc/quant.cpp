@@ -4,10 +4,8 @@
 // zero points (G, N) int16, W[n, k] = (q - z) * s over the group of k, and an optional act-order perm: packed row j is x's column perm[j].
 //
 // Two paths, as on the GPU:
-//   M <= 16 (decode): the packed words are streamed once, in memory order, and unpacked in registers: for each
-//     word row (PACK consecutive k) and each vector of columns, the PACK codes are shifted out, centred on their
-//     zero point (exact small integers in fp32) and multiplied into every row of x; a group's sum is scaled once at
-//     the group's end. Each weight byte is read once per call; the work is ~5 vector ops per code and row.
+//   M <= 16 (decode): the packed words are streamed once, in memory order, and unpacked in registers (M = 1) or into
+//     an L1 tile of centred codes shared by the M rows (decode_path); a group's sum is scaled once at the group's end.
 //   M > 16 (prefill): a tile of W is dequantized to fp32 once and multiplied by all M rows with BLAS (at::mm).
 // fp32 accumulation throughout; one rounding to x's dtype at the end.
 #include <ATen/ops/from_blob.h>
@@ -45,81 +43,133 @@ std::vector<float> gathered_x(const at::Tensor& x, const int32_t* perm, int64_t 
   return xf;
 }
 
-// n (<= kF) consecutive int16 zero points or scales as fp32.
-template <typename S>
-inline fVec load_small(const S* p, int64_t n) {
+// n (<= kF) consecutive int16 zero points as fp32, zeros after them.
+inline fVec load_zeros(const int16_t* p, int64_t n) {
   float tmp[kF] = {};
   for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
   return fVec::loadu(tmp);
 }
 
+// n (<= kF) packed words at p, zeros after them.
+inline iVec load_words(const int32_t* p, int64_t n) { return n == kF ? iVec::loadu(p) : iVec::loadu(p, n); }
+
+// Code j of every word of w, centred on its column's zero point z: a small integer, exact in fp32.
+template <int BITS>
+inline fVec centred_code(const iVec& w, int j, const fVec& z) {
+  const iVec code = (w >> iVec(j * BITS)) & iVec((1 << BITS) - 1);
+  return at::vec::convert_to_fp_of_same_size<float>(code) - z;
+}
+
 // ------------------------------------------------------------------------------------------------------ decode
-// For packed word rows [w0, w1) of one group and the columns [c0, c1): gacc[mb][c] += sum over the rows' k of
-// x[m0 + mb][k] * (q[k][c] - z[c]), gacc with row stride `cols` and indexed from c0. For fp16/bf16 x the products
-// are exact in fp32 (an 11- or 8-bit significand times an integer below 2^8 in magnitude); for fp32 x each is
-// rounded once, as in any fp32 dot. The group's scale is applied by the caller, once.
-template <int BITS, int MB>
-void decode_group_rows(const int32_t* qw, int64_t N, const float* xf, int64_t K, int64_t m0, int64_t w0, int64_t w1,
-                       int64_t c0, int64_t c1, const fVec* zf, float* gacc, int64_t cols) {
+// The packed words are read once per call, in memory order within each thread's columns: group by group, each of
+// the group's word rows across the thread's columns. Columns go in blocks of V vectors (V a compile-time count, the
+// last block of a thread may have fewer), whose per-group sums stay in registers. A group's fp32 sum of
+// x[m][k] * (q[k][c] - z[c]) (exact products for fp16/bf16 x: an 11- or 8-bit significand times an integer below 2^8;
+// rounded once for fp32 x, as in any fp32 dot) is multiplied by the group's scale and added to acc[m][c].
+//
+// M = 1: the codes are unpacked in registers (a shift, a mask, a conversion and the zero point per code and vector),
+// and each is used once; x[k] is broadcast once for the block's V vectors. kGemvVecs: V accumulators, V words, V
+// codes, the broadcast and the mask fit AVX2's 16 vector registers.
+constexpr int kGemvVecs = 4;
+
+template <int BITS, int V>
+void gemv_group(const int32_t* qw, int64_t N, const float* xg, int64_t words, int64_t c, int64_t n_last,
+                const fVec* zf, fVec* sum) {
   constexpr int kPack = 32 / BITS;
-  const iVec mask((1 << BITS) - 1);
-  for (int64_t w = w0; w < w1; ++w) {
-    const int32_t* row = qw + w * N;
-    const float* xk = xf + m0 * K + w * kPack;   // x[m0][w * kPack + j]
-    for (int64_t c = c0, v = 0; c < c1; c += kF, ++v) {
-      const int64_t n = std::min(kF, c1 - c);
-      const iVec words = n == kF ? iVec::loadu(row + c) : iVec::loadu(row + c, n);
-      float* ga = gacc + (c - c0);
-      fVec a[MB];
-      for (int mb = 0; mb < MB; ++mb) a[mb] = fVec::loadu(ga + mb * cols, n);
-      for (int j = 0; j < kPack; ++j) {
-        const iVec code = (words >> iVec(j * BITS)) & mask;
-        const fVec centred = at::vec::convert_to_fp_of_same_size<float>(code) - zf[v];
-        for (int mb = 0; mb < MB; ++mb) a[mb] = at::vec::fmadd(fVec(xk[mb * K + j]), centred, a[mb]);
-      }
-      for (int mb = 0; mb < MB; ++mb) a[mb].store(ga + mb * cols, n);
+  for (int v = 0; v < V; ++v) sum[v] = fVec(0.f);
+  for (int64_t w = 0; w < words; ++w) {
+    const int32_t* row = qw + w * N + c;
+    iVec wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load_words(row + v * kF, v == V - 1 ? n_last : kF);
+    for (int j = 0; j < kPack; ++j) {
+      const fVec xb(xg[w * kPack + j]);
+      for (int v = 0; v < V; ++v) sum[v] = at::vec::fmadd(xb, centred_code<BITS>(wv[v], j, zf[v]), sum[v]);
     }
+  }
+}
+
+// 2 <= M <= 16: each code would be unpacked M times in registers, so a chunk of kChunk codes x kTileVecs vectors of
+// columns is unpacked once into a tile of centred codes (fp32, in L1), and every row of x then runs over the tile
+// with kTileVecs accumulators in registers: per k, one broadcast of x[m][k] and kTileVecs FMAs reading the tile.
+constexpr int kTileVecs = 6;
+constexpr int64_t kChunk = 64;   // codes per tile: 64 x 6 vectors, 12 KB of fp32 with AVX2, 24 KB with AVX-512
+constexpr int64_t kTileCols = kTileVecs * kF;
+
+template <int BITS>
+void unpack_tile(const int32_t* qw, int64_t N, int64_t words, int64_t c, int64_t nc, const fVec* zf, float* tile) {
+  constexpr int kPack = 32 / BITS;
+  for (int64_t w = 0; w < words; ++w) {
+    for (int v = 0; v < kTileVecs; ++v) {   // columns past nc: words and zero points 0, codes 0
+      const int64_t n = std::clamp<int64_t>(nc - v * kF, 0, kF);
+      const iVec wv = n > 0 ? load_words(qw + w * N + c + v * kF, n) : iVec(0);
+      for (int j = 0; j < kPack; ++j) centred_code<BITS>(wv, j, zf[v]).store(tile + (w * kPack + j) * kTileCols + v * kF);
+    }
+  }
+}
+
+// sum[v] += x[k] * tile[k][v] over the tile's nk codes.
+inline void tile_row(const float* tile, int64_t nk, const float* x, fVec* sum) {
+  for (int64_t k = 0; k < nk; ++k) {
+    const fVec xb(x[k]);
+    for (int v = 0; v < kTileVecs; ++v) sum[v] = at::vec::fmadd(xb, fVec::loadu(tile + k * kTileCols + v * kF), sum[v]);
   }
 }
 
 template <typename T, int BITS>
 void decode_path(const QuantArgs& a, const float* xf, const int32_t* qw, const T* scales, const int16_t* zeros,
                  const T* bias, T* out, int64_t out_stride) {
-  const int64_t M = a.M, N = a.N, K = a.K, words_per_group = a.group * BITS / 32;
-  const int64_t groups = K / a.group, n_vec = (N + kF - 1) / kF;
+  constexpr int kPack = 32 / BITS;
+  const int64_t M = a.M, N = a.N, K = a.K, words_per_group = a.group / kPack, groups = K / a.group;
+  const bool gemv = M == 1;
+  const int64_t block = gemv ? kGemvVecs * kF : kTileCols, n_blocks = (N + block - 1) / block;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Each thread takes one contiguous range of columns over all of K: it streams its part of every word row in
-  // memory order, and its accumulators (2 x M x its columns, fp32) stay in L1/L2.
-  at::parallel_for(0, n_vec, (n_vec + threads - 1) / threads, [&](int64_t v0, int64_t v1) {
-    const int64_t c0 = v0 * kF, c1 = std::min(N, v1 * kF), cols = c1 - c0;
-    std::vector<float> acc(M * cols, 0.f), gacc(M * cols);   // [m * cols + (c - c0)]
-    std::vector<fVec> zf(v1 - v0);
+  at::parallel_for(0, n_blocks, (n_blocks + threads - 1) / threads, [&](int64_t b0, int64_t b1) {
+    const int64_t c0 = b0 * block, cols = (b1 - b0) * block;
+    std::vector<float> acc(M * cols, 0.f);          // [m * cols + (c - c0)], every block's columns in full
+    std::vector<float> tile(gemv ? 0 : kChunk * kTileCols), gsum(gemv ? 0 : M * kTileCols);
+    // The group's scales of n <= kF columns from c, times the group's sums of row m, added to acc.
+    const auto add_scaled = [&](int64_t g, int64_t c, int64_t n, int64_t m, const fVec& sum) {
+      const fVec s = n == kF ? load_f(scales + g * N + c) : load_f(scales + g * N + c, n);
+      float* ac = &acc[m * cols + (c - c0)];
+      at::vec::fmadd(s, sum, fVec::loadu(ac)).store(ac);
+    };
     for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t c = c0, v = 0; c < c1; c += kF, ++v) zf[v] = load_small(zeros + g * N + c, std::min(kF, c1 - c));
-      std::fill(gacc.begin(), gacc.end(), 0.f);
-      const int64_t w0 = g * words_per_group, w1 = w0 + words_per_group;
-      for (int64_t m = 0; m < M;) {  // rows in blocks of 4, 2, 1: their accumulators are registers
-        float* ga = gacc.data() + m * cols;
-        if (M - m >= 4) {
-          decode_group_rows<BITS, 4>(qw, N, xf, K, m, w0, w1, c0, c1, zf.data(), ga, cols);
-          m += 4;
-        } else if (M - m >= 2) {
-          decode_group_rows<BITS, 2>(qw, N, xf, K, m, w0, w1, c0, c1, zf.data(), ga, cols);
-          m += 2;
-        } else {
-          decode_group_rows<BITS, 1>(qw, N, xf, K, m, w0, w1, c0, c1, zf.data(), ga, cols);
-          m += 1;
+      const int32_t* qg = qw + g * words_per_group * N;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c = b * block, nc = std::min(block, N - c);
+        fVec zf[kTileVecs];
+        for (int v = 0; v < (gemv ? kGemvVecs : kTileVecs); ++v) {
+          zf[v] = load_zeros(zeros + g * N + c + v * kF, std::clamp<int64_t>(nc - v * kF, 0, kF));
         }
-      }
-      for (int64_t c = c0; c < c1; c += kF) {  // the group's scale, once per column and row
-        const int64_t n = std::min(kF, c1 - c);
-        const fVec s = load_small(scales + g * N + c, n);
+        if (gemv) {
+          const int64_t nvec = (nc + kF - 1) / kF;
+          with_count<kGemvVecs>(nvec, [&](auto vc) {
+            constexpr int kV = decltype(vc)::value;
+            fVec sum[kV];
+            gemv_group<BITS, kV>(qg, N, xf + g * a.group, words_per_group, c, nc - (kV - 1) * kF, zf, sum);
+            for (int v = 0; v < kV; ++v) add_scaled(g, c + v * kF, std::min(kF, nc - v * kF), 0, sum[v]);
+          });
+          continue;
+        }
+        std::fill(gsum.begin(), gsum.end(), 0.f);
+        for (int64_t w0 = 0; w0 < words_per_group; w0 += kChunk / kPack) {
+          const int64_t nw = std::min(kChunk / kPack, words_per_group - w0);
+          unpack_tile<BITS>(qg + w0 * N, N, nw, c, nc, zf, tile.data());
+          for (int64_t m = 0; m < M; ++m) {
+            fVec sum[kTileVecs];
+            for (int v = 0; v < kTileVecs; ++v) sum[v] = fVec::loadu(&gsum[m * kTileCols + v * kF]);
+            tile_row(tile.data(), nw * kPack, xf + m * K + g * a.group + w0 * kPack, sum);
+            for (int v = 0; v < kTileVecs; ++v) sum[v].store(&gsum[m * kTileCols + v * kF]);
+          }
+        }
         for (int64_t m = 0; m < M; ++m) {
-          float* ac = &acc[m * cols + (c - c0)];
-          at::vec::fmadd(s, fVec::loadu(&gacc[m * cols + (c - c0)], n), fVec::loadu(ac, n)).store(ac, n);
+          for (int v = 0; v * kF < nc; ++v) {
+            add_scaled(g, c + v * kF, std::min(kF, nc - v * kF), m, fVec::loadu(&gsum[m * kTileCols + v * kF]));
+          }
         }
       }
     }
+    const int64_t c1 = std::min(N, b1 * block);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t c = c0; c < c1; ++c) {
         out[m * out_stride + c] = static_cast<T>(acc[m * cols + (c - c0)] + (bias ? static_cast<float>(bias[c]) : 0.f));

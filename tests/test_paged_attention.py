@@ -84,8 +84,9 @@ def test_decode_lengths_across_block_edges(device, block_size):
     _check_decode(q, kc, vc, bt, sl)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (16, 4), (16, 2), (8, 1)],
-                         ids=["mha", "gqa4", "gqa8", "mqa"])
+# gqa6: a group that the C++ decode splits into head blocks of unequal sizes (4 + 2 in P @ V, 6 in the scores)
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (16, 4), (16, 2), (8, 1), (12, 2)],
+                         ids=["mha", "gqa4", "gqa8", "mqa", "gqa6"])
 def test_decode_gqa_mqa(device, num_heads, num_kv_heads):
     lens = [5, 40]
     kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=64,
