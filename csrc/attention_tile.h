@@ -73,12 +73,14 @@ inline float softmax_update(float* s, int64_t n, int64_t lo, int64_t hi, float& 
     for (; j + kF <= hi; j += kF) mv = at::vec::maximum(mv, fVec::loadu(s + j));
     mx = hmax(mv);
   }
-  for (; j < hi; ++j) mx = std::max(mx, s[j]);
+  // NaN propagates, as in at::vec::maximum: a NaN score (NaN in q or k, or q.k beyond float range) makes the row
+  // NaN, as PyTorch's softmax does, instead of being skipped by std::max.
+  for (; j < hi; ++j) mx = (std::isnan(s[j]) || s[j] > mx) ? s[j] : mx;
   if (mx == -std::numeric_limits<float>::infinity()) {  // nothing visible here (or every score -inf)
     std::fill(s, s + n, 0.f);
     return 1.f;
   }
-  const float m_new = std::max(m, mx);
+  const float m_new = std::isnan(mx) ? mx : std::max(m, mx);
   const float alpha = m == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m - m_new);
   std::fill(s, s + lo, 0.f);
   std::fill(s + hi, s + n, 0.f);
@@ -215,7 +217,7 @@ void attend_item(const AttnOptions& opt, int64_t d, int64_t group, const T* q_ba
       if (c < d) store_f(o + c, fVec::loadu(a + c, d - c) * iv, d - c);
       if (lse_base != nullptr) {
         lse_base[g * lse_sh + i * lse_si] =
-            l > 0.f ? ws.m[r] + std::log(l) : -std::numeric_limits<float>::infinity();
+            (l > 0.f || std::isnan(l)) ? ws.m[r] + std::log(l) : -std::numeric_limits<float>::infinity();
       }
     }
   }

@@ -314,7 +314,8 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
           float* po = &part_o[((b * heads + h) * splits + split) * d];
           for (int64_t i = 0; i < d; ++i) po[i] = a[i] * inv;
           part_lse[(b * heads + h) * splits + split] =
-              l > 0.f ? ws.m[h] + std::log(l) : -std::numeric_limits<float>::infinity();  // an empty split
+              (l > 0.f || std::isnan(l)) ? ws.m[h] + std::log(l)
+                                         : -std::numeric_limits<float>::infinity();  // an empty split
         }
       }
     }

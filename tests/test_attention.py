@@ -87,6 +87,23 @@ def test_no_keys(device):
     assert torch.all(o == 0) and torch.all(lse == float("-inf"))
 
 
+@pytest.mark.parametrize("seqlen", [3, 20])    # scores of fewer keys than a vector (scalar max) and more
+def test_nan_propagates_like_pytorch(device, seqlen):
+    """A NaN in a visible key, or in a query, makes exactly the rows that see it NaN (PyTorch's softmax does the
+    same); rows that cannot see the NaN key stay finite. On every backend and in the reference."""
+    q, k, v = _qkv(1, seqlen, seqlen, 2, 2, 32, F32, device)
+    k[0, 1, 0, 5] = float("nan")                 # key 1 of head 0: causal rows 1.. see it
+    q[0, 0, 1, 3] = float("nan")                 # query 0 of head 1
+    for out in (llmkern.attention(q, k, v, causal=True),
+                reference.attention(q.cpu(), k.cpu(), v.cpu(), causal=True)):
+        nan = torch.isnan(out).all(-1)           # (1, seqlen, heads): a row is NaN whole or not at all
+        assert torch.equal(nan | torch.isfinite(out).all(-1), torch.ones_like(nan))
+        expect = torch.zeros_like(nan)
+        expect[0, 1:, 0] = True
+        expect[0, 0, 1] = True
+        assert torch.equal(nan.cpu(), expect.cpu())
+
+
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (8, 1)])  # GQA ratio 1, 4, and 8 = MQA
 def test_gqa(device, num_heads, num_kv_heads):
     q, k, v = _qkv(1, 45, 70, num_heads, num_kv_heads, 64, F16, device)

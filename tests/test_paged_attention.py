@@ -401,3 +401,18 @@ def test_kv_write_slots_outside_the_cache_write_nothing(device):
     want_k[0, 3], want_v[0, 3] = k[1], k[1]
     llmkern.paged_kv_write(k, k, kc, vc, slots)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_nan_key_propagates(device, num_splits):
+    """A NaN in a visible cached key makes its sequence's rows of that KV head NaN, through the split merge too (as
+    PyTorch's softmax would); the other sequence, and keys past a sequence's length, stay out of it."""
+    kc, vc, bt, sl, g = _make(device, seq_lens=[3, 40], num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
+                              dtype=torch.float32, seed=9)
+    kc[bt[1, 1].long(), 7, 0, 4] = float("nan")        # sequence 1, position 23, KV head 0
+    kc[bt[0, 0].long(), 5, :, :] = float("nan")         # sequence 0, position 5: past its length 3
+    q = torch.randn(2, 4, 32, generator=g).to(device)
+    out = llmkern.paged_decode_attention(q, kc, vc, bt, sl, num_splits=num_splits)
+    nan = torch.isnan(out).all(-1).cpu()
+    assert torch.equal(nan, torch.tensor([[False] * 4, [True, True, False, False]]))
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, 2:]).all()
