@@ -5,32 +5,10 @@
 // block_table, FlashInfer's NHD pages). The callers (llmkern/paged_attention.py: the one-shot ops' checks, or the
 // PagedAttentionPlan that built the tables) have checked the block ids of the used table entries and the lengths
 // before the op runs; the cache write checks its own slots.
-#include <cstring>
-
-#include "attention_tile.h"
+#include "paged_decode.h"
 
 namespace llmkern {
 namespace {
-
-// Where token j of one sequence's KV head lives: the block table lookup.
-template <typename T>
-struct PagedRows {
-  const T* k;          // k_cache + kv_head * stride(2)
-  const T* v;
-  const int32_t* bt;   // this sequence's block-table row
-  int64_t bt_stride, block_size, k_sb, k_st, v_sb, v_st;
-  std::pair<const T*, const T*> operator()(int64_t j) const {
-    const int64_t blk = bt[(j / block_size) * bt_stride], off = j % block_size;
-    return {k + blk * k_sb + off * k_st, v + blk * v_sb + off * v_st};
-  }
-};
-
-template <typename T>
-PagedRows<T> paged_rows(const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt, int64_t b, int64_t kvh) {
-  return {kc.const_data_ptr<T>() + kvh * kc.stride(2), vc.const_data_ptr<T>() + kvh * vc.stride(2),
-          bt.const_data_ptr<int32_t>() + b * bt.stride(0), bt.stride(1), kc.size(1), kc.stride(0), kc.stride(1),
-          vc.stride(0), vc.stride(1)};
-}
 
 void check_cache(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt) {
   check_float(q, "q");
@@ -44,19 +22,6 @@ void check_cache(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc
               "llmkern_cpu: q's heads / head_dim do not fit the cache");
   check_last_dim_contiguous(q, "q");
   TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2, "llmkern_cpu: block_tables must be int32 (batch, n)");
-}
-
-// The table entries sequence b uses (its first ceil(len / block_size)) must name blocks of the cache; the rest of a
-// row may hold anything (padding).
-void check_table_rows(const at::Tensor& bt, const int32_t* lens, int64_t num_blocks, int64_t block_size) {
-  const int32_t* p = bt.const_data_ptr<int32_t>();
-  for (int64_t b = 0; b < bt.size(0); ++b) {
-    TORCH_CHECK(lens[b] >= 0 && lens[b] <= bt.size(1) * block_size, "llmkern_cpu: seq_lens out of range");
-    for (int64_t n = 0; n * block_size < lens[b]; ++n) {
-      const int32_t blk = p[b * bt.stride(0) + n * bt.stride(1)];
-      TORCH_CHECK(blk >= 0 && blk < num_blocks, "llmkern_cpu: block_tables entry out of range");
-    }
-  }
 }
 
 // ------------------------------------------------------------------------------------------------ cache write
@@ -75,149 +40,12 @@ void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   }
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == k.size(0), "llmkern_cpu: slot_mapping must be int64 (tokens,)");
-  const int64_t tokens = k.size(0), heads = k.size(1), d = k.size(2), block_size = k_cache.size(1);
-  const int64_t slots = k_cache.size(0) * block_size;
   const int64_t* sp = slot_mapping.const_data_ptr<int64_t>();
-  const int64_t ss = slot_mapping.stride(0);
-  // Any strides, the last dim's included (a cache written in place cannot be copied first): a row is one memcpy
-  // when both last dims are contiguous, else element by element.
-  const int64_t es = k.element_size();
-  const auto copy = [&](const at::Tensor& src, const at::Tensor& dst) {
-    const char* s = static_cast<const char*>(src.const_data_ptr());
-    char* c = static_cast<char*>(dst.mutable_data_ptr());
-    const bool rows = d <= 1 || (src.stride(2) == 1 && dst.stride(3) == 1);
-    at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, heads * d)),
-                     [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t slot = sp[t * ss];
-        if (slot < 0 || slot >= slots) continue;   // -1 (padding) or outside the cache: nothing to write
-        const int64_t blk = slot / block_size, off = slot % block_size;
-        for (int64_t h = 0; h < heads; ++h) {
-          char* to = c + (blk * dst.stride(0) + off * dst.stride(1) + h * dst.stride(2)) * es;
-          const char* from = s + (t * src.stride(0) + h * src.stride(1)) * es;
-          if (rows) {
-            std::memcpy(to, from, d * es);
-          } else {
-            for (int64_t i = 0; i < d; ++i) std::memcpy(to + i * dst.stride(3) * es, from + i * src.stride(2) * es, es);
-          }
-        }
-      }
-    });
-  };
-  copy(k, k_cache);
-  copy(v, v_cache);
+  write_slots(k, k_cache, sp, slot_mapping.stride(0));
+  write_slots(v, v_cache, sp, slot_mapping.stride(0));
 }
 
 // ------------------------------------------------------------------------------------------------- decode
-// Decode is one query per (sequence, head) against every cached key: 2 x group FMAs per cached element and nothing
-// to reuse, so the loops below are counted in instructions per cached element (callgrind): each K and V vector is
-// loaded and converted to fp32 once and multiplied into every query head of its group (GQA) while their
-// accumulators stay in registers.
-//
-// Tokens per decode tile: the tile's scores (heads x 32 fp32, 4 KB at 32 heads) stay in L1, its K and V rows (32
-// tokens x num_kv_heads x head_dim: 128 KB each for 8 fp32 heads of 128) stay in L2 from their prefetch to their
-// use, and the exp of a head's scores is vectorized across the tile's tokens.
-constexpr int64_t kDecodeTile = 32;
-
-// Per-thread decode scratch, for every query head of a sequence: q rows (pre-scaled, fp32), their scores for one
-// tile, the accumulators, the running max and sum, and the factor each accumulator is rescaled by before the tile's
-// P @ V.
-struct DecodeScratch {
-  std::vector<float> q, s, acc, m, l, alpha;
-  void reserve(int64_t heads, int64_t d) {
-    q.resize(heads * d);
-    s.resize(heads * kDecodeTile);
-    acc.resize(heads * d);
-    m.resize(heads);
-    l.resize(heads);
-    alpha.resize(heads);
-  }
-};
-
-// Query heads of a group are processed GN at a time, GN a compile-time count so that the accumulators are
-// registers. Scores: GN accumulators + the K vector (AVX2 has 16 vector registers, AVX-512 32), so up to 8.
-// P @ V: 2 x GN accumulators (two vectors of head_dim per token, which halves the broadcasts of p per V element),
-// + GN broadcasts + 2 V vectors, so up to 4.
-constexpr int kScoreHeads = 8;
-constexpr int kPvHeads = 4;
-
-// Scores of GN heads (q rows at q, row stride d, pre-scaled) against the tile's nt K rows (kp[t] + koff):
-// s[g * kDecodeTile + t]. Per K vector: one load and conversion, GN FMAs with q read from L1.
-template <int GN, typename T>
-void tile_scores(const float* q, const T* const* kp, int64_t koff, int64_t nt, int64_t d, float* s) {
-  for (int64_t t = 0; t < nt; ++t) {
-    const T* k = kp[t] + koff;
-    fVec a[GN];
-    for (int g = 0; g < GN; ++g) a[g] = fVec(0.f);
-    int64_t i = 0;
-#pragma GCC unroll 4
-    for (; i + kF <= d; i += kF) {
-      const fVec kv = load_f(k + i);
-      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * d + i), kv, a[g]);
-    }
-    if (i < d) {
-      const fVec kv = load_f(k + i, d - i);
-      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * d + i, d - i), kv, a[g]);
-    }
-    for (int g = 0; g < GN; ++g) s[g * kDecodeTile + t] = hsum(a[g]);
-  }
-}
-
-// acc[g] = alpha[g] * acc[g] + sum_t p[g * kDecodeTile + t] * V row t (vp[t] + voff), for GN heads: a slice of
-// 2 * kF columns of every head's accumulator stays in registers while the tile's V rows stream through it, each V
-// element loaded and converted once for all GN heads, each p broadcast once per 2 * kF columns.
-template <int GN, typename T>
-void tile_pv(float* acc, const float* alpha, const float* p, const T* const* vp, int64_t voff, int64_t nt,
-             int64_t d) {
-  int64_t i = 0;
-  for (; i + 2 * kF <= d; i += 2 * kF) {
-    fVec a0[GN], a1[GN];
-    for (int g = 0; g < GN; ++g) {
-      const fVec al(alpha[g]);
-      a0[g] = fVec::loadu(acc + g * d + i) * al;
-      a1[g] = fVec::loadu(acc + g * d + i + kF) * al;
-    }
-#pragma GCC unroll 2
-    for (int64_t t = 0; t < nt; ++t) {
-      fVec v0, v1;
-      load2_f(vp[t] + voff + i, v0, v1);
-      for (int g = 0; g < GN; ++g) {
-        const fVec pg(p[g * kDecodeTile + t]);
-        a0[g] = at::vec::fmadd(pg, v0, a0[g]);
-        a1[g] = at::vec::fmadd(pg, v1, a1[g]);
-      }
-    }
-    for (int g = 0; g < GN; ++g) {
-      a0[g].store(acc + g * d + i);
-      a1[g].store(acc + g * d + i + kF);
-    }
-  }
-  for (; i < d; i += kF) {  // head_dim not a multiple of 2 * kF: the last columns one vector (or less) at a time
-    const int64_t n = std::min(kF, d - i);
-    fVec a[GN];
-    for (int g = 0; g < GN; ++g) a[g] = fVec::loadu(acc + g * d + i, n) * fVec(alpha[g]);
-    for (int64_t t = 0; t < nt; ++t) {
-      const fVec vv = n == kF ? load_f(vp[t] + voff + i) : load_f(vp[t] + voff + i, n);
-      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec(p[g * kDecodeTile + t]), vv, a[g]);
-    }
-    for (int g = 0; g < GN; ++g) a[g].store(acc + g * d + i, n);
-  }
-}
-
-// Runs f(std::integral_constant<int, GN>{}, g0) over the group in blocks of at most MaxGN heads.
-template <int MaxGN, typename F>
-void for_head_blocks(int64_t group, const F& f) {
-  for (int64_t g0 = 0; g0 < group; g0 += MaxGN) {
-    with_count<MaxGN>(std::min<int64_t>(MaxGN, group - g0), [&](auto gn) { f(gn, g0); });
-  }
-}
-
-// Asks for the cache lines of `bytes` bytes at p, to arrive while other work runs.
-inline void prefetch(const void* p, int64_t bytes) {
-#pragma GCC unroll 4
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
-}
-
 // Every query head of one sequence against its tokens [start, end): acc (heads x d, unnormalized), and per head the
 // running max m and sum l (natural-log domain), in ws. rows(j) points at token j's K and V rows of KV head 0; head h
 // is h * stride_kh (stride_vh) further. Per tile: the scores of every head (KV head by KV head, each K row read once
@@ -228,9 +56,7 @@ void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stri
                   int64_t start, int64_t end, int64_t kv_heads, int64_t group, int64_t d, DecodeScratch& ws) {
   const int64_t heads = kv_heads * group;
   float* acc = ws.acc.data();
-  std::fill(acc, acc + heads * d, 0.f);
-  std::fill(ws.m.begin(), ws.m.begin() + heads, -std::numeric_limits<float>::infinity());
-  std::fill(ws.l.begin(), ws.l.begin() + heads, 0.f);
+  ws.clear(heads, d);
   // A token's K (V) rows of every KV head: one span in the NHD layout, prefetched as one.
   const int64_t k_span = ((kv_heads - 1) * stride_kh + d) * static_cast<int64_t>(sizeof(T));
   const int64_t v_span = ((kv_heads - 1) * stride_vh + d) * static_cast<int64_t>(sizeof(T));
@@ -246,15 +72,13 @@ void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stri
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
       for_head_blocks<kScoreHeads>(group, [&](auto gn, int64_t g0) {
         const int64_t h = kvh * group + g0;
-        tile_scores<decltype(gn)::value>(&ws.q[h * d], kp, kvh * stride_kh, nt, d, &ws.s[h * kDecodeTile]);
+        tile_scores<decltype(gn)::value>(&ws.q[h * d], d, kp, kvh * stride_kh, nt, d, &ws.s[h * kDecodeTile]);
       });
     }
-    // Online softmax per head; p overwrites the scores, alpha rescales the accumulator in the P @ V pass.
-    for (int64_t h = 0; h < heads; ++h) {
-      float* sh = &ws.s[h * kDecodeTile];
-      if (opt.has_softcap) apply_softcap(sh, nt, opt.softcap);
-      ws.alpha[h] = softmax_update(sh, nt, 0, nt, ws.m[h], ws.l[h]);
+    if (opt.has_softcap) {
+      for (int64_t h = 0; h < heads; ++h) apply_softcap(&ws.s[h * kDecodeTile], nt, opt.softcap);
     }
+    tile_softmax(ws, heads, nt);
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
       for_head_blocks<kPvHeads>(group, [&](auto gn, int64_t g0) {
         const int64_t h = kvh * group + g0;
@@ -264,15 +88,6 @@ void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stri
   }
 }
 
-// Splits per sequence when the caller leaves it to us (num_splits = 0): enough work items for every thread to get
-// two (so one long sequence does not leave threads idle), but never fewer than 256 tokens per split, below which
-// the partial writes and the merge stop being noise next to the keys read (the GPU path's rule too).
-int64_t auto_splits(int64_t items, int64_t max_len) {
-  const int64_t want = 2 * std::max<int64_t>(1, at::get_num_threads());
-  if (items >= want) return 1;
-  return std::clamp<int64_t>((want + items - 1) / items, 1, std::max<int64_t>(1, max_len / 256));
-}
-
 template <typename T>
 void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
                        const int32_t* lens, const at::Tensor& out, const AttnOptions& opt, int64_t splits) {
@@ -280,65 +95,25 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
   const int64_t group = heads / kv_heads;
   const T* qp = q.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
-  // With splits > 1, each split writes its normalized output and lse; a second pass merges them.
-  std::vector<float> part_o(splits > 1 ? batch * heads * splits * d : 0);
-  std::vector<float> part_lse(splits > 1 ? batch * heads * splits : 0);
-  const auto range = [&](int64_t b, int64_t split) {
-    // The new token sits at position len - 1 and sees keys from len - 1 - left (a left window); split s takes the
-    // s-th equal share of [start, len).
-    const int64_t len = lens[b];
-    const int64_t start = opt.left < 0 ? 0 : std::max<int64_t>(0, len - 1 - opt.left);
-    const int64_t per = (len - start + splits - 1) / splits;
-    return std::pair{std::min(len, start + split * per), std::min(len, start + (split + 1) * per)};
-  };
+  const auto out_row = [&](int64_t b, int64_t h) { return op + b * out.stride(0) + h * out.stride(1); };
+  SplitPartials parts(batch, heads, splits, d);
   // Work items: (sequence, split), each over every KV head (see decode_range).
   at::parallel_for(0, batch * splits, 1, [&](int64_t w0, int64_t w1) {
     thread_local DecodeScratch ws;
-    ws.reserve(heads, d);
+    ws.reserve(heads, d, d);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t split = w % splits, b = w / splits;
-      const auto [start, end] = range(b, split);
+      // The new token sits at position len - 1 and sees keys from len - 1 - left (a left window).
+      const int64_t len = lens[b];
+      const auto [start, end] = split_range(opt.left < 0 ? 0 : std::max<int64_t>(0, len - 1 - opt.left), len, split,
+                                            splits);
       for (int64_t h = 0; h < heads; ++h) convert_row(qp + b * q.stride(0) + h * q.stride(1), &ws.q[h * d], d, opt.scale);
       decode_range<T>(opt, paged_rows<T>(kc, vc, bt, b, 0), kc.stride(2), vc.stride(2), start, end, kv_heads, group, d,
                       ws);
-      for (int64_t h = 0; h < heads; ++h) {
-        const float l = ws.l[h], inv = l > 0.f ? 1.f / l : 0.f;
-        const float* a = &ws.acc[h * d];
-        if (splits == 1) {  // seq_len >= 1: the one split saw the newest key at least
-          T* o = op + b * out.stride(0) + h * out.stride(1);
-          for (int64_t i = 0; i < d; i += kF) {
-            const int64_t n = std::min(kF, d - i);
-            store_f(o + i, fVec::loadu(a + i, n) * fVec(inv), n);
-          }
-        } else {
-          float* po = &part_o[((b * heads + h) * splits + split) * d];
-          for (int64_t i = 0; i < d; ++i) po[i] = a[i] * inv;
-          part_lse[(b * heads + h) * splits + split] =
-              (l > 0.f || std::isnan(l)) ? ws.m[h] + std::log(l)
-                                         : -std::numeric_limits<float>::infinity();  // an empty split
-        }
-      }
+      for (int64_t h = 0; h < heads; ++h) parts.store(b, h, split, &ws.acc[h * d], ws.m[h], ws.l[h], out_row(b, h));
     }
   });
-  if (splits == 1) return;
-  // Merge (log-sum-exp): o = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s).
-  at::parallel_for(0, batch * heads, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<float> acc(d);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* ls = &part_lse[r * splits];
-      const float mx = *std::max_element(ls, ls + splits);
-      float total = 0.f;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t s = 0; s < splits; ++s) {
-        if (ls[s] == -std::numeric_limits<float>::infinity()) continue;
-        const float w = std::exp(ls[s] - mx);
-        total += w;
-        axpy_f(acc.data(), w, &part_o[(r * splits + s) * d], d);
-      }
-      T* o = op + (r / heads) * out.stride(0) + (r % heads) * out.stride(1);
-      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[i] / total);
-    }
-  });
+  parts.merge<T>(batch, out_row);
 }
 
 // q (batch, heads, d); out like q (written); seq_lens int32 (batch,) >= 1; window_left -1 or >= 0 (the right window

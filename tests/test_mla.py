@@ -5,7 +5,8 @@ The reference gathers each sequence's latents through its block table and comput
 equations (arXiv 2405.04434) in float64; PyTorch's own error in the input dtype sets the tolerance
 (tests/tolerance.py). Block tables are random permutations of the cache's blocks and the cache holds random data
 everywhere a sequence does not own, so reading a wrong block shows up as a wrong answer. Shapes are small (the
-Triton interpreter is slow): rank 256 / rope 32 (MiniCPM3) mostly, one DeepSeek-V3 (512 / 64) decode.
+Triton interpreter is slow): rank 256 / rope 32 (MiniCPM3) mostly, one DeepSeek-V3 (512 / 64) decode. On CPU every
+test runs on the Triton interpreter and on the C++ backend (csrc/mla.cpp).
 """
 import math
 
@@ -15,9 +16,11 @@ import torch
 import llmkern
 from llmkern import mla
 from llmkern import reference as ref
+from conftest import use_cpp_backend
 from tolerance import assert_fa_close
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.cpu_backends("interpreter", "cpp")]   # on CPU: the Triton interpreter and the C++ backend
 
 
 def _make(device, *, seq_lens, rank=256, rope_dim=32, block_size=16, dtype=torch.float16, seed=0, extra_blocks=2):
@@ -96,11 +99,11 @@ def test_decode_deepseek_v3_shape(device):
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_128_heads_two_row_tiles(device, monkeypatch, num_splits):
+def test_decode_128_heads_two_row_tiles(device, backend, monkeypatch, num_splits):
     """DeepSeek-V3 on one GPU (128 heads, rank 512, bf16): the dispatcher launches 2 row tiles of 64 heads per
     (sequence, split), so each latent byte is loaded twice (mla.decode_row_tiles; 4 times with the old 32-row
     tile); the output against the float64 reference, through the direct epilogue (its two column halves) with one
-    split and the partials' merge with three."""
+    split and the partials' merge with three. The C++ backend launches no Triton kernel."""
     grids = []
     launch = mla._utils.launch
 
@@ -113,7 +116,7 @@ def test_decode_128_heads_two_row_tiles(device, monkeypatch, num_splits):
     q_nope, q_pe = _queries(g, 2, 128, 512, 64, torch.bfloat16, device)
     _check("mla_decode_attention", q_nope, q_pe, ckv, kpe, bt, sl, scale=1 / math.sqrt(192), num_splits=num_splits)
     attn = [(grid, bm, split) for kernel, grid, bm, split in grids if kernel is mla.kernels.mla_attention_kernel]
-    assert attn == [((2, 2, num_splits), 64, num_splits > 1)]
+    assert attn == ([((2, 2, num_splits), 64, num_splits > 1)] if backend == "triton" else [])
     assert mla.decode_row_tiles(128) == 2 and mla.decode_row_tiles(64) == 1 and mla.decode_row_tiles(16) == 1
 
 
@@ -158,6 +161,24 @@ def test_prefill_last_token_equals_decode(device):
     pre = llmkern.mla_prefill_attention(q_nope, q_pe, ckv, kpe, bt, cu, sl, scale=0.2)
     dec = llmkern.mla_decode_attention(q_nope[-1:], q_pe[-1:], ckv, kpe, bt, sl, scale=0.2, num_splits=1)
     torch.testing.assert_close(pre[-1:], dec, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cpu_backends("interpreter")   # runs the C++ kernel itself, on CPU tensors, on any machine
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpp_prefill_split_kv(monkeypatch, causal):
+    """The C++ prefill over split-KV (which it picks only for few new tokens on many threads): 3 splits of a
+    31-key sequence (a split left empty for the first tokens under the causal mask) merged, against the reference."""
+    use_cpp_backend(monkeypatch)
+    ckv, kpe, bt, sl, g = _make("cpu", seq_lens=[31, 9], dtype=torch.bfloat16)
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    q_nope, q_pe = _queries(g, 9, 6, 256, 32, torch.bfloat16, "cpu")
+    out = torch.empty(q_nope.shape, dtype=q_nope.dtype)
+    torch.ops.llmkern_cpu.mla_attention(q_nope, q_pe, ckv, kpe, bt, cu, sl, out, 0.1, causal, 3)
+    args = (ckv, kpe, bt, cu, sl)
+    ref64 = ref.mla_prefill_attention(q_nope.double(), q_pe.double(), *[t.double() for t in args[:2]], *args[2:],
+                                      scale=0.1, causal=causal)
+    lowp = ref.mla_prefill_attention(q_nope, q_pe, *args, scale=0.1, causal=causal, compute_dtype=torch.bfloat16)
+    assert_fa_close(out, ref64, lowp)
 
 
 # ------------------------------------------------------------------------------------------------------ the paper

@@ -457,6 +457,32 @@ def _paged_attention(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlen
         rows.copy_(dst)
 
 
+# ----------------------------------------------------------------------------------------------------- mla.cpp
+@_adapter("mla_kv_write")
+def _mla_kv_write(ckv, kpe, ckv_cache, kpe_cache, slot_mapping):
+    _lib().mla_kv_write(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)   # any strides, the caches' last dims included
+
+
+# One C++ function serves decode (no cu_seqlens_q: one query row per sequence) and prefill; like the paged attention
+# kernels it reads any strides but a strided last dim, which is copied.
+def _run_mla(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal, num_splits):
+    q_nope, q_pe, ckv_cache, kpe_cache = (_last_contiguous(t) for t in (q_nope, q_pe, ckv_cache, kpe_cache))
+    out = torch.empty(q_nope.shape, dtype=q_nope.dtype)
+    _lib().mla_attention(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, out, scale,
+                         causal, num_splits)
+    return out
+
+
+@_adapter("mla_decode_attention")
+def _mla_decode(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, seq_lens, scale, num_splits):
+    return _run_mla(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, None, seq_lens, scale, False, num_splits)
+
+
+@_adapter("mla_prefill_attention")
+def _mla_prefill(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale):
+    return _run_mla(q_nope, q_pe, ckv_cache, kpe_cache, block_tables, cu_seqlens_q, seq_lens, scale, causal, 0)
+
+
 # ---------------------------------------------------------------------------------------------------- quant.cpp
 @_adapter("quant_matmul")
 def _quant_matmul(x, qweight, scales, zeros, perm, bias, bits, group_size):
