@@ -52,7 +52,7 @@ CPU_QUICK = [(1, 256, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)]
 MLA_RANK, MLA_ROPE, MLA_HEADS = 512, 64, 128      # DeepSeek-V3 config.json: kv_lora_rank, qk_rope_head_dim, heads
 MLA_SCALE = 192 ** -0.5                           # 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
 MLA_CHUNK, MLA_PREFIXES, MLA_BLOCK_SIZE = 512, [0, 4096, 16384], 64
-MLA_CPU = [(64, 64, 16)]                          # (chunk, prefix, heads): the reference path, a wiring check
+MLA_CPU = [(64, 64, 16)]                          # (chunk, prefix, heads): small, the C++ backend's prefill
 
 
 def _shape(batch, seqlen, h, hk, d, dtype, variant=None) -> dict:
