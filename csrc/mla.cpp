@@ -92,26 +92,15 @@ void mla_attention_impl(const at::Tensor& q_nope, const at::Tensor& q_pe, const 
   };
   const T* qn = q_nope.const_data_ptr<T>();
   const T* qr = q_pe.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  const auto out_row = [&](int64_t r, int64_t h) { return op + r * out.stride(0) + h * out.stride(1); };
-  SplitPartials parts(total_q, heads, splits, rank);
-  at::parallel_for(0, total_q * splits, 1, [&](int64_t w0, int64_t w1) {
-    thread_local DecodeScratch ws;
-    ws.reserve(heads, dq, rank);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t split = w % splits, r = w / splits, b = seq_of(r);
-      const auto [start, end] = split_range(0, visible(r, b), split, splits);
-      for (int64_t h = 0; h < heads; ++h) {
-        convert_row(qn + r * q_nope.stride(0) + h * q_nope.stride(1), &ws.q[h * dq], rank, scale);
-        convert_row(qr + r * q_pe.stride(0) + h * q_pe.stride(1), &ws.q[h * dq + rank], rope_dim, scale);
-      }
-      mla_range<T>(paged_rows<T>(ckv, kpe, bt, b, 0), start, end, heads, rank, rope_dim, ws);
-      for (int64_t h = 0; h < heads; ++h) {
-        parts.store(r, h, split, &ws.acc[h * rank], ws.m[h], ws.l[h], out_row(r, h));
-      }
+  run_split_items<T>(total_q, heads, splits, dq, rank, out, [&](int64_t r, int64_t split, DecodeScratch& ws) {
+    const int64_t b = seq_of(r);
+    const auto [start, end] = split_range(0, visible(r, b), split, splits);
+    for (int64_t h = 0; h < heads; ++h) {
+      convert_row(qn + r * q_nope.stride(0) + h * q_nope.stride(1), &ws.q[h * dq], rank, scale);
+      convert_row(qr + r * q_pe.stride(0) + h * q_pe.stride(1), &ws.q[h * dq + rank], rope_dim, scale);
     }
+    mla_range<T>(paged_rows<T>(ckv, kpe, bt, b, 0), start, end, heads, rank, rope_dim, ws);
   });
-  parts.merge<T>(total_q, out_row);
 }
 
 // q_nope (total_q, heads, kv_lora_rank), q_pe (total_q, heads, rope_dim); out like q_nope (written). Decode: no

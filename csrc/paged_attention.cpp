@@ -94,26 +94,16 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
   const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = kc.size(2);
   const int64_t group = heads / kv_heads;
   const T* qp = q.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  const auto out_row = [&](int64_t b, int64_t h) { return op + b * out.stride(0) + h * out.stride(1); };
-  SplitPartials parts(batch, heads, splits, d);
   // Work items: (sequence, split), each over every KV head (see decode_range).
-  at::parallel_for(0, batch * splits, 1, [&](int64_t w0, int64_t w1) {
-    thread_local DecodeScratch ws;
-    ws.reserve(heads, d, d);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t split = w % splits, b = w / splits;
-      // The new token sits at position len - 1 and sees keys from len - 1 - left (a left window).
-      const int64_t len = lens[b];
-      const auto [start, end] = split_range(opt.left < 0 ? 0 : std::max<int64_t>(0, len - 1 - opt.left), len, split,
-                                            splits);
-      for (int64_t h = 0; h < heads; ++h) convert_row(qp + b * q.stride(0) + h * q.stride(1), &ws.q[h * d], d, opt.scale);
-      decode_range<T>(opt, paged_rows<T>(kc, vc, bt, b, 0), kc.stride(2), vc.stride(2), start, end, kv_heads, group, d,
-                      ws);
-      for (int64_t h = 0; h < heads; ++h) parts.store(b, h, split, &ws.acc[h * d], ws.m[h], ws.l[h], out_row(b, h));
-    }
+  run_split_items<T>(batch, heads, splits, d, d, out, [&](int64_t b, int64_t split, DecodeScratch& ws) {
+    // The new token sits at position len - 1 and sees keys from len - 1 - left (a left window).
+    const int64_t len = lens[b];
+    const auto [start, end] = split_range(opt.left < 0 ? 0 : std::max<int64_t>(0, len - 1 - opt.left), len, split,
+                                          splits);
+    for (int64_t h = 0; h < heads; ++h) convert_row(qp + b * q.stride(0) + h * q.stride(1), &ws.q[h * d], d, opt.scale);
+    decode_range<T>(opt, paged_rows<T>(kc, vc, bt, b, 0), kc.stride(2), vc.stride(2), start, end, kv_heads, group, d,
+                    ws);
   });
-  parts.merge<T>(batch, out_row);
 }
 
 // q (batch, heads, d); out like q (written); seq_lens int32 (batch,) >= 1; window_left -1 or >= 0 (the right window
