@@ -281,20 +281,25 @@ struct SplitPartials {
 
 // Split-KV decode over the threads: item(row, split, ws) fills ws (cleared by the item, its q rows included) with
 // every head's accumulator (dv wide), max and sum for query row `row` over split `split` of its keys; the results go
-// to out (rows, heads, dv) of T, merged over the splits when there are several. Work items are (row, split).
+// to out (rows, heads, dv) of T, merged over the splits when there are several. Work items are (row, split), dealt
+// round-robin to the threads: the rows of a causal prefill see more keys the later they come, so at::parallel_for's
+// contiguous chunks would give the last thread most of the work (3/4 of it over 2 threads for one prompt).
 template <typename T, typename Item>
 void run_split_items(int64_t rows, int64_t heads, int64_t splits, int64_t dq, int64_t dv, const at::Tensor& out,
                      const Item& item) {
   T* op = out.mutable_data_ptr<T>();
   const auto out_row = [&](int64_t r, int64_t h) { return op + r * out.stride(0) + h * out.stride(1); };
   SplitPartials parts(rows, heads, splits, dv);
-  at::parallel_for(0, rows * splits, 1, [&](int64_t w0, int64_t w1) {
+  const int64_t items = rows * splits, lanes = std::clamp<int64_t>(at::get_num_threads(), 1, items);
+  at::parallel_for(0, lanes, 1, [&](int64_t l0, int64_t l1) {
     thread_local DecodeScratch ws;
     ws.reserve(heads, dq, dv);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t split = w % splits, r = w / splits;
-      item(r, split, ws);
-      for (int64_t h = 0; h < heads; ++h) parts.store(r, h, split, &ws.acc[h * dv], ws.m[h], ws.l[h], out_row(r, h));
+    for (int64_t lane = l0; lane < l1; ++lane) {
+      for (int64_t w = lane; w < items; w += lanes) {
+        const int64_t split = w % splits, r = w / splits;
+        item(r, split, ws);
+        for (int64_t h = 0; h < heads; ++h) parts.store(r, h, split, &ws.acc[h * dv], ws.m[h], ws.l[h], out_row(r, h));
+      }
     }
   });
   parts.merge<T>(rows, out_row);
