@@ -164,20 +164,24 @@ def test_prefill_last_token_equals_decode(device):
 
 
 @pytest.mark.cpu_backends("interpreter")   # runs the C++ kernel itself, on CPU tensors, on any machine
-@pytest.mark.parametrize("causal", [True, False])
-def test_cpp_prefill_split_kv(monkeypatch, causal):
+@pytest.mark.parametrize("causal,heads,dtype", [
+    (True, 6, torch.bfloat16), (False, 6, torch.bfloat16),   # the register tiles
+    (True, 40, torch.float32), (False, 33, torch.float16),   # BLAS tiles (csrc/mla.cpp: kGemmHeads = 32)
+])
+def test_cpp_prefill_split_kv(monkeypatch, causal, heads, dtype):
     """The C++ prefill over split-KV (which it picks only for few new tokens on many threads): 3 splits of a
-    31-key sequence (a split left empty for the first tokens under the causal mask) merged, against the reference."""
+    31-key sequence (a split left empty for the first tokens under the causal mask) merged, against the reference;
+    with few heads (register tiles) and many (BLAS tiles), in each dtype."""
     use_cpp_backend(monkeypatch)
-    ckv, kpe, bt, sl, g = _make("cpu", seq_lens=[31, 9], dtype=torch.bfloat16)
+    ckv, kpe, bt, sl, g = _make("cpu", seq_lens=[31, 9], dtype=dtype)
     cu = torch.tensor([0, 5, 9], dtype=torch.int32)
-    q_nope, q_pe = _queries(g, 9, 6, 256, 32, torch.bfloat16, "cpu")
+    q_nope, q_pe = _queries(g, 9, heads, 256, 32, dtype, "cpu")
     out = torch.empty(q_nope.shape, dtype=q_nope.dtype)
     torch.ops.llmkern_cpu.mla_attention(q_nope, q_pe, ckv, kpe, bt, cu, sl, out, 0.1, causal, 3)
     args = (ckv, kpe, bt, cu, sl)
     ref64 = ref.mla_prefill_attention(q_nope.double(), q_pe.double(), *[t.double() for t in args[:2]], *args[2:],
                                       scale=0.1, causal=causal)
-    lowp = ref.mla_prefill_attention(q_nope, q_pe, *args, scale=0.1, causal=causal, compute_dtype=torch.bfloat16)
+    lowp = ref.mla_prefill_attention(q_nope, q_pe, *args, scale=0.1, causal=causal, compute_dtype=dtype)
     assert_fa_close(out, ref64, lowp)
 
 

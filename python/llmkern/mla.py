@@ -27,9 +27,10 @@ no default: it is the model's 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) from
 tell.
 
 CPU: with no GPU these ops run the Triton kernels under the interpreter (TRITON_INTERPRET=1), else the C++ CPU
-backend (csrc/mla.cpp: paged decode's register-blocked tiles with every query head in one group, each latent row
-loaded once per block of heads and used as key and value; prefill runs the same loop per new token over the keys it
-sees), else llmkern.reference. On a CPU MLA decode is compute-bound: about 1.9 x heads FLOPs per latent byte.
+backend (csrc/mla.cpp: each latent row read once for all heads and used as key and value, by paged decode's
+register-blocked tiles with every query head in one group below 32 heads, by BLAS on fp32 tiles from 32 on; prefill
+runs the same loop per new token over the keys it sees), else llmkern.reference. On a CPU MLA decode is
+compute-bound: about 1.9 x heads FLOPs per latent byte.
 
 Kernels (kernels/mla.py): one program owns a row tile of BLOCK_M (query token, head) pairs of one sequence and one
 split of its keys; each step loads a tile of ckv and kpe once and uses the ckv tile twice, as the keys of the scores
