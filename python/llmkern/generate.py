@@ -151,6 +151,7 @@ class ModelRunner:
             # HF keeps key j for query i when j > i - w (masking_utils.sliding_window_overlay): left window w - 1
             self.windows.append((-1, -1) if w is None else (int(w) - 1, 0))
         self._layer_steps = [_LayerStep(layer, cfg) for layer in self.layers]
+        self._lm_head = _projection(model.lm_head)
         # the cache's per-layer views, made once (the cache never reallocates its blocks)
         self._kv = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(self.layers))]
         self.cuda_graph = cuda_graph
@@ -225,7 +226,7 @@ class ModelRunner:
     def _logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         norm = self.inner.norm
         x, _ = layers.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
-        return self.model.lm_head(x).float()
+        return self._lm_head(x).float()
 
     # ------------------------------------------------------------------------------------------------ eager steps
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: list[int], q_lens: list[int],
@@ -296,13 +297,14 @@ def _hooked(module: torch.nn.Module) -> bool:
 
 
 def _projection(module: torch.nn.Module):
-    """x -> module(x): F.linear on a plain nn.Linear's own weight and bias (no nn.Module call machinery, about 2 us
-    per call on a 2-core CPU, 7 calls per layer), the module itself otherwise (llmkern QuantLinear, subclasses,
-    hooked modules). Same result either way: nn.Linear.forward is that F.linear."""
+    """x -> module(x): llmkern.layers.linear on a plain nn.Linear's own weight and bias (F.linear's result; on CPU
+    at decode shapes the C++ kernel that reads the weight on every thread, where torch's F.linear uses one; and no
+    nn.Module call machinery, about 2 us per call on a 2-core CPU, 8 calls per layer), the module itself otherwise
+    (llmkern QuantLinear, subclasses, hooked modules)."""
     if type(module) is not torch.nn.Linear or _hooked(module):
         return module
     weight, bias = module.weight, module.bias
-    return lambda x: F.linear(x, weight, bias)
+    return lambda x: layers.linear(x, weight, bias)
 
 
 class _LayerStep:
