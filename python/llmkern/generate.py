@@ -5,11 +5,12 @@ no request queue, no preemption. One step of the loop, for the sequences it sche
 
     embeddings (the model's)  ->  per decoder layer:
         llmkern.rms_norm / add_rms_norm (fused residual add)    the model's RMSNorm weights and eps
-        q/k/v projections (the model's own Linear layers, or llmkern QuantLinear after quantize_model)
+        q/k/v projections: llmkern.layers.linear on the model's own nn.Linear weights (on CPU at decode shapes a C++
+            kernel that reads the weights on every thread), or the model's QuantLinear after quantize_model
         llmkern.apply_rope with the model's own cos/sin tables  (any rope_scaling the model uses, e.g. Llama-3's)
         llmkern.paged_kv_write into a PagedKVCache (one cache layer per decoder layer)
         PagedAttentionPlan.run: one plan per step (made once, from the host's block tables), run in every layer
-        o projection, add_rms_norm, the model's MLP
+        o projection, add_rms_norm, the MLP (Llama's gated SiLU MLP on the same linear, else the model's module)
     ->  final add_rms_norm, lm_head on each sequence's last token  ->  llmkern.sample
 
 Continuous batching (`max_batch_size`, `max_tokens_per_step`; `_plain_loop`): a step runs the running sequences'
