@@ -56,9 +56,6 @@ except a strided last dim, which is copied first; "torch": read by torch operati
   PagedAttentionPlan.update block_tables, seq_lens, cu_seqlens_q: torch
   PagedAttentionPlan.run q, k_cache, v_cache: strides (all dims)
   PagedAttentionPlan.run out: strides; written in place, so an expanded out is refused (ValueError)
-  linear x, weight: C++ (decode rows): row stride, last dim; F.linear (more rows, the interpreter, CUDA): a
-    contiguous copy of a strided one (BLAS sums in another order for another layout)
-  linear bias: contiguous
   rms_norm x: row stride, last dim (leading dims flattened by reshape, a copy only when no view exists)
   rms_norm weight: contiguous (the kernel reads it with unit stride)
   add_rms_norm x, residual: row stride, last dim
