@@ -110,6 +110,12 @@ def _rope(device):
     return [(q, k, torch.arange(3, device=device), None, None, 1e4)]
 
 
+def _linear(device):
+    x = _randn(2, 3, 64, device=device)
+    return [(x, _randn(40, 64, device=device, seed=1), None), (x[0], _randn(40, 64, device=device, seed=1),
+                                                                 _randn(40, device=device, seed=2))]
+
+
 def _sampling_params(device):
     return (_ints([0.7, 0.0, 1.0], torch.float32, device), _ints([5, 0, 0], torch.int32, device),
             _ints([0.9, 1.0, 0.8], torch.float32, device), _ints([0.0, 0.0, 0.05], torch.float32, device))
@@ -189,7 +195,7 @@ def _mla_prefill_attention(device):
 CASES = {"attention": _attention, "attention_varlen": _attention_varlen, "paged_kv_write": _paged_kv_write,
          "paged_decode_attention": _paged_decode_attention, "paged_prefill_attention": _paged_prefill_attention,
          "paged_attention": _paged_attention,
-         "rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "rope_": _rope, "sample": _sample,
+         "rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "rope_": _rope, "linear": _linear, "sample": _sample,
          "sampling_probs": _sampling_probs, "quant_matmul": _quant_matmul, "moe_topk": _moe_topk,
          "fused_moe": _fused_moe, "speculative_sample": _speculative_sample, "beam_topk": _beam_topk,
          "apply_penalties": _apply_penalties, "mla_kv_write": _mla_kv_write,
@@ -208,6 +214,7 @@ BAD_ARGS = {
     "add_rms_norm": (1, lambda r: r[:2], "residual"),
     "rope": (1, lambda k: k[:, :2], "k"),
     "rope_": (1, lambda k: k[:, :2], "k"),
+    "linear": (2, lambda bias: bias[:8], "bias"),                         # 8 biases for 40 outputs
     "sample": (2, lambda top_k: top_k[:2], "top_k"),
     "sampling_probs": (1, lambda t: t.double(), "temperature"),
     "quant_matmul": (1, lambda qweight: qweight[:4], "qweight"),

@@ -365,6 +365,22 @@ def _rope_inplace(q, k, positions, cos, sin, theta):
     _run_rope(q, k, q, k, positions, cos, sin, theta)
 
 
+# ----------------------------------------------------------------------------------------------------- linear.cpp
+LINEAR_MAX_ROWS = 16    # rows of x up to which llmkern::linear runs the C++ kernel (csrc/linear.cpp kMaxRows)
+
+
+@_adapter("linear")
+def _linear(x, weight, bias):
+    """csrc/linear.cpp for decode shapes (at most LINEAR_MAX_ROWS rows of x, leading dims flattened); F.linear (the
+    reference, torch's BLAS GEMM) for more rows."""
+    x2 = _rows(x)
+    if x2.shape[0] > LINEAR_MAX_ROWS:
+        return NotImplemented
+    out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype)
+    _lib().linear(x2, _last_contiguous(weight), bias, out)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 # ----------------------------------------------------------------------------------------------- attention.cpp
 _NO_LSE = torch.empty(0, dtype=torch.float32)
 

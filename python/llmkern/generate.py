@@ -5,11 +5,12 @@ no request queue, no preemption. One step of the loop, for the sequences it sche
 
     embeddings (the model's)  ->  per decoder layer:
         llmkern.rms_norm / add_rms_norm (fused residual add)    the model's RMSNorm weights and eps
-        q/k/v projections (the model's own Linear layers, or llmkern QuantLinear after quantize_model)
+        q/k/v projections: llmkern.layers.linear on the model's own nn.Linear weights (on CPU at decode shapes a C++
+            kernel that reads the weights on every thread), or the model's QuantLinear after quantize_model
         llmkern.apply_rope with the model's own cos/sin tables  (any rope_scaling the model uses, e.g. Llama-3's)
         llmkern.paged_kv_write into a PagedKVCache (one cache layer per decoder layer)
         PagedAttentionPlan.run: one plan per step (made once, from the host's block tables), run in every layer
-        o projection, add_rms_norm, the model's MLP
+        o projection, add_rms_norm, the MLP (Llama's gated SiLU MLP on the same linear, else the model's module)
     ->  final add_rms_norm, lm_head on each sequence's last token  ->  llmkern.sample
 
 Continuous batching (`max_batch_size`, `max_tokens_per_step`; `_plain_loop`): a step runs the running sequences'
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from llmkern import _utils, decoding, layers, paged_attention, sampling
@@ -149,6 +151,10 @@ class ModelRunner:
             w = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(cfg, "sliding_window", None)
             # HF keeps key j for query i when j > i - w (masking_utils.sliding_window_overlay): left window w - 1
             self.windows.append((-1, -1) if w is None else (int(w) - 1, 0))
+        self._layer_steps = [_LayerStep(layer, cfg) for layer in self.layers]
+        self._lm_head = _projection(model.lm_head)
+        # the cache's per-layer views, made once (the cache never reallocates its blocks)
+        self._kv = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(self.layers))]
         self.cuda_graph = cuda_graph
         self._steps: dict[tuple, _DecodeStep] = {}
         # The model's own rotary tables (any rope_scaling included), computed once for every position a sequence of
@@ -181,11 +187,12 @@ class ModelRunner:
         lens = torch.tensor([self.cache.seq_len(i) for i in seq_ids], dtype=torch.int32)
         return bt, lens
 
+    @torch.no_grad()
     def _body(self, tokens: torch.Tensor, positions: torch.Tensor, plan: paged_attention.PagedAttentionPlan,
               slots: torch.Tensor, attn_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder layers over packed tokens: (hidden, residual) of every row, before the final norm. Device
-        work only (no host sync): what a CUDA graph captures."""
-        cache = self.cache
+        work only (no host sync): what a CUDA graph captures. Without autograd (llmkern's ops have no backward), so
+        that the step may work in place on its own intermediate tensors (RoPE, the MLP's activation)."""
         hidden = self.inner.embed_tokens(tokens)                                   # (T, hidden)
         if self._rope is None:
             cos, sin = self._rotary(positions)
@@ -193,25 +200,22 @@ class ModelRunner:
             cos, sin = (t.index_select(0, positions) for t in self._rope)
         total = tokens.shape[0]
         residual = None
-        for i, layer in enumerate(self.layers):
-            norm = layer.input_layernorm
+        for i, step in enumerate(self._layer_steps):
             if residual is None:
                 residual = hidden
-                x = layers.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+                x = layers.rms_norm(hidden, *step.input_norm)
             else:
-                x, residual = layers.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
-            attn = layer.self_attn
-            q = attn.q_proj(x).view(total, self.num_heads, self.head_dim)
-            k = attn.k_proj(x).view(total, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(total, self.num_kv_heads, self.head_dim)
-            q, k = layers.apply_rope(q, k, cos=cos, sin=sin)
-            k_cache, v_cache = cache.k_cache(i), cache.v_cache(i)
-            paged_attention.paged_kv_write(k, v.contiguous(), k_cache, v_cache, slots)
-            o = plan.run(q, k_cache, v_cache, causal=True, scale=attn.scaling, window=self.windows[i], out=attn_out)
-            hidden = attn.o_proj(o.reshape(total, self.num_heads * self.head_dim))
-            post = layer.post_attention_layernorm
-            x, residual = layers.add_rms_norm(hidden, residual, post.weight, post.variance_epsilon)
-            hidden = layer.mlp(x)
+                x, residual = layers.add_rms_norm(hidden, residual, *step.input_norm)
+            q = step.q_proj(x).view(total, self.num_heads, self.head_dim)
+            k = step.k_proj(x).view(total, self.num_kv_heads, self.head_dim)
+            v = step.v_proj(x).view(total, self.num_kv_heads, self.head_dim)
+            layers.apply_rope(q, k, cos=cos, sin=sin, inplace=True)    # q, k: this step's own new tensors
+            k_cache, v_cache = self._kv[i]
+            paged_attention.paged_kv_write(k, v, k_cache, v_cache, slots)
+            o = plan.run(q, k_cache, v_cache, causal=True, scale=step.scale, window=self.windows[i], out=attn_out)
+            hidden = step.o_proj(o.reshape(total, self.num_heads * self.head_dim))
+            x, residual = layers.add_rms_norm(hidden, residual, *step.post_norm)
+            hidden = step.mlp(x)
         return hidden, residual
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +227,7 @@ class ModelRunner:
     def _logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         norm = self.inner.norm
         x, _ = layers.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
-        return self.model.lm_head(x).float()
+        return self._lm_head(x).float()
 
     # ------------------------------------------------------------------------------------------------ eager steps
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: list[int], q_lens: list[int],
@@ -279,6 +283,49 @@ class ModelRunner:
         step.prepare(*self._host_tables(seq_ids, step.plan.max_blocks_per_seq), tokens, positions, seeds)
         step.run()
         return step.logits[:n], None if step.drawn is None else step.drawn[:n]
+
+
+# Hugging Face's gated MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (LlamaMLP.forward and its
+# copies in the Mistral and Qwen2 modeling files): `_LayerStep` runs that expression itself when the activation is
+# SiLU (config.hidden_act "silu", these models' setting), in place on the gate's output.
+_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether calling the module runs hooks (accelerate's offloading moves weights in them): then it is called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch.nn.modules.module._global_forward_hooks
+                or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _projection(module: torch.nn.Module):
+    """x -> module(x): llmkern.layers.linear on a plain nn.Linear's own weight and bias (F.linear's result; on CPU
+    at decode shapes the C++ kernel that reads the weight on every thread, where torch's F.linear uses one; and no
+    nn.Module call machinery, about 2 us per call on a 2-core CPU, 8 calls per layer), the module itself otherwise
+    (llmkern QuantLinear, subclasses, hooked modules)."""
+    if type(module) is not torch.nn.Linear or _hooked(module):
+        return module
+    weight, bias = module.weight, module.bias
+    return lambda x: layers.linear(x, weight, bias)
+
+
+class _LayerStep:
+    """What ModelRunner's step calls for one decoder layer, resolved once per runner: the projections
+    (`_projection`), the norms' (weight, eps), the attention scale and the MLP (the gated SiLU expression of
+    _GATED_MLPS with the gate's activation in place, else the model's own mlp module)."""
+
+    def __init__(self, layer: torch.nn.Module, cfg: Any):
+        attn = layer.self_attn
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            _projection(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        self.scale = attn.scaling
+        self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        mlp = layer.mlp
+        if type(mlp).__name__ in _GATED_MLPS and getattr(cfg, "hidden_act", None) == "silu" and not _hooked(mlp):
+            gate, up, down = (_projection(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            self.mlp = lambda x: down(F.silu(gate(x), inplace=True).mul_(up(x)))
+        else:
+            self.mlp = mlp
 
 
 def padded_batch_size(n: int) -> int:

@@ -1,8 +1,10 @@
-"""RMSNorm (with an optional fused residual add) and rotary position embedding: the host side.
+"""RMSNorm (with an optional fused residual add), rotary position embedding and a dense linear layer: the
+host side.
 
     rms_norm(x, weight, eps=1e-6, *, offset=0.0, casting="llama")                      -> y
     add_rms_norm(x, residual, weight, eps=1e-6, *, offset=0.0, casting="llama")         -> (y, new_residual)
     apply_rope(q, k, positions=None, *, cos=None, sin=None, theta=10000.0, inplace=False) -> (q_rot, k_rot)
+    linear(x, weight, bias=None)                                                        -> F.linear's output
 
 RMSNorm follows Hugging Face exactly (float32 statistics): casting="llama" rounds x * rstd to the input dtype and
 then multiplies by the weight (LlamaRMSNorm, Mistral, Qwen2); casting="gemma" multiplies in float32 and rounds once
@@ -377,6 +379,62 @@ def _overlap(q: torch.Tensor, k: torch.Tensor) -> bool:
         heads_end_k = delta + k.shape[-2] * k.stride(-2)
         return not (q.stride(-2) >= q.shape[-1] and delta >= heads_end_q and heads_end_k <= q.stride(-3))
     return True
+
+
+# ------------------------------------------------------------------------------------------------------ Linear
+# A dense linear layer as an llmkern:: op, for the one place torch's own path leaves a CPU idle: at decode shapes
+# (a few rows of x) torch's CPU F.linear runs MKL's GEMV on one thread, so a decode step reads its weights at one
+# core's bandwidth (csrc/linear.cpp says what was measured). CUDA and larger M keep F.linear (cuBLAS, BLAS GEMM).
+
+
+@_dispatch.signature_checked
+def _check_linear(x, weight, bias) -> None:
+    """linear()'s argument checks (no sync), also the op's."""
+    _utils.check_tensor("x", x, dtypes=_utils.FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., in_features), got {tuple(x.shape)}")
+    _utils.check_tensor("weight", weight, ndim=2, dtypes=_utils.FLOAT_DTYPES)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be (out_features, {x.shape[-1]}) to match x's last dim, got "
+                         f"{tuple(weight.shape)}")
+    _utils.check_same(("x", "weight"), (x, weight))
+    if bias is not None:
+        _utils.check_tensor("bias", bias, ndim=1, dtypes=_utils.FLOAT_DTYPES)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
+        _utils.check_same(("x", "bias"), (x, bias))
+
+
+def _linear_reference(x, weight, bias):
+    # contiguous copies of strided operands (none for the usual ones): torch's BLAS sums in another order for
+    # another layout, and an op's result must not depend on its arguments' strides
+    return torch.nn.functional.linear(x.contiguous(), weight.contiguous(), bias)
+
+
+@_dispatch.custom_op("linear", mutates_args=(), reference=_linear_reference, check=_check_linear,
+                     contiguous=("bias",))
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # CUDA (and the interpreter's CPU slot): F.linear itself (as the reference runs it). cuBLAS is the GPU's GEMV
+    # and GEMM; there is no Triton kernel to run here, the op exists for the CPU kernel.
+    return _linear_reference(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.nn.functional.linear: x (..., in_features) @ weight.T + bias, weight (out_features, in_features), bias
+    (out_features,) or None, all in one float dtype (float32, bfloat16, float16) on one device; returns a new
+    contiguous (..., out_features) tensor in that dtype. Any strides.
+
+    On CPU with the C++ backend, x of at most llmkern.cpu.LINEAR_MAX_ROWS (16) rows (leading dims flattened: decode) runs
+    csrc/linear.cpp's kernel, which splits the weight's rows over torch's threads (fp32 accumulation, one rounding);
+    everything else is F.linear. TypeError/ValueError name the bad argument.
+    """
+    _check_linear(x, weight, bias)
+    return _linear_op(x, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------ compile specs
