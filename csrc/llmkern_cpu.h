@@ -9,11 +9,14 @@
 // passes -fopenmp, without which ATen's OpenMP backend compiles parallel_for to a serial loop.
 //
 // Precision: every kernel loads its inputs as fp32, accumulates in fp32 and rounds once to the output dtype, to
-// nearest even (c10::BFloat16 / c10::Half conversions and ATen's vector conversions both do).
+// nearest even (c10::BFloat16 / c10::Half conversions and ATen's vector conversions both do). An fp8 KV cache
+// (float8_e4m3fn / float8_e5m2) loads exactly: every fp8 value, NaN and inf included, is an fp32 value.
 #pragma once
 
 #include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third of its parse time
 #include <ATen/ops/empty.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -33,8 +36,44 @@ using F16 = c10::Half;
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kF = fVec::size();  // fp32 lanes per vector
 
+using E4M3 = c10::Float8_e4m3fn;   // an fp8 KV cache's element types (OCP FP8: 4 exponent bits and 3 mantissa
+using E5M2 = c10::Float8_e5m2;     // bits, no inf; or 5 and 2, IEEE-like with inf)
+
 template <typename T>
 constexpr bool is_reduced = std::is_same_v<T, BF16> || std::is_same_v<T, F16>;
+template <typename T>
+constexpr bool is_fp8 = std::is_same_v<T, E4M3> || std::is_same_v<T, E5M2>;
+
+// ------------------------------------------------------------------------------------------ fp8 loads
+// fp8 -> fp32 through fp16, whose conversion to fp32 is one instruction (F16C's vcvtph2ps, or ATen's scalar code):
+// every fp8 value is an fp16 value (e5m2 is fp16's top byte), or for e4m3fn 2**-8 times one: its 7 exponent and
+// mantissa bits placed under fp16's (bias 15 for 7: a factor 2**-8 on normals and subnormals alike), its one NaN
+// pattern (S.1111.111) made an fp16 NaN. The fp16 bits are a few shifts and masks per byte, which the compiler
+// vectorizes; kFp8Unit is the factor the fp16 value is then multiplied by.
+template <typename T>
+inline uint16_t fp8_half_bits(uint8_t b) {
+  if constexpr (std::is_same_v<T, E5M2>) {
+    return static_cast<uint16_t>(b << 8);
+  } else {
+    const uint16_t mag = b & 0x7F;
+    return static_cast<uint16_t>(((b & 0x80) << 8) | (mag << 7) | (mag == 0x7F ? 0x7E00 : 0));
+  }
+}
+
+template <typename T>
+constexpr float kFp8Unit = std::is_same_v<T, E4M3> ? 256.f : 1.f;
+
+// N * kF consecutive fp8 values of p as N fp32 vectors (N = 1 or 2).
+template <int N, typename T>
+inline void load_fp8(const T* p, fVec* out) {
+  const uint8_t* b = reinterpret_cast<const uint8_t*>(p);
+  alignas(64) uint16_t h[N * kF];
+  for (int64_t i = 0; i < N * kF; ++i) h[i] = fp8_half_bits<T>(b[i]);
+  for (int i = 0; i < N; ++i) {   // each half a vcvtph2ps from memory (see load2_f)
+    at::vec::load_to_float(reinterpret_cast<const F16*>(h + i * kF), out[i]);
+    if constexpr (kFp8Unit<T> != 1.f) out[i] = out[i] * fVec(kFp8Unit<T>);
+  }
+}
 
 // ------------------------------------------------------------------------------------------ loads and stores
 // kF consecutive elements of p as fp32.
@@ -42,6 +81,10 @@ template <typename T>
 inline fVec load_f(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return fVec::loadu(p);
+  } else if constexpr (is_fp8<T>) {
+    fVec v;
+    load_fp8<1>(p, &v);
+    return v;
   } else {
     fVec v;
     at::vec::load_to_float(p, v);
@@ -66,8 +109,15 @@ inline fVec load_f(const T* p, int64_t n) {
 // load_to_float(p, a, b) takes 7 (a load, a lane extract, then the two conversions).
 template <typename T>
 inline void load2_f(const T* p, fVec& a, fVec& b) {
-  a = load_f(p);
-  b = load_f(p + kF);
+  if constexpr (is_fp8<T>) {
+    fVec v[2];
+    load_fp8<2>(p, v);
+    a = v[0];
+    b = v[1];
+  } else {
+    a = load_f(p);
+    b = load_f(p + kF);
+  }
 }
 
 // v rounded to T and stored: kF elements, or the first n.
@@ -178,6 +228,16 @@ inline void check_dim(const at::Tensor& t, int64_t ndim, const char* name) {
 inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* a_name, const char* b_name) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "llmkern_cpu: ", b_name, " must have ", a_name, "'s dtype ",
               a.scalar_type(), ", got ", b.scalar_type());
+}
+
+// A per-head float32 parameter (alibi_slopes, sinks per query head; an fp8 cache's k_scale, v_scale per KV head):
+// its data, or nullptr when absent.
+inline const float* head_values(const c10::optional<at::Tensor>& t, int64_t heads, const char* name) {
+  if (!t.has_value()) return nullptr;
+  check_cpu(*t, name);
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == heads && t->is_contiguous(),
+              "llmkern_cpu: ", name, " must be contiguous float32 (", heads, ",)");
+  return t->const_data_ptr<float>();
 }
 
 // Dispatch on the three floating dtypes the kernels take: `scalar_t` is float, c10::BFloat16 or c10::Half.

@@ -32,18 +32,64 @@ PagedRows<T> paged_rows(const at::Tensor& kc, const at::Tensor& vc, const at::Te
           vc.stride(0), vc.stride(1)};
 }
 
-void check_cache(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt) {
-  check_float(q, "q");
+// Calls f(C*) with a null pointer of the cache's element type: fp8 (e4m3fn, e5m2), else T (the cache is the
+// queries' dtype).
+template <typename T, typename F>
+void with_cache_type(at::ScalarType cache, const F& f) {
+  if (cache == at::kFloat8_e4m3fn) {
+    f(static_cast<E4M3*>(nullptr));
+  } else if (cache == at::kFloat8_e5m2) {
+    f(static_cast<E5M2*>(nullptr));
+  } else {
+    f(static_cast<T*>(nullptr));
+  }
+}
+
+bool is_fp8_cache(const at::Tensor& c) {
+  return c.scalar_type() == at::kFloat8_e4m3fn || c.scalar_type() == at::kFloat8_e5m2;
+}
+
+// An fp8 cache's k_scale and v_scale (float32, one per KV head), which it must have, and which a 16-bit or fp32
+// cache must not: their data, or nullptr.
+std::pair<const float*, const float*> kv_scales(const at::Tensor& cache, const c10::optional<at::Tensor>& k_scale,
+                                                const c10::optional<at::Tensor>& v_scale) {
+  const bool fp8 = is_fp8_cache(cache);
+  TORCH_CHECK(k_scale.has_value() == fp8 && v_scale.has_value() == fp8,
+              "llmkern_cpu: k_scale and v_scale are given exactly when the cache is fp8");
+  return {head_values(k_scale, cache.size(2), "k_scale"), head_values(v_scale, cache.size(2), "v_scale")};
+}
+
+// The cache pair: 4-D, one shape, one dtype, a float dtype or fp8.
+void check_cache_pair(const at::Tensor& kc, const at::Tensor& vc) {
   check_dim(kc, 4, "k_cache");
   TORCH_CHECK(kc.sizes() == vc.sizes(), "llmkern_cpu: k_cache and v_cache must have the same shape");
-  check_same_dtype(q, kc, "q", "k_cache");
-  check_same_dtype(q, vc, "q", "v_cache");
+  check_same_dtype(kc, vc, "k_cache", "v_cache");
+  if (!is_fp8_cache(kc)) check_float(kc, "k_cache");
+  check_cpu(kc, "k_cache");
+  check_cpu(vc, "v_cache");
+}
+
+void check_cache(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt) {
+  check_float(q, "q");
+  check_cache_pair(kc, vc);
+  if (!is_fp8_cache(kc)) check_same_dtype(q, kc, "q", "k_cache");
   check_last_dim_contiguous(kc, "k_cache");
   check_last_dim_contiguous(vc, "v_cache");
   TORCH_CHECK(q.size(-1) == kc.size(3) && q.size(-2) % kc.size(2) == 0,
               "llmkern_cpu: q's heads / head_dim do not fit the cache");
   check_last_dim_contiguous(q, "q");
   TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2, "llmkern_cpu: block_tables must be int32 (batch, n)");
+}
+
+// The attention options of a paged op: scale, soft-cap, window, and ALiBi slopes and sinks per query head.
+AttnOptions variant_options(const at::Tensor& q, double scale, c10::optional<double> softcap, int64_t window_left,
+                            int64_t window_right, const c10::optional<at::Tensor>& alibi_slopes,
+                            const c10::optional<at::Tensor>& sinks) {
+  AttnOptions opt{static_cast<float>(scale), softcap.has_value(), static_cast<float>(softcap.value_or(1.0)),
+                  window_left, window_right};
+  opt.alibi_slopes = head_values(alibi_slopes, q.size(-2), "alibi_slopes");
+  opt.sinks = head_values(sinks, q.size(-2), "sinks");
+  return opt;
 }
 
 // The table entries sequence b uses (its first ceil(len / block_size)) must name blocks of the cache; the rest of a
@@ -60,32 +106,44 @@ void check_table_rows(const at::Tensor& bt, const int32_t* lens, int64_t num_blo
 }
 
 // ------------------------------------------------------------------------------------------------ cache write
-// Token i's (num_kv_heads, head_dim) K and V rows copied, bit-exact, to slot slot_mapping[i]. A slot outside
+// What an fp8 cache stores for x: round_to_fp8(x / scale) in fp32, to nearest even, saturated to the format's largest
+// finite value (vLLM's cache write; NaN stays NaN): c10's float -> fp8 conversion, the one torch's .to() makes, so
+// the bytes are reference.quantize_kv's.
+template <typename C>
+inline C quantize_fp8(float x, float scale) {
+  const float big = static_cast<float>(std::numeric_limits<C>::max());
+  const float y = x / scale;
+  return C(std::isnan(y) ? y : std::clamp(y, -big, big));
+}
+
+// Token i's (num_kv_heads, head_dim) K and V rows written to slot slot_mapping[i]: copied bit-exact into a cache of
+// their dtype, quantized (quantize_fp8, with the row's KV head's scale) into an fp8 cache. A slot outside
 // [0, num_blocks * block_size), vLLM's -1 padding included, skips its token (as the Triton kernel: the slots are
 // never checked on the host, so that the op needs no sync).
 void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                    const at::Tensor& slot_mapping) {
+                    const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& k_scale,
+                    const c10::optional<at::Tensor>& v_scale) {
   check_dim(k, 3, "k");
+  check_cache_pair(k_cache, v_cache);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3),
               "llmkern_cpu: k/v must be (tokens, num_kv_heads, head_dim) of the cache");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "llmkern_cpu: k_cache and v_cache must have the same shape");
-  for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
-    check_float(*t, name);
-    check_same_dtype(k, *t, "k", name);
-  }
+  check_float(k, "k");
+  check_same_dtype(k, v, "k", "v");
+  const bool fp8 = is_fp8_cache(k_cache);
+  if (!fp8) check_same_dtype(k, k_cache, "k", "k_cache");
+  const std::pair<const float*, const float*> scales = kv_scales(k_cache, k_scale, v_scale);
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == k.size(0), "llmkern_cpu: slot_mapping must be int64 (tokens,)");
   const int64_t tokens = k.size(0), heads = k.size(1), d = k.size(2), block_size = k_cache.size(1);
   const int64_t slots = k_cache.size(0) * block_size;
   const int64_t* sp = slot_mapping.const_data_ptr<int64_t>();
   const int64_t ss = slot_mapping.stride(0);
-  // Any strides, the last dim's included (a cache written in place cannot be copied first): a row is one memcpy
-  // when both last dims are contiguous, else element by element.
-  const int64_t es = k.element_size();
-  const auto copy = [&](const at::Tensor& src, const at::Tensor& dst) {
+  // Any strides, the last dim's included (a cache written in place cannot be copied first).
+  // write_row(h, from, to): head h's row from src (element stride src.stride(2)) to dst (stride dst.stride(3)).
+  const auto scatter = [&](const at::Tensor& src, const at::Tensor& dst, const auto& write_row) {
     const char* s = static_cast<const char*>(src.const_data_ptr());
     char* c = static_cast<char*>(dst.mutable_data_ptr());
-    const bool rows = d <= 1 || (src.stride(2) == 1 && dst.stride(3) == 1);
+    const int64_t es = src.element_size(), ec = dst.element_size();
     at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, heads * d)),
                      [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -93,19 +151,45 @@ void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
         if (slot < 0 || slot >= slots) continue;   // -1 (padding) or outside the cache: nothing to write
         const int64_t blk = slot / block_size, off = slot % block_size;
         for (int64_t h = 0; h < heads; ++h) {
-          char* to = c + (blk * dst.stride(0) + off * dst.stride(1) + h * dst.stride(2)) * es;
-          const char* from = s + (t * src.stride(0) + h * src.stride(1)) * es;
-          if (rows) {
-            std::memcpy(to, from, d * es);
-          } else {
-            for (int64_t i = 0; i < d; ++i) std::memcpy(to + i * dst.stride(3) * es, from + i * src.stride(2) * es, es);
-          }
+          write_row(h, s + (t * src.stride(0) + h * src.stride(1)) * es,
+                    c + (blk * dst.stride(0) + off * dst.stride(1) + h * dst.stride(2)) * ec);
         }
       }
     });
   };
-  copy(k, k_cache);
-  copy(v, v_cache);
+  if (!fp8) {   // a row is one memcpy when both last dims are contiguous, else element by element
+    const int64_t es = k.element_size();
+    for (const auto& pair : {std::pair{&k, &k_cache}, {&v, &v_cache}}) {
+      const int64_t fs = pair.first->stride(2) * es, ts = pair.second->stride(3) * es;
+      const bool rows = d <= 1 || (fs == es && ts == es);
+      scatter(*pair.first, *pair.second, [&](int64_t, const char* from, char* to) {
+        if (rows) {
+          std::memcpy(to, from, d * es);
+        } else {
+          for (int64_t i = 0; i < d; ++i) std::memcpy(to + i * ts, from + i * fs, es);
+        }
+      });
+    }
+    return;
+  }
+  LLMKERN_DISPATCH_FLOAT(k.scalar_type(), "llmkern_cpu::paged_kv_write", [&] {
+    with_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto* tag) {
+      using C = std::remove_pointer_t<decltype(tag)>;
+      if constexpr (is_fp8<C>) {
+        for (const int which : {0, 1}) {
+          const at::Tensor& src = which == 0 ? k : v;
+          const at::Tensor& dst = which == 0 ? k_cache : v_cache;
+          const float* scale = which == 0 ? scales.first : scales.second;
+          const int64_t fs = src.stride(2), ts = dst.stride(3);
+          scatter(src, dst, [&](int64_t h, const char* from, char* to) {
+            const scalar_t* x = reinterpret_cast<const scalar_t*>(from);
+            C* y = reinterpret_cast<C*>(to);
+            for (int64_t i = 0; i < d; ++i) y[i * ts] = quantize_fp8<C>(static_cast<float>(x[i * fs]), scale[h]);
+          });
+        }
+      }
+    });
+  });
 }
 
 // ------------------------------------------------------------------------------------------------- decode
@@ -348,6 +432,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                   c10::optional<double> softcap, int64_t window_left, int64_t num_splits) {
   check_dim(q, 3, "q");
   check_cache(q, k_cache, v_cache, block_tables);
+  TORCH_CHECK(!is_fp8_cache(k_cache), "llmkern_cpu: paged_decode takes no fp8 cache (paged_prefill does)");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "llmkern_cpu: out must be like q");
   check_last_dim_contiguous(out, "out");
   const at::Tensor lens = seq_lens.contiguous();
@@ -372,9 +457,11 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
 // ------------------------------------------------------------------------------------------------ prefill
 // q (total_q, heads, d) packs each sequence's newest tokens (rows cu_seqlens_q[b]:cu_seqlens_q[b+1]); their K/V are
 // in the cache, sequence b holding seq_lens[b] tokens, so new token i sits at position seq_len - q_len + i.
-template <typename T>
+// KV: the cache's element type (T, or fp8 with scales[0/1] its k_scale / v_scale per KV head).
+template <typename T, typename KV>
 void paged_prefill_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
-                        const int32_t* cu, const int32_t* lens, const at::Tensor& out, const AttnOptions& opt) {
+                        const int32_t* cu, const int32_t* lens, const at::Tensor& out, const AttnOptions& opt,
+                        std::pair<const float*, const float*> scales) {
   const int64_t batch = bt.size(0), heads = q.size(1), d = q.size(2), kv_heads = kc.size(2);
   const int64_t group = heads / kv_heads, per_item = queries_per_item(group);
   std::vector<int64_t> first_item(batch + 1, 0);
@@ -389,8 +476,10 @@ void paged_prefill_impl(const at::Tensor& q, const at::Tensor& kc, const at::Ten
       const int64_t local = w - first_item[b], kvh = local % kv_heads, i0 = (local / kv_heads) * per_item;
       const int64_t len_q = cu[b + 1] - cu[b], nq = std::min(per_item, len_q - i0);
       const int64_t row = cu[b] + i0, h0 = kvh * group;
-      attend_item<T>(opt, d, group, qp + row * q.stride(0) + h0 * q.stride(1), q.stride(0), q.stride(1), nq,
-                     lens[b] - len_q + i0, lens[b], paged_rows<T>(kc, vc, bt, b, kvh),
+      AttnOptions item = opt.for_heads(h0);
+      if constexpr (is_fp8<KV>) std::tie(item.k_scale, item.v_scale) = std::pair{scales.first[kvh], scales.second[kvh]};
+      attend_item<T>(item, d, group, qp + row * q.stride(0) + h0 * q.stride(1), q.stride(0), q.stride(1), nq,
+                     lens[b] - len_q + i0, lens[b], paged_rows<KV>(kc, vc, bt, b, kvh),
                      op + row * out.stride(0) + h0 * out.stride(1), out.stride(0), out.stride(1), nullptr, 0, 0);
     }
   });
@@ -399,7 +488,9 @@ void paged_prefill_impl(const at::Tensor& q, const at::Tensor& kc, const at::Ten
 void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
                    const at::Tensor& out, double scale, c10::optional<double> softcap, int64_t window_left,
-                   int64_t window_right) {
+                   int64_t window_right, const c10::optional<at::Tensor>& k_scale,
+                   const c10::optional<at::Tensor>& v_scale, const c10::optional<at::Tensor>& alibi_slopes,
+                   const c10::optional<at::Tensor>& sinks) {
   check_dim(q, 3, "q");
   check_cache(q, k_cache, v_cache, block_tables);
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "llmkern_cpu: out must be like q");
@@ -417,23 +508,28 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     TORCH_CHECK(cp[b] <= cp[b + 1] && cp[b + 1] - cp[b] <= lp[b], "llmkern_cpu: cu_seqlens_q / seq_lens disagree");
   }
   if (q.numel() == 0) return;
-  const AttnOptions opt{static_cast<float>(scale), softcap.has_value(), static_cast<float>(softcap.value_or(1.0)),
-                        window_left, window_right};
+  const auto scales = kv_scales(k_cache, k_scale, v_scale);
+  const AttnOptions opt = variant_options(q, scale, softcap, window_left, window_right, alibi_slopes, sinks);
   LLMKERN_DISPATCH_FLOAT(q.scalar_type(), "llmkern_cpu::paged_prefill", [&] {
-    paged_prefill_impl<scalar_t>(q, k_cache, v_cache, block_tables, cp, lp, out, opt);
+    with_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto* tag) {
+      using KV = std::remove_pointer_t<decltype(tag)>;
+      paged_prefill_impl<scalar_t, KV>(q, k_cache, v_cache, block_tables, cp, lp, out, opt, scales);
+    });
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmkern_cpu, m) {
-  m.def("paged_kv_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+  m.def("paged_kv_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+        "Tensor? k_scale, Tensor? v_scale) -> ()",
         &paged_kv_write);
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor(a!) out, float scale, float? softcap, int window_left, int num_splits) -> ()",
         &paged_decode);
   m.def("paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
-        "Tensor seq_lens, Tensor(a!) out, float scale, float? softcap, int window_left, int window_right) -> ()",
+        "Tensor seq_lens, Tensor(a!) out, float scale, float? softcap, int window_left, int window_right, "
+        "Tensor? k_scale, Tensor? v_scale, Tensor? alibi_slopes, Tensor? sinks) -> ()",
         &paged_prefill);
 }
 
