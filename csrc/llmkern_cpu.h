@@ -10,7 +10,8 @@
 //
 // Precision: every kernel loads its inputs as fp32, accumulates in fp32 and rounds once to the output dtype, to
 // nearest even (c10::BFloat16 / c10::Half conversions and ATen's vector conversions both do). An fp8 KV cache
-// (float8_e4m3fn / float8_e5m2) loads exactly: every fp8 value, NaN and inf included, is an fp32 value.
+// (float8_e4m3fn / float8_e5m2) loads exactly, up to a power of two (kLoadUnit): every fp8 value, NaN and inf
+// included, is an fp32 value.
 #pragma once
 
 #include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third of its parse time
@@ -49,34 +50,40 @@ constexpr bool is_fp8 = std::is_same_v<T, E4M3> || std::is_same_v<T, E5M2>;
 // every fp8 value is an fp16 value (e5m2 is fp16's top byte), or for e4m3fn 2**-8 times one: its 7 exponent and
 // mantissa bits placed under fp16's (bias 15 for 7: a factor 2**-8 on normals and subnormals alike), its one NaN
 // pattern (S.1111.111) made an fp16 NaN. The fp16 bits are a few shifts and masks per byte, which the compiler
-// vectorizes; kFp8Unit is the factor the fp16 value is then multiplied by.
+// vectorizes. So an fp8 load gives the value divided by kLoadUnit<T> (2**8 for e4m3fn), exactly: callers fold
+// kLoadUnit into the scale they apply anyway (an fp8 cache's k_scale / v_scale); it is 1 for every other type.
 template <typename T>
 inline uint16_t fp8_half_bits(uint8_t b) {
   if constexpr (std::is_same_v<T, E5M2>) {
     return static_cast<uint16_t>(b << 8);
   } else {
-    const uint16_t mag = b & 0x7F;
-    return static_cast<uint16_t>(((b & 0x80) << 8) | (mag << 7) | (mag == 0x7F ? 0x7E00 : 0));
+    // the byte sign-extended and shifted by 7: its sign at bits 15 and 14, bit 14 then cleared
+    const uint16_t h = static_cast<uint16_t>(static_cast<uint16_t>(static_cast<int8_t>(b)) << 7) & 0xBFFF;
+    return (b & 0x7F) == 0x7F ? h | 0x7E00 : h;
   }
 }
 
 template <typename T>
-constexpr float kFp8Unit = std::is_same_v<T, E4M3> ? 256.f : 1.f;
+constexpr float kLoadUnit = std::is_same_v<T, E4M3> ? 256.f : 1.f;
 
-// N * kF consecutive fp8 values of p as N fp32 vectors (N = 1 or 2).
+// N * kF consecutive fp8 values of p (the first n of them, zeros after, when n < N * kF) as N fp32 vectors (N = 1
+// or 2), in units of kLoadUnit<T>.
 template <int N, typename T>
-inline void load_fp8(const T* p, fVec* out) {
+inline void load_fp8(const T* p, fVec* out, int64_t n = N * kF) {
   const uint8_t* b = reinterpret_cast<const uint8_t*>(p);
   alignas(64) uint16_t h[N * kF];
-  for (int64_t i = 0; i < N * kF; ++i) h[i] = fp8_half_bits<T>(b[i]);
+  if (n == N * kF) {
+    for (int64_t i = 0; i < N * kF; ++i) h[i] = fp8_half_bits<T>(b[i]);
+  } else {
+    for (int64_t i = 0; i < N * kF; ++i) h[i] = i < n ? fp8_half_bits<T>(b[i]) : 0;
+  }
   for (int i = 0; i < N; ++i) {   // each half a vcvtph2ps from memory (see load2_f)
     at::vec::load_to_float(reinterpret_cast<const F16*>(h + i * kF), out[i]);
-    if constexpr (kFp8Unit<T> != 1.f) out[i] = out[i] * fVec(kFp8Unit<T>);
   }
 }
 
 // ------------------------------------------------------------------------------------------ loads and stores
-// kF consecutive elements of p as fp32.
+// kF consecutive elements of p as fp32 (fp8: in units of kLoadUnit<T>).
 template <typename T>
 inline fVec load_f(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
@@ -97,6 +104,10 @@ template <typename T>
 inline fVec load_f(const T* p, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return fVec::loadu(p, n);
+  } else if constexpr (is_fp8<T>) {
+    fVec v;
+    load_fp8<1>(p, &v, n);
+    return v;
   } else {
     float tmp[kF] = {};
     for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
