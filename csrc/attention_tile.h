@@ -37,7 +37,7 @@ struct AttnOptions {
   const float* alibi_slopes = nullptr;  // per query head, from the item's first head on (see for_heads); or none
   const float* sinks = nullptr;         // likewise
   float k_scale = 1.f;                  // K and V rows are read times these: an fp8 cache's scales for the item's
-  float v_scale = 1.f;                  // KV head, times kLoadUnit
+  float v_scale = 1.f;                  // KV head
 
   // The options of a work item whose query heads start at head0: the per-head pointers moved to it.
   AttnOptions for_heads(int64_t head0) const {

@@ -10,8 +10,7 @@
 //
 // Precision: every kernel loads its inputs as fp32, accumulates in fp32 and rounds once to the output dtype, to
 // nearest even (c10::BFloat16 / c10::Half conversions and ATen's vector conversions both do). An fp8 KV cache
-// (float8_e4m3fn / float8_e5m2) loads exactly, up to a power of two (kLoadUnit): every fp8 value, NaN and inf
-// included, is an fp32 value.
+// (float8_e4m3fn / float8_e5m2) loads exactly: every fp8 value, NaN and inf included, is an fp32 value.
 #pragma once
 
 #include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third of its parse time
@@ -46,52 +45,51 @@ template <typename T>
 constexpr bool is_fp8 = std::is_same_v<T, E4M3> || std::is_same_v<T, E5M2>;
 
 // ------------------------------------------------------------------------------------------ fp8 loads
-// fp8 -> fp32 through fp16, whose conversion to fp32 is one instruction (F16C's vcvtph2ps, or ATen's scalar code):
-// every fp8 value is an fp16 value (e5m2 is fp16's top byte), or for e4m3fn 2**-8 times one: its 7 exponent and
-// mantissa bits placed under fp16's (bias 15 for 7: a factor 2**-8 on normals and subnormals alike), its one NaN
-// pattern (S.1111.111) made an fp16 NaN. The fp16 bits are a few shifts and masks per byte, which the compiler
-// vectorizes. So an fp8 load gives the value divided by kLoadUnit<T> (2**8 for e4m3fn), exactly: callers fold
-// kLoadUnit into the scale they apply anyway (an fp8 cache's k_scale / v_scale); it is 1 for every other type.
-template <typename T>
-inline uint16_t fp8_half_bits(uint8_t b) {
-  if constexpr (std::is_same_v<T, E5M2>) {
-    return static_cast<uint16_t>(b << 8);
-  } else {
-    // the byte sign-extended and shifted by 7: its sign at bits 15 and 14, bit 14 then cleared
-    const uint16_t h = static_cast<uint16_t>(static_cast<uint16_t>(static_cast<int8_t>(b)) << 7) & 0xBFFF;
-    return (b & 0x7F) == 0x7F ? h | 0x7E00 : h;
-  }
+// fp8 -> fp32, exactly, on whole vectors with ATen's int32 and float lanes (OCP FP8: e4m3fn has bias 7 and 3
+// mantissa bits, no inf, NaN at S.1111.111; e5m2 has bias 15 and 2, inf and NaN at exponent 31 as IEEE):
+//   normal (exponent >= 1): the 7 exponent and mantissa bits moved under fp32's, the exponent rebiased;
+//   subnormal (exponent 0): the mantissa as a number times 2**(1 - bias - mantissa bits);
+//   e4m3fn's NaN, e5m2's inf and NaN: fp32's exponent 255 with the mantissa bits kept; then the sign.
+// About 13 instructions per vector on AVX2 (a bf16 load is 2), paid once per K/V element for all of a group's heads.
+using iVec = at::vec::Vectorized<int32_t>;
+static_assert(iVec::size() == kF, "int32 and float vectors have the same lanes");
+
+// n <= kF fp8 bytes at p sign-extended into int32 lanes (zeros after them).
+inline iVec load_bytes_i32(const void* p, int64_t n = kF) {
+  const int8_t* b = static_cast<const int8_t*>(p);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return at::vec::convert_to_int32<int8_t>(b, static_cast<int>(n));
+#else
+  int32_t tmp[kF] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = b[i];
+  return iVec::loadu(tmp);
+#endif
 }
 
 template <typename T>
-constexpr float kLoadUnit = std::is_same_v<T, E4M3> ? 256.f : 1.f;
-
-// N * kF consecutive fp8 values of p (the first n of them, zeros after, when n < N * kF) as N fp32 vectors (N = 1
-// or 2), in units of kLoadUnit<T>.
-template <int N, typename T>
-inline void load_fp8(const T* p, fVec* out, int64_t n = N * kF) {
-  const uint8_t* b = reinterpret_cast<const uint8_t*>(p);
-  alignas(64) uint16_t h[N * kF];
-  if (n == N * kF) {
-    for (int64_t i = 0; i < N * kF; ++i) h[i] = fp8_half_bits<T>(b[i]);
+inline fVec fp8_to_float(const iVec& x) {
+  constexpr bool e4m3 = std::is_same_v<T, E4M3>;
+  constexpr int mant = e4m3 ? 3 : 2, bias = e4m3 ? 7 : 15;
+  const iVec mag = x & iVec(0x7F);
+  iVec bits = (mag << iVec(23 - mant)) + iVec((127 - bias) << 23);
+  if constexpr (e4m3) {
+    bits = iVec::blendv(bits, iVec(0x7FC00000), mag == iVec(0x7F));
   } else {
-    for (int64_t i = 0; i < N * kF; ++i) h[i] = i < n ? fp8_half_bits<T>(b[i]) : 0;
+    bits = bits | (mag > iVec(0x7B) & iVec(0x7F800000));
   }
-  for (int i = 0; i < N; ++i) {   // each half a vcvtph2ps from memory (see load2_f)
-    at::vec::load_to_float(reinterpret_cast<const F16*>(h + i * kF), out[i]);
-  }
+  const fVec sub = at::vec::convert<float>(mag) * fVec(std::ldexp(1.f, 1 - bias - mant));
+  const fVec v = fVec::blendv(at::vec::cast<float>(bits), sub, at::vec::cast<float>(mag < iVec(1 << mant)));
+  return v | at::vec::cast<float>(x & iVec(std::numeric_limits<int32_t>::min()));
 }
 
 // ------------------------------------------------------------------------------------------ loads and stores
-// kF consecutive elements of p as fp32 (fp8: in units of kLoadUnit<T>).
+// kF consecutive elements of p as fp32.
 template <typename T>
 inline fVec load_f(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return fVec::loadu(p);
   } else if constexpr (is_fp8<T>) {
-    fVec v;
-    load_fp8<1>(p, &v);
-    return v;
+    return fp8_to_float<T>(load_bytes_i32(p));
   } else {
     fVec v;
     at::vec::load_to_float(p, v);
@@ -105,9 +103,7 @@ inline fVec load_f(const T* p, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return fVec::loadu(p, n);
   } else if constexpr (is_fp8<T>) {
-    fVec v;
-    load_fp8<1>(p, &v, n);
-    return v;
+    return fp8_to_float<T>(load_bytes_i32(p, n));
   } else {
     float tmp[kF] = {};
     for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
@@ -120,15 +116,8 @@ inline fVec load_f(const T* p, int64_t n) {
 // load_to_float(p, a, b) takes 7 (a load, a lane extract, then the two conversions).
 template <typename T>
 inline void load2_f(const T* p, fVec& a, fVec& b) {
-  if constexpr (is_fp8<T>) {
-    fVec v[2];
-    load_fp8<2>(p, v);
-    a = v[0];
-    b = v[1];
-  } else {
-    a = load_f(p);
-    b = load_f(p + kF);
-  }
+  a = load_f(p);
+  b = load_f(p + kF);
 }
 
 // v rounded to T and stored: kF elements, or the first n.

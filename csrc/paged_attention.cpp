@@ -477,10 +477,7 @@ void paged_prefill_impl(const at::Tensor& q, const at::Tensor& kc, const at::Ten
       const int64_t len_q = cu[b + 1] - cu[b], nq = std::min(per_item, len_q - i0);
       const int64_t row = cu[b] + i0, h0 = kvh * group;
       AttnOptions item = opt.for_heads(h0);
-      if constexpr (is_fp8<KV>) {
-        item.k_scale = scales.first[kvh] * kLoadUnit<KV>;
-        item.v_scale = scales.second[kvh] * kLoadUnit<KV>;
-      }
+      if constexpr (is_fp8<KV>) std::tie(item.k_scale, item.v_scale) = std::tie(scales.first[kvh], scales.second[kvh]);
       attend_item<T>(item, d, group, qp + row * q.stride(0) + h0 * q.stride(1), q.stride(0), q.stride(1), nq,
                      lens[b] - len_q + i0, lens[b], paged_rows<KV>(kc, vc, bt, b, kvh),
                      op + row * out.stride(0) + h0 * out.stride(1), out.stride(0), out.stride(1), nullptr, 0, 0);
