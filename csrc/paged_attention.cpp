@@ -303,13 +303,14 @@ inline void prefetch(const void* p, int64_t bytes) {
 }
 
 // Every query head of one sequence against its tokens [start, end): acc (heads x d, unnormalized), and per head the
-// running max m and sum l (natural-log domain), in ws. rows(j) points at token j's K and V rows of KV head 0; head h
+// running max m and sum l (natural-log domain), in ws. The query sits at position pos (ALiBi's distances). rows(j) points at token j's K and V rows of KV head 0; head h
 // is h * stride_kh (stride_vh) further. Per tile: the scores of every head (KV head by KV head, each K row read once
 // for all the query heads of its group), the online softmax of every head, then P @ V (each V row read once for
 // the group).
 template <typename T>
 void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stride_kh, int64_t stride_vh,
-                  int64_t start, int64_t end, int64_t kv_heads, int64_t group, int64_t d, DecodeScratch& ws) {
+                  int64_t start, int64_t end, int64_t pos, int64_t kv_heads, int64_t group, int64_t d,
+                  DecodeScratch& ws) {
   const int64_t heads = kv_heads * group;
   float* acc = ws.acc.data();
   std::fill(acc, acc + heads * d, 0.f);
@@ -337,6 +338,7 @@ void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stri
     for (int64_t h = 0; h < heads; ++h) {
       float* sh = &ws.s[h * kDecodeTile];
       if (opt.has_softcap) apply_softcap(sh, nt, opt.softcap);
+      if (opt.alibi_slopes != nullptr) apply_alibi(sh, nt, opt.alibi_slopes[h], pos, n0);
       ws.alpha[h] = softmax_update(sh, nt, 0, nt, ws.m[h], ws.l[h]);
     }
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
@@ -357,9 +359,14 @@ int64_t auto_splits(int64_t items, int64_t max_len) {
   return std::clamp<int64_t>((want + items - 1) / items, 1, std::max<int64_t>(1, max_len / 256));
 }
 
-template <typename T>
+// KV: the cache's element type (T, or fp8 with scales.first / .second its k_scale / v_scale per KV head: k_scale is
+// folded into the pre-scaled q rows and v_scale into the output's normalization, so the tile loops only load).
+// Sinks join each head's softmax once: at the end of an unsplit sequence, else in the merge, as one more "split"
+// with that lse and no value.
+template <typename T, typename KV>
 void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
-                       const int32_t* lens, const at::Tensor& out, const AttnOptions& opt, int64_t splits) {
+                       const int32_t* lens, const at::Tensor& out, const AttnOptions& opt, int64_t splits,
+                       std::pair<const float*, const float*> scales) {
   const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = kc.size(2);
   const int64_t group = heads / kv_heads;
   const T* qp = q.const_data_ptr<T>();
@@ -382,11 +389,16 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t split = w % splits, b = w / splits;
       const auto [start, end] = range(b, split);
-      for (int64_t h = 0; h < heads; ++h) convert_row(qp + b * q.stride(0) + h * q.stride(1), &ws.q[h * d], d, opt.scale);
-      decode_range<T>(opt, paged_rows<T>(kc, vc, bt, b, 0), kc.stride(2), vc.stride(2), start, end, kv_heads, group, d,
-                      ws);
       for (int64_t h = 0; h < heads; ++h) {
-        const float l = ws.l[h], inv = l > 0.f ? 1.f / l : 0.f;
+        const float k_scale = is_fp8<KV> ? scales.first[h / group] : 1.f;
+        convert_row(qp + b * q.stride(0) + h * q.stride(1), &ws.q[h * d], d, opt.scale * k_scale);
+      }
+      decode_range<KV>(opt, paged_rows<KV>(kc, vc, bt, b, 0), kc.stride(2), vc.stride(2), start, end, lens[b] - 1,
+                       kv_heads, group, d, ws);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float alpha = splits == 1 && opt.sinks != nullptr ? add_sink(opt.sinks[h], ws.m[h], ws.l[h]) : 1.f;
+        const float v_scale = is_fp8<KV> ? scales.second[h / group] : 1.f;
+        const float l = ws.l[h], inv = l > 0.f ? alpha * v_scale / l : 0.f;
         const float* a = &ws.acc[h * d];
         if (splits == 1) {  // seq_len >= 1: the one split saw the newest key at least
           T* o = op + b * out.stride(0) + h * out.stride(1);
@@ -405,13 +417,14 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
     }
   });
   if (splits == 1) return;
-  // Merge (log-sum-exp): o = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s).
+  // Merge (log-sum-exp): o = sum_s exp(lse_s - lse) o_s, lse = log(sum_s exp(lse_s) + exp(sink)).
   at::parallel_for(0, batch * heads, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> acc(d);
     for (int64_t r = r0; r < r1; ++r) {
       const float* ls = &part_lse[r * splits];
-      const float mx = *std::max_element(ls, ls + splits);
-      float total = 0.f;
+      const float sink = opt.sinks != nullptr ? opt.sinks[r % heads] : -std::numeric_limits<float>::infinity();
+      const float mx = std::max(*std::max_element(ls, ls + splits), sink);
+      float total = sink == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(sink - mx);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t s = 0; s < splits; ++s) {
         if (ls[s] == -std::numeric_limits<float>::infinity()) continue;
@@ -429,10 +442,11 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
 // masks nothing in decode); num_splits 0 = choose.
 void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& out, double scale,
-                  c10::optional<double> softcap, int64_t window_left, int64_t num_splits) {
+                  c10::optional<double> softcap, int64_t window_left, int64_t num_splits,
+                  const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
+                  const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
   check_dim(q, 3, "q");
   check_cache(q, k_cache, v_cache, block_tables);
-  TORCH_CHECK(!is_fp8_cache(k_cache), "llmkern_cpu: paged_decode takes no fp8 cache (paged_prefill does)");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "llmkern_cpu: out must be like q");
   check_last_dim_contiguous(out, "out");
   const at::Tensor lens = seq_lens.contiguous();
@@ -447,10 +461,13 @@ void paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   }
   if (q.numel() == 0) return;
   const int64_t splits = num_splits > 0 ? num_splits : auto_splits(q.size(0), max_len);
-  const AttnOptions opt{static_cast<float>(scale), softcap.has_value(), static_cast<float>(softcap.value_or(1.0)),
-                        window_left, -1};
+  const auto scales = kv_scales(k_cache, k_scale, v_scale);
+  const AttnOptions opt = variant_options(q, scale, softcap, window_left, -1, alibi_slopes, sinks);
   LLMKERN_DISPATCH_FLOAT(q.scalar_type(), "llmkern_cpu::paged_decode", [&] {
-    paged_decode_impl<scalar_t>(q, k_cache, v_cache, block_tables, lp, out, opt, splits);
+    with_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto* tag) {
+      using KV = std::remove_pointer_t<decltype(tag)>;
+      paged_decode_impl<scalar_t, KV>(q, k_cache, v_cache, block_tables, lp, out, opt, splits, scales);
+    });
   });
 }
 
@@ -525,7 +542,8 @@ TORCH_LIBRARY_FRAGMENT(llmkern_cpu, m) {
         "Tensor? k_scale, Tensor? v_scale) -> ()",
         &paged_kv_write);
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "Tensor(a!) out, float scale, float? softcap, int window_left, int num_splits) -> ()",
+        "Tensor(a!) out, float scale, float? softcap, int window_left, int num_splits, Tensor? k_scale, "
+        "Tensor? v_scale, Tensor? alibi_slopes, Tensor? sinks) -> ()",
         &paged_decode);
   m.def("paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
         "Tensor seq_lens, Tensor(a!) out, float scale, float? softcap, int window_left, int window_right, "

@@ -175,6 +175,10 @@ def test_fp8_cache_decode_prefill_and_plan(device, backend, cpp_calls, cache_dty
     dec = _cu([1] * len(MIXED_LEN), device)
     out = llmkern.paged_decode_attention(q, kc, vc, bt, sl, num_splits=3, k_scale=k_scale, v_scale=0.03)
     _check(out, q, kc, vc, bt, dec, sl, k_scale=k_scale, v_scale=0.03)
+    decode = llmkern.PagedAttentionPlan(bt, sl, num_heads=8, num_kv_heads=2, head_dim=32, num_blocks=kc.shape[0],
+                                        block_size=16, dtype=dtype, kv_dtype=cache_dtype)
+    _check(decode.run(q, kc, vc, k_scale=k_scale, v_scale=0.03), q, kc, vc, bt, dec, sl, k_scale=k_scale,
+           v_scale=0.03)
 
     cu = _cu(MIXED_Q, device)
     qm = torch.randn(sum(MIXED_Q), 8, 32, generator=g).to(dtype).to(device)
@@ -186,7 +190,7 @@ def test_fp8_cache_decode_prefill_and_plan(device, backend, cpp_calls, cache_dty
     err = float(vs_16bit.abs().max())
     print(f"fp8 {cache_dtype} vs {dtype} cache: max |error| {err:.4f}, output max {float(out.abs().max()):.3f}")
     assert err < FP8_STEP[cache_dtype] * float(out.abs().max())
-    assert backend != "cpp" or cpp_calls == ["paged_prefill", "paged_prefill"]
+    assert backend != "cpp" or cpp_calls == ["paged_decode"] * 2 + ["paged_prefill"]
 
 
 @pytest.mark.parametrize("cache_dtype", [E4M3, E5M2])
@@ -211,12 +215,12 @@ def test_fp8_cache_every_byte_reads_exactly(device, backend, cpp_calls, cache_dt
         outs, want = [o[keep] for o in outs], want[keep]
     for out in outs:
         torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
-    assert backend != "cpp" or cpp_calls == ["paged_prefill"] * 3
+    assert backend != "cpp" or cpp_calls == ["paged_decode"] * 2 + ["paged_prefill"]
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,kw", [
     (2, 2, dict(num_splits=2)),                  # one row per program (broadcast path), splits merged with sinks
-    (8, 2, dict(window=(30, -1))),               # GQA rows (MMA path), windowed
+    (8, 2, dict(window=(30, -1), num_splits=1)),  # GQA rows (MMA path), windowed, the sinks in the kernel
 ], ids=["mha-split", "gqa-window"])
 def test_alibi_and_sinks_decode_and_mixed_step(device, backend, cpp_calls, num_heads, num_kv_heads, kw):
     """ALiBi slopes and sinks together (slopes at twice the paper's, so the bias matters over 100 keys; one sink
@@ -242,7 +246,7 @@ def test_alibi_and_sinks_decode_and_mixed_step(device, backend, cpp_calls, num_h
     _check(plan.run(qm, kc, vc, **variants), qm, kc, vc, bt, cu, sl, causal=True, **variants)
     out = llmkern.paged_prefill_attention(qm, kc, vc, bt, cu, sl, causal=True, **variants)
     _check(out, qm, kc, vc, bt, cu, sl, causal=True, **variants)
-    assert backend != "cpp" or cpp_calls == ["paged_prefill"] * 4
+    assert backend != "cpp" or cpp_calls == ["paged_decode"] * 2 + ["paged_prefill"] * 2
 
 
 def test_paged_variants_bad_input(device, no_kernel):

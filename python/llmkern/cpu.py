@@ -369,13 +369,8 @@ def _rope_inplace(q, k, positions, cos, sin, theta):
 _NO_LSE = torch.empty(0, dtype=torch.float32)
 
 
-# The variants (issue 12): the dense ops take ALiBi and sinks; the paged ops also take an fp8 cache (k_scale /
-# v_scale, float32 (num_kv_heads,) tensors by the time an op runs). paged_prefill serves all of them; paged_decode
-# none yet, so a decode with a variant runs as one-token chunks of paged_prefill.
-def _variant(*optional) -> bool:
-    return any(t is not None for t in optional)
-
-
+# The variants (issue 12), all in C++: the dense ops take ALiBi and sinks (alibi_slopes, sinks); the paged ops also an
+# fp8 cache (k_scale / v_scale, float32 (num_kv_heads,) tensors by the time an op runs).
 @_adapter("attention")
 def _attention(q, k, v, causal, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks):
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
@@ -410,14 +405,9 @@ def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
 def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits,
                   *variants):
     out = torch.empty(q.shape, dtype=q.dtype)
-    if _variant(*variants):   # one-token chunks of paged_prefill (see _variant)
-        cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
-        _lib().paged_prefill(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
-                             cu, seq_lens, out, scale, softcap, window_left, -1, *variants)
-        return out
     # decode's one query sits at the last key: a right window masks nothing
     _lib().paged_decode(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
-                        seq_lens, out, scale, softcap, window_left, num_splits)
+                        seq_lens, out, scale, softcap, window_left, num_splits, *variants)
     return out
 
 
@@ -440,7 +430,7 @@ def _paged_attention(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlen
     paged_decode (its own split choice, over CPU threads), any other step to paged_prefill, which serves mixed
     batches (a decode token is a one-token chunk). The plan's buffers are sized for its capacities: the first
     batch_size sequences and num_tokens rows are this step's. The variants (k_scale, v_scale, alibi_slopes, sinks) go
-    to paged_prefill (see _variant)."""
+    to either."""
     if num_tokens == 0:
         return
     b = batch_size
@@ -448,8 +438,9 @@ def _paged_attention(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlen
     k_cache, v_cache = _last_contiguous(k_cache), _last_contiguous(v_cache)
     rows = out[:num_tokens]
     dst = rows if rows.stride(-1) == 1 else torch.empty(rows.shape, dtype=rows.dtype)
-    if decode_tiles and num_tokens == b and not _variant(*variants):
-        _lib().paged_decode(q, k_cache, v_cache, block_tables[:b], seq_lens[:b], dst, scale, softcap, window_left, 0)
+    if decode_tiles and num_tokens == b:
+        _lib().paged_decode(q, k_cache, v_cache, block_tables[:b], seq_lens[:b], dst, scale, softcap, window_left, 0,
+                            *variants)
     else:
         _lib().paged_prefill(q, k_cache, v_cache, block_tables[:b], cu_seqlens_q[:b + 1], seq_lens[:b], dst, scale,
                              softcap, window_left, window_right, *variants)
