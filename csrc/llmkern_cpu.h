@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -57,11 +58,16 @@ static_assert(iVec::size() == kF, "int32 and float vectors have the same lanes")
 // n <= kF fp8 bytes at p sign-extended into int32 lanes (zeros after them).
 inline iVec load_bytes_i32(const void* p, int64_t n = kF) {
   const int8_t* b = static_cast<const int8_t*>(p);
+  if (n < kF) {   // (ATen's partial int8 load fills the rest with ones)
+    int8_t tmp[kF] = {};
+    std::memcpy(tmp, b, n);
+    return load_bytes_i32(tmp);
+  }
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  return at::vec::convert_to_int32<int8_t>(b, static_cast<int>(n));
+  return at::vec::convert_to_int32<int8_t>(b);   // kF bytes widened in one instruction
 #else
-  int32_t tmp[kF] = {};
-  for (int64_t i = 0; i < n; ++i) tmp[i] = b[i];
+  int32_t tmp[kF];
+  for (int64_t i = 0; i < kF; ++i) tmp[i] = b[i];
   return iVec::loadu(tmp);
 #endif
 }
