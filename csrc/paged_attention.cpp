@@ -350,6 +350,20 @@ void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stri
   }
 }
 
+// A decode split's variants, once decode_range is done (ws: every head's unnormalized accumulator, max and sum):
+// the sink of each head joins split 0 (add_sink), and an fp8 cache's v_scale (per KV head; or none) multiplies the
+// accumulators. Nothing without a sink or an fp8 cache.
+inline void finish_variants(const AttnOptions& opt, int64_t split, const float* v_scale, int64_t heads,
+                            int64_t group, int64_t d, DecodeScratch& ws) {
+  const bool sinks = opt.sinks != nullptr && split == 0;
+  if (!sinks && v_scale == nullptr) return;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float alpha = sinks ? add_sink(opt.sinks[h], ws.m[h], ws.l[h]) : 1.f;
+    const float mul = alpha * (v_scale != nullptr ? v_scale[h / group] : 1.f);
+    if (mul != 1.f) convert_row(&ws.acc[h * d], &ws.acc[h * d], d, mul);
+  }
+}
+
 // Splits per sequence when the caller leaves it to us (num_splits = 0): enough work items for every thread to get
 // two (so one long sequence does not leave threads idle), but never fewer than 256 tokens per split, below which
 // the partial writes and the merge stop being noise next to the keys read (the GPU path's rule too).
@@ -360,9 +374,9 @@ int64_t auto_splits(int64_t items, int64_t max_len) {
 }
 
 // KV: the cache's element type (T, or fp8 with scales.first / .second its k_scale / v_scale per KV head: k_scale is
-// folded into the pre-scaled q rows and v_scale into the output's normalization, so the tile loops only load).
-// Sinks join each head's softmax once: at the end of an unsplit sequence, else in the merge, as one more "split"
-// with that lse and no value.
+// folded into the pre-scaled q rows and v_scale into the accumulators once a split is done, so the tile loops only
+// load). A sink joins each head's softmax once: in split 0's (max, sum, accumulator), whose lse then carries it
+// into the split merge (split 0 is never empty: it starts at the first visible key).
 template <typename T, typename KV>
 void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
                        const int32_t* lens, const at::Tensor& out, const AttnOptions& opt, int64_t splits,
@@ -395,10 +409,9 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
       }
       decode_range<KV>(opt, paged_rows<KV>(kc, vc, bt, b, 0), kc.stride(2), vc.stride(2), start, end, lens[b] - 1,
                        kv_heads, group, d, ws);
+      finish_variants(opt, split, is_fp8<KV> ? scales.second : nullptr, heads, group, d, ws);
       for (int64_t h = 0; h < heads; ++h) {
-        const float alpha = splits == 1 && opt.sinks != nullptr ? add_sink(opt.sinks[h], ws.m[h], ws.l[h]) : 1.f;
-        const float v_scale = is_fp8<KV> ? scales.second[h / group] : 1.f;
-        const float l = ws.l[h], inv = l > 0.f ? alpha * v_scale / l : 0.f;
+        const float l = ws.l[h], inv = l > 0.f ? 1.f / l : 0.f;
         const float* a = &ws.acc[h * d];
         if (splits == 1) {  // seq_len >= 1: the one split saw the newest key at least
           T* o = op + b * out.stride(0) + h * out.stride(1);
@@ -417,14 +430,13 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kc, const at::Tens
     }
   });
   if (splits == 1) return;
-  // Merge (log-sum-exp): o = sum_s exp(lse_s - lse) o_s, lse = log(sum_s exp(lse_s) + exp(sink)).
+  // Merge (log-sum-exp): o = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s).
   at::parallel_for(0, batch * heads, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> acc(d);
     for (int64_t r = r0; r < r1; ++r) {
       const float* ls = &part_lse[r * splits];
-      const float sink = opt.sinks != nullptr ? opt.sinks[r % heads] : -std::numeric_limits<float>::infinity();
-      const float mx = std::max(*std::max_element(ls, ls + splits), sink);
-      float total = sink == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(sink - mx);
+      const float mx = *std::max_element(ls, ls + splits);
+      float total = 0.f;
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t s = 0; s < splits; ++s) {
         if (ls[s] == -std::numeric_limits<float>::infinity()) continue;
