@@ -47,7 +47,8 @@ fp8 KV cache (issue 12, impl "llmkern_fp8", every decode shape): the same call o
 vLLM calibrates them), one byte per K/V element (`perf.decode_attention_bytes(kv_elem=1)`). The summary's "fp8 x" is
 the bf16 call's time / the fp8 call's (issue 12's target: >= 1.7x at batch 64, context 8k, where the cache is nearly
 all the bytes); the record's note gives the fp8 output's max |error| against the bf16 cache's output on the same data.
-On CPU the fp8 call runs on llmkern.reference (the C++ backend has no fp8 path): a wiring check, not a speed.
+On CPU the fp8 call runs on the C++ backend (fp8 loaded exactly as fp32 in the decode loops, the scales folded into
+q and the output), next to its bf16 call: fp8 halves the bytes but adds the conversion's instructions.
 
 On CPU (no CUDA): the issue-15 target shape, batch 8 x context 2048 with Llama-3-8B heads, in fp32 and bf16 caches,
 through the CPU path (the C++ backend when it builds) against SDPA over gathered K/V, with the measured STREAM read
@@ -233,7 +234,7 @@ def _fp8_case(batch, ctx, h, hk, d, dtype, device, shape, flops) -> Case:
     lens = [ctx] * batch
     case = Case(op="decode_attention", impl="llmkern_fp8", shape=shape, flops=flops,
                 nbytes=perf.decode_attention_bytes(lens, h, hk, d, perf.dtype_bytes(dtype), kv_elem=1), make=None,
-                note=f"per-KV-head scales{'; CPU: llmkern.reference (no C++ fp8 path)' if device.type != 'cuda' else ''}")
+                note="per-KV-head scales")
 
     def make():   # the format is chosen here: listing cases queries no device
         cache_dtype = _fp8_dtype(device)

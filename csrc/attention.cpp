@@ -55,14 +55,6 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   });
 }
 
-// A per-query-head float32 parameter (alibi_slopes, sinks): its data, or nullptr when absent.
-const float* head_values(const c10::optional<at::Tensor>& t, int64_t heads, const char* name) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == heads && t->is_contiguous(),
-              "llmkern_cpu: ", name, " must be contiguous float32 (heads,)");
-  return t->const_data_ptr<float>();
-}
-
 // q, k, v: 4-D (batch, seq, heads, d), or 3-D packed with cu_seqlens_q/k (int32, batch + 1, already validated by
 // the caller: non-decreasing from 0 and within the tensors). o: q's shape and dtype, written everywhere a sequence
 // row lies (the caller pre-fills rows past cu_seqlens_q[-1]). lse: fp32, (batch, heads, seqlen_q) or

@@ -12,6 +12,8 @@
 // Key tiles outside the union of the item's visible ranges are neither read nor computed; a query that sees no key
 // gets o = 0 and lse = -inf.
 //
+// Keys may be stored in another dtype than the queries: an fp8 cache's rows are read as fp8 * (k_scale, v_scale).
+//
 // Variants, per query head (llmkern's alibi_slopes= and sinks=): ALiBi (Press et al., arXiv 2108.12409) adds
 // -slope * |p_i - j| to each visible score after the soft-cap; an attention sink (gpt-oss) is one more logit in the
 // row's softmax denominator with no value, so it scales o down and is part of lse.
@@ -34,6 +36,8 @@ struct AttnOptions {
   int64_t right;
   const float* alibi_slopes = nullptr;  // per query head, from the item's first head on (see for_heads); or none
   const float* sinks = nullptr;         // likewise
+  float k_scale = 1.f;                  // K and V rows are read times these: an fp8 cache's scales for the item's
+  float v_scale = 1.f;                  // KV head
 
   // The options of a work item whose query heads start at head0: the per-head pointers moved to it.
   AttnOptions for_heads(int64_t head0) const {
@@ -176,8 +180,8 @@ void attend_item(const AttnOptions& opt, int64_t d, int64_t group, const T* q_ba
     const int64_t nk = std::min(kAttnKeys, k_end - k0);
     for (int64_t j = 0; j < nk; ++j) {
       const auto [krow, vrow] = kv_row(k0 + j);
-      convert_row(krow, &ws.k[j * d], d);
-      convert_row(vrow, &ws.v[j * d], d);
+      convert_row(krow, &ws.k[j * d], d, opt.k_scale);
+      convert_row(vrow, &ws.v[j * d], d, opt.v_scale);
     }
     at::Tensor kt = at::from_blob(ws.k.data(), {nk, d}, opts);
     at::Tensor vt = at::from_blob(ws.v.data(), {nk, d}, opts);

@@ -113,6 +113,21 @@ def no_kernel(monkeypatch):
     monkeypatch.setattr(cpu, "_lib", boom)
 
 
+@pytest.fixture
+def cpp_calls(monkeypatch) -> list:
+    """The names of the C++ functions (torch.ops.llmkern_cpu.*) this test calls, in order: a test that runs on the
+    cpp backend can assert that its ops reached C++ rather than falling back to the reference."""
+    from llmkern import cpu
+    calls, lib = [], cpu._lib
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(lib(), name)
+    monkeypatch.setattr(cpu, "_lib", Spy)
+    return calls
+
+
 def pytest_report_header(config):
     how = "CUDA tensors, compiled Triton kernels" if DEVICE == "cuda" else \
         "CPU tensors, Triton interpreter (and the C++ backend where a module asks for it)"

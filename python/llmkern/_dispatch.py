@@ -29,8 +29,8 @@ Which implementation runs (torch.library's per-device registration, as vLLM and 
       2. the C++ CPU backend, when `llmkern.cpu.kernel(name)` returns a callable;
       3. `reference`, the plain-PyTorch adapter over `llmkern.reference`.
 The three take exactly the op's schema arguments, positionally, and return what the op returns (a mutating op
-mutates its arguments and returns None). A C++ kernel that lacks a feature the arguments ask for (an attention
-variant, an fp8 cache) returns `NotImplemented` before touching anything, and the reference runs instead. `contiguous` names the tensor arguments the kernels read with unit stride
+mutates its arguments and returns None). A C++ kernel that lacks a feature the arguments ask for returns
+`NotImplemented` before touching anything, and the reference runs instead (no C++ kernel does today). `contiguous` names the tensor arguments the kernels read with unit stride
 (index tensors such as seq_lens or slot_mapping, whose kernels take no strides): each is made contiguous (a copy only
 when it is not) before `check` and before every implementation, so that what `check` validates is exactly what every
 implementation reads, whatever view the caller passed. A mutated argument is never copied (the copy would be

@@ -385,12 +385,8 @@ def _linear(x, weight, bias):
 _NO_LSE = torch.empty(0, dtype=torch.float32)
 
 
-# Not in C++ yet, so these calls go to the reference (NotImplemented: see kernel()): fp8 KV caches (k_scale /
-# v_scale) and ALiBi and attention sinks (alibi_slopes, sinks) in the paged ops. The dense ops have both variants.
-def _variant(*optional) -> bool:
-    return any(t is not None for t in optional)
-
-
+# The variants (issue 12), all in C++: the dense ops take ALiBi and sinks (alibi_slopes, sinks); the paged ops also an
+# fp8 cache (k_scale / v_scale, float32 (num_kv_heads,) tensors by the time an op runs).
 @_adapter("attention")
 def _attention(q, k, v, causal, scale, window_left, window_right, softcap, return_lse, alibi_slopes, sinks):
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
@@ -416,32 +412,28 @@ def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 # ----------------------------------------------------------------------------------------- paged_attention.cpp
 @_adapter("paged_kv_write")
 def _paged_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-    if _variant(k_scale, v_scale):
-        return NotImplemented
-    _lib().paged_kv_write(k, v, k_cache, v_cache, slot_mapping)   # any strides, the caches' last dim's included
+    # any strides, the caches' last dim's included; an fp8 cache quantized with the scales
+    _lib().paged_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 # The attention kernels read a cache with any strides but a strided head_dim: a cache in that (rare) layout is copied.
 @_adapter("paged_decode_attention")
 def _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right, num_splits,
                   *variants):
-    if _variant(*variants):
-        return NotImplemented
     out = torch.empty(q.shape, dtype=q.dtype)
     # decode's one query sits at the last key: a right window masks nothing
     _lib().paged_decode(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
-                        seq_lens, out, scale, softcap, window_left, num_splits)
+                        seq_lens, out, scale, softcap, window_left, num_splits, *variants)
     return out
 
 
 @_adapter("paged_prefill_attention")
 def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap, window_left,
                    window_right, *variants):
-    if _variant(*variants):
-        return NotImplemented
     out = torch.empty(q.shape, dtype=q.dtype)
     _lib().paged_prefill(_last_contiguous(q), _last_contiguous(k_cache), _last_contiguous(v_cache), block_tables,
-                         cu_seqlens_q, seq_lens, out, scale, softcap, window_left, 0 if causal else window_right)
+                         cu_seqlens_q, seq_lens, out, scale, softcap, window_left, 0 if causal else window_right,
+                         *variants)
     return out
 
 
@@ -454,9 +446,7 @@ def _paged_attention(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlen
     paged_decode (its own split choice, over CPU threads), any other step to paged_prefill, which serves mixed
     batches (a decode token is a one-token chunk). The plan's buffers are sized for its capacities: the first
     batch_size sequences and num_tokens rows are this step's. The variants (k_scale, v_scale, alibi_slopes, sinks) go
-    to the reference."""
-    if _variant(*variants):
-        return NotImplemented
+    to either."""
     if num_tokens == 0:
         return
     b = batch_size
@@ -465,10 +455,11 @@ def _paged_attention(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlen
     rows = out[:num_tokens]
     dst = rows if rows.stride(-1) == 1 else torch.empty(rows.shape, dtype=rows.dtype)
     if decode_tiles and num_tokens == b:
-        _lib().paged_decode(q, k_cache, v_cache, block_tables[:b], seq_lens[:b], dst, scale, softcap, window_left, 0)
+        _lib().paged_decode(q, k_cache, v_cache, block_tables[:b], seq_lens[:b], dst, scale, softcap, window_left, 0,
+                            *variants)
     else:
         _lib().paged_prefill(q, k_cache, v_cache, block_tables[:b], cu_seqlens_q[:b + 1], seq_lens[:b], dst, scale,
-                             softcap, window_left, window_right)
+                             softcap, window_left, window_right, *variants)
     if dst is not rows:
         rows.copy_(dst)
 
