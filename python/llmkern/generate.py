@@ -96,6 +96,7 @@ def _prompts(input_ids: Any, attention_mask: Any) -> list[torch.Tensor]:
         if isinstance(p, torch.Tensor):
             if p.dim() != 1:
                 raise ValueError(f"input_ids[{i}] must be 1-D, got shape {tuple(p.shape)}")
+            _utils.check_tensor(f"input_ids[{i}]", p, dtypes=(torch.int32, torch.int64))  # a float one: no truncation
             prompts.append(p.to(torch.int64))
         elif isinstance(p, (list, tuple)) and all(isinstance(t, numbers.Integral) for t in p):
             prompts.append(torch.tensor(list(p), dtype=torch.int64))
@@ -110,7 +111,10 @@ def _eos_set(eos_token_id: Any, model: Any) -> set[int]:
         eos_token_id = getattr(gen, "eos_token_id", None)
     if eos_token_id is None:
         return set()
-    ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
+    try:
+        ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
+    except TypeError:     # not iterable (a float, a 0-d tensor): refused below, by name
+        ids = [eos_token_id]
     if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
         raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     return {int(t) for t in ids}
@@ -505,9 +509,11 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
       llmkern.apply_penalties' controls, counted over each sequence's prompt and generated tokens (transformers'
       repetition penalty sees the same, except that it also counts the pad ids of a padded batch), applied before
       the sampler.
-    seed: makes sampling reproducible (each step draws per-sequence seeds from a generator seeded with it).
+    seed: an int in [-2**63, 2**64) (torch.Generator's seeds): makes sampling reproducible (each step draws
+      per-sequence seeds from a generator seeded with it).
     eos_token_id: an int or list of ints (default: model.generation_config.eos_token_id); a sequence stops after
       emitting one of them.
+    block_size: the KV cache's page size in tokens, a power of two (PagedKVCache).
     draft_model: a smaller model of a supported type with the same vocabulary: speculative decoding, proposing
       num_speculative_tokens (1..15) tokens per round (module docstring). Same output distribution as without it;
       with greedy settings, the same tokens.
@@ -533,6 +539,9 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and not -2 ** 63 <= seed < 2 ** 64:    # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
+    block_size = _check_bound("block_size", block_size, BLOCK_SIZE)   # a power of two: PagedKVCache's check
     prompts = _prompts(input_ids, attention_mask)
     if not prompts:
         raise ValueError("input_ids holds no prompt")
