@@ -148,6 +148,7 @@ class ModelRunner:
         self.layers = list(self.inner.layers)[: cfg.num_hidden_layers]
         self.head_dim = self.layers[0].self_attn.head_dim
         self.device = self.inner.embed_tokens.weight.device
+        self._check_cache(cache)
         self.windows = []
         for layer in self.layers:
             attn = layer.self_attn
@@ -170,6 +171,19 @@ class ModelRunner:
         self._rope = None if self._dynamic_rope else self._rotary(torch.arange(cache.num_blocks * cache.block_size,
                                                                                device=self.device))
         self.capture = cuda_graph and self.device.type == "cuda" and not self._dynamic_rope
+
+    def _check_cache(self, cache: PagedKVCache) -> None:
+        """The cache must hold this model's K/V (class docstring): else TypeError/ValueError naming it, here rather
+        than at the first step, where the mismatch surfaces as a layer index or a K shape."""
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+        dtype = self.inner.embed_tokens.weight.dtype
+        if cache.dtype != dtype:
+            raise TypeError(f"cache has dtype {cache.dtype}; this runner keeps K/V in the model's dtype {dtype}")
+        have = (cache.num_layers, cache.num_kv_heads, cache.head_dim)
+        if have[0] < len(self.layers) or have[1:] != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"cache has (num_layers, num_kv_heads, head_dim) = {have}; the model needs at least "
+                             f"{len(self.layers)} layers of {self.num_kv_heads} KV heads of head_dim {self.head_dim}")
 
     # ------------------------------------------------------------------------------------------------ the model
     def _plan(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
