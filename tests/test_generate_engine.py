@@ -146,6 +146,14 @@ def test_bad_input():
                         (dict(dtype=torch.float8_e5m2), TypeError)):
         with pytest.raises(err, match="cache"):
             gen.ModelRunner(two_layers, llmkern.PagedKVCache(**{**ok, **change}))
+    # feed with nothing new to run: refused by name, the cache untouched (it was torch.cat's "expected a non-empty
+    # list" for no sequences, an IndexError for a sequence whose tokens are all cached)
+    runner = gen.ModelRunner(two_layers, llmkern.PagedKVCache(**ok))
+    runner.feed({0: [1, 2]})
+    for seqs in ({}, {0: [1, 2]}, {0: [1, 2, 3], 1: []}):
+        with pytest.raises(ValueError, match="seqs"):
+            runner.feed(seqs)
+        assert runner.cache.seq_ids == [0] and runner.cache.seq_len(0) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (none here); the "

@@ -267,10 +267,14 @@ class ModelRunner:
 
     def feed(self, seqs: dict[int, list[int]], all_logits: bool = False) -> torch.Tensor:
         """Append each sequence's tokens past its cached length (seqs: id -> all its tokens) and run them: prefill
-        for several tokens, decode for one each. Returns `forward`'s logits."""
+        for several tokens, decode for one each. Returns `forward`'s logits. ValueError (before the cache changes)
+        for no sequences or a sequence with no token past its cached length: there is nothing to run for it."""
         ids = list(seqs)
         lens = [self.cache.seq_len(i) if i in self.cache else 0 for i in ids]
         new = [seqs[i][n:] for i, n in zip(ids, lens)]
+        if not ids or not all(new):
+            raise ValueError(f"seqs: every sequence needs at least one token past its cached length; got new-token "
+                             f"counts {[len(t) for t in new]}")
         slots = torch.cat([self.cache.append(i, len(t)) for i, t in zip(ids, new)])
         tokens = _utils.to_device(torch.tensor([t for ts in new for t in ts], dtype=torch.int64), self.device)
         positions = _utils.to_device(torch.cat([torch.arange(n, n + len(t)) for n, t in zip(lens, new)]), self.device)
