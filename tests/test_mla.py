@@ -76,6 +76,20 @@ def test_kv_write_exact_into_one_joint_cache(device):
     assert torch.equal(ckv_cache[3, 7], ckv[0]) and torch.equal(kpe_cache[2, 1], kpe[4])
 
 
+def test_kv_write_overlapping_caches_refused(device, no_kernel):
+    """ckv_cache and kpe_cache are both written: a kpe_cache slice that reaches into ckv_cache's columns of one joint
+    tensor (or the same tensor twice) would have kpe overwrite ckv; refused by name, nothing written. The two
+    disjoint slices of the joint cache are accepted (test_kv_write_exact_into_one_joint_cache)."""
+    joint = torch.zeros(4, 8, 256 + 32, dtype=torch.float16, device=device)
+    ckv, kpe = torch.ones(2, 256, dtype=torch.float16, device=device), torch.ones(2, 32, dtype=torch.float16,
+                                                                                   device=device)
+    slots = torch.tensor([0, 9], dtype=torch.int64, device=device)
+    for kpe_cache in (joint[..., 255:287], joint[..., :32]):
+        with pytest.raises(ValueError, match="ckv_cache and kpe_cache"):
+            llmkern.mla_kv_write(ckv, kpe, joint[..., :256], kpe_cache, slots)
+    assert not joint.any()
+
+
 # ------------------------------------------------------------------------------------------------------ decode
 @pytest.mark.parametrize("dtype,heads,seq_lens,num_splits", [
     (torch.float16, 3, [1, 16, 17, 53], None),   # fewer heads than a row tile: padding rows; lengths across block

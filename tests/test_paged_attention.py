@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import llmkern
+from llmkern import _utils
 from llmkern import paged_attention as pa
 from llmkern import reference as ref
 from tolerance import assert_fa_close
@@ -387,6 +388,59 @@ def test_kv_write_bad_inputs_change_nothing(device, no_kernel):
         with pytest.raises(exc, match=msg):
             llmkern.paged_kv_write(*args.values())
         assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+def test_kv_write_aliased_caches_refused(device, no_kernel):
+    """k_cache and v_cache are both written: if they share an element, v overwrites k there. The same tensor twice,
+    two overlapping block ranges of one buffer, or head-dim slices that overlap are refused by name, unchanged."""
+    k = torch.randn(3, 2, 64, device=device).half()
+    slots = torch.tensor([0, 5, 9], dtype=torch.int64, device=device)
+    base = torch.zeros(5, 16, 2, 96, device=device).half()
+    for kc, vc in [(base[:4, ..., :64], base[:4, ..., :64]),            # one tensor as both
+                   (base[:4, ..., :64], base[1:, ..., :64]),            # blocks 1-3 in both
+                   (base[:4, ..., :64], base[:4, ..., 32:])]:           # head dims 32-63 in both
+        before = base.clone()
+        with pytest.raises(ValueError, match="k_cache and v_cache"):
+            llmkern.paged_kv_write(k, k, kc, vc, slots)
+        assert torch.equal(base, before)
+
+
+def test_kv_write_interleaved_caches_that_share_nothing(device):
+    """The overlap check is exact: caches whose address ranges interleave without a common element are written,
+    as FlashInfer's joint (num_blocks, 2, block_size, heads, head_dim) cache's [:, 0] and [:, 1] and two head-dim
+    halves of one buffer."""
+    k, v = torch.randn(3, 2, 32, device=device).half(), torch.randn(3, 2, 32, device=device).half()
+    slots = torch.tensor([0, 21, 9], dtype=torch.int64, device=device)
+    joint = torch.zeros(3, 2, 16, 2, 32, device=device).half()
+    halves = torch.zeros(3, 16, 2, 64, device=device).half()
+    for kc, vc in [(joint[:, 0], joint[:, 1]), (halves[..., :32], halves[..., 32:])]:
+        want_k, want_v = kc.clone(), vc.clone()
+        ref.paged_kv_write(k, v, want_k, want_v, slots)
+        llmkern.paged_kv_write(k, v, kc, vc, slots)
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+def test_share_memory_is_exact():
+    """_utils.share_memory against marking every element's bytes, on random strided views of one small buffer."""
+    g = torch.Generator().manual_seed(0)
+    buf = torch.zeros(400, dtype=torch.float16)
+
+    def view():
+        ndim = int(torch.randint(1, 4, (1,), generator=g))
+        shape = torch.randint(1, 5, (ndim,), generator=g).tolist()
+        stride = torch.randint(0, 12, (ndim,), generator=g).tolist()
+        return buf.as_strided(shape, stride, int(torch.randint(0, 40, (1,), generator=g)))
+
+    def marked(t):
+        return {t.storage_offset() + sum(i * s for i, s in zip(idx, t.stride())) for idx in torch.cartesian_prod(
+            *[torch.arange(n) for n in t.shape]).reshape(-1, t.dim()).tolist()}
+
+    for _ in range(300):
+        a, b = view(), view()
+        assert _utils.share_memory(a, b) == bool(marked(a) & marked(b)), (a.shape, a.stride(), b.shape, b.stride())
+    # different element sizes: bytes, not elements, decide
+    assert _utils.share_memory(buf[:2], buf.view(torch.uint8)[3:4])
+    assert not _utils.share_memory(buf[:2], buf.view(torch.uint8)[4:6])
 
 
 def test_kv_write_slots_outside_the_cache_write_nothing(device):

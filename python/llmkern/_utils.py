@@ -218,6 +218,71 @@ def check_writable(name: str, t: torch.Tensor) -> None:
         reach += stride * (size - 1)
 
 
+def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """ValueError when two tensors a kernel writes share memory (one would overwrite the other there)."""
+    if share_memory(a, b):
+        raise ValueError(f"{name_a} and {name_b} are both written, so they must not share memory (the same tensor "
+                         f"twice, or overlapping views of one buffer); got shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}, strides {a.stride()} and {b.stride()}, {b.data_ptr() - a.data_ptr()} "
+                         f"bytes apart")
+
+
+def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether strided views a and b have a byte in common: exact, so views whose address ranges interleave
+    without a common element (FlashInfer's joint cache's [:, 0] and [:, 1], column slices of one buffer) do not.
+    Tensors of two disjoint storages: under a microsecond; views of one storage: decided once per layout and
+    offset (cached), a cache lookup of a few microseconds after that."""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    pa, pb = sa.data_ptr(), sb.data_ptr()
+    if pa != pb and (pa + sa.nbytes() <= pb or pb + sb.nbytes() <= pa):
+        return False
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    return _share_bytes(tuple(a.shape), a.stride(), a.element_size(), tuple(b.shape), b.stride(), b.element_size(),
+                        b.data_ptr() - a.data_ptr())
+
+
+@functools.lru_cache(maxsize=256)
+def _share_bytes(a_shape, a_stride, a_size, b_shape, b_stride, b_size, delta: int) -> bool:
+    """Whether some element of b, `delta` bytes after a's first, overlaps some element of a: whether
+    delta + sum_d j_d * b_stride_d * b_size - sum_d i_d * a_stride_d * a_size lies in (-b_size, a_size) for
+    indices 0 <= i_d < a_shape_d, 0 <= j_d < b_shape_d. One bounded linear equation: terms of equal byte stride
+    merge (index range [-(a_n - 1), b_n - 1]), then a depth-first search from the largest stride, each level keeping
+    only the indices the smaller terms can still complement (for two non-self-overlapping views of equal strides,
+    at most two per level; views whose byte ranges are disjoint end at the first). True (may share) past `budget`
+    search steps, a bound no cache layout comes near."""
+    budget = 4096
+    ranges: dict[int, list[int]] = {}
+    for shape, stride, size, sign in ((a_shape, a_stride, a_size, -1), (b_shape, b_stride, b_size, 1)):
+        for n, st in zip(shape, stride):
+            if n > 1 and st:
+                r = ranges.setdefault(st * size, [0, 0])
+                r[sign > 0] += sign * (n - 1)
+    terms = sorted(ranges.items(), reverse=True)
+    # reach[i]: the least and largest sum of terms[i:]
+    reach = [(0, 0)] * (len(terms) + 1)
+    for i in range(len(terms) - 1, -1, -1):
+        c, (lo, hi) = terms[i]
+        reach[i] = (reach[i + 1][0] + c * lo, reach[i + 1][1] + c * hi)
+    stack = [(0, -(b_size - 1) - delta, a_size - 1 - delta)]   # (term, sum of terms[i:] must lie in [lo, hi])
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return True
+        i, lo, hi = stack.pop()
+        if i == len(terms):
+            if lo <= 0 <= hi:
+                return True
+            continue
+        c, (k_lo, k_hi) = terms[i]
+        rest_lo, rest_hi = reach[i + 1]
+        first, last = max(k_lo, -((rest_hi - lo) // c)), min(k_hi, (hi - rest_lo) // c)
+        if last - first >= budget:
+            return True
+        stack.extend((i + 1, lo - k * c, hi - k * c) for k in range(first, last + 1))
+    return False
+
+
 def last_dim_contiguous(name: str, t: torch.Tensor) -> torch.Tensor:
     """Kernels take any strides except a strided last dim; copy only in that case."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()

@@ -205,8 +205,15 @@ def _check_writable_caches(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None
     _utils.check_writable("kpe_cache", kpe_cache)
 
 
+def _check_kv_write(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None:
+    """llmkern::mla_kv_write's check: _check_writable_caches, then caches that share no memory (kpe would
+    overwrite ckv), decided from their data pointers, so per call."""
+    _check_writable_caches(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)
+    _utils.check_disjoint("ckv_cache", ckv_cache, "kpe_cache", kpe_cache)
+
+
 @_dispatch.custom_op("mla_kv_write", mutates_args=("ckv_cache", "kpe_cache"), reference=reference.mla_kv_write,
-                     check=_check_writable_caches, contiguous=("slot_mapping",))
+                     check=_check_kv_write, contiguous=("slot_mapping",))
 def _mla_kv_write_op(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, kpe_cache: torch.Tensor,
                      slot_mapping: torch.Tensor) -> None:
     if ckv.shape[0] == 0:
@@ -238,7 +245,8 @@ def mla_kv_write(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, 
     the cache untouched for that token, without an error (no sync: the values are never read on the host), as
     paged_kv_write. Bit-exact copies: ckv and kpe must have the caches' dtype. Slots must be distinct. The
     caches are written through their strides (any view that does not overlap itself, e.g. two slices of one
-    (num_blocks, block_size, kv_lora_rank + rope_dim) tensor; an expanded cache raises ValueError); slot_mapping may
+    (num_blocks, block_size, kv_lora_rank + rope_dim) tensor; an expanded cache raises ValueError), and must share
+    no element (ValueError); slot_mapping may
     be any view, read as its values. Raises TypeError/ValueError naming the argument before anything is written.
     """
     _check_kv_write_args(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)
