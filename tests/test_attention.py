@@ -323,7 +323,7 @@ _CU = torch.tensor([0, 8], dtype=torch.int32)
     (lambda: llmkern.attention(_Q, _K, _K, window=(3,)), TypeError, "window"),
     (lambda: llmkern.attention(_Q, _K, _K, softcap=0.0), ValueError, "softcap"),
     (lambda: llmkern.attention(_Q, _K, _K, softcap=-1.0), ValueError, "softcap"),
-    (lambda: llmkern.attention(_Q, _K, _K, scale="x"), TypeError, "scale"),
+    (lambda: llmkern.attention(_Q, _K, _K, scale="x"), TypeError, "scale must be a float or None"),
     (lambda: llmkern.attention(_Q, _K, _K, scale=float("inf")), ValueError, "scale"),
     (lambda: llmkern.attention(_Q, _K, _K, scale=float("nan")), ValueError, "scale"),
     (lambda: llmkern.attention(_Q, _K, _K, scale=3e38), ValueError, "scale"),     # scale * log2(e) overflows

@@ -251,7 +251,8 @@ def _decode_args(device):
     (lambda a: {**a, "seq_lens": a["seq_lens"] * 0 + 33}, ValueError, "seq_lens"),   # longer than its table row
     (lambda a: {**a, "seq_lens": a["seq_lens"] * 0}, ValueError, "seq_lens"),        # decode needs >= 1 token
     (lambda a: {**a, "block_tables": a["block_tables"] * 0 + 7}, ValueError, "block"),
-    (lambda a: {**a, "scale": None}, TypeError, "scale"),
+    (lambda a: {**a, "scale": None}, TypeError, "scale is required"),
+    (lambda a: {**a, "scale": "0.1"}, TypeError, "scale must be a float, got '0.1'"),   # None is no choice here
     (lambda a: {**a, "scale": float("nan")}, ValueError, "scale"),
     (lambda a: {**a, "num_splits": 0}, ValueError, "num_splits"),
 ])

@@ -88,12 +88,14 @@ NO_CAP_ABOVE = 2.0 ** 127
 MIN_SOFTCAP = F32_TINY
 
 
-def check_scale(scale: Any, head_dim: int) -> float:
-    """scale (default head_dim ** -0.5) as the kernels take it; ValueError outside its range (see MAX_SCALE)."""
-    if scale is None:
+def check_scale(scale: Any, head_dim: int | None) -> float:
+    """scale as the kernels take it: None gives the default head_dim ** -0.5, or, with head_dim None (an op with no
+    default: its caller explains why first), a TypeError; ValueError outside its range (see MAX_SCALE)."""
+    if scale is None and head_dim is not None:
         return head_dim ** -0.5
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a float or None, got {scale!r}")
+        allowed = "a float" if head_dim is None else "a float or None"
+        raise TypeError(f"scale must be {allowed}, got {scale!r}")
     if not abs(scale) <= MAX_SCALE:   # also refuses NaN
         raise ValueError(f"scale must be finite with |scale| <= 2**127 (about 1.7e38), got {scale!r}")
     return float(scale)

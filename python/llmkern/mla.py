@@ -172,7 +172,7 @@ def _check_required_scale(scale) -> float:
         raise TypeError("scale is required: MLA's softmax scale is the model's 1 / sqrt(qk_nope_head_dim + "
                         "qk_rope_head_dim) before absorption (DeepSeek-V3: 1 / sqrt(192), times YaRN's mscale^2), "
                         "which the absorbed head dims cannot tell")
-    return _utils.check_scale(scale, 1)
+    return _utils.check_scale(scale, None)
 
 
 def _last_dims_contiguous(*named: tuple[str, torch.Tensor]) -> list[torch.Tensor]:
