@@ -125,6 +125,28 @@ def test_decode_step_without_host_sync(device, no_host_sync, monkeypatch):
     torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_tables_sized_by_the_sequences_not_the_cache(device):
+    """The runner's rotary tables and its decode steps' block-table width follow the longest sequence it has run
+    (a power of two of blocks, at least 16), not the cache: a 4096-block cache used to get rotary tables for all
+    its 16384 positions and a 4096-column plan per padded batch size (about 512 MB of tables at 65,536 blocks x 16
+    tokens, head_dim 128, bf16). A sequence outgrowing them grows them by doubling; the padded step rebuilt for the
+    wider tables gives the eager step's logits."""
+    model = _model(device)
+    cache = llmkern.PagedKVCache(1, 4096, 4, 2, 32, dtype=torch.float32, device=device)
+    runner = gen.ModelRunner(model, cache, cuda_graph=True)
+    prompt = _prompts((70,))[0]
+    runner.feed({0: prompt[:11]})
+    runner.decode([0], [prompt[11]])
+    assert runner._rope[0].shape[0] == 16 * 4
+    assert [s.plan.max_blocks_per_seq for s in runner._steps.values()] == [16]
+    runner.feed({0: prompt[:69]})                           # 69 tokens: 18 blocks, the tables double
+    logits, _ = runner.decode([0], [prompt[69]])
+    assert runner._rope[0].shape[0] == 32 * 4
+    assert [s.plan.max_blocks_per_seq for s in runner._steps.values()] == [32]
+    cache.truncate(0, 69)
+    torch.testing.assert_close(logits, runner.feed({0: prompt}), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input():
     model = _model("cpu", layers=1)
     for kw, err, name in ((dict(max_batch_size=0), ValueError, "max_batch_size"),

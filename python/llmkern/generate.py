@@ -134,6 +134,8 @@ class ModelRunner:
     touching only those buffers. With cuda_graph=True on a CUDA model that step is captured into a CUDA graph
     once per padded size (vLLM's and SGLang's graph runners; capture on first use, after one eager warm-up run)
     and replayed; on CPU there is nothing to capture and the same padded step runs eagerly (how CI checks it).
+    The rotary tables and the padded steps' block tables are sized by the longest sequence run so far (`_reach`),
+    not by the cache.
     """
 
     def __init__(self, model: Any, cache: PagedKVCache, *, cuda_graph: bool = False):
@@ -162,14 +164,14 @@ class ModelRunner:
         self._kv = [(cache.k_cache(i), cache.v_cache(i)) for i in range(len(self.layers))]
         self.cuda_graph = cuda_graph
         self._steps: dict[tuple, _DecodeStep] = {}
-        # The model's own rotary tables (any rope_scaling included), computed once for every position a sequence of
-        # this cache can reach; a step gathers its rows (vLLM's cos/sin cache). Dynamic-NTK scaling depends on the
-        # longest position seen so far, so those models compute their tables per step, and are not captured (the
-        # rotary module reads the positions' maximum on the host).
+        # The model's own rotary tables (any rope_scaling included) for positions [0, reach); a step gathers its rows
+        # (vLLM's cos/sin cache). Dynamic-NTK scaling depends on the longest position seen so far, so those models
+        # compute their tables per step, and are not captured (the rotary module reads the positions' maximum on the
+        # host).
         rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None)
         self._dynamic_rope = isinstance(rope, dict) and "dynamic" in str(rope.get("rope_type", rope.get("type")))
-        self._rope = None if self._dynamic_rope else self._rotary(torch.arange(cache.num_blocks * cache.block_size,
-                                                                               device=self.device))
+        self._rope = None
+        self._reach_blocks = 0
         self.capture = cuda_graph and self.device.type == "cuda" and not self._dynamic_rope
 
     def _check_cache(self, cache: PagedKVCache) -> None:
@@ -193,6 +195,20 @@ class ModelRunner:
             block_tables, seq_lens, cu_seqlens_q, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, num_blocks=cache.num_blocks, block_size=cache.block_size, dtype=cache.dtype,
             device=self.device, **capacity)
+
+    def _reach(self, longest: int) -> None:
+        """Size the rotary tables and the decode steps' block-table width for sequences of `longest` tokens: a power
+        of two of blocks, at least MIN_REACH_BLOCKS, at most the cache's, growing (never shrinking) with the longest
+        sequence run, rather than sized by the cache (a large cache's every position and block would cost memory
+        for tables no sequence reaches). Growing rebuilds the decode steps: their plans' width and their CUDA graphs
+        (which read the old tables) are fixed. Host work only, a comparison when nothing grows."""
+        blocks = _utils.cdiv(longest, self.cache.block_size)
+        if blocks <= self._reach_blocks:
+            return
+        self._reach_blocks = min(self.cache.num_blocks, _utils.pow2_at_least(blocks, MIN_REACH_BLOCKS))
+        if not self._dynamic_rope:
+            self._rope = self._rotary(torch.arange(self._reach_blocks * self.cache.block_size, device=self.device))
+        self._steps.clear()
 
     def _host_tables(self, seq_ids: Sequence[Any], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 CPU block tables (len(seq_ids), width: default the longest row) and seq_lens: the plan reads them
@@ -252,10 +268,10 @@ class ModelRunner:
                 slots: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
         """Run packed new tokens (their K/V slots already reserved) through the model; logits of each sequence's
         last new token, (len(seq_ids), vocab) float32, or with all_logits those of every new token (total, vocab).
-        positions (total,) int64 on the model's device: each below the cache's num_blocks * block_size (the rotary
-        table's length; no sequence of the cache can be longer).
-        Any mixture of prompt chunks and decode tokens: one plan for the step, run in every layer."""
+        positions (total,) int64 on the model's device: each below its sequence's cached length (which sizes the
+        rotary tables). Any mixture of prompt chunks and decode tokens: one plan for the step, run in every layer."""
         block_tables, seq_lens = self._host_tables(seq_ids)
+        self._reach(int(seq_lens.max()))
         cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
         cu_q[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
         plan = self._plan(block_tables, seq_lens, cu_q)
@@ -295,11 +311,12 @@ class ModelRunner:
         n = len(seq_ids)
         if n == 0 or len(tokens) != n:
             raise ValueError(f"decode: one token per sequence, got {len(tokens)} tokens for {n} sequences")
+        positions = [self.cache.seq_len(i) if i in self.cache else 0 for i in seq_ids]
+        self._reach(max(positions) + 1)
         key = (padded_batch_size(n), None if sampling_params is None else tuple(sorted(sampling_params.items())))
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = _DecodeStep(self, key[0], sampling_params)
-        positions = [self.cache.seq_len(i) if i in self.cache else 0 for i in seq_ids]
         for i in seq_ids:
             self.cache.append(i, 1)
         step.prepare(*self._host_tables(seq_ids, step.plan.max_blocks_per_seq), tokens, positions, seeds)
@@ -350,6 +367,11 @@ class _LayerStep:
             self.mlp = mlp
 
 
+# The fewest blocks ModelRunner sizes its rotary tables and decode plans for (`ModelRunner._reach`): short
+# sequences then never rebuild them (16 blocks of 16 tokens: 256 positions, a few KB of tables).
+MIN_REACH_BLOCKS = 16
+
+
 def padded_batch_size(n: int) -> int:
     """The batch size a decode step of n sequences is padded to (one CUDA graph each): powers of two up to 32, then
     multiples of 32 (vLLM captures 1, 2, 4 and then every multiple of 8; coarser buckets keep the capture count
@@ -372,7 +394,7 @@ class _DecodeStep:
         # A one-sequence stand-in step to build the plan; prepare() replaces it before the first run.
         self.plan = runner._plan(torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), None,
                                  max_batch_size=size, max_num_tokens=size,
-                                 max_blocks_per_seq=runner.cache.num_blocks, cuda_graph=True)
+                                 max_blocks_per_seq=runner._reach_blocks, cuda_graph=True)
         self.params = None if sampling_params is None else \
             sampling.SamplingParams(**sampling_params, batch=size, device=device)
         self.graph = None
