@@ -228,6 +228,14 @@ def test_rope_inplace_and_fused_qkv(device):
     q1, k1 = buf.as_strided((2, 1, 2, 4), (8, 1000, 4, 1)), buf.as_strided((2, 1, 1, 4), (8, 1000, 4, 1), 8)
     with pytest.raises(ValueError, match="overlap"):
         llmkern.apply_rope(q1, k1, torch.arange(1, device=device), inplace=True)
+    # q and k interleaved head by head share no element though their address ranges interleave: the overlap test
+    # is exact (_utils.share_memory), so they are rotated in place (the old conservative test refused them)
+    qk = _randn(s, 2 * kv, d, device=device)
+    q2, k2 = qk[:, 0::2], qk[:, 1::2]
+    pos = torch.arange(s, device=device)
+    expect = llmkern.apply_rope(q2, k2, pos)
+    llmkern.apply_rope(q2, k2, pos, inplace=True)
+    assert torch.equal(q2, expect[0]) and torch.equal(k2, expect[1])
 
 
 def test_rope_bad_input(device, no_kernel):

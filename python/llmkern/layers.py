@@ -324,7 +324,7 @@ def _check_inplace(q, k, positions, cos, sin, theta) -> None:
         if t.stride(-1) != 1:
             raise ValueError(f"inplace=True needs {name} with a contiguous last dim, got strides {t.stride()}")
         _utils.check_writable(name, t)
-    if _overlap(q, k):
+    if _utils.share_memory(q, k):
         raise ValueError("inplace=True needs q and k not to overlap in memory")
 
 
@@ -361,33 +361,6 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None 
         _rope_inplace_op(q, k, positions, cos, sin, float(theta))
         return q, k
     return _rope_op(q, k, positions, cos, sin, float(theta))
-
-
-def _overlap(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether q and k may share elements (conservative). Disjoint byte spans never do; neither do q and k sliced
-    from one fused qkv buffer (same strides, k's heads after q's within each token's row), the common in-place case.
-    """
-    def span(t):
-        start = t.data_ptr()
-        return start, start + (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-    (q0, q1), (k0, k1) = span(q), span(k)
-    if not (q0 < k1 and k0 < q1):
-        return False
-    if q.stride() == k.stride() and q.dtype == k.dtype and q.dim() >= 3:
-        delta = (k.data_ptr() - q.data_ptr()) // q.element_size()
-        heads_end_q = q.shape[-2] * q.stride(-2)        # elements q uses in one token's row
-        heads_end_k = delta + k.shape[-2] * k.stride(-2)
-        if not (q.stride(-2) >= q.shape[-1] and delta >= heads_end_q):
-            return True
-        # Disjoint when any two token rows start at least heads_end_k elements apart: the leading dims (size > 1),
-        # by stride, each step past everything the smaller ones reach, plus heads_end_k.
-        reach = 0
-        for stride, size in sorted((st, sz) for sz, st in zip(q.shape[:-2], q.stride()[:-2]) if sz > 1):
-            if stride < reach + heads_end_k:
-                return True
-            reach += stride * (size - 1)
-        return False
-    return True
 
 
 # ------------------------------------------------------------------------------------------------------ Linear
