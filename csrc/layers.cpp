@@ -6,6 +6,8 @@
 // roundings, one rounding to the input dtype at the end.
 #include "llmkern_cpu.h"
 
+#include <vector>
+
 namespace llmkern {
 namespace {
 
@@ -30,10 +32,29 @@ void rms_norm_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residua
   T* rop = has_res ? residual_out->mutable_data_ptr<T>() : nullptr;
   const int64_t sx = x.stride(0), sy = y.stride(0);
   const int64_t sr = has_res ? residual->stride(0) : 0, sro = has_res ? residual_out->stride(0) : 0;
-  constexpr int64_t kStep = 2 * kF;  // one full 16-bit vector: two fp32 vectors
+  constexpr int64_t kStep = 2 * kF;  // one pair (load_pair): a full 16-bit vector, or two fp32 vectors
   const int64_t n_vec = n - n % kStep;
 
   at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+    // offset + w as fp32, once per task, in T's pair order, so that the row loop reads it with no conversion.
+    std::vector<float> wf(n_vec);
+    for (int64_t i = 0; i < n_vec; i += kStep) {
+      if constexpr (std::is_same_v<W, T>) {
+        fVec a, b;
+        load_pair(wp + i, a, b);
+        (a + fVec(offset)).store(wf.data() + i);
+        (b + fVec(offset)).store(wf.data() + i + kF);
+      } else {  // a float weight next to 16-bit x (rare): placed lane by lane
+        for (int64_t j = 0; j < kStep; ++j) {
+          const int64_t lane = std::is_same_v<T, BF16> ? (j % 2) * kF + j / 2 : j;
+          wf[i + lane] = static_cast<float>(wp[i + j]) + offset;
+        }
+      }
+    }
+
+    bool w_finite = true;
+    for (int64_t i = 0; i < n_vec; ++i) w_finite &= std::isfinite(wf[i]);
+
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = xp + r * sx;
       T* yr = yp + r * sy;
@@ -46,12 +67,12 @@ void rms_norm_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residua
         T* ror = rop + r * sro;
         for (int64_t i = 0; i < n_vec; i += kStep) {
           fVec a, b, ra, rb;
-          load2_f(xr + i, a, b);
-          load2_f(rr + i, ra, rb);
+          load_pair(xr + i, a, b);
+          load_pair(rr + i, ra, rb);
           a = a + ra;
           b = b + rb;
-          round2<T>(a, b);
-          store2_f(ror + i, a, b);
+          round_pair<T>(a, b);
+          store_pair(ror + i, a, b);
           acc = at::vec::fmadd(a, a, at::vec::fmadd(b, b, acc));
         }
         for (int64_t i = n_vec; i < n; ++i) {
@@ -63,7 +84,7 @@ void rms_norm_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residua
       } else {
         for (int64_t i = 0; i < n_vec; i += kStep) {
           fVec a, b;
-          load2_f(xr + i, a, b);
+          load_pair(xr + i, a, b);
           acc = at::vec::fmadd(a, a, at::vec::fmadd(b, b, acc));
         }
         for (int64_t i = n_vec; i < n; ++i) {
@@ -71,18 +92,29 @@ void rms_norm_impl(const at::Tensor& x, const c10::optional<at::Tensor>& residua
           acc_tail += v * v;
         }
       }
-      const float rstd = 1.f / std::sqrt((hsum(acc) + acc_tail) / static_cast<float>(n) + eps);
+      const float sumsq = hsum(acc) + acc_tail;
+      const float rstd = 1.f / std::sqrt(sumsq / static_cast<float>(n) + eps);
 
-      // Pass 2: re-read v (from L1/L2: the row was just touched) and write y.
-      const fVec rstd_v(rstd), offset_v(offset);
-      for (int64_t i = 0; i < n_vec; i += kStep) {
-        fVec a, b, wa, wb;
-        load2_f(vr + i, a, b);
-        load2_f(wp + i, wa, wb);
-        a = a * rstd_v;
-        b = b * rstd_v;
-        if (llama) round2<T>(a, b);
-        store2_f(yr + i, a * (wa + offset_v), b * (wb + offset_v));
+      // Pass 2: re-read v (from L1/L2: the row was just touched) and write y. A finite sum of squares means every v
+      // is finite and |v * rstd| <= sqrt(n); with a finite weight no product is NaN, and bf16 rounding skips its NaN
+      // blend (the row's own test costs nothing next to two blends per vector).
+      const fVec rstd_v(rstd);
+      auto pass2 = [&](auto llama_c, auto no_nan_c) {
+        constexpr bool kLlama = decltype(llama_c)::value, kNoNaN = decltype(no_nan_c)::value;
+        for (int64_t i = 0; i < n_vec; i += kStep) {
+          fVec a, b;
+          load_pair(vr + i, a, b);
+          a = a * rstd_v;
+          b = b * rstd_v;
+          if constexpr (kLlama) round_pair<T, kNoNaN>(a, b);
+          store_pair<T, kNoNaN>(yr + i, a * fVec::loadu(wf.data() + i), b * fVec::loadu(wf.data() + i + kF));
+        }
+      };
+      const bool no_nan = w_finite && std::isfinite(sumsq);
+      if (llama) {
+        no_nan ? pass2(std::true_type{}, std::true_type{}) : pass2(std::true_type{}, std::false_type{});
+      } else {
+        no_nan ? pass2(std::false_type{}, std::true_type{}) : pass2(std::false_type{}, std::false_type{});
       }
       for (int64_t i = n_vec; i < n; ++i) {
         float v = static_cast<float>(vr[i]) * rstd;

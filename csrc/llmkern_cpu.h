@@ -169,6 +169,58 @@ inline float round_scalar(float x) {
   return static_cast<float>(static_cast<T>(x));
 }
 
+// ------------------------------------------------------------------------------ pairs in a type's lane order
+// For streams where lane order does not matter between a load and a store (element-wise ops with per-element
+// operands read in the same order), 2 * kF elements travel as two fp32 vectors in T's "pair order":
+//   bf16: the even-indexed elements, then the odd-indexed ones. A bf16 value is the top half of its fp32 value, so
+//         one whole-vector load splits into both with a shift and a mask (3 instructions for 2 * kF elements, where
+//         load2_f takes 4), and the store joins two rounded vectors with a shift, two masks and an or (no pack and
+//         lane permute as in ATen's convert_from_float).
+//   other types: the first kF elements, then the next kF (load2_f / store2_f).
+template <typename T>
+inline void load_pair(const T* p, fVec& a, fVec& b) {
+  if constexpr (std::is_same_v<T, BF16>) {
+    const iVec w = iVec::loadu(p);                 // kF int32 lanes = 2 * kF bf16, little-endian
+    a = at::vec::cast<float>(w << iVec(16));        // element 2i: the low half of lane i
+    b = at::vec::cast<float>(w & iVec(-65536));     // element 2i + 1: the high half
+  } else {
+    load2_f(p, a, b);
+  }
+}
+
+// v's fp32 bits with bf16's round to nearest even applied to the top 16 (the low 16 left as they fall): plus 0x7FFF
+// plus the lowest kept bit, c10::BFloat16's rule. NaN lanes become the quiet NaN 0x7FC00000 first, so the add can
+// neither carry a NaN into inf nor overflow int32.
+// NoNaN: the caller knows v holds no NaN (the blend is skipped; inf and overflow to inf round correctly).
+template <bool NoNaN = false>
+inline iVec bf16_rounded_bits(const fVec& v) {
+  const iVec bits = at::vec::cast<int32_t>(
+      NoNaN ? v : fVec::blendv(v, fVec(std::numeric_limits<float>::quiet_NaN()), v.isnan()));
+  return bits + iVec(0x7FFF) + ((bits >> iVec(16)) & iVec(1));
+}
+
+// a and b (in T's pair order) rounded to T and stored as 2 * kF consecutive elements.
+template <typename T, bool NoNaN = false>
+inline void store_pair(T* p, const fVec& a, const fVec& b) {
+  if constexpr (std::is_same_v<T, BF16>) {
+    const iVec lo = (bf16_rounded_bits<NoNaN>(a) >> iVec(16)) & iVec(0xFFFF);
+    (lo | (bf16_rounded_bits<NoNaN>(b) & iVec(-65536))).store(p);
+  } else {
+    store2_f(p, a, b);
+  }
+}
+
+// The values a and b take once rounded to T (identity for fp32), lane by lane: pair order is kept.
+template <typename T, bool NoNaN = false>
+inline void round_pair(fVec& a, fVec& b) {
+  if constexpr (std::is_same_v<T, BF16>) {
+    a = at::vec::cast<float>(bf16_rounded_bits<NoNaN>(a) & iVec(-65536));
+    b = at::vec::cast<float>(bf16_rounded_bits<NoNaN>(b) & iVec(-65536));
+  } else {
+    round2<T>(a, b);
+  }
+}
+
 // Sum of a vector's lanes.
 inline float hsum(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, v);

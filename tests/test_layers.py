@@ -76,6 +76,31 @@ def test_rms_norm_mean_square_comparable_to_eps(device, n):
     _check_norm(y, r, w, 1e-6, 0.0, "llama")
 
 
+def test_bf16_roundings_bit_exact_with_specials(device):
+    """bf16 add+RMSNorm rounds as torch does, bit for bit: the new residual is torch's rounding of the fp32 sum, and y
+    the unfused steps (v * rstd rounded, times the weight, rounded), over magnitudes from 1e-30 to 1e30 (subnormal
+    and overflowing sums, ties) with NaN, +-inf, +-0 and the largest bf16 values in some rows (the C++ backend rounds
+    with integer arithmetic on the fp32 bits and takes a NaN-free path for rows with a finite sum of squares)."""
+    g = torch.Generator().manual_seed(0)
+    n = 1024
+    mag = torch.logspace(-30, 30, n)
+    x = (torch.randn(4, n, generator=g) * mag).to(device=device, dtype=torch.bfloat16)
+    r = (torch.randn(4, n, generator=g) * mag.flip(0)).to(device=device, dtype=torch.bfloat16)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.38e38, -3.38e38, 1e-40, 1.00390625])
+    x[0, :9] = specials.to(torch.bfloat16)
+    r[1, 7:16] = specials.to(torch.bfloat16)
+    w = torch.randn(n, generator=g).to(device=device, dtype=torch.bfloat16)
+    y, res = llmkern.add_rms_norm(x, r, w, 1e-5)
+    expect_res = (x.float() + r.float()).to(torch.bfloat16)
+    v = expect_res.float()
+    expect_y = ((v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16).float() * w.float()).to(
+        torch.bfloat16)
+    for got, want in ((res, expect_res), (y, expect_y)):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got[~got.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
+    assert not y[2:].isnan().any()       # the rows without specials: finite sums of squares
+
+
 def test_rms_norm_matches_hf_modules(device):
     """The same bf16 numbers as transformers' LlamaRMSNorm and Gemma2RMSNorm, rounding steps included: only a
     float32 sum taken in another order may move an element by one bf16 ulp, rarely (0 of 8192 here at writing;
