@@ -145,7 +145,8 @@ template <typename T>
 constexpr int64_t kLine = 64 / sizeof(T);
 
 // tile_scores with the prefetch decided at compile time (PF: pf.rows is set), so that a loop without one (MLA) has
-// none of its instructions. The vector loop goes a cache line at a time, and asks for the same line of pf's row.
+// none of its instructions (MLA's loop is the plain one, 4 vectors a step). With PF the vector loop goes a cache line
+// at a time, and asks for the same line of pf's row.
 template <int GN, bool Add, bool PF, typename T>
 void tile_scores_impl(const float* q, int64_t q_stride, const T* const* kp, int64_t koff, int64_t nt, int64_t d,
                       float* s, PrefetchRows<T> pf) {
@@ -160,13 +161,14 @@ void tile_scores_impl(const float* q, int64_t q_stride, const T* const* kp, int6
     };
     static_assert(kLine<T> % kF == 0, "a cache line is a whole number of vectors");
     int64_t i = 0;
-    for (; i + kLine<T> <= d; i += kLine<T>) {
-      if constexpr (PF) prefetch_l2(pr + i);
-      for (int64_t j = 0; j < kLine<T>; j += kF) step(i + j);
-    }
-    if constexpr (PF) {
+    if constexpr (PF) {   // a line at a time (and the same line of pf's row)
+      for (; i + kLine<T> <= d; i += kLine<T>) {
+        prefetch_l2(pr + i);
+        for (int64_t j = 0; j < kLine<T>; j += kF) step(i + j);
+      }
       if (i < d) prefetch_l2(pr + i);
     }
+#pragma GCC unroll 4
     for (; i + kF <= d; i += kF) step(i);
     if (i < d) {
       const fVec kv = load_f(k + i, d - i);
