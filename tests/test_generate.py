@@ -109,6 +109,15 @@ def test_bad_input(monkeypatch):
             llmkern.generate(model, [[4], prompt], max_new_tokens=2)
     with pytest.raises(TypeError, match="model.float"):
         llmkern.generate(_model("llama").double(), ids, attention_mask=mask, max_new_tokens=2)
+    # each used to fail in the cache set-up or the sampler with an error that did not name it (ZeroDivisionError,
+    # "num_blocks", "Overflow when unpacking long long", "iteration over a 0-d tensor"), or (the float prompt) to be
+    # truncated to int64 silently
+    for bad, error in ((dict(block_size=0), ValueError), (dict(block_size=16.0), TypeError),
+                       (dict(seed=2 ** 70), ValueError), (dict(eos_token_id=torch.tensor(2)), TypeError)):
+        with pytest.raises(error, match=next(iter(bad))):
+            llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=2, **bad)
+    with pytest.raises(TypeError, match=r"input_ids\[1\]"):
+        llmkern.generate(model, [[5], torch.tensor([5.5, 6.0])], max_new_tokens=2)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="max_new_tokens"):
         llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=0)

@@ -137,6 +137,23 @@ def test_bad_input():
             llmkern.generate(model, [[1, 2], [3]], max_new_tokens=2, **kw)
     with pytest.raises(TypeError, match="cuda_graph"):
         gen.ModelRunner(model, gen._new_cache(model, [torch.zeros(2)], 2, 16), cuda_graph=1)
+    # a cache that does not fit the model: refused by name at construction (it used to fail at the first step, with
+    # "layer must be an int in [0, 1)", k's shape against the cache, or the plan's dtype list for an fp8 cache)
+    two_layers = _model("cpu", layers=2)
+    ok = dict(num_layers=2, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=32, dtype=torch.float32)
+    for change, err in ((dict(num_layers=1), ValueError), (dict(num_kv_heads=1), ValueError),
+                        (dict(head_dim=64), ValueError), (dict(dtype=torch.float16), TypeError),
+                        (dict(dtype=torch.float8_e5m2), TypeError)):
+        with pytest.raises(err, match="cache"):
+            gen.ModelRunner(two_layers, llmkern.PagedKVCache(**{**ok, **change}))
+    # feed with nothing new to run: refused by name, the cache untouched (it was torch.cat's "expected a non-empty
+    # list" for no sequences, an IndexError for a sequence whose tokens are all cached)
+    runner = gen.ModelRunner(two_layers, llmkern.PagedKVCache(**ok))
+    runner.feed({0: [1, 2]})
+    for seqs in ({}, {0: [1, 2]}, {0: [1, 2, 3], 1: []}):
+        with pytest.raises(ValueError, match="seqs"):
+            runner.feed(seqs)
+        assert runner.cache.seq_ids == [0] and runner.cache.seq_len(0) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (none here); the "

@@ -222,6 +222,12 @@ def test_rope_inplace_and_fused_qkv(device):
     assert torch.equal(qkv[:, :, h + kv:], v_before)                      # v untouched
     with pytest.raises(ValueError, match="overlap"):
         llmkern.apply_rope(qkv[:, :, :h], qkv[:, :, 1:h + 1], pos, inplace=True)
+    # k's head in one batch row is q's first head in the next (rows 8 elements apart, q 2 heads of 4, k at 8): the
+    # overlap across rows must be seen whatever stride the size-1 seq dim has (it used to be taken as the row stride)
+    buf = _randn(32, device=device)
+    q1, k1 = buf.as_strided((2, 1, 2, 4), (8, 1000, 4, 1)), buf.as_strided((2, 1, 1, 4), (8, 1000, 4, 1), 8)
+    with pytest.raises(ValueError, match="overlap"):
+        llmkern.apply_rope(q1, k1, torch.arange(1, device=device), inplace=True)
 
 
 def test_rope_bad_input(device, no_kernel):

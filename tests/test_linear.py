@@ -52,3 +52,14 @@ def test_linear_bad_arguments_are_named(no_kernel):
         layers.linear(x, torch.randn(4, 8), torch.randn(3))
     with pytest.raises(TypeError, match="weight"):
         layers.linear(x, torch.randn(4, 8).half())                      # dtype disagrees with x
+
+
+def test_linear_zero_in_features(device):
+    """in_features 0: the empty sum, so F.linear's bias broadcast over the rows (zeros without a bias). The C++
+    adapter used to flatten x with reshape(-1, 0), which torch refuses for an empty tensor (a RuntimeError)."""
+    x = torch.randn(2, 3, 0, device=device)
+    b = _randn(4, dtype=torch.float32, seed=0).to(device)
+    for bias in (b, None):
+        out = layers.linear(x, torch.randn(4, 0, device=device), bias)
+        assert out.shape == (2, 3, 4)
+        assert torch.equal(out, torch.nn.functional.linear(x, torch.randn(4, 0, device=device), bias))

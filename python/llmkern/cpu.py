@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -314,9 +315,10 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(rows, last dim) with a contiguous last dim (a copy only when no such view exists)."""
+    """(rows, last dim) with a contiguous last dim (a copy only when no such view exists). The row count is given,
+    not -1: reshape cannot infer it for an empty last dim (linear's in_features 0)."""
     t = _last_contiguous(t)
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 # -------------------------------------------------------------------------------------------------- layers.cpp

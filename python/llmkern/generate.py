@@ -96,6 +96,7 @@ def _prompts(input_ids: Any, attention_mask: Any) -> list[torch.Tensor]:
         if isinstance(p, torch.Tensor):
             if p.dim() != 1:
                 raise ValueError(f"input_ids[{i}] must be 1-D, got shape {tuple(p.shape)}")
+            _utils.check_tensor(f"input_ids[{i}]", p, dtypes=(torch.int32, torch.int64))  # a float one: no truncation
             prompts.append(p.to(torch.int64))
         elif isinstance(p, (list, tuple)) and all(isinstance(t, numbers.Integral) for t in p):
             prompts.append(torch.tensor(list(p), dtype=torch.int64))
@@ -110,7 +111,10 @@ def _eos_set(eos_token_id: Any, model: Any) -> set[int]:
         eos_token_id = getattr(gen, "eos_token_id", None)
     if eos_token_id is None:
         return set()
-    ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
+    try:
+        ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
+    except TypeError:     # not iterable (a float, a 0-d tensor): refused below, by name
+        ids = [eos_token_id]
     if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
         raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     return {int(t) for t in ids}
@@ -144,6 +148,7 @@ class ModelRunner:
         self.layers = list(self.inner.layers)[: cfg.num_hidden_layers]
         self.head_dim = self.layers[0].self_attn.head_dim
         self.device = self.inner.embed_tokens.weight.device
+        self._check_cache(cache)
         self.windows = []
         for layer in self.layers:
             attn = layer.self_attn
@@ -166,6 +171,19 @@ class ModelRunner:
         self._rope = None if self._dynamic_rope else self._rotary(torch.arange(cache.num_blocks * cache.block_size,
                                                                                device=self.device))
         self.capture = cuda_graph and self.device.type == "cuda" and not self._dynamic_rope
+
+    def _check_cache(self, cache: PagedKVCache) -> None:
+        """The cache must hold this model's K/V (class docstring): else TypeError/ValueError naming it, here rather
+        than at the first step, where the mismatch surfaces as a layer index or a K shape."""
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+        dtype = self.inner.embed_tokens.weight.dtype
+        if cache.dtype != dtype:
+            raise TypeError(f"cache has dtype {cache.dtype}; this runner keeps K/V in the model's dtype {dtype}")
+        have = (cache.num_layers, cache.num_kv_heads, cache.head_dim)
+        if have[0] < len(self.layers) or have[1:] != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"cache has (num_layers, num_kv_heads, head_dim) = {have}; the model needs at least "
+                             f"{len(self.layers)} layers of {self.num_kv_heads} KV heads of head_dim {self.head_dim}")
 
     # ------------------------------------------------------------------------------------------------ the model
     def _plan(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
@@ -249,10 +267,14 @@ class ModelRunner:
 
     def feed(self, seqs: dict[int, list[int]], all_logits: bool = False) -> torch.Tensor:
         """Append each sequence's tokens past its cached length (seqs: id -> all its tokens) and run them: prefill
-        for several tokens, decode for one each. Returns `forward`'s logits."""
+        for several tokens, decode for one each. Returns `forward`'s logits. ValueError (before the cache changes)
+        for no sequences or a sequence with no token past its cached length: there is nothing to run for it."""
         ids = list(seqs)
         lens = [self.cache.seq_len(i) if i in self.cache else 0 for i in ids]
         new = [seqs[i][n:] for i, n in zip(ids, lens)]
+        if not ids or not all(new):
+            raise ValueError(f"seqs: every sequence needs at least one token past its cached length; got new-token "
+                             f"counts {[len(t) for t in new]}")
         slots = torch.cat([self.cache.append(i, len(t)) for i, t in zip(ids, new)])
         tokens = _utils.to_device(torch.tensor([t for ts in new for t in ts], dtype=torch.int64), self.device)
         positions = _utils.to_device(torch.cat([torch.arange(n, n + len(t)) for n, t in zip(lens, new)]), self.device)
@@ -505,9 +527,11 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
       llmkern.apply_penalties' controls, counted over each sequence's prompt and generated tokens (transformers'
       repetition penalty sees the same, except that it also counts the pad ids of a padded batch), applied before
       the sampler.
-    seed: makes sampling reproducible (each step draws per-sequence seeds from a generator seeded with it).
+    seed: an int in [-2**63, 2**64) (torch.Generator's seeds): makes sampling reproducible (each step draws
+      per-sequence seeds from a generator seeded with it).
     eos_token_id: an int or list of ints (default: model.generation_config.eos_token_id); a sequence stops after
       emitting one of them.
+    block_size: the KV cache's page size in tokens, a power of two (PagedKVCache).
     draft_model: a smaller model of a supported type with the same vocabulary: speculative decoding, proposing
       num_speculative_tokens (1..15) tokens per round (module docstring). Same output distribution as without it;
       with greedy settings, the same tokens.
@@ -533,6 +557,9 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and not -2 ** 63 <= seed < 2 ** 64:    # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
+    block_size = _check_bound("block_size", block_size, BLOCK_SIZE)   # a power of two: PagedKVCache's check
     prompts = _prompts(input_ids, attention_mask)
     if not prompts:
         raise ValueError("input_ids holds no prompt")

@@ -377,7 +377,16 @@ def _overlap(q: torch.Tensor, k: torch.Tensor) -> bool:
         delta = (k.data_ptr() - q.data_ptr()) // q.element_size()
         heads_end_q = q.shape[-2] * q.stride(-2)        # elements q uses in one token's row
         heads_end_k = delta + k.shape[-2] * k.stride(-2)
-        return not (q.stride(-2) >= q.shape[-1] and delta >= heads_end_q and heads_end_k <= q.stride(-3))
+        if not (q.stride(-2) >= q.shape[-1] and delta >= heads_end_q):
+            return True
+        # Disjoint when any two token rows start at least heads_end_k elements apart: the leading dims (size > 1),
+        # by stride, each step past everything the smaller ones reach, plus heads_end_k.
+        reach = 0
+        for stride, size in sorted((st, sz) for sz, st in zip(q.shape[:-2], q.stride()[:-2]) if sz > 1):
+            if stride < reach + heads_end_k:
+                return True
+            reach += stride * (size - 1)
+        return False
     return True
 
 
