@@ -160,22 +160,22 @@ void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stri
   const int64_t heads = kv_heads * group;
   float* acc = ws.acc.data();
   ws.clear(heads, d);
-  // A token's K (V) rows of every KV head: one span in the NHD layout, prefetched as one.
-  const int64_t k_span = ((kv_heads - 1) * stride_kh + d) * static_cast<int64_t>(sizeof(T));
-  const int64_t v_span = ((kv_heads - 1) * stride_vh + d) * static_cast<int64_t>(sizeof(T));
+  // Row pointers of the tile (K and V) and of the next tile's nn K rows (the last one repeated up to nt). The score
+  // loop asks for this tile's V rows, the P @ V loop for the next tile's K rows (see prefetch_l2), each once per KV
+  // head, with its first head block.
   const T* kp[kDecodeTile];
   const T* vp[kDecodeTile];
+  const T* kn[kDecodeTile];
   for (int64_t n0 = start; n0 < end; n0 += kDecodeTile) {
     const int64_t nt = std::min(kDecodeTile, end - n0);
+    const int64_t nn = std::clamp<int64_t>(end - n0 - kDecodeTile, 0, kDecodeTile);
     for (int64_t t = 0; t < nt; ++t) std::tie(kp[t], vp[t]) = rows(n0 + t);
-    // This tile's V rows are used after the scores, and the next tile's K rows start at scattered blocks: ask for
-    // both now, while the scores are computed.
-    for (int64_t t = 0; t < nt; ++t) prefetch(vp[t], v_span);
-    for (int64_t j = n0 + kDecodeTile; j < std::min(end, n0 + 2 * kDecodeTile); ++j) prefetch(rows(j).first, k_span);
+    for (int64_t t = 0; t < nt && nn > 0; ++t) kn[t] = rows(n0 + kDecodeTile + std::min(t, nn - 1)).first;
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
       for_head_blocks<kScoreHeads>(group, [&](auto gn, int64_t g0) {
         const int64_t h = kvh * group + g0;
-        tile_scores<decltype(gn)::value>(&ws.q[h * d], d, kp, kvh * stride_kh, nt, d, &ws.s[h * kDecodeTile]);
+        tile_scores<decltype(gn)::value>(&ws.q[h * d], d, kp, kvh * stride_kh, nt, d, &ws.s[h * kDecodeTile],
+                                         g0 == 0 ? PrefetchRows<T>{vp, kvh * stride_vh} : PrefetchRows<T>{});
       });
     }
     for (int64_t h = 0; h < heads; ++h) {
@@ -187,7 +187,8 @@ void decode_range(const AttnOptions& opt, const PagedRows<T>& rows, int64_t stri
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
       for_head_blocks<kPvHeads>(group, [&](auto gn, int64_t g0) {
         const int64_t h = kvh * group + g0;
-        tile_pv<decltype(gn)::value>(acc + h * d, &ws.alpha[h], &ws.s[h * kDecodeTile], vp, kvh * stride_vh, nt, d);
+        tile_pv<decltype(gn)::value>(acc + h * d, &ws.alpha[h], &ws.s[h * kDecodeTile], vp, kvh * stride_vh, nt, d,
+                                     g0 == 0 && nn > 0 ? PrefetchRows<T>{kn, kvh * stride_kh} : PrefetchRows<T>{});
       });
     }
   }
