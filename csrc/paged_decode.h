@@ -144,41 +144,97 @@ struct PrefetchRows {
 template <typename T>
 constexpr int64_t kLine = 64 / sizeof(T);
 
+// s[g * kDecodeTile + t + u] = (or += with Add) the lane sum of a[u][g], for GN heads and 2 tokens (u = 0, 1). On
+// AVX2 two heads' 4 sums come out of one transpose-add (two levels of hadd, then the 128-bit halves added): 7
+// instructions for 4 sums with their stores, where 4 separate lane sums take 28.
+template <int GN, bool Add>
+inline void store_pair_sums(const fVec (&a)[2][GN], float* s) {
+  int g = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  for (; g < GN; g += 2) {
+    const int g1 = std::min(g + 1, GN - 1);   // an odd last head sums its two vectors twice and stores one pair
+    const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a[0][g], a[1][g]), _mm256_hadd_ps(a[0][g1], a[1][g1]));
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    float* s0 = s + g * kDecodeTile;
+    float* s1 = s + g1 * kDecodeTile;
+    if constexpr (Add) {
+      r = _mm_add_ps(r, _mm_loadh_pi(_mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(s0)),
+                                     reinterpret_cast<const __m64*>(s1)));
+    }
+    _mm_storel_pi(reinterpret_cast<__m64*>(s0), r);
+    if (g1 != g) _mm_storeh_pi(reinterpret_cast<__m64*>(s1), r);
+  }
+#endif
+  for (; g < GN; ++g) {
+    for (int u = 0; u < 2; ++u) {
+      float& out = s[g * kDecodeTile + u];
+      out = Add ? out + hsum(a[u][g]) : hsum(a[u][g]);
+    }
+  }
+}
+
 // tile_scores with the prefetch decided at compile time (PF: pf.rows is set), so that a loop without one (MLA) has
-// none of its instructions (MLA's loop is the plain one, 4 vectors a step). With PF the vector loop goes a cache line
-// at a time, and asks for the same line of pf's row.
+// none of its instructions. Up to 4 heads (2 x GN accumulators + 2 K vectors fit AVX2's 16 registers), two tokens
+// go through the loop together, their lane sums reduced together (store_pair_sums); more heads (or a last odd
+// token) one token at a time, 4 vectors a step. With PF the vector loop goes a cache line at a time, and asks for
+// the same line of pf's row(s).
 template <int GN, bool Add, bool PF, typename T>
 void tile_scores_impl(const float* q, int64_t q_stride, const T* const* kp, int64_t koff, int64_t nt, int64_t d,
                       float* s, PrefetchRows<T> pf) {
-  for (int64_t t = 0; t < nt; ++t) {
-    const T* k = kp[t] + koff;
-    const T* pr = PF ? pf.rows[t] + pf.off : nullptr;
-    fVec a[GN];
-    for (int g = 0; g < GN; ++g) a[g] = fVec(0.f);
+  static_assert(kLine<T> % kF == 0, "a cache line is a whole number of vectors");
+  constexpr int U = GN <= 4 ? 2 : 1;   // tokens per step
+  int64_t t = 0;
+  const auto tokens = [&](auto un) {
+    constexpr int N = decltype(un)::value;
+    const T* k[N];
+    const T* pr[N];
+    for (int u = 0; u < N; ++u) {
+      k[u] = kp[t + u] + koff;
+      pr[u] = PF ? pf.rows[t + u] + pf.off : nullptr;
+    }
+    fVec a[2][GN];
+    for (int u = 0; u < N; ++u) {
+      for (int g = 0; g < GN; ++g) a[u][g] = fVec(0.f);
+    }
     const auto step = [&](int64_t i) {
-      const fVec kv = load_f(k + i);
-      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * q_stride + i), kv, a[g]);
+      fVec kv[N];
+      for (int u = 0; u < N; ++u) kv[u] = load_f(k[u] + i);
+      for (int g = 0; g < GN; ++g) {
+        const fVec qv = fVec::loadu(q + g * q_stride + i);
+        for (int u = 0; u < N; ++u) a[u][g] = at::vec::fmadd(qv, kv[u], a[u][g]);
+      }
     };
-    static_assert(kLine<T> % kF == 0, "a cache line is a whole number of vectors");
     int64_t i = 0;
-    if constexpr (PF) {   // a line at a time (and the same line of pf's row)
+    if constexpr (PF) {   // a line at a time (and the same line of pf's rows)
       for (; i + kLine<T> <= d; i += kLine<T>) {
-        prefetch_l2(pr + i);
+        for (int u = 0; u < N; ++u) prefetch_l2(pr[u] + i);
         for (int64_t j = 0; j < kLine<T>; j += kF) step(i + j);
       }
-      if (i < d) prefetch_l2(pr + i);
+      if (i < d) {
+        for (int u = 0; u < N; ++u) prefetch_l2(pr[u] + i);
+      }
     }
 #pragma GCC unroll 4
     for (; i + kF <= d; i += kF) step(i);
     if (i < d) {
-      const fVec kv = load_f(k + i, d - i);
-      for (int g = 0; g < GN; ++g) a[g] = at::vec::fmadd(fVec::loadu(q + g * q_stride + i, d - i), kv, a[g]);
+      for (int u = 0; u < N; ++u) {
+        const fVec kv = load_f(k[u] + i, d - i);
+        for (int g = 0; g < GN; ++g) a[u][g] = at::vec::fmadd(fVec::loadu(q + g * q_stride + i, d - i), kv, a[u][g]);
+      }
     }
-    for (int g = 0; g < GN; ++g) {
-      float& out = s[g * kDecodeTile + t];
-      out = Add ? out + hsum(a[g]) : hsum(a[g]);
+    if constexpr (N == 2) {
+      store_pair_sums<GN, Add>(a, s + t);
+    } else {
+      for (int g = 0; g < GN; ++g) {
+        float& out = s[g * kDecodeTile + t];
+        out = Add ? out + hsum(a[0][g]) : hsum(a[0][g]);
+      }
     }
+  };
+  if constexpr (U == 2) {
+    for (; t + 2 <= nt; t += 2) tokens(std::integral_constant<int, 2>{});
   }
+  for (; t < nt; ++t) tokens(std::integral_constant<int, 1>{});
 }
 
 // Scores of GN heads (q rows at q, row stride q_stride, pre-scaled) against the first d elements of the tile's nt K
