@@ -174,15 +174,15 @@ inline void store_pair_sums(const fVec (&a)[2][GN], float* s) {
 }
 
 // tile_scores with the prefetch decided at compile time (PF: pf.rows is set), so that a loop without one (MLA) has
-// none of its instructions. Up to 4 heads (2 x GN accumulators + 2 K vectors fit AVX2's 16 registers), two tokens
-// go through the loop together, their lane sums reduced together (store_pair_sums); more heads (or a last odd
-// token) one token at a time, 4 vectors a step. With PF the vector loop goes a cache line at a time, and asks for
-// the same line of pf's row(s).
+// none of its instructions. With PF and up to 4 heads (2 x GN accumulators + 2 K vectors fit AVX2's 16 registers),
+// two tokens go through the loop together, their lane sums reduced together (store_pair_sums); otherwise (MLA: two
+// tokens at 4 bf16 heads took 5% more instructions, GCC shuffling registers) one token at a time, 4 vectors a step.
+// With PF the vector loop goes a cache line at a time, and asks for the same line of pf's row(s).
 template <int GN, bool Add, bool PF, typename T>
 void tile_scores_impl(const float* q, int64_t q_stride, const T* const* kp, int64_t koff, int64_t nt, int64_t d,
                       float* s, PrefetchRows<T> pf) {
   static_assert(kLine<T> % kF == 0, "a cache line is a whole number of vectors");
-  constexpr int U = GN <= 4 ? 2 : 1;   // tokens per step
+  constexpr int U = PF && GN <= 4 ? 2 : 1;   // tokens per step (paged decode's; MLA's loop stays one token)
   int64_t t = 0;
   const auto tokens = [&](auto un) {
     constexpr int N = decltype(un)::value;
