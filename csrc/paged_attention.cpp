@@ -101,27 +101,7 @@ void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
                   slot_mapping.size(0) == k.size(0), "llmkern_cpu: slot_mapping must be int64 (tokens,)");
   const int64_t* sp = slot_mapping.const_data_ptr<int64_t>();
   const int64_t ss = slot_mapping.stride(0);
-  const int64_t tokens = k.size(0), heads = k.size(1), d = k.size(2), block_size = k_cache.size(1);
-  const int64_t slots = k_cache.size(0) * block_size;
-  // Any strides, the last dim's included (a cache written in place cannot be copied first).
-  // write_row(h, from, to): head h's row from src (element stride src.stride(2)) to dst (stride dst.stride(3)).
-  const auto scatter = [&](const at::Tensor& src, const at::Tensor& dst, const auto& write_row) {
-    const char* s = static_cast<const char*>(src.const_data_ptr());
-    char* c = static_cast<char*>(dst.mutable_data_ptr());
-    const int64_t es = src.element_size(), ec = dst.element_size();
-    at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, heads * d)),
-                     [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t slot = sp[t * ss];
-        if (slot < 0 || slot >= slots) continue;   // -1 (padding) or outside the cache: nothing to write
-        const int64_t blk = slot / block_size, off = slot % block_size;
-        for (int64_t h = 0; h < heads; ++h) {
-          write_row(h, s + (t * src.stride(0) + h * src.stride(1)) * es,
-                    c + (blk * dst.stride(0) + off * dst.stride(1) + h * dst.stride(2)) * ec);
-        }
-      }
-    });
-  };
+  const int64_t d = k.size(2);
   if (!fp8) {   // bit-exact copies
     write_slots(k, k_cache, sp, ss);
     write_slots(v, v_cache, sp, ss);
@@ -136,7 +116,7 @@ void paged_kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
           const at::Tensor& dst = which == 0 ? k_cache : v_cache;
           const float* scale = which == 0 ? scales.first : scales.second;
           const int64_t fs = src.stride(2), ts = dst.stride(3);
-          scatter(src, dst, [&](int64_t h, const char* from, char* to) {
+          for_each_slot_row(src, dst, sp, ss, [&](int64_t h, const char* from, char* to) {
             const scalar_t* x = reinterpret_cast<const scalar_t*>(from);
             C* y = reinterpret_cast<C*>(to);
             for (int64_t i = 0; i < d; ++i) y[i * ts] = quantize_fp8<C>(static_cast<float>(x[i * fs]), scale[h]);

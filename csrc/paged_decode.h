@@ -51,18 +51,19 @@ inline void check_table_rows(const at::Tensor& bt, const int32_t* lens, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------------ cache write
-// src (tokens, heads, d) -> dst (num_blocks, block_size, heads, d): token t's rows copied, bit-exact, to slot
-// slot_mapping[t] (int64, stride ss). A slot outside [0, num_blocks * block_size), vLLM's -1 padding included,
-// skips its token (as the Triton kernels: the slots are never checked on the host, so that the op needs no sync).
-// Any strides, the last dim's included (a cache written in place cannot be copied first): a row is one memcpy when
-// both last dims are contiguous, else element by element. The caller has checked shapes and dtypes.
-inline void write_slots(const at::Tensor& src, const at::Tensor& dst, const int64_t* slot_mapping, int64_t ss) {
+// src (tokens, heads, d) -> dst (num_blocks, block_size, heads, d), any strides, the last dim's included (a cache
+// written in place cannot be copied first): write_row(h, from, to) is called for each token t and head h with the
+// byte addresses of src[t, h, 0] and of dst's row at slot slot_mapping[t] (int64, stride ss). A slot outside
+// [0, num_blocks * block_size), vLLM's -1 padding included, skips its token (as the Triton kernels: the slots are
+// never checked on the host, so that the op needs no sync). The caller has checked shapes and dtypes.
+template <typename WriteRow>
+inline void for_each_slot_row(const at::Tensor& src, const at::Tensor& dst, const int64_t* slot_mapping, int64_t ss,
+                              const WriteRow& write_row) {
   const int64_t tokens = src.size(0), heads = src.size(1), d = src.size(2), block_size = dst.size(1);
   const int64_t slots = dst.size(0) * block_size;
-  const int64_t es = src.element_size();
+  const int64_t es = src.element_size(), ec = dst.element_size();
   const char* s = static_cast<const char*>(src.const_data_ptr());
   char* c = static_cast<char*>(dst.mutable_data_ptr());
-  const bool rows = d <= 1 || (src.stride(2) == 1 && dst.stride(3) == 1);
   at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, heads * d)),
                    [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -70,14 +71,24 @@ inline void write_slots(const at::Tensor& src, const at::Tensor& dst, const int6
       if (slot < 0 || slot >= slots) continue;   // -1 (padding) or outside the cache: nothing to write
       const int64_t blk = slot / block_size, off = slot % block_size;
       for (int64_t h = 0; h < heads; ++h) {
-        char* to = c + (blk * dst.stride(0) + off * dst.stride(1) + h * dst.stride(2)) * es;
-        const char* from = s + (t * src.stride(0) + h * src.stride(1)) * es;
-        if (rows) {
-          std::memcpy(to, from, d * es);
-        } else {
-          for (int64_t i = 0; i < d; ++i) std::memcpy(to + i * dst.stride(3) * es, from + i * src.stride(2) * es, es);
-        }
+        write_row(h, s + (t * src.stride(0) + h * src.stride(1)) * es,
+                  c + (blk * dst.stride(0) + off * dst.stride(1) + h * dst.stride(2)) * ec);
       }
+    }
+  });
+}
+
+// The same, rows copied bit-exact (src and dst of one dtype): one memcpy a row when both last dims are contiguous,
+// else element by element.
+inline void write_slots(const at::Tensor& src, const at::Tensor& dst, const int64_t* slot_mapping, int64_t ss) {
+  const int64_t d = src.size(2), es = src.element_size();
+  const int64_t fs = src.stride(2) * es, ts = dst.stride(3) * es;
+  const bool rows = d <= 1 || (src.stride(2) == 1 && dst.stride(3) == 1);
+  for_each_slot_row(src, dst, slot_mapping, ss, [&](int64_t, const char* from, char* to) {
+    if (rows) {
+      std::memcpy(to, from, d * es);
+    } else {
+      for (int64_t i = 0; i < d; ++i) std::memcpy(to + i * ts, from + i * fs, es);
     }
   });
 }
