@@ -18,25 +18,8 @@ namespace {
 // The rows M up to which this kernel runs (the Python side sends larger M to torch's GEMM): every row of x
 // re-reads the thread's kRows weight rows from L1, which stops paying off once M rows of x make it a GEMM.
 constexpr int64_t kMaxRows = 16;
-// Weight rows per block: kRows accumulators, kRows weight loads and x's vector fit AVX2's 16 vector registers.
-constexpr int kRows = 4;
-
-// acc[r] = dot(x[0:K], w row r) for R rows of w (row stride ws), fp32.
-template <typename T, int R>
-inline void dot_rows(const T* w, int64_t ws, const float* x, int64_t K, float* acc) {
-  fVec a[R];
-  for (int r = 0; r < R; ++r) a[r] = fVec(0.f);
-  int64_t k = 0;
-  for (; k + kF <= K; k += kF) {
-    const fVec xv = fVec::loadu(x + k);
-    for (int r = 0; r < R; ++r) a[r] = at::vec::fmadd(load_f(w + r * ws + k), xv, a[r]);
-  }
-  if (k < K) {
-    const fVec xv = fVec::loadu(x + k, K - k);
-    for (int r = 0; r < R; ++r) a[r] = at::vec::fmadd(load_f(w + r * ws + k, K - k), xv, a[r]);
-  }
-  for (int r = 0; r < R; ++r) acc[r] = hsum(a[r]);
-}
+// Weight rows per block: the GEMV tile's (llmkern_cpu.h, dot_rows).
+constexpr int kRows = kDotRows;
 
 template <typename T>
 void linear_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -56,11 +39,7 @@ void linear_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optio
       const int64_t n0 = blk * kRows, rows = std::min<int64_t>(kRows, N - n0);
       for (int64_t m = 0; m < M; ++m) {
         float acc[kRows];
-        if (rows == kRows) {
-          dot_rows<T, kRows>(w + n0 * ws, ws, xf.data() + m * K, K, acc);
-        } else {
-          for (int64_t r = 0; r < rows; ++r) dot_rows<T, 1>(w + (n0 + r) * ws, ws, xf.data() + m * K, K, acc + r);
-        }
+        dot_rows_n(w + n0 * ws, ws, rows, xf.data() + m * K, K, acc);
         for (int64_t r = 0; r < rows; ++r) {
           const float v = acc[r] + (b ? static_cast<float>(b[n0 + r]) : 0.f);
           o[m * os + n0 + r] = static_cast<T>(v);

@@ -249,6 +249,37 @@ inline void axpy_f(float* acc, float p, const T* v, int64_t n) {
   if (i < n) at::vec::fmadd(pv, load_f(v + i, n - i), fVec::loadu(acc + i, n - i)).store(acc + i, n - i);
 }
 
+// The GEMV tile (linear.cpp, moe.cpp): acc[r] = dot(x[0:K], w row r) for R rows of w (row stride ws), fp32. One
+// vector accumulator per row; per step one x vector and R weight loads: R = kDotRows = 4 keeps R accumulators, R loads
+// and x in AVX2's 16 vector registers.
+template <typename T, int R>
+inline void dot_rows(const T* w, int64_t ws, const float* x, int64_t K, float* acc) {
+  fVec a[R];
+  for (int r = 0; r < R; ++r) a[r] = fVec(0.f);
+  int64_t k = 0;
+  for (; k + kF <= K; k += kF) {
+    const fVec xv = fVec::loadu(x + k);
+    for (int r = 0; r < R; ++r) a[r] = at::vec::fmadd(load_f(w + r * ws + k), xv, a[r]);
+  }
+  if (k < K) {
+    const fVec xv = fVec::loadu(x + k, K - k);
+    for (int r = 0; r < R; ++r) a[r] = at::vec::fmadd(load_f(w + r * ws + k, K - k), xv, a[r]);
+  }
+  for (int r = 0; r < R; ++r) acc[r] = hsum(a[r]);
+}
+
+constexpr int kDotRows = 4;
+
+// dot_rows for 1 <= rows <= kDotRows rows: a full tile, or the last rows of a matrix one by one.
+template <typename T>
+inline void dot_rows_n(const T* w, int64_t ws, int64_t rows, const float* x, int64_t K, float* acc) {
+  if (rows == kDotRows) {
+    dot_rows<T, kDotRows>(w, ws, x, K, acc);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) dot_rows<T, 1>(w + r * ws, ws, x, K, acc + r);
+  }
+}
+
 // f(std::integral_constant<int, n>{}) for a run-time 1 <= n <= N: register-blocked loops take their block size as a
 // compile-time count, so that their accumulators are registers, and the last, partial block runs with fewer.
 template <int N, typename F>
