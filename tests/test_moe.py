@@ -3,6 +3,9 @@
 Shapes are small (the interpreter runs every program in Python) but cross every tile edge: 37 tokens (not a multiple
 of the 16-row tile), hidden 96 and intermediate 80 (not multiples of the 64-wide K and N tiles). torch.compile with
 fullgraph=True over both ops is tested on a patched model (tests/test_patch_moe.py).
+
+On CPU every test runs on the Triton interpreter and on the C++ backend (csrc/moe.cpp serves dense experts; quantized
+ones run the reference there); test_fused_moe_cpp_matrix checks the C++ kernel ran (cpp_calls).
 """
 import pytest
 import torch
@@ -10,6 +13,8 @@ import torch
 import llmkern
 from llmkern import moe, reference
 from tolerance import assert_fa_close
+
+pytestmark = pytest.mark.cpu_backends("interpreter", "cpp")
 
 T, H, I, E = 37, 96, 80, 8
 
@@ -171,6 +176,36 @@ def test_fused_moe_routing_edge_cases(device):
                what="ids outside [0, E)")
 
 
+@pytest.mark.cpu_backends("cpp")   # the interpreter's Triton path has its own tests above; this is the C++ kernel's
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_moe_cpp_matrix(device, backend, cpp_calls, dtype, top_k):
+    """Every dtype and top_k 1..4 at 0, 1, 7 and 40 tokens (40 * top_k slots over 6 experts: many slots per
+    expert); hidden 100 and intermediate 37 (not multiples of the vector width or the 4-row tile); experts 6 and 7
+    picked by no token and poisoned with NaN (never read); ids E and -1 (skipped); hidden_states a strided view."""
+    hidden, inter, picked = 100, 37, 6
+    w13, w2 = _experts(dtype, device, hidden=hidden, inter=inter, seed=30 + top_k)
+    poisoned13, poisoned2 = w13.clone(), w2.clone()
+    poisoned13[picked:], poisoned2[picked:] = float("nan"), float("nan")
+    g = torch.Generator().manual_seed(31 + top_k)
+    calls = 0
+    for tokens in (0, 1, 7, 40):
+        wide = _randn(tokens, 2 * hidden, dtype=dtype, device=device, seed=32 + tokens)
+        x = wide[:, 1:hidden + 1]                                        # row stride 2 * hidden, offset 1
+        ids = torch.randint(0, picked, (tokens, top_k), generator=g).to(device=device, dtype=torch.int32)
+        if tokens > 1:
+            ids[1, 0], ids[-1, -1] = E, -1                               # routed nowhere
+        weights = torch.rand(tokens, top_k, generator=g).to(device)
+        out = llmkern.fused_moe(x, poisoned13, poisoned2, weights, ids)
+        calls += 1
+        if tokens:
+            _check_moe(out, x, w13, w2, weights, ids, what=f"{tokens} tokens")
+        else:
+            assert out.shape == (0, hidden)
+    assert backend != "cpp" or cpp_calls == ["fused_moe"] * calls
+
+
+@pytest.mark.cpu_backends("interpreter")   # inspects the Triton path's alignment kernel
 def test_grid_covers_only_hit_experts(device):
     """The aligned blocks: every slot exactly once, in its expert's run; runs padded to the tile; no block for an
     expert no token picked; the grid bound holds."""
