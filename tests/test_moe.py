@@ -4,8 +4,8 @@ Shapes are small (the interpreter runs every program in Python) but cross every 
 of the 16-row tile), hidden 96 and intermediate 80 (not multiples of the 64-wide K and N tiles). torch.compile with
 fullgraph=True over both ops is tested on a patched model (tests/test_patch_moe.py).
 
-On CPU every test runs on the Triton interpreter and on the C++ backend (csrc/moe.cpp serves dense experts; quantized
-ones run the reference there); test_fused_moe_cpp_matrix checks the C++ kernel ran (cpp_calls).
+On CPU every test runs on the Triton interpreter and on the C++ backend (csrc/moe.cpp, dense and packed experts); the
+cpp runs of test_fused_moe_cpp_matrix and the quantized tests check that the C++ kernel ran (cpp_calls).
 """
 import pytest
 import torch
@@ -224,9 +224,11 @@ def test_grid_covers_only_hit_experts(device):
     assert sorted(blocks[blocks < slots].tolist()) == list(range(slots))
 
 
-def test_fused_moe_quantized(device):
+def test_fused_moe_quantized(device, backend, cpp_calls):
     """int4 group 32 gate/up with int8 group 64 down (fp16), int8 per-channel with int4 group 32 (bf16), against the
-    reference on the dequantized weights (the quantization error is the format's, not the kernel's)."""
+    reference on the dequantized weights (the quantization error is the format's, not the kernel's); then 40 tokens
+    on two experts (20 slots each: the C++ kernel's GEMM path, past its 16-row decode path) and a dense w13 with a
+    packed w2."""
     hidden, inter = 128, 64
     for dtype, (bits13, group13), (bits2, group2) in ((torch.float16, (4, 32), (8, 64)),
                                                       (torch.bfloat16, (8, -1), (4, 32))):
@@ -237,9 +239,16 @@ def test_fused_moe_quantized(device):
         weights, ids = llmkern.moe_topk(_randn(20, E, device=device, seed=16), 2)
         out = llmkern.fused_moe(x, q13, q2, weights, ids)
         _check_moe(out, x, q13.dequantize(), q2.dequantize(), weights, ids, what=f"quantized {dtype}")
+    x = _randn(40, hidden, dtype=dtype, device=device, seed=15)
+    ids = (torch.arange(40, device=device) % 2 * 5)[:, None].to(torch.int32)
+    ones = torch.ones(40, 1, device=device)
+    _check_moe(llmkern.fused_moe(x, q13, q2, ones, ids), x, q13.dequantize(), q2.dequantize(), ones, ids,
+               what="20 slots per expert")
+    _check_moe(llmkern.fused_moe(x, w13, q2, ones, ids), x, w13, q2.dequantize(), ones, ids, what="dense w13")
+    assert backend != "cpp" or cpp_calls == ["fused_moe"] * 4
 
 
-def test_fused_moe_act_order(device):
+def test_fused_moe_act_order(device, backend, cpp_calls):
     """GPTQ act-order experts (g_idx not sorted), gate and up joined from separate projections: the kernel gathers
     x's columns through each expert's permutation."""
     from llmkern.quant import QuantizedWeight
@@ -261,6 +270,7 @@ def test_fused_moe_act_order(device):
     weights, ids = llmkern.moe_topk(_randn(5, experts, device=device, seed=19), 2)
     _check_moe(llmkern.fused_moe(x, q13, q2, weights, ids), x, q13.dequantize(), q2.dequantize(), weights, ids,
                what="act-order")
+    assert backend != "cpp" or cpp_calls == ["fused_moe"]
     with pytest.raises(ValueError, match="permutation"):
         moe.QuantizedExperts.from_gate_up([gptq_like(inter, hidden, order[0])], [gptq_like(inter, hidden, order[1])])
     bad = q2.perm.clone()

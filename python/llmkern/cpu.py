@@ -508,15 +508,19 @@ def _quant_matmul(x, qweight, scales, zeros, perm, bias, bits, group_size):
 @_adapter("fused_moe")
 def _fused_moe(hidden_states, w13, w13_scales, w13_zeros, w13_perm, w13_bits, w13_group_size, w2, w2_scales,
                w2_zeros, w2_perm, w2_bits, w2_group_size, topk_weights, topk_ids, activation):
-    """csrc/moe.cpp for dense experts (bits 16), NotImplemented (the reference) for quantized ones. The weights are
-    read in place with any strides but a strided last dim: a weight stored transposed is copied (whole, every call:
-    the rare layout pays, as the attention caches above do). The routing tensors are tiny: made float32 / int64
-    contiguous (int64 keeps ids such as 2**40 out of range, where int32 would wrap them)."""
-    if w13_bits != 16 or w2_bits != 16:
-        return NotImplemented
+    """csrc/moe.cpp, for dense and packed (int4/int8) experts alike. A dense weight is read in place with any strides
+    but a strided last dim: a weight stored transposed is copied (whole, every call: the rare layout pays, as the
+    attention caches above do); a packed weight's tensors are read contiguous (QuantizedExperts keeps them so). The
+    routing tensors are tiny: made float32 / int64 contiguous (int64 keeps ids such as 2**40 out of range, where int32
+    would wrap them)."""
+    def weight(w, scales, zeros, perm, bits):
+        if bits == 16:
+            return (_last_contiguous(w), scales, zeros, perm)
+        return tuple(None if t is None else t.contiguous() for t in (w, scales, zeros, perm))
     out = torch.empty(hidden_states.shape, dtype=hidden_states.dtype)
-    _lib().fused_moe(_last_contiguous(hidden_states), _last_contiguous(w13), _last_contiguous(w2),
-                     topk_weights.float().contiguous(), topk_ids.long().contiguous(), out)
+    _lib().fused_moe(_last_contiguous(hidden_states), *weight(w13, w13_scales, w13_zeros, w13_perm, w13_bits),
+                     w13_bits, w13_group_size, *weight(w2, w2_scales, w2_zeros, w2_perm, w2_bits), w2_bits,
+                     w2_group_size, topk_weights.float().contiguous(), topk_ids.long().contiguous(), out)
     return out
 
 
