@@ -23,13 +23,13 @@ HBM bandwidth on the touched experts' weights.
 
 On CPU (no CUDA): two small-model MoE layers, OLMoE-1B-7B's (64 experts, top-8, hidden 2048, intermediate 1024) and
 a Mixtral-routed one (8 experts, top-2, hidden 2048, Qwen1.5-MoE's intermediate 1408), in bf16 and fp32, at 1, 4 and
-16 tokens (decode) and 256 (a prefill chunk): llmkern (the C++ backend, csrc/moe.cpp) against hf_eager, the same
-transformers experts module as on the GPU (its per-expert loop of two F.linear calls is what the model runs on CPU;
-llmkern.reference's loop is the same shape). `run_suite` times each shape's implementations alternating, call by call,
-so that a shared machine's load changes hit both alike; records add every call's time (samples_ms), the fastest
-(best_ms) and the load average. The roof is the same run's measured STREAM read (bench.common.measured_cpu_peak):
-"% roof" in the summary is the touched experts' weight bytes over the time, against it (decode is bound by those
-bytes). --quick: OLMoE's layer in bf16 at 1 and 16 tokens.
+16 tokens (decode) and 256 (a prefill chunk): llmkern (the C++ backend, csrc/moe.cpp; in bf16 also
+llmkern_int4_g128) against hf_eager, the same transformers experts module as on the GPU (its per-expert loop of two
+F.linear calls is what the model runs on CPU; llmkern.reference's loop has the same shape). `run_suite` times each
+shape's implementations alternating, call by call, so that a shared machine's load changes hit all alike; records add
+every call's time (samples_ms), the fastest (best_ms) and the load average. The roof is the same run's measured
+STREAM read (bench.common.measured_cpu_peak): "% STREAM" in the summary is the touched experts' weight bytes over the
+time, against it (decode is bound by those bytes). --quick: OLMoE's layer in bf16 at 1 and 16 tokens.
 """
 from __future__ import annotations
 
@@ -104,6 +104,13 @@ def _hf_experts(name: str, device: str, dtype: torch.dtype = DTYPE):
     return experts
 
 
+@functools.lru_cache(maxsize=1)
+def _quantized(name: str, device: str, dtype: torch.dtype = DTYPE):
+    """The layer's w13 and w2 as int4 group-128 QuantizedExperts (round to nearest), made once per layer."""
+    hf = _hf_experts(name, device, dtype)
+    return tuple(moe.quantize_experts(w.detach(), bits=4, group_size=128) for w in (hf.gate_up_proj, hf.down_proj))
+
+
 def _grouped_mm_name(device: torch.device) -> str | None:
     """The function transformers' grouped_mm implementation would call on this device, or None (then it falls back
     to a loop of its own, which is not the peer we want)."""
@@ -130,9 +137,7 @@ def _layer_case(name: str, shape: ModelShape, tokens: int, impl: str, device: to
         weights, ids = (t.to(device) for t in _routing(shape.num_experts, shape.experts_per_token, tokens))
         if impl.startswith("hf_"):
             return torch.no_grad()(lambda: hf(x, ids, weights))
-        w13, w2 = hf.gate_up_proj.detach(), hf.down_proj.detach()
-        if bits:
-            w13, w2 = (moe.quantize_experts(w, bits=4, group_size=128) for w in (w13, w2))
+        w13, w2 = _quantized(name, str(device), dtype) if bits else (hf.gate_up_proj.detach(), hf.down_proj.detach())
         ids32 = ids.to(torch.int32)
         return lambda: moe.fused_moe(x, w13, w2, weights, ids32)
     return Case(op="moe_layer", impl=impl,
@@ -170,9 +175,10 @@ def cases(device: torch.device, quick: bool) -> Iterable[Case]:
         for name, shape in list(_CPU_LAYERS.items())[:1 if quick else None]:
             for dtype in CPU_DTYPES[:1 if quick else None]:
                 for tokens in (1, 16) if quick else CPU_TOKENS:
-                    for impl in ("hf_eager", "llmkern"):
+                    impls = ("hf_eager", "llmkern") + (("llmkern_int4_g128",) if dtype == torch.bfloat16 else ())
+                    for impl in impls:
                         yield _layer_case(name, shape, tokens, impl, device, dtype=dtype,
-                                          note="C++ backend (csrc/moe.cpp)" if impl == "llmkern" else "")
+                                          note="C++ backend (csrc/moe.cpp)" if impl.startswith("llmkern") else "")
         shape = _CPU_LAYERS["olmoe-1b-7b"]
         yield _topk_case(shape, 64, "llmkern", device)
         yield _topk_case(shape, 64, "torch", device)

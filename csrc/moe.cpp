@@ -22,8 +22,8 @@
 // FMA rate of the tile (4 FMAs per 5 vector loads) bounds it.
 // A packed projection runs expert by expert through quant_matmul's two paths (csrc/quant_gemm.h: the decode path up
 // to kDecodeMaxM slots, which streams the packed words once, else the dequantized-tile GEMM), each parallel over the
-// expert's columns, on the expert's slots' rows gathered (through the expert's act-order perm) into fp32; the same
-// roundings follow.
+// expert's columns (or experts over the threads when enough are hit: for_each_expert), on the expert's slots' rows
+// gathered (through the expert's act-order perm) into fp32; the same roundings follow.
 #include <memory>
 #include <vector>
 
@@ -74,6 +74,22 @@ void for_each_row_block(const Routing& r, int64_t N, const F& fn) {
   });
 }
 
+// fn(i) for every hit expert i: over torch's threads, one expert per thread at a time, when there are at least as
+// many experts as threads (a packed expert's paths then run serially inside: one parallel region per pass, not one
+// or two per expert, each of which waits for its slowest thread); else one expert after the other, each spread over
+// the threads by its own paths.
+template <typename F>
+void for_each_expert(const Routing& r, const F& fn) {
+  const int64_t hits = static_cast<int64_t>(r.hit.size());
+  if (hits >= at::get_num_threads()) {
+    at::parallel_for(0, hits, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) fn(i);
+    });
+  } else {
+    for (int64_t i = 0; i < hits; ++i) fn(i);
+  }
+}
+
 inline float silu_mul(float g, float u) { return g / (1.f + std::exp(-g)) * u; }
 
 // One projection's experts (N output rows, K inputs each) as the kernel reads them: dense, element (e, n, k) at
@@ -108,7 +124,6 @@ void fused_moe_impl(const at::Tensor& x, const Experts<T>& w13, const Experts<T>
                     const int64_t* ids, int64_t E, int64_t top_k, at::Tensor& out) {
   const int64_t T_ = x.size(0), H = x.size(1), I = w2.K, slots = T_ * top_k;
   const Routing r = route(ids, slots, E);
-  const int64_t hits = static_cast<int64_t>(r.hit.size());
   // x as fp32 once (the tile's x operand); h and y are written for the valid slots only
   std::unique_ptr<float[]> xf(new float[T_ * H]), h(new float[slots * I]), y(new float[slots * H]);
   at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
@@ -130,7 +145,7 @@ void fused_moe_impl(const at::Tensor& x, const Experts<T>& w13, const Experts<T>
       }
     });
   } else {
-    for (int64_t i = 0; i < hits; ++i) {
+    for_each_expert(r, [&](int64_t i) {
       const int64_t M = r.start[i + 1] - r.start[i];
       std::vector<float> gu(M * 2 * I);
       w13.packed_rows(r.hit[i], xf.get(), H, token_of(i), M, gu.data());
@@ -138,7 +153,7 @@ void fused_moe_impl(const at::Tensor& x, const Experts<T>& w13, const Experts<T>
         const int64_t s = slot_of(i)(m);
         for (int64_t j = 0; j < I; ++j) h[s * I + j] = round_scalar<T>(silu_mul(gu[m * 2 * I + j], gu[m * 2 * I + I + j]));
       }
-    }
+    });
   }
   if (!w2.packed()) {                                                        // 2. down, times the routing weight
     for_each_row_block(r, H, [&](int64_t i, int64_t n0, int64_t rows) {
@@ -151,7 +166,7 @@ void fused_moe_impl(const at::Tensor& x, const Experts<T>& w13, const Experts<T>
       }
     });
   } else {
-    for (int64_t i = 0; i < hits; ++i) {
+    for_each_expert(r, [&](int64_t i) {
       const int64_t M = r.start[i + 1] - r.start[i];
       std::vector<float> yd(M * H);
       w2.packed_rows(r.hit[i], h.get(), I, slot_of(i), M, yd.data());
@@ -159,7 +174,7 @@ void fused_moe_impl(const at::Tensor& x, const Experts<T>& w13, const Experts<T>
         const int64_t s = slot_of(i)(m);
         for (int64_t n = 0; n < H; ++n) y[s * H + n] = round_scalar<T>(yd[m * H + n] * topk_w[s]);
       }
-    }
+    });
   }
   T* o = out.mutable_data_ptr<T>();                                          // 3. each token's slots, in k order
   at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
