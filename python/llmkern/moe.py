@@ -23,7 +23,9 @@ The GEMM grid is sized from shapes alone: at most cdiv(A, BLOCK_M) + min(E, A) r
 returns before reading anything. Experts no token picked get no block at all, so a decode step reads the
 weights of the experts it hit and no others.
 
-Dispatch: CUDA -> Triton; CPU -> the same Triton kernels under TRITON_INTERPRET, else llmkern.reference.
+Dispatch: CUDA -> Triton; CPU -> the same Triton kernels under TRITON_INTERPRET, else the C++ backend's fused_moe
+(csrc/moe.cpp: each hit expert's weights read once per call, dense or packed; the same roundings), else
+llmkern.reference (moe_topk: the reference).
 """
 from __future__ import annotations
 
