@@ -326,3 +326,35 @@ def test_fused_moe_bad_input(device):
     with pytest.raises(ValueError, match="w2"):
         torch.ops.llmkern.fused_moe(x, w13, None, None, None, 16, -1, w2[:, :, :-1], None, None, None, 16, -1, w,
                                     ids, "silu")
+
+
+@pytest.mark.cpu_backends("cpp")
+def test_fused_moe_cpp_refuses_inconsistent_tensors(device, backend):
+    """The C++ function called directly (torch.ops.llmkern_cpu.fused_moe) checks the facts its addressing relies on
+    and raises, rather than reading out of bounds."""
+    if backend != "cpp":
+        pytest.skip("the C++ backend's own checks")
+    hidden, inter, dtype = 64, 32, torch.float16
+    x = _randn(3, hidden, dtype=dtype, device=device, seed=40)
+    w13, w2 = _experts(dtype, device, num_experts=4, hidden=hidden, inter=inter, seed=41)
+    q13 = llmkern.quantize_experts(w13, bits=4, group_size=32)
+    w = torch.ones(3, 2)
+    ids = torch.zeros(3, 2, dtype=torch.int64)
+    out = torch.empty(3, hidden, dtype=dtype)
+    dense = (None, None, None, 16, -1)
+    fn = torch.ops.llmkern_cpu.fused_moe
+    fn(x, w13, *dense, w2, *dense, w, ids, out)                                  # consistent: runs
+    bad_perm = torch.arange(hidden, dtype=torch.int32).repeat(4, 1)
+    bad_perm[2, 5] = hidden
+    for args, match in [
+        ((x, w13, *dense, w2[:, :-1], *dense, w, ids, out), "w2"),
+        ((x, w13[:3], *dense, w2, *dense, w, ids, out), "w13"),
+        ((x, w13, *dense, w2, *dense, w, ids.int(), out), "topk_ids"),
+        ((x, w13, *dense, w2.float(), *dense, w, ids, out), "w2"),
+        ((x, q13.qweight, q13.scales.float(), q13.zeros, None, 4, 32, w2, *dense, w, ids, out), "scales"),
+        ((x, q13.qweight, q13.scales, q13.zeros, bad_perm, 4, 32, w2, *dense, w, ids, out), "perm"),
+        ((x, q13.qweight, q13.scales, q13.zeros, None, 4, 48, w2, *dense, w, ids, out), "group_size"),
+        ((x, w13, *dense, w2, *dense, w, ids, out[:2]), "out"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            fn(*args)
