@@ -156,6 +156,15 @@ def key_range(p_first, p_last, seqlen_k, window_left, window_right, HAS_LEFT: tl
 
 
 @triton.jit
+def cache_slot(SLOT, tok, num_slots, block_size):
+    """Where token `tok` goes in a paged cache: (ok, block, offset) of its slot SLOT[tok] (int64). ok is false for
+    -1 (vLLM's padding slot) and any other slot outside [0, num_slots), which the cache writes skip: the host need
+    not sync to check the slots, and no slot can write outside the cache."""
+    slot = tl.load(SLOT + tok)
+    return (slot >= 0) & (slot < num_slots), slot // block_size, slot % block_size
+
+
+@triton.jit
 def mask_scores(s, pos_q, pos_k, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr):
     """s (rows, cols) with -inf where key pos_k (cols,) is invisible to the query at pos_q (rows,): past the

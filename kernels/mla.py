@@ -26,8 +26,8 @@ loads every latent byte of its split once (python/llmkern/mla.py counts them: tw
 import triton
 import triton.language as tl
 
-from .attention import (dot_precision, key_range, mask_scores, online_softmax_init, online_softmax_step, score_log2,
-                        softmax_lse, softmax_output)
+from .attention import (cache_slot, dot_precision, key_range, mask_scores, online_softmax_init, online_softmax_step,
+                        score_log2, softmax_lse, softmax_output)
 from .rounding import round_to
 
 
@@ -46,10 +46,8 @@ def mla_kv_write_kernel(
     Only slots in [0, num_slots) are written (num_slots = num_blocks * block_size): -1, vLLM's padding slot, and any
     other slot outside the cache write nothing, so the host needs no sync to read the slots (as paged_kv_write)."""
     tok = tl.program_id(0).to(tl.int64)
-    slot = tl.load(SLOT + tok)
-    if (slot >= 0) & (slot < num_slots):
-        blk = slot // block_size
-        off = slot % block_size
+    ok, blk, off = cache_slot(SLOT, tok, num_slots, block_size)
+    if ok:
         r = tl.arange(0, RANK)
         p = tl.arange(0, ROPE_DIM)
         tl.store(CKV_CACHE + blk * stride_ccb + off * stride_cct + r * stride_ccd,
@@ -59,6 +57,16 @@ def mla_kv_write_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------- attention
+@triton.jit
+def _load_rows(ROWS, cols, stride_col, row_ok, INTERPRET: tl.constexpr):
+    """A (rows, cols) tile: row i at pointer ROWS[i], its elements cols * stride_col apart; rows not ok read 0 (a
+    padding row's q, a key past the split's end). fp32 under the interpreter (see kernels/attention.py)."""
+    tile = tl.load(ROWS[:, None] + cols[None, :] * stride_col, mask=row_ok[:, None], other=0.0)
+    if INTERPRET:
+        tile = tile.to(tl.float32)
+    return tile
+
+
 @triton.jit
 def mla_attention_kernel(
     Q_NOPE, Q_PE, CKV, KPE, BT, CU_Q, SEQ_LENS, O, PART_O, PART_LSE,
@@ -109,13 +117,8 @@ def mla_attention_kernel(
         r = tl.arange(0, RANK)
         p = tl.arange(0, ROPE_DIM)
         # padding rows (past the last token or head) load q = 0: finite scores, never stored
-        q_nope = tl.load(Q_NOPE + tok[:, None] * stride_qnt + h[:, None] * stride_qnh + r[None, :] * stride_qnd,
-                         mask=row_ok[:, None], other=0.0)
-        q_pe = tl.load(Q_PE + tok[:, None] * stride_qpt + h[:, None] * stride_qph + p[None, :] * stride_qpd,
-                       mask=row_ok[:, None], other=0.0)
-        if INTERPRET:
-            q_nope = q_nope.to(tl.float32)
-            q_pe = q_pe.to(tl.float32)
+        q_nope = _load_rows(Q_NOPE + tok * stride_qnt + h * stride_qnh, r, stride_qnd, row_ok, INTERPRET)
+        q_pe = _load_rows(Q_PE + tok * stride_qpt + h * stride_qph, p, stride_qpd, row_ok, INTERPRET)
 
         # The keys this tile's tokens may see, then this split's share of them.
         first_pos = (tile * BLOCK_M) // num_heads + (seq_len - q_len)
@@ -132,13 +135,8 @@ def mla_attention_kernel(
             n_ok = n < end
             blk = tl.load(bt_row + (n // block_size) * stride_btn, mask=n_ok, other=0).to(tl.int64)
             off = n % block_size
-            ckv = tl.load(CKV + blk[:, None] * stride_ckb + off[:, None] * stride_ckt + r[None, :] * stride_ckd,
-                          mask=n_ok[:, None], other=0.0)
-            kpe = tl.load(KPE + blk[:, None] * stride_kpb + off[:, None] * stride_kpt + p[None, :] * stride_kpd,
-                          mask=n_ok[:, None], other=0.0)
-            if INTERPRET:
-                ckv = ckv.to(tl.float32)
-                kpe = kpe.to(tl.float32)
+            ckv = _load_rows(CKV + blk * stride_ckb + off * stride_ckt, r, stride_ckd, n_ok, INTERPRET)
+            kpe = _load_rows(KPE + blk * stride_kpb + off * stride_kpt, p, stride_kpd, n_ok, INTERPRET)
             s = tl.dot(q_nope, tl.trans(ckv), input_precision=dot_precision(q_nope.dtype))
             s = tl.dot(q_pe, tl.trans(kpe), acc=s, input_precision=dot_precision(q_pe.dtype))
             s = score_log2(s, qk_scale, 1.0, False)

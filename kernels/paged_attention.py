@@ -39,7 +39,7 @@ here is a base-2 value, as the core computes it.
 import triton
 import triton.language as tl
 
-from .attention import (LOG2E, add_sink, alibi_log2, dot_precision, key_range, mask_scores, mma_operand,
+from .attention import (LOG2E, add_sink, alibi_log2, cache_slot, dot_precision, key_range, mask_scores, mma_operand,
                         online_softmax_init, online_softmax_step, score_log2, softmax_lse, softmax_output)
 from .rounding import fp8_format, round_to
 
@@ -111,10 +111,8 @@ def paged_kv_write_kernel(
     slots, and no slot can write outside the cache.
     """
     tok = tl.program_id(0)
-    slot = tl.load(SLOT + tok)
-    if (slot >= 0) & (slot < num_slots):
-        blk = slot // block_size
-        off = slot % block_size
+    ok, blk, off = cache_slot(SLOT, tok, num_slots, block_size)
+    if ok:
         hs = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         mask = _tile_mask(hs < num_kv_heads, d, HEAD_DIM, BLOCK_D)

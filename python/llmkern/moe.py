@@ -39,7 +39,7 @@ import triton
 from llmkern import _dispatch, _utils, compile_check, quant_weight, reference, tuning
 from llmkern.kernels import moe as kernels
 from llmkern.quant import BLOCK_K as QUANT_BLOCK_K
-from llmkern.quant_weight import SCALE_DTYPES, QuantizedWeight, check_bits_group, quantize_weight
+from llmkern.quant_weight import SCALE_DTYPES, PackedTensors, QuantizedWeight, check_bits_group, quantize_weight
 
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu",)
@@ -191,7 +191,7 @@ def moe_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = Tru
 
 
 # ------------------------------------------------------------------------------------------ quantized experts
-class QuantizedExperts:
+class QuantizedExperts(PackedTensors):
     """E experts' (out_features, in_features) weights in llmkern's int4/int8 weight-only layout, stacked.
 
     Each expert is exactly a llmkern.QuantizedWeight (see llmkern.quant for the packed layout), and the tensors are
@@ -248,15 +248,6 @@ class QuantizedExperts:
     def shape(self) -> tuple[int, int, int]:
         """(E, out_features, in_features): the shape of the dense weight it stands for."""
         return (self.num_experts, self.out_features, self.in_features)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The activation dtype it multiplies: the scales' dtype."""
-        return self.scales.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
 
     def __repr__(self) -> str:
         return (f"QuantizedExperts(num_experts={self.num_experts}, out_features={self.out_features}, "

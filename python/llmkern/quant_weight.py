@@ -43,7 +43,21 @@ SUPPORTED_GROUPS = (32, 64, 128, -1)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class QuantizedWeight:
+class PackedTensors:
+    """What a packed weight (QuantizedWeight) and stacked packed experts (llmkern.QuantizedExperts) share: the codes
+    in `qweight`, the scales in the activation dtype."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype it multiplies: its scales' dtype."""
+        return self.scales.dtype
+
+
+class QuantizedWeight(PackedTensors):
     """A quantized (out_features, in_features) weight in llmkern's packed layout (module docstring)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int,
@@ -88,15 +102,6 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The activation dtype this weight multiplies: its scales' dtype."""
-        return self.scales.dtype
 
     @property
     def g_idx(self) -> torch.Tensor:
