@@ -207,9 +207,10 @@ def _check_writable_caches(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None
 
 def _check_kv_write(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None:
     """llmkern::mla_kv_write's check: _check_writable_caches, then caches that share no memory (kpe would
-    overwrite ckv), decided from their data pointers, so per call."""
+    overwrite ckv) and sources that share none with them, decided from their data pointers, so per call."""
     _check_writable_caches(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)
     _utils.check_disjoint("ckv_cache", ckv_cache, "kpe_cache", kpe_cache)
+    _utils.check_sources_disjoint({"ckv": ckv, "kpe": kpe}, {"ckv_cache": ckv_cache, "kpe_cache": kpe_cache})
 
 
 @_dispatch.custom_op("mla_kv_write", mutates_args=("ckv_cache", "kpe_cache"), reference=reference.mla_kv_write,

@@ -767,9 +767,11 @@ def _check_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> N
     """llmkern::paged_kv_write's check: paged_kv_write()'s argument checks as the op receives them and caches that
     can be written (no element at two indices: strides only), once per signature, no sync; then an fp8 cache's
     scale tensors' values (one host sync each). Slots need no check: the kernel writes only those inside the
-    cache. The caches must not share memory (v would overwrite k): decided from their data pointers, so per call."""
+    cache. The caches must not share memory (v would overwrite k), nor k and v with them (a store would change what
+    a later load reads): decided from their data pointers, so per call."""
     _check_kv_write_op(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     _utils.check_disjoint("k_cache", k_cache, "v_cache", v_cache)
+    _utils.check_sources_disjoint({"k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
     _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
     _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
 
