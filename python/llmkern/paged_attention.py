@@ -819,8 +819,9 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     [2**-126, 3.4e38 / fp8 max], a tensor's values checked with one host sync). Slots must be distinct (two tokens in
     one slot leave either one there). The caches are written through their strides (any view that does not overlap
     itself: an expanded cache raises ValueError) and must share no element (ValueError; FlashInfer's joint
-    (num_blocks, 2, block_size, heads, head_dim) cache's [:, 0] and [:, 1] share none); slot_mapping and the
-    scales may be any view, read as their values.
+    (num_blocks, 2, block_size, heads, head_dim) cache's [:, 0] and [:, 1] share none); k and v must share no
+    element with either cache (ValueError: clone() a view of the cache first); slot_mapping and the scales may be
+    any view, read as their values.
     """
     num_kv_heads = _check_kv_write_args(k, v, k_cache, v_cache, slot_mapping)
     k_scale = _utils.check_kv_scale("k_scale", k_scale, k_cache.dtype, num_kv_heads, k_cache)
