@@ -91,6 +91,9 @@ def test_bad_input():
             llmkern.beam_search(model, ids, attention_mask=mask, **args)
     with pytest.raises(TypeError, match="num_beams"):
         llmkern.beam_search(model, ids, attention_mask=mask, num_beams=2.0, max_new_tokens=3)
+    for bad_id in (-1, CONFIG["vocab_size"]):     # an IndexError from the embedding (a device assert on CUDA) before
+        with pytest.raises(ValueError, match="input_ids: prompt 1 holds token id"):
+            llmkern.beam_search(model, [[5, 6], [7, bad_id]], num_beams=2, max_new_tokens=3)
 
 
 # ------------------------------------------------------------------------------------------------- property test

@@ -105,6 +105,23 @@ def _prompts(input_ids: Any, attention_mask: Any) -> list[torch.Tensor]:
     return prompts
 
 
+def _checked_prompts(model: Any, input_ids: Any, attention_mask: Any) -> list[torch.Tensor]:
+    """_prompts, refusing (ValueError) no prompt, a prompt with no token, or an id outside the model's vocabulary
+    (which the embedding would meet as an IndexError, a device-side assert on CUDA)."""
+    prompts = _prompts(input_ids, attention_mask)
+    if not prompts:
+        raise ValueError("input_ids holds no prompt")
+    vocab = model.model.embed_tokens.weight.shape[0]     # the rows the embedding looks ids up in
+    for i, p in enumerate(prompts):
+        if p.numel() == 0:
+            raise ValueError(f"prompt {i} has no tokens (all padding?)")
+        lo, hi = (int(v) for v in torch.aminmax(p))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids: prompt {i} holds token id {lo if lo < 0 else hi}, outside the vocabulary "
+                             f"[0, vocab_size={vocab})")
+    return prompts
+
+
 def _eos_set(eos_token_id: Any, model: Any) -> set[int]:
     if eos_token_id is None:
         gen = getattr(model, "generation_config", None)
@@ -582,17 +599,7 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
     if seed is not None and not -2 ** 63 <= seed < 2 ** 64:    # what torch.Generator.manual_seed takes
         raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
     block_size = _check_bound("block_size", block_size, BLOCK_SIZE)   # a power of two: PagedKVCache's check
-    prompts = _prompts(input_ids, attention_mask)
-    if not prompts:
-        raise ValueError("input_ids holds no prompt")
-    vocab = model.model.embed_tokens.weight.shape[0]     # the rows the embedding looks ids up in
-    for i, p in enumerate(prompts):
-        if p.numel() == 0:
-            raise ValueError(f"prompt {i} has no tokens (all padding?)")
-        lo, hi = (int(v) for v in torch.aminmax(p))
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids: prompt {i} holds token id {lo if lo < 0 else hi}, outside the vocabulary "
-                             f"[0, vocab_size={vocab})")
+    prompts = _checked_prompts(model, input_ids, attention_mask)
     eos = _eos_set(eos_token_id, model)
     sampling.check_params(temperature, top_k, top_p, min_p)   # refused here, not after the first forward
     device = model.model.embed_tokens.weight.device
