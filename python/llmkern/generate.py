@@ -562,7 +562,8 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
       have different lengths; or a list of token-id lists (or 1-D tensors) of any lengths. Ids must be in
       [0, vocab_size) (ValueError naming input_ids).
     temperature/top_k/top_p/min_p: llmkern.sample's parameters; temperature 0 (the default) is greedy.
-    repetition_penalty/presence_penalty/frequency_penalty (numbers) and logit_bias (a (vocab,) float tensor):
+    repetition_penalty/presence_penalty/frequency_penalty (numbers) and logit_bias (a (vocab,) float tensor, not
+      all -inf):
       llmkern.apply_penalties' controls, counted over each sequence's prompt and generated tokens (transformers'
       repetition penalty sees the same, except that it also counts the pad ids of a padded batch), applied before
       the sampler.
@@ -640,6 +641,8 @@ def _check_penalties(model: Any, device: torch.device, **penalties: Any) -> dict
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1):
         raise ValueError("logit_bias must be a (vocab,) float tensor in generate (one row for every sequence)")
     decoding.penalty_params(1, model.config.vocab_size, device, **penalties)
+    if bias is not None and bool((bias == float("-inf")).all()):
+        raise ValueError("logit_bias bans every token (all -inf): no token could be generated")
     return penalties
 
 
