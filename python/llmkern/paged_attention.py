@@ -561,10 +561,10 @@ class PagedAttentionPlan:
         (num_heads,), gpt-oss's per-head logits that join the softmax denominator with no value.
 
         Only what needs no sync is checked, before any launch: TypeError/ValueError naming the argument when q,
-        the caches or out do not match the plan (shape, dtype, device), scale/softcap/window/causal or a number
-        k_scale / v_scale are invalid, or a variant tensor has the wrong dtype, shape or device. The values of
-        tensor scales, slopes and sinks are not read here (that needs a sync per layer): the one-shots and
-        paged_kv_write check them; a NaN there gives NaN rows, nothing worse.
+        the caches or out do not match the plan (shape, dtype, device), out shares memory with a cache,
+        scale/softcap/window/causal or a number k_scale / v_scale are invalid, or a variant tensor has the wrong
+        dtype, shape or device. The values of tensor scales, slopes and sinks are not read here (that needs a sync
+        per layer): the one-shots and paged_kv_write check them; a NaN there gives NaN rows, nothing worse.
         No device-to-host transfer, no device-property query; no allocation when out is given and q and the caches
         have a contiguous last dim (one that is not is copied) and scales are tensors or numbers seen before (each
         distinct number becomes a (num_kv_heads,) tensor once, kept by the plan).
@@ -584,6 +584,7 @@ class PagedAttentionPlan:
                 raise ValueError(f"{name} must have shape {shape} for this plan, got {tuple(t.shape)}")
         if out is not None:
             _utils.check_writable("out", out)
+            _utils.check_sources_disjoint({"k_cache": k_cache, "v_cache": v_cache}, {"out": out})
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         scale = _utils.check_scale(scale, self.head_dim)
