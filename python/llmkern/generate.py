@@ -204,6 +204,14 @@ class ModelRunner:
             raise ValueError(f"cache has (num_layers, num_kv_heads, head_dim) = {have}; the model needs at least "
                              f"{len(self.layers)} layers of {self.num_kv_heads} KV heads of head_dim {self.head_dim}")
 
+    def _check_tokens(self, name: str, tokens: Sequence[int]) -> None:
+        """ValueError naming `name` for a token id outside the embedding's rows (host ints: no sync), before the
+        cache changes; the embedding would raise an IndexError (on CUDA, a device-side assert) after the append."""
+        vocab = self.inner.embed_tokens.weight.shape[0]
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, vocab_size={vocab})")
+
     # ------------------------------------------------------------------------------------------------ the model
     def _plan(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
               **capacity: Any) -> paged_attention.PagedAttentionPlan:
@@ -301,13 +309,15 @@ class ModelRunner:
     def feed(self, seqs: dict[int, list[int]], all_logits: bool = False) -> torch.Tensor:
         """Append each sequence's tokens past its cached length (seqs: id -> all its tokens) and run them: prefill
         for several tokens, decode for one each. Returns `forward`'s logits. ValueError (before the cache changes)
-        for no sequences or a sequence with no token past its cached length: there is nothing to run for it."""
+        for no sequences or a sequence with no token past its cached length (there is nothing to run for it), or a
+        token id outside [0, vocab_size)."""
         ids = list(seqs)
         lens = [self.cache.seq_len(i) if i in self.cache else 0 for i in ids]
         new = [seqs[i][n:] for i, n in zip(ids, lens)]
         if not ids or not all(new):
             raise ValueError(f"seqs: every sequence needs at least one token past its cached length; got new-token "
                              f"counts {[len(t) for t in new]}")
+        self._check_tokens("seqs", [t for ts in new for t in ts])
         slots = torch.cat([self.cache.append(i, len(t)) for i, t in zip(ids, new)])
         tokens = _utils.to_device(torch.tensor([t for ts in new for t in ts], dtype=torch.int64), self.device)
         positions = _utils.to_device(torch.cat([torch.arange(n, n + len(t)) for n, t in zip(lens, new)]), self.device)
@@ -324,10 +334,12 @@ class ModelRunner:
         sampling_params: llmkern.sample's temperature/top_k/top_p/min_p (numbers, checked with
         llmkern.sampling.check_params); given, the step also draws the tokens (inside the graph); seeds: int64 CPU
         (n,) seeds for those draws (default 0: greedy needs none). The host work (tables, plan.update, one
-        host-to-device copy of tokens, positions and seeds) never waits for the device."""
+        host-to-device copy of tokens, positions and seeds) never waits for the device. ValueError (before the cache
+        changes) for a token id outside [0, vocab_size)."""
         n = len(seq_ids)
         if n == 0 or len(tokens) != n:
             raise ValueError(f"decode: one token per sequence, got {len(tokens)} tokens for {n} sequences")
+        self._check_tokens("tokens", tokens)
         positions = [self.cache.seq_len(i) if i in self.cache else 0 for i in seq_ids]
         self._reach(max(positions) + 1)
         key = (padded_batch_size(n), None if sampling_params is None else tuple(sorted(sampling_params.items())))
