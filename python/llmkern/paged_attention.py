@@ -584,7 +584,6 @@ class PagedAttentionPlan:
                 raise ValueError(f"{name} must have shape {shape} for this plan, got {tuple(t.shape)}")
         if out is not None:
             _utils.check_writable("out", out)
-            _utils.check_sources_disjoint({"k_cache": k_cache, "v_cache": v_cache}, {"out": out})
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         scale = _utils.check_scale(scale, self.head_dim)
@@ -631,9 +630,11 @@ class PagedAttentionPlan:
 # ---------------------------------------------------------------------------------------------------- the op
 def _check_outputs(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
                    *sizes) -> None:
-    """What the op writes must not overlap itself (no sync: strides only). The plan validated everything else."""
+    """What the op writes must not overlap itself (no sync: strides only), nor out the caches it reads (data
+    pointers). The plan validated everything else."""
     for name, t in (("out", out), ("part_o", part_o), ("part_lse", part_lse)):
         _utils.check_writable(name, t)
+    _utils.check_sources_disjoint({"k_cache": k_cache, "v_cache": v_cache}, {"out": out})
 
 
 def _paged_attention_reference(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o,
