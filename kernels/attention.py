@@ -186,7 +186,8 @@ def online_softmax_step(s, v, m_i, l_i, acc, USE_DOT: tl.constexpr, MASKED_ROWS:
     s (rows, cols): base-2 logits, -inf where masked. v (cols, BLOCK_D): the values. m_i, l_i (rows,): running max
     and denominator, from online_softmax_init; acc (rows, BLOCK_D) fp32: running unnormalised output. USE_DOT:
     p @ v as a tl.dot (rows >= 16); otherwise a broadcast multiply and sum (decode with one query head, the split
-    merge). MASKED_ROWS: a row may have seen only -inf so far (a window or the causal diagonal hides a whole tile
+    merge), for one row and BLOCK_D <= 128 as p's column against v in v's own layout (no layout conversion of the
+    tile; the paged kernel's scores take the same form, see there). MASKED_ROWS: a row may have seen only -inf so far (a window or the causal diagonal hides a whole tile
     row from it); its max stays -inf and is replaced by 0 in the shifts, so exp2 gives 0 rather than nan. Off where
     every tile gives every row a visible key: the guard cost up to 15 registers there.
     """
@@ -200,6 +201,8 @@ def online_softmax_step(s, v, m_i, l_i, acc, USE_DOT: tl.constexpr, MASKED_ROWS:
     acc = acc * alpha[:, None]
     if USE_DOT:
         acc += tl.dot(p.to(v.dtype), v, input_precision=dot_precision(v.dtype))
+    elif p.shape[0] == 1 and v.shape[1] <= 128:
+        acc += tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
     else:
         acc += tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
     return m_new, l_i, acc

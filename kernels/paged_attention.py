@@ -224,6 +224,13 @@ def paged_attention_kernel(
                              INTERPRET)
         if USE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision=dot_precision(q.dtype))
+        elif BLOCK_D <= 128:
+            # One row (BLOCK_M = 1): q broadcast over the (BLOCK_N, BLOCK_D) K tile in the layout K was loaded in.
+            # The 3-D product below converts K to a layout of its own through shared memory every tile, and its
+            # scores then live in two layouts across the mask branch: 95-96 registers a thread against 56-72 this
+            # way at head_dim 128 (check-compile, triton 3.9). At head_dim 256 (16 keys, 8 warps) the 3-D form
+            # allocates fewer on triton 3.6 (60-78 against 64-98), so it stays there.
+            s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
         else:
             s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
         s = score_log2(s, qk_scale, softcap, HAS_SOFTCAP)

@@ -107,13 +107,16 @@ def test_decode_dtypes(device, dtype, group):
 
 
 @pytest.mark.parametrize("head_dim", [80, 256])
-def test_decode_head_dims(device, head_dim):
-    """A head_dim that is not a power of two (masked lanes) and the largest supported one."""
+@pytest.mark.parametrize("group,num_splits", [(4, None), (1, None), (1, 2)])
+def test_decode_head_dims(device, head_dim, group, num_splits):
+    """A head_dim that is not a power of two (masked lanes) and the largest supported one, on the dot path (group
+    4) and the broadcast path (group 1: its head_dim <= 128 and 256 products take different layouts, and so does
+    the split merge of the reduce)."""
     lens = [20, 3]
-    kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=4, num_kv_heads=1, head_dim=head_dim,
+    kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=group, num_kv_heads=1, head_dim=head_dim,
                               block_size=16, dtype=torch.float16, seed=4)
-    q = torch.randn(len(lens), 4, head_dim, generator=g).half().to(device)
-    _check_decode(q, kc, vc, bt, sl)
+    q = torch.randn(len(lens), group, head_dim, generator=g).half().to(device)
+    _check_decode(q, kc, vc, bt, sl, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("group", [1, 4])

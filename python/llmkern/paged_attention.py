@@ -60,11 +60,14 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
     and for the broadcast path (its (1 x BLOCK_N x BLOCK_D) product lives in registers). num_warps 8: 256 threads
     share the tiles, the (BLOCK_N x BLOCK_D) products and the fp32 accumulator, so a thread holds about half of
     what it would with 4 (16-bit head_dim 64 and 256, triton 3.6 and 3.9: 40-67 registers a thread at 8 warps
-    against 62-168 at 4, never fewer resident warps per SM). Two exceptions take 4 warps. The broadcast path at
-    padded head_dim 128: 8 warps cut its registers on triton 3.9 (72-96 -> 61-64) but raised them on triton 3.6,
-    the GPU machine's (80-96 -> 100-128, 24 -> 16 resident warps). And head_dim 256 on the 16-bit dot path with up
-    to 32 rows: with 8 it spilled on sm_80 (32 rows) and on sm_90 (16 rows over an fp8 cache, below). Measured
-    with `llmkern check-compile` (bench/results/compile-registers-vs-house-core.md).
+    against 62-168 at 4, never fewer resident warps per SM). Two exceptions take 4 warps. The 16-bit broadcast path
+    at padded head_dim <= 128: its products now stay in the K tile's layout (kernels/paged_attention.py), 56-80
+    registers at 4 warps on triton 3.6 and 3.9 (at head_dim 128 8 warps hold fewer resident warps on triton 3.6;
+    at 64 either count loses 4 of them on one arch and version, and on sm_90 with triton 3.6, the GPU machine's,
+    neither does; fp32, at twice the bytes a key, takes 8: 48-80). And head_dim 256 on the 16-bit dot path with 16 rows: with 8 it
+    spilled on sm_90 over an fp8 cache (below); 32 rows take 8 warps at 16 keys a step (122-128 registers on both
+    triton versions; 32 keys took 195 at 4 warps, 12 -> 8 resident warps, and spilled at 8). Measured with `llmkern
+    check-compile` (bench/results/compile-registers-vs-house-core.md).
 
     Prefill tiles (some sequence has more query tokens: prompt chunks, mixed batches): FlashAttention-2's forward
     tiles, 64 rows, 8 warps so the (64 x head_dim) fp32 accumulator and the (64 x BLOCK_N) scores stay in
@@ -91,11 +94,14 @@ def _tile_config(decode_tiles: bool, group: int, head_dim: int, dtype: torch.dty
             block_n = 32
         if not use_dot and block_d > 128:
             block_n = 16  # the broadcast product (BLOCK_N x 256) fp32 at 32 tokens spilled on sm_90 with triton 3.6
-        if use_dot and block_m == 16 and block_d > 128:
-            block_n = 16  # fp8 (16 x 256) tiles at 32 keys spilled on sm_90 with triton 3.6 (4 warps: 12 bytes, 8: 16)
+        if use_dot and block_m <= 32 and block_d > 128:
+            block_n = 16  # 16 rows: fp8 (16 x 256) tiles at 32 keys spilled on sm_90 with triton 3.6 (4 warps: 12
+            # bytes, 8: 16); 32 rows: 32 keys took 195 registers at 4 warps and spilled at 8 (sm_80, triton 3.9)
         # (the fp32 dot path, on FMA units with its operands in registers, spilled on sm_90 with 4 at head_dim 256)
-        num_warps = 4 if ((use_dot and block_d > 128 and block_m <= 32 and dtype != torch.float32)
-                          or (not use_dot and block_d == 128)) else 8
+        if use_dot:
+            num_warps = 4 if (block_d > 128 and block_m <= 16 and dtype != torch.float32) else 8
+        else:
+            num_warps = 4 if (block_d <= 128 and dtype != torch.float32) else 8
         block_q = 1
     else:
         use_dot = True
