@@ -214,6 +214,8 @@ def test_speculative_and_penalty_bad_input():
                           (dict(frequency_penalty=torch.ones(3)), TypeError, "frequency_penalty"),
                           (dict(logit_bias=torch.zeros(3, 128)), ValueError, "logit_bias"),
                           (dict(logit_bias=torch.zeros(127)), ValueError, "logit_bias"),
+                          # every token banned: the sampler's -1 surfaced as a RuntimeError blaming the model
+                          (dict(logit_bias=torch.full((128,), float("-inf"))), ValueError, "logit_bias bans every"),
                           (dict(draft_model=model, num_speculative_tokens=0), ValueError, "num_speculative_tokens"),
                           (dict(draft_model=model, num_speculative_tokens=16), ValueError, "num_speculative_tokens")):
         with pytest.raises(err, match=name):
