@@ -118,6 +118,8 @@ def test_bad_input(monkeypatch):
             llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=2, **bad)
     with pytest.raises(TypeError, match=r"input_ids\[1\]"):
         llmkern.generate(model, [[5], torch.tensor([5.5, 6.0])], max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must hold only 0"):   # a 2 was read as "token"
+        llmkern.generate(model, ids, attention_mask=mask * 2, max_new_tokens=2)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="max_new_tokens"):
         llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=0)

@@ -75,9 +75,10 @@ def test_kv_write_exact_with_skips(device, dtype):
 
 
 # ------------------------------------------------------------------------------------------------------ decode
-@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 12])
 def test_decode_lengths_across_block_edges(device, block_size):
-    """Lengths 1, block_size, block_size + 1 and several blocks in one batch (ragged), GQA group 4."""
+    """Lengths 1, block_size, block_size + 1 and several blocks in one batch (ragged), GQA group 4; a block_size
+    that is not a power of two too (the ops take any; PagedKVCache allocates powers of two)."""
     lens = [1, block_size, block_size + 1, 3 * block_size + 5]
     kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=8, num_kv_heads=2, head_dim=64,
                               block_size=block_size, dtype=torch.float16)

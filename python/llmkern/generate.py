@@ -84,7 +84,10 @@ def _prompts(input_ids: Any, attention_mask: Any) -> list[torch.Tensor]:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
-        keep = attention_mask.to(device=input_ids.device) != 0
+        mask = attention_mask.to(device=input_ids.device)
+        if not bool(((mask == 0) | (mask == 1)).all()):   # one sync per call; a 2 or -1 is no "token or padding"
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        keep = mask != 0
         return [row[m] for row, m in zip(input_ids, keep)]
     if attention_mask is not None:
         raise ValueError("attention_mask is only meaningful with an input_ids tensor; a list of prompts has none")
@@ -570,9 +573,9 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
 
     model: a Hugging Face Llama/Mistral/Qwen2 *ForCausalLM (any dtype and device the kernels support; its Linear
       layers may be llmkern QuantLinear from `llmkern.quantize_model`).
-    input_ids: a (batch, seqlen) int tensor, with `attention_mask` (1 = token, 0 = padding, any side) when prompts
-      have different lengths; or a list of token-id lists (or 1-D tensors) of any lengths. Ids must be in
-      [0, vocab_size) (ValueError naming input_ids).
+    input_ids: a (batch, seqlen) int tensor, with `attention_mask` (1 = token, 0 = padding, any side; other values
+      raise ValueError) when prompts have different lengths; or a list of token-id lists (or 1-D tensors) of any
+      lengths. Ids must be in [0, vocab_size) (ValueError naming input_ids).
     temperature/top_k/top_p/min_p: llmkern.sample's parameters; temperature 0 (the default) is greedy.
     repetition_penalty/presence_penalty/frequency_penalty (numbers) and logit_bias (a (vocab,) float tensor, not
       all -inf):
