@@ -85,12 +85,17 @@ def test_bad_input():
     ids, mask = _batch("cpu")
     for kw, name in ((dict(num_beams=0), "num_beams"), (dict(num_beams=17), "num_beams"),
                      (dict(max_new_tokens=0), "max_new_tokens"), (dict(length_penalty=float("inf")), "length_penalty"),
-                     (dict(early_stopping="sometimes"), "early_stopping")):
+                     (dict(early_stopping="sometimes"), "early_stopping"), (dict(block_size=0), "block_size"),
+                     (dict(block_size=3), "block_size")):
         args = {**dict(num_beams=2, max_new_tokens=3, eos_token_id=2), **kw}
         with pytest.raises(ValueError, match=name):
             llmkern.beam_search(model, ids, attention_mask=mask, **args)
-    with pytest.raises(TypeError, match="num_beams"):
-        llmkern.beam_search(model, ids, attention_mask=mask, num_beams=2.0, max_new_tokens=3)
+    for kw in (dict(num_beams=2.0), dict(block_size=16.0)):      # block_size 0 / 16.0: ZeroDivisionError / 'num_blocks'
+        with pytest.raises(TypeError, match=next(iter(kw))):
+            llmkern.beam_search(model, ids, attention_mask=mask, **{**dict(num_beams=2, max_new_tokens=3), **kw})
+    for bad_id in (-1, CONFIG["vocab_size"]):     # an IndexError from the embedding (a device assert on CUDA) before
+        with pytest.raises(ValueError, match="input_ids: prompt 1 holds token id"):
+            llmkern.beam_search(model, [[5, 6], [7, bad_id]], num_beams=2, max_new_tokens=3)
 
 
 # ------------------------------------------------------------------------------------------------- property test

@@ -118,6 +118,8 @@ def test_bad_input(monkeypatch):
             llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=2, **bad)
     with pytest.raises(TypeError, match=r"input_ids\[1\]"):
         llmkern.generate(model, [[5], torch.tensor([5.5, 6.0])], max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must hold only 0"):   # a 2 was read as "token"
+        llmkern.generate(model, ids, attention_mask=mask * 2, max_new_tokens=2)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="max_new_tokens"):
         llmkern.generate(model, ids, attention_mask=mask, max_new_tokens=0)
@@ -214,6 +216,8 @@ def test_speculative_and_penalty_bad_input():
                           (dict(frequency_penalty=torch.ones(3)), TypeError, "frequency_penalty"),
                           (dict(logit_bias=torch.zeros(3, 128)), ValueError, "logit_bias"),
                           (dict(logit_bias=torch.zeros(127)), ValueError, "logit_bias"),
+                          # every token banned: the sampler's -1 surfaced as a RuntimeError blaming the model
+                          (dict(logit_bias=torch.full((128,), float("-inf"))), ValueError, "logit_bias bans every"),
                           (dict(draft_model=model, num_speculative_tokens=0), ValueError, "num_speculative_tokens"),
                           (dict(draft_model=model, num_speculative_tokens=16), ValueError, "num_speculative_tokens")):
         with pytest.raises(err, match=name):

@@ -176,6 +176,13 @@ def test_bad_input():
         with pytest.raises(ValueError, match="seqs"):
             runner.feed(seqs)
         assert runner.cache.seq_ids == [0] and runner.cache.seq_len(0) == 2
+    # token ids outside the vocabulary (the sampler's -1 fed back, say): refused by name before the cache changes
+    # (the embedding's IndexError after the slots were appended before; a device-side assert on CUDA)
+    for call in (lambda: runner.feed({0: [1, 2, 64]}), lambda: runner.feed({0: [1, 2, 3], 1: [-1]}),
+                 lambda: runner.decode([0], [-1]), lambda: runner.decode([0, 1], [5, 64])):
+        with pytest.raises(ValueError, match="token id"):
+            call()
+        assert runner.cache.seq_ids == [0] and runner.cache.seq_len(0) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device (none here); the "

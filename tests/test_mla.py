@@ -90,6 +90,20 @@ def test_kv_write_overlapping_caches_refused(device, no_kernel):
     assert not joint.any()
 
 
+def test_kv_write_source_inside_a_cache_refused(device, no_kernel):
+    """ckv or kpe read from a cache the write overwrites (one row of the joint cache moved to another slot) would
+    depend on the order of the stores: refused by name, nothing written."""
+    joint = torch.randn(4, 8, 256 + 32, dtype=torch.float16, device=device)
+    ckv_cache, kpe_cache = joint[..., :256], joint[..., 256:]
+    slots = torch.tensor([0, 9], dtype=torch.int64, device=device)
+    before = joint.clone()
+    for name, ckv, kpe in [("ckv", ckv_cache[1, :2], kpe_cache[2, :2].clone()),
+                           ("kpe", ckv_cache[1, :2].clone(), kpe_cache[0, :2])]:
+        with pytest.raises(ValueError, match=f"{name} is read"):
+            llmkern.mla_kv_write(ckv, kpe, ckv_cache, kpe_cache, slots)
+        assert torch.equal(joint, before)
+
+
 # ------------------------------------------------------------------------------------------------------ decode
 @pytest.mark.parametrize("dtype,heads,seq_lens,num_splits", [
     (torch.float16, 3, [1, 16, 17, 53], None),   # fewer heads than a row tile: padding rows; lengths across block

@@ -75,9 +75,10 @@ def test_kv_write_exact_with_skips(device, dtype):
 
 
 # ------------------------------------------------------------------------------------------------------ decode
-@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 12])
 def test_decode_lengths_across_block_edges(device, block_size):
-    """Lengths 1, block_size, block_size + 1 and several blocks in one batch (ragged), GQA group 4."""
+    """Lengths 1, block_size, block_size + 1 and several blocks in one batch (ragged), GQA group 4; a block_size
+    that is not a power of two too (the ops take any; PagedKVCache allocates powers of two)."""
     lens = [1, block_size, block_size + 1, 3 * block_size + 5]
     kc, vc, bt, sl, g = _make(device, seq_lens=lens, num_heads=8, num_kv_heads=2, head_dim=64,
                               block_size=block_size, dtype=torch.float16)
@@ -406,6 +407,32 @@ def test_kv_write_aliased_caches_refused(device, no_kernel):
         with pytest.raises(ValueError, match="k_cache and v_cache"):
             llmkern.paged_kv_write(k, k, kc, vc, slots)
         assert torch.equal(base, before)
+
+
+def test_kv_write_source_inside_a_cache_refused(device, no_kernel):
+    """k or v read from memory that the write overwrites (a view of k_cache or v_cache, e.g. to move tokens within
+    the cache) would give an answer that depends on the order of the stores: refused by name, as torch's index_put_
+    refuses such an overlap, nothing written."""
+    joint = torch.randn(2, 3, 16, 2, 32, device=device).half()       # k_cache, v_cache, and a spare region
+    kc, vc, spare = joint[0, :2], joint[1, :2], joint[:, 2]
+    slots = torch.tensor([1, 2, 3], dtype=torch.int64, device=device)
+    before = joint.clone()
+    for name, k, v in [("k", kc[0, :3], spare[1, :3]), ("v", spare[0, :3], vc[1, 4:7]), ("v", spare[0, :3],
+                                                                                          kc[0, 8:11])]:
+        with pytest.raises(ValueError, match=f"{name} is read"):
+            llmkern.paged_kv_write(k, v, kc, vc, slots)
+        assert torch.equal(joint, before)
+
+
+def test_kv_write_source_beside_the_caches_in_one_buffer(device):
+    """k and v from a region of the caches' own buffer that the write does not touch are written as copies."""
+    joint = torch.randn(2, 3, 16, 2, 32, device=device).half()
+    kc, vc, spare = joint[0, :2], joint[1, :2], joint[:, 2]
+    slots = torch.tensor([1, 2, 3], dtype=torch.int64, device=device)
+    want_k, want_v = kc.clone(), vc.clone()
+    ref.paged_kv_write(spare[0, :3].clone(), spare[1, :3].clone(), want_k, want_v, slots)
+    llmkern.paged_kv_write(spare[0, :3], spare[1, :3], kc, vc, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
 
 
 def test_kv_write_interleaved_caches_that_share_nothing(device):

@@ -411,6 +411,10 @@ def test_bad_input(device, no_kernel):
         (TypeError, "weight", lambda: llmkern.quantize_weight(w.int())),
         (ValueError, "weight", lambda: llmkern.quantize_weight(torch.randn(64))),
         (ValueError, "finite", lambda: llmkern.quantize_weight(torch.full((4, 64), float("nan")), group_size=32)),
+        # no output rows: a RuntimeError from min() over an empty tensor before
+        (ValueError, "out_features", lambda: llmkern.quantize_weight(w[:0], group_size=32)),
+        (ValueError, "out_features", lambda: llmkern.QuantizedWeight.from_gptq(qweight[:, :0], qzeros[:, :0], s[:, :0],
+                                                                                group_size=32)),
         (TypeError, "qweight", lambda: llmkern.quant_matmul(x, w)),
         (ValueError, "in_features", lambda: llmkern.quant_matmul(torch.randn(2, 32).half(), qw)),
         (TypeError, "x", lambda: llmkern.quant_matmul(x.float(), qw)),
@@ -466,6 +470,11 @@ def test_bad_input(device, no_kernel):
     for exc, word, fn in cases:
         with pytest.raises(exc, match=word):
             fn()
+    # every layer is checked before any is replaced: an empty layer after a good one leaves the model as it was
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(64, 0))
+    with pytest.raises(ValueError, match="layer '1' has out_features=0"):
+        llmkern.quantize_model(model, group_size=32)
+    assert type(model[0]) is nn.Linear
 
 
 @pytest.mark.cpu_backends("interpreter")   # spies on the Triton kernels the dispatcher launches

@@ -265,6 +265,23 @@ def test_plot_cli_bad_inputs(tmp_path, capsys, case):
     assert out == ""
 
 
+@pytest.mark.parametrize("argv", [["bench", "layers", "--json", "{missing}/r.json"],
+                                  ["bench", "layers", "--tuned-configs", "{missing}/t.json"],
+                                  ["check-compile", "--json", "{missing}/c.json"]])
+def test_output_path_in_a_missing_folder_fails_before_running(tmp_path, capsys, monkeypatch, argv):
+    """An output file whose folder does not exist is a one-line error and exit code 2 before any suite or compile
+    runs (it used to surface as a FileNotFoundError after the whole run, losing its results)."""
+    from llmkern.bench import layers
+    from llmkern import compile_check
+    ran = []
+    monkeypatch.setattr(layers, "cases", lambda *a: ran.append("bench") or [])
+    monkeypatch.setattr(compile_check, "run", lambda *a, **k: ran.append("compile") or [])
+    assert main([a.format(missing=tmp_path / "no") for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert ran == [] and err.startswith(f"llmkern {argv[0]}: --") and "does not exist" in err
+    assert "Traceback" not in err
+
+
 # Small sizes: these check the plumbing, not the figures (a 2-core machine shared with other jobs).
 _QUICK = {"copy_bytes": 4 << 20, "matmul_n": 128, "reps": 2}
 

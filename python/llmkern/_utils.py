@@ -229,6 +229,16 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
                          f"bytes apart")
 
 
+def check_sources_disjoint(sources: dict[str, torch.Tensor], written: dict[str, torch.Tensor]) -> None:
+    """ValueError when a tensor a kernel reads shares memory with one it writes: the result would depend on the order
+    of the loads and stores (torch's index_put_ refuses the same overlap)."""
+    for src_name, src in sources.items():
+        for dst_name, dst in written.items():
+            if share_memory(src, dst):
+                raise ValueError(f"{src_name} is read while {dst_name} is written, so they must not share memory "
+                                 f"(clone() {src_name} first); got {src.data_ptr() - dst.data_ptr()} bytes apart")
+
+
 def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether strided views a and b have a byte in common: exact, so views whose address ranges interleave
     without a common element (FlashInfer's joint cache's [:, 0] and [:, 1], column slices of one buffer) do not.

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from llmkern import _utils, decoding
-from llmkern.generate import BLOCK_SIZE, ModelRunner, _check_model, _eos_set, _prompts
+from llmkern.generate import BLOCK_SIZE, ModelRunner, _check_bound, _check_model, _checked_prompts, _eos_set
 from llmkern.kv_cache import PagedKVCache
 
 # transformers' marker score: beams 1.. start at -1e9 (only beam 0 expands at the first step), and an empty
@@ -185,9 +185,8 @@ def beam_search(model: Any, input_ids: Any, *, num_beams: int, max_new_tokens: i
         raise ValueError(f"length_penalty must be a finite float, got {length_penalty!r}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    prompts = _prompts(input_ids, attention_mask)
-    if not prompts or any(p.numel() == 0 for p in prompts):
-        raise ValueError("input_ids must hold at least one prompt, each with at least one token")
+    block_size = _check_bound("block_size", block_size, BLOCK_SIZE)   # a power of two: PagedKVCache's check
+    prompts = _checked_prompts(model, input_ids, attention_mask)
     eos = _eos_set(eos_token_id, model)
     k = max(2, 1 + len(eos)) * num_beams
     vocab = model.config.vocab_size

@@ -27,6 +27,14 @@ from llmkern.bench import SUITES, common
 from llmkern.models import MODELS, get_model
 
 
+def _missing_folder(flag: str, path: str | None, folder_ok: bool = False) -> str | None:
+    """The error for an output path whose folder does not exist (checked before a run, so that a typo does not lose
+    the run's results at the end), else None; with folder_ok an existing folder is itself a valid path."""
+    if path is None or (folder_ok and os.path.isdir(path)) or os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return None
+    return f"{flag}: the folder of {path} does not exist"
+
+
 # --------------------------------------------------------------------------------------------------------- bench
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all of {', '.join(SUITES)})")
@@ -44,6 +52,10 @@ def _bench_run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown suite(s): {', '.join(unknown)}; available: {', '.join(SUITES)}", file=sys.stderr)
         return 2
+    for err in (_missing_folder("--json", args.json), _missing_folder("--tuned-configs", args.tuned_configs, True)):
+        if err:
+            print(f"llmkern bench: {err}", file=sys.stderr)
+            return 2
     device = common.bench_device()
     env = common.environment(device)
     print(f"llmkern bench on {env['device']} (torch {env['torch']}, triton {env['triton']})")
@@ -96,6 +108,10 @@ def _check_run(args: argparse.Namespace) -> int:
             print(f"--arch: supported archs are sm_80 and sm_90, got {a!r}", file=sys.stderr)
             return 2
         archs.append(int(a))
+    err = _missing_folder("--json", args.json)
+    if err:
+        print(f"llmkern check-compile: {err}", file=sys.stderr)
+        return 2
     records = compile_check.run(archs, args.filter, jobs=args.jobs)
     print(compile_check.format_table(records))
     if args.json:
@@ -193,8 +209,9 @@ def _plot_records(args: argparse.Namespace) -> list[dict]:
     object whose "records" is a list of objects)."""
     if args.bench_json and not args.plot:
         raise ValueError("--bench-json needs --plot PATH")
-    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-        raise ValueError(f"--plot: the folder of {args.plot} does not exist")
+    err = _missing_folder("--plot", args.plot)
+    if err:
+        raise ValueError(err)
     if not args.bench_json:
         return []
     try:

@@ -84,7 +84,10 @@ def _prompts(input_ids: Any, attention_mask: Any) -> list[torch.Tensor]:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
-        keep = attention_mask.to(device=input_ids.device) != 0
+        mask = attention_mask.to(device=input_ids.device)
+        if not bool(((mask == 0) | (mask == 1)).all()):   # one sync per call; a 2 or -1 is no "token or padding"
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        keep = mask != 0
         return [row[m] for row, m in zip(input_ids, keep)]
     if attention_mask is not None:
         raise ValueError("attention_mask is only meaningful with an input_ids tensor; a list of prompts has none")
@@ -102,6 +105,23 @@ def _prompts(input_ids: Any, attention_mask: Any) -> list[torch.Tensor]:
             prompts.append(torch.tensor(list(p), dtype=torch.int64))
         else:
             raise TypeError(f"input_ids[{i}] must be a list of ints or a 1-D tensor")
+    return prompts
+
+
+def _checked_prompts(model: Any, input_ids: Any, attention_mask: Any) -> list[torch.Tensor]:
+    """_prompts, refusing (ValueError) no prompt, a prompt with no token, or an id outside the model's vocabulary
+    (which the embedding would meet as an IndexError, a device-side assert on CUDA)."""
+    prompts = _prompts(input_ids, attention_mask)
+    if not prompts:
+        raise ValueError("input_ids holds no prompt")
+    vocab = model.model.embed_tokens.weight.shape[0]     # the rows the embedding looks ids up in
+    for i, p in enumerate(prompts):
+        if p.numel() == 0:
+            raise ValueError(f"prompt {i} has no tokens (all padding?)")
+        lo, hi = (int(v) for v in torch.aminmax(p))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids: prompt {i} holds token id {lo if lo < 0 else hi}, outside the vocabulary "
+                             f"[0, vocab_size={vocab})")
     return prompts
 
 
@@ -186,6 +206,14 @@ class ModelRunner:
         if have[0] < len(self.layers) or have[1:] != (self.num_kv_heads, self.head_dim):
             raise ValueError(f"cache has (num_layers, num_kv_heads, head_dim) = {have}; the model needs at least "
                              f"{len(self.layers)} layers of {self.num_kv_heads} KV heads of head_dim {self.head_dim}")
+
+    def _check_tokens(self, name: str, tokens: Sequence[int]) -> None:
+        """ValueError naming `name` for a token id outside the embedding's rows (host ints: no sync), before the
+        cache changes; the embedding would raise an IndexError (on CUDA, a device-side assert) after the append."""
+        vocab = self.inner.embed_tokens.weight.shape[0]
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, vocab_size={vocab})")
 
     # ------------------------------------------------------------------------------------------------ the model
     def _plan(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
@@ -284,13 +312,15 @@ class ModelRunner:
     def feed(self, seqs: dict[int, list[int]], all_logits: bool = False) -> torch.Tensor:
         """Append each sequence's tokens past its cached length (seqs: id -> all its tokens) and run them: prefill
         for several tokens, decode for one each. Returns `forward`'s logits. ValueError (before the cache changes)
-        for no sequences or a sequence with no token past its cached length: there is nothing to run for it."""
+        for no sequences or a sequence with no token past its cached length (there is nothing to run for it), or a
+        token id outside [0, vocab_size)."""
         ids = list(seqs)
         lens = [self.cache.seq_len(i) if i in self.cache else 0 for i in ids]
         new = [seqs[i][n:] for i, n in zip(ids, lens)]
         if not ids or not all(new):
             raise ValueError(f"seqs: every sequence needs at least one token past its cached length; got new-token "
                              f"counts {[len(t) for t in new]}")
+        self._check_tokens("seqs", [t for ts in new for t in ts])
         slots = torch.cat([self.cache.append(i, len(t)) for i, t in zip(ids, new)])
         tokens = _utils.to_device(torch.tensor([t for ts in new for t in ts], dtype=torch.int64), self.device)
         positions = _utils.to_device(torch.cat([torch.arange(n, n + len(t)) for n, t in zip(lens, new)]), self.device)
@@ -307,10 +337,12 @@ class ModelRunner:
         sampling_params: llmkern.sample's temperature/top_k/top_p/min_p (numbers, checked with
         llmkern.sampling.check_params); given, the step also draws the tokens (inside the graph); seeds: int64 CPU
         (n,) seeds for those draws (default 0: greedy needs none). The host work (tables, plan.update, one
-        host-to-device copy of tokens, positions and seeds) never waits for the device."""
+        host-to-device copy of tokens, positions and seeds) never waits for the device. ValueError (before the cache
+        changes) for a token id outside [0, vocab_size)."""
         n = len(seq_ids)
         if n == 0 or len(tokens) != n:
             raise ValueError(f"decode: one token per sequence, got {len(tokens)} tokens for {n} sequences")
+        self._check_tokens("tokens", tokens)
         positions = [self.cache.seq_len(i) if i in self.cache else 0 for i in seq_ids]
         self._reach(max(positions) + 1)
         key = (padded_batch_size(n), None if sampling_params is None else tuple(sorted(sampling_params.items())))
@@ -541,11 +573,12 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
 
     model: a Hugging Face Llama/Mistral/Qwen2 *ForCausalLM (any dtype and device the kernels support; its Linear
       layers may be llmkern QuantLinear from `llmkern.quantize_model`).
-    input_ids: a (batch, seqlen) int tensor, with `attention_mask` (1 = token, 0 = padding, any side) when prompts
-      have different lengths; or a list of token-id lists (or 1-D tensors) of any lengths. Ids must be in
-      [0, vocab_size) (ValueError naming input_ids).
+    input_ids: a (batch, seqlen) int tensor, with `attention_mask` (1 = token, 0 = padding, any side; other values
+      raise ValueError) when prompts have different lengths; or a list of token-id lists (or 1-D tensors) of any
+      lengths. Ids must be in [0, vocab_size) (ValueError naming input_ids).
     temperature/top_k/top_p/min_p: llmkern.sample's parameters; temperature 0 (the default) is greedy.
-    repetition_penalty/presence_penalty/frequency_penalty (numbers) and logit_bias (a (vocab,) float tensor):
+    repetition_penalty/presence_penalty/frequency_penalty (numbers) and logit_bias (a (vocab,) float tensor, not
+      all -inf):
       llmkern.apply_penalties' controls, counted over each sequence's prompt and generated tokens (transformers'
       repetition penalty sees the same, except that it also counts the pad ids of a padded batch), applied before
       the sampler.
@@ -582,17 +615,7 @@ def generate(model: Any, input_ids: Any, *, attention_mask: torch.Tensor | None 
     if seed is not None and not -2 ** 63 <= seed < 2 ** 64:    # what torch.Generator.manual_seed takes
         raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
     block_size = _check_bound("block_size", block_size, BLOCK_SIZE)   # a power of two: PagedKVCache's check
-    prompts = _prompts(input_ids, attention_mask)
-    if not prompts:
-        raise ValueError("input_ids holds no prompt")
-    vocab = model.model.embed_tokens.weight.shape[0]     # the rows the embedding looks ids up in
-    for i, p in enumerate(prompts):
-        if p.numel() == 0:
-            raise ValueError(f"prompt {i} has no tokens (all padding?)")
-        lo, hi = (int(v) for v in torch.aminmax(p))
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids: prompt {i} holds token id {lo if lo < 0 else hi}, outside the vocabulary "
-                             f"[0, vocab_size={vocab})")
+    prompts = _checked_prompts(model, input_ids, attention_mask)
     eos = _eos_set(eos_token_id, model)
     sampling.check_params(temperature, top_k, top_p, min_p)   # refused here, not after the first forward
     device = model.model.embed_tokens.weight.device
@@ -633,6 +656,8 @@ def _check_penalties(model: Any, device: torch.device, **penalties: Any) -> dict
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1):
         raise ValueError("logit_bias must be a (vocab,) float tensor in generate (one row for every sequence)")
     decoding.penalty_params(1, model.config.vocab_size, device, **penalties)
+    if bias is not None and bool((bias == float("-inf")).all()):
+        raise ValueError("logit_bias bans every token (all -inf): no token could be generated")
     return penalties
 
 

@@ -567,10 +567,10 @@ class PagedAttentionPlan:
         (num_heads,), gpt-oss's per-head logits that join the softmax denominator with no value.
 
         Only what needs no sync is checked, before any launch: TypeError/ValueError naming the argument when q,
-        the caches or out do not match the plan (shape, dtype, device), scale/softcap/window/causal or a number
-        k_scale / v_scale are invalid, or a variant tensor has the wrong dtype, shape or device. The values of
-        tensor scales, slopes and sinks are not read here (that needs a sync per layer): the one-shots and
-        paged_kv_write check them; a NaN there gives NaN rows, nothing worse.
+        the caches or out do not match the plan (shape, dtype, device), out shares memory with a cache,
+        scale/softcap/window/causal or a number k_scale / v_scale are invalid, or a variant tensor has the wrong
+        dtype, shape or device. The values of tensor scales, slopes and sinks are not read here (that needs a sync
+        per layer): the one-shots and paged_kv_write check them; a NaN there gives NaN rows, nothing worse.
         No device-to-host transfer, no device-property query; no allocation when out is given and q and the caches
         have a contiguous last dim (one that is not is copied) and scales are tensors or numbers seen before (each
         distinct number becomes a (num_kv_heads,) tensor once, kept by the plan).
@@ -636,9 +636,11 @@ class PagedAttentionPlan:
 # ---------------------------------------------------------------------------------------------------- the op
 def _check_outputs(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
                    *sizes) -> None:
-    """What the op writes must not overlap itself (no sync: strides only). The plan validated everything else."""
+    """What the op writes must not overlap itself (no sync: strides only), nor out the caches it reads (data
+    pointers). The plan validated everything else."""
     for name, t in (("out", out), ("part_o", part_o), ("part_lse", part_lse)):
         _utils.check_writable(name, t)
+    _utils.check_sources_disjoint({"k_cache": k_cache, "v_cache": v_cache}, {"out": out})
 
 
 def _paged_attention_reference(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o,
@@ -773,9 +775,11 @@ def _check_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> N
     """llmkern::paged_kv_write's check: paged_kv_write()'s argument checks as the op receives them and caches that
     can be written (no element at two indices: strides only), once per signature, no sync; then an fp8 cache's
     scale tensors' values (one host sync each). Slots need no check: the kernel writes only those inside the
-    cache. The caches must not share memory (v would overwrite k): decided from their data pointers, so per call."""
+    cache. The caches must not share memory (v would overwrite k), nor k and v with them (a store would change what
+    a later load reads): decided from their data pointers, so per call."""
     _check_kv_write_op(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     _utils.check_disjoint("k_cache", k_cache, "v_cache", v_cache)
+    _utils.check_sources_disjoint({"k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
     _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
     _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
 
@@ -823,8 +827,9 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     [2**-126, 3.4e38 / fp8 max], a tensor's values checked with one host sync). Slots must be distinct (two tokens in
     one slot leave either one there). The caches are written through their strides (any view that does not overlap
     itself: an expanded cache raises ValueError) and must share no element (ValueError; FlashInfer's joint
-    (num_blocks, 2, block_size, heads, head_dim) cache's [:, 0] and [:, 1] share none); slot_mapping and the
-    scales may be any view, read as their values.
+    (num_blocks, 2, block_size, heads, head_dim) cache's [:, 0] and [:, 1] share none); k and v must share no
+    element with either cache (ValueError: clone() a view of the cache first); slot_mapping and the scales may be
+    any view, read as their values.
     """
     num_kv_heads = _check_kv_write_args(k, v, k_cache, v_cache, slot_mapping)
     k_scale = _utils.check_kv_scale("k_scale", k_scale, k_cache.dtype, num_kv_heads, k_cache)

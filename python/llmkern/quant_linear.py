@@ -113,6 +113,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128,
             if (group_size != -1 and mod.in_features % group_size) or mod.in_features % (32 // bits):
                 raise ValueError(f"layer {name!r}: in_features={mod.in_features} does not fit bits={bits}, "
                                  f"group_size={group_size}; add it to exclude")
+            if mod.out_features < 1:
+                raise ValueError(f"layer {name!r} has out_features=0: nothing to quantize; add it to exclude")
             targets.append(name)
     if isinstance(model, nn.Linear) and "" in targets:
         raise ValueError("model is itself an nn.Linear: use QuantLinear.from_linear(model)")

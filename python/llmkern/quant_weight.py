@@ -154,6 +154,7 @@ class QuantizedWeight(PackedTensors):
         """From unpacked codes q (N, K), zeros (G, N) and scales (G, N), with an optional act-order g_idx (K,)."""
         n, k = q.shape
         check_bits_group(bits, group_size, k)
+        check_out_features(n)
         if int(q.min()) < 0 or int(q.max()) >= 2 ** bits:
             raise ValueError(f"codes must lie in [0, {2 ** bits}) for bits={bits}")
         check_finite_scales("scales", scales)
@@ -225,6 +226,7 @@ def quantize_weight(weight: torch.Tensor, *, bits: int = 4, group_size: int = 12
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
     check_bits_group(bits, group_size, weight.shape[1])
+    check_out_features(weight.shape[0])
     if not torch.isfinite(weight).all():
         raise ValueError("weight must be finite (it has inf or nan)")
     q, zeros, scales = reference.quantize_rtn(weight.detach(), bits=bits, group_size=group_size, symmetric=symmetric,
@@ -246,6 +248,13 @@ def check_bits_group(bits, group_size, in_features: Optional[int]) -> None:
         raise ValueError(f"in_features must be a positive multiple of {pack} for bits={bits}, got {in_features}")
     if group_size != -1 and in_features % group_size:
         raise ValueError(f"in_features ({in_features}) must be divisible by group_size ({group_size})")
+
+
+def check_out_features(out_features: int) -> None:
+    """ValueError for a weight with no output rows (nn.Linear(k, 0)): there is nothing to quantize."""
+    if out_features < 1:
+        raise ValueError(f"out_features must be >= 1 (a weight with no rows has nothing to quantize), got "
+                         f"{out_features}")
 
 
 def check_finite_scales(name: str, scales: torch.Tensor) -> None:
