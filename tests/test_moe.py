@@ -205,6 +205,50 @@ def test_fused_moe_cpp_matrix(device, backend, cpp_calls, dtype, top_k):
     assert backend != "cpp" or cpp_calls == ["fused_moe"] * calls
 
 
+def _guarded(t, fill):
+    """t's values in the middle of a larger buffer filled with `fill`: a read past either end of t shows."""
+    buf = torch.full((t.numel() + 256,), fill, dtype=t.dtype, device=t.device)
+    buf[128:128 + t.numel()] = t.reshape(-1)
+    return buf[128:128 + t.numel()].view(t.shape)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_moe_reads_only_its_arguments(device, threads):
+    """Every tensor argument a view into a NaN-filled (ids: zero-filled) buffer, dense and packed (act-order): no
+    read past any of them. Duplicate ids within a token (each pair counts), top_k > E, ids 2**32 and -2**40 (int64,
+    skipped: 2**32 wraps to expert 0 as int32), experts stored once and expanded (stride 0); 1 and 3 threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dtype, t, hidden, inter, experts, nan = torch.float16, 5, 64, 32, 3, float("nan")
+        x = _randn(t, hidden, dtype=dtype, device=device, seed=50)
+        w13, w2 = _experts(dtype, device, num_experts=experts, hidden=hidden, inter=inter, seed=51)
+        ids = torch.randint(0, experts, (t, 5), generator=torch.Generator().manual_seed(52)).to(device)   # 5 > E
+        ids[0] = 1                                                                  # one expert five times
+        ids[1, 0], ids[2, 3] = 2 ** 32, -2 ** 40
+        w = torch.rand(t, 5, generator=torch.Generator().manual_seed(53)).to(device)
+        gx, gw, gids = _guarded(x, nan), _guarded(w, nan), _guarded(ids, 0)
+        _check_moe(llmkern.fused_moe(gx, _guarded(w13, nan), _guarded(w2, nan), gw, gids), x, w13, w2, w, ids,
+                   what="guarded dense")
+        one13, one2 = w13[:1].expand(experts, -1, -1), w2[:1].expand(experts, -1, -1)
+        _check_moe(llmkern.fused_moe(gx, one13, one2, gw, gids), x, one13, one2, w, ids, what="expanded experts")
+        perm = torch.stack([torch.randperm(hidden, generator=torch.Generator().manual_seed(54 + e))
+                            for e in range(experts)]).to(device=device, dtype=torch.int32)
+        q13 = llmkern.quantize_experts(w13, bits=4, group_size=32)
+        q2 = llmkern.quantize_experts(w2, bits=8, group_size=-1)
+
+        def guarded_q(q, perm=None):
+            return llmkern.QuantizedExperts(_guarded(q.qweight, -1), _guarded(q.scales, nan),
+                                            _guarded(q.zeros, -30000), bits=q.bits, group_size=q.group_size,
+                                            in_features=q.in_features, out_features=q.out_features,
+                                            perm=None if perm is None else _guarded(perm, 0))
+        p13 = guarded_q(q13, perm)
+        _check_moe(llmkern.fused_moe(gx, p13, guarded_q(q2), gw, gids), x, p13.dequantize(), q2.dequantize(), w,
+                   ids, what="guarded packed, act-order")
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.cpu_backends("interpreter")   # inspects the Triton path's alignment kernel
 def test_grid_covers_only_hit_experts(device):
     """The aligned blocks: every slot exactly once, in its expert's run; runs padded to the tile; no block for an
