@@ -63,6 +63,8 @@ import triton.language as tl
 # log2(e) and ln(2): exp(x) = exp2(x * LOG2E), log(x) = log2(x) * LN2. constexpr so jit functions can read them.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Widest head_dim tile whose one-row broadcast products stay in the K/V tile's layout (kernels/paged_attention.py).
+ROW_IN_TILE_MAX_D = tl.constexpr(128)
 
 
 # ------------------------------------------------------------------------------------------------------- the core
@@ -210,7 +212,7 @@ def online_softmax_step(s, v, m_i, l_i, acc, USE_DOT: tl.constexpr, MASKED_ROWS:
     acc = acc * alpha[:, None]
     if USE_DOT:
         acc += tl.dot(p.to(v.dtype), v, input_precision=dot_precision(v.dtype))
-    elif p.shape[0] == 1 and v.shape[1] <= 128:
+    elif p.shape[0] == 1 and v.shape[1] <= ROW_IN_TILE_MAX_D:
         acc += tl.sum(tl.trans(p) * v.to(tl.float32), axis=0)[None, :]
     else:
         acc += tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)

@@ -39,8 +39,9 @@ here is a base-2 value, as the core computes it.
 import triton
 import triton.language as tl
 
-from .attention import (LOG2E, add_sink, alibi_log2, cache_slot, dot_precision, key_range, mask_scores, mma_operand,
-                        online_softmax_init, online_softmax_step, score_log2, softmax_lse, softmax_output)
+from .attention import (LOG2E, ROW_IN_TILE_MAX_D, add_sink, alibi_log2, cache_slot, dot_precision, key_range,
+                        mask_scores, mma_operand, online_softmax_init, online_softmax_step, score_log2, softmax_lse,
+                        softmax_output)
 from .rounding import fp8_format, round_to
 
 # Fields of one work item and of one reduce row in the plan's schedule (the host builds them with these widths).
@@ -222,7 +223,7 @@ def paged_attention_kernel(
                              INTERPRET)
         if USE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision=dot_precision(q.dtype))
-        elif BLOCK_D <= 128:
+        elif BLOCK_D <= ROW_IN_TILE_MAX_D:
             # One row (BLOCK_M = 1): q broadcast over the (BLOCK_N, BLOCK_D) K tile in the layout K was loaded in.
             # The 3-D product below converts K to a layout of its own through shared memory every tile, and its
             # scores then live in two layouts across the mask branch: 95-96 registers a thread against 56-72 this
