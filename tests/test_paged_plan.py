@@ -324,6 +324,7 @@ def test_run_with_tensors_that_do_not_match_the_plan(device, no_kernel):
                               dtype=torch.float16)
     plan = _plan(bt, sl, _cu([3, 2], device), kc, 4)
     q = torch.randn(5, 4, 64, generator=g).half().to(device)
+    qbuf = torch.randn(6, 4, 64, generator=g).half().to(device)
     cases = [
         (ValueError, "q must have shape", dict(q=q[:4])),
         (ValueError, "q must have shape", dict(q=q[:, :2])),
@@ -337,6 +338,11 @@ def test_run_with_tensors_that_do_not_match_the_plan(device, no_kernel):
         # out inside a cache the run reads: its stores would change the keys/values later tiles load
         (ValueError, "v_cache is read while out is written", dict(out=vc.view(-1, 4, 64)[3:8])),
         (ValueError, "k_cache is read while out is written", dict(out=kc.view(-1, 4, 64)[:5])),
+        # out one row off q in one buffer: stores into q rows another program has yet to load (a silent wrong
+        # answer on both CPU backends before this was refused); sinks inside out: read while out is written
+        (ValueError, "q is read while out is written", dict(q=qbuf[1:], out=qbuf[:5])),
+        (ValueError, "sinks is read while out is written",
+         dict(out=qbuf[:5], sinks=qbuf[4].reshape(-1).view(torch.float32)[:4])),
         (ValueError, "scale", dict(scale=float("nan"))),
         (ValueError, "softcap", dict(softcap=-1.0)),
         (ValueError, "window", dict(window=(-3, 0))),

@@ -567,7 +567,7 @@ class PagedAttentionPlan:
         (num_heads,), gpt-oss's per-head logits that join the softmax denominator with no value.
 
         Only what needs no sync is checked, before any launch: TypeError/ValueError naming the argument when q,
-        the caches or out do not match the plan (shape, dtype, device), out shares memory with a cache,
+        the caches or out do not match the plan (shape, dtype, device), out shares memory with q, a cache,
         scale/softcap/window/causal or a number k_scale / v_scale are invalid, or a variant tensor has the wrong
         dtype, shape or device. The values of tensor scales, slopes and sinks are not read here (that needs a sync
         per layer): the one-shots and paged_kv_write check them; a NaN there gives NaN rows, nothing worse.
@@ -635,12 +635,17 @@ class PagedAttentionPlan:
 
 # ---------------------------------------------------------------------------------------------------- the op
 def _check_outputs(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o, part_lse,
-                   *sizes) -> None:
-    """What the op writes must not overlap itself (no sync: strides only), nor out the caches it reads (data
-    pointers). The plan validated everything else."""
+                   *sizes_and_options) -> None:
+    """What the op writes must not overlap itself (no sync: strides only), nor out any tensor it reads: q, the
+    caches, the scales, slopes and sinks (data pointers; a program's stores into q would change the rows another
+    program has yet to load, as an out one row off q did on both CPU backends). The plan validated everything
+    else."""
     for name, t in (("out", out), ("part_o", part_o), ("part_lse", part_lse)):
         _utils.check_writable(name, t)
-    _utils.check_sources_disjoint({"k_cache": k_cache, "v_cache": v_cache}, {"out": out})
+    k_scale, v_scale, alibi_slopes, sinks = sizes_and_options[-4:]
+    sources = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_scale": k_scale, "v_scale": v_scale,
+               "alibi_slopes": alibi_slopes, "sinks": sinks}
+    _utils.check_sources_disjoint({n: t for n, t in sources.items() if t is not None}, {"out": out})
 
 
 def _paged_attention_reference(q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, schedule, part_o,
