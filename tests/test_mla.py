@@ -102,6 +102,14 @@ def test_kv_write_source_inside_a_cache_refused(device, no_kernel):
         with pytest.raises(ValueError, match=f"{name} is read"):
             llmkern.mla_kv_write(ckv, kpe, ckv_cache, kpe_cache, slots)
         assert torch.equal(joint, before)
+    # slot_mapping read from bytes the write overwrites (an int64 view of the joint cache): a store into slot 0
+    # would change the slots later programs load
+    inside = joint.view(-1)[:8].view(torch.int64)[:2]
+    inside.copy_(slots)
+    before = joint.clone()
+    with pytest.raises(ValueError, match="slot_mapping is read"):
+        llmkern.mla_kv_write(ckv_cache[1, :2].clone(), kpe_cache[0, :2].clone(), ckv_cache, kpe_cache, inside)
+    assert torch.equal(joint, before)
 
 
 # ------------------------------------------------------------------------------------------------------ decode

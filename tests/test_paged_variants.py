@@ -249,6 +249,28 @@ def test_alibi_and_sinks_decode_and_mixed_step(device, backend, cpp_calls, num_h
     assert backend != "cpp" or cpp_calls == ["paged_decode"] * 2 + ["paged_prefill"] * 2
 
 
+def test_fp8_write_scale_or_slots_inside_the_cache_refused(device, no_kernel):
+    """A k_scale or slot_mapping tensor viewed from the bytes of a cache the write overwrites: its stores would
+    change the scale or the slots of the tokens written after them (31 of 32 rows quantized with a clobbered scale,
+    before this was refused); refused by name before anything is written."""
+    buf = torch.zeros(8, 4, 2, 32, dtype=torch.uint8, device=device)
+    kc, vc = buf.view(E4M3), torch.zeros(8, 4, 2, 32, dtype=E4M3, device=device)
+    k = torch.ones(2, 2, 32, device=device)
+    slots = torch.tensor([31, 30], device=device)
+    k_scale = buf.view(-1)[-8:].view(torch.float32)        # slot 31's last bytes
+    k_scale.fill_(0.5)
+    inside = buf.view(-1)[8:24].view(torch.int64)           # slot 0's bytes
+    inside.copy_(slots)
+    before = buf.clone()
+    with pytest.raises(ValueError, match="k_scale is read while k_cache is written"):
+        llmkern.paged_kv_write(k, k, kc, vc, slots, k_scale=k_scale, v_scale=1.0)
+    with pytest.raises(ValueError, match="slot_mapping is read while k_cache is written"):
+        llmkern.paged_kv_write(k, k, kc, vc, inside, k_scale=1.0, v_scale=1.0)
+    with pytest.raises(ValueError, match="v_scale is read while k_cache is written"):
+        llmkern.paged_kv_write(k, k, kc, vc, slots, k_scale=1.0, v_scale=k_scale)
+    assert torch.equal(buf, before) and not vc.view(torch.uint8).any()
+
+
 def test_paged_variants_bad_input(device, no_kernel):
     """Refused before any launch: a missing or stray scale, wrong-length or wrong-dtype slopes and sinks, bad values
     (one-shots), a plan's cache dtype mismatch."""

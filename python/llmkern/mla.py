@@ -207,10 +207,12 @@ def _check_writable_caches(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None
 
 def _check_kv_write(ckv, kpe, ckv_cache, kpe_cache, slot_mapping) -> None:
     """llmkern::mla_kv_write's check: _check_writable_caches, then caches that share no memory (kpe would
-    overwrite ckv) and sources that share none with them, decided from their data pointers, so per call."""
+    overwrite ckv) and sources (ckv, kpe, slot_mapping) that share none with them, decided from their data pointers,
+    so per call."""
     _check_writable_caches(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)
     _utils.check_disjoint("ckv_cache", ckv_cache, "kpe_cache", kpe_cache)
-    _utils.check_sources_disjoint({"ckv": ckv, "kpe": kpe}, {"ckv_cache": ckv_cache, "kpe_cache": kpe_cache})
+    _utils.check_sources_disjoint({"ckv": ckv, "kpe": kpe, "slot_mapping": slot_mapping},
+                                  {"ckv_cache": ckv_cache, "kpe_cache": kpe_cache})
 
 
 @_dispatch.custom_op("mla_kv_write", mutates_args=("ckv_cache", "kpe_cache"), reference=reference.mla_kv_write,
@@ -247,8 +249,8 @@ def mla_kv_write(ckv: torch.Tensor, kpe: torch.Tensor, ckv_cache: torch.Tensor, 
     paged_kv_write. Bit-exact copies: ckv and kpe must have the caches' dtype. Slots must be distinct. The
     caches are written through their strides (any view that does not overlap itself, e.g. two slices of one
     (num_blocks, block_size, kv_lora_rank + rope_dim) tensor; an expanded cache raises ValueError), and must share
-    no element (ValueError), nor ckv and kpe with either cache (ValueError); slot_mapping may be any view, read as
-    its values. Raises TypeError/ValueError naming the argument before anything is written.
+    no element (ValueError), nor ckv, kpe and slot_mapping with either cache (ValueError); slot_mapping may be any
+    view, read as its values. Raises TypeError/ValueError naming the argument before anything is written.
     """
     _check_kv_write_args(ckv, kpe, ckv_cache, kpe_cache, slot_mapping)
     ckv, kpe = _last_dims_contiguous(("ckv", ckv), ("kpe", kpe))

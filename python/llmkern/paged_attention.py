@@ -780,11 +780,14 @@ def _check_kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> N
     """llmkern::paged_kv_write's check: paged_kv_write()'s argument checks as the op receives them and caches that
     can be written (no element at two indices: strides only), once per signature, no sync; then an fp8 cache's
     scale tensors' values (one host sync each). Slots need no check: the kernel writes only those inside the
-    cache. The caches must not share memory (v would overwrite k), nor k and v with them (a store would change what
-    a later load reads): decided from their data pointers, so per call."""
+    cache. The caches must not share memory (v would overwrite k), nor anything the kernel reads with them (k, v,
+    slot_mapping, the scales: a store would change what a later load reads): decided from their data pointers, so
+    per call."""
     _check_kv_write_op(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     _utils.check_disjoint("k_cache", k_cache, "v_cache", v_cache)
-    _utils.check_sources_disjoint({"k": k, "v": v}, {"k_cache": k_cache, "v_cache": v_cache})
+    sources = {"k": k, "v": v, "slot_mapping": slot_mapping, "k_scale": k_scale, "v_scale": v_scale}
+    _utils.check_sources_disjoint({n: t for n, t in sources.items() if t is not None},
+                                  {"k_cache": k_cache, "v_cache": v_cache})
     _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
     _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
 
@@ -832,9 +835,9 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     [2**-126, 3.4e38 / fp8 max], a tensor's values checked with one host sync). Slots must be distinct (two tokens in
     one slot leave either one there). The caches are written through their strides (any view that does not overlap
     itself: an expanded cache raises ValueError) and must share no element (ValueError; FlashInfer's joint
-    (num_blocks, 2, block_size, heads, head_dim) cache's [:, 0] and [:, 1] share none); k and v must share no
-    element with either cache (ValueError: clone() a view of the cache first); slot_mapping and the scales may be
-    any view, read as their values.
+    (num_blocks, 2, block_size, heads, head_dim) cache's [:, 0] and [:, 1] share none); k, v, slot_mapping and the
+    scales must share no element with either cache (ValueError: clone() a view of the cache first); slot_mapping and
+    the scales may be any view, read as their values.
     """
     num_kv_heads = _check_kv_write_args(k, v, k_cache, v_cache, slot_mapping)
     k_scale = _utils.check_kv_scale("k_scale", k_scale, k_cache.dtype, num_kv_heads, k_cache)
