@@ -80,9 +80,19 @@ def mma_operand(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """A loaded K or V tile as the operand of the MMAs: fp32 under the interpreter (whose bf16 dot and arithmetic are
     unreliable), else the query dtype DTYPE. For a 16-bit cache that is a no-op; an fp8 cache tile is dequantized
     here, in registers (exactly: fp16 and bf16 hold every e4m3 and e5m2 value; the scale is applied elsewhere, see
-    the module docstring)."""
+    the module docstring). Under the interpreter an fp8 tile's non-finite bytes are decoded here: its fp8 -> fp32
+    cast reads them as finite numbers (e4m3fn's NaN as +-480, e5m2's inf and NaN as 65536 and up, Triton 3.9), where
+    the GPU's cvt and the C++ backend give NaN and inf."""
     if INTERPRET:
-        return x.to(tl.float32)
+        y = x.to(tl.float32)
+        if x.dtype == tl.float8e4nv:     # NaN: S.1111.111
+            y = tl.where((x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), y)
+        elif x.dtype == tl.float8e5:     # inf: S.11111.00, NaN: S.11111.mm with mm != 0
+            bits = x.to(tl.uint8, bitcast=True)
+            mag = bits & 0x7F
+            inf = tl.where(bits >= 0x80, float("-inf"), float("inf"))
+            y = tl.where(mag > 0x7C, float("nan"), tl.where(mag == 0x7C, inf, y))
+        return y
     else:
         return x.to(DTYPE)
 
