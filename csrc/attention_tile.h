@@ -212,7 +212,9 @@ void attend_item(const AttnOptions& opt, int64_t d, int64_t group, const T* q_ba
       const int64_t r = i * group + g;
       const float alpha = opt.sinks != nullptr ? add_sink(opt.sinks[g], ws.m[r], ws.l[r]) : 1.f;
       const float l = ws.l[r];
-      const float inv = l > 0.f ? alpha / l : 0.f;  // a row that saw no key (and no sink): o = 0
+      // a row that saw no key (and no sink): o = 0; a NaN sum (a NaN or +inf sink, which PagedAttentionPlan.run
+      // does not check) gives a NaN row, as the Triton kernels
+      const float inv = (l > 0.f || std::isnan(l)) ? alpha / l : 0.f;
       T* o = o_base + i * o_si + g * o_sh;
       const float* a = &ws.acc[r * d];
       const fVec iv(inv);

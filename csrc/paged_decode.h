@@ -362,7 +362,7 @@ struct SplitPartials {
   // (natural log): out (the head's output row, used when splits == 1) = acc / l.
   template <typename T>
   void store(int64_t row, int64_t h, int64_t split, const float* acc, float m, float l, T* out) {
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = (l > 0.f || std::isnan(l)) ? 1.f / l : 0.f;   // an empty split: 0; a NaN sum (sink): NaN
     if (splits == 1) {  // a row's one split sees at least one key
       for (int64_t i = 0; i < d; i += kF) {
         const int64_t n = std::min(kF, d - i);

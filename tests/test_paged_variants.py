@@ -245,6 +245,28 @@ def test_alibi_and_sinks_decode_and_mixed_step(device, backend, cpp_calls, num_h
     assert backend != "cpp" or cpp_calls == ["paged_decode"] * 2 + ["paged_prefill"] * 2
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's NaN math
+@pytest.mark.parametrize("bad_sink", [float("nan"), float("inf")])
+def test_plan_run_nan_or_inf_sink_gives_nan_rows(device, backend, cpp_calls, bad_sink):
+    """PagedAttentionPlan.run does not read the sinks' values (no sync); its docstring promises NaN rows for a NaN
+    there, nothing worse. A NaN or +inf sink makes that head's softmax sum NaN: its rows are NaN on every backend
+    (the C++ backend returned zeros, as for a row that saw no key), the other heads match the same run without the
+    bad sink. Decode (one split and two) and a mixed step."""
+    kc, vc, bt, sl, g = _make(device, seq_lens=[5, 20], num_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
+                              dtype=torch.float16, seed=6)
+    sinks = torch.tensor([bad_sink, 0.5, -1.0, 2.0], device=device)
+    for cu, num_splits in [(None, 1), (None, 2), (_cu([2, 3], device), None)]:
+        plan = llmkern.PagedAttentionPlan(bt, sl, cu, num_heads=4, num_kv_heads=2, head_dim=32,
+                                          num_blocks=kc.shape[0], block_size=4, dtype=torch.float16,
+                                          num_splits=num_splits)
+        q = torch.randn(plan.num_tokens, 4, 32, generator=g).half().to(device)
+        out = plan.run(q, kc, vc, sinks=sinks)
+        good = plan.run(q, kc, vc, sinks=torch.where(sinks.isnan() | sinks.isinf(), 0.0, sinks))
+        assert out[:, 0].isnan().all(), (cu, num_splits)
+        torch.testing.assert_close(out[:, 1:], good[:, 1:], rtol=0, atol=0)
+    assert backend != "cpp" or cpp_calls == ["paged_decode"] * 4 + ["paged_prefill"] * 2
+
+
 def test_fp8_write_scale_or_slots_inside_the_cache_refused(device, no_kernel):
     """A k_scale or slot_mapping tensor viewed from the bytes of a cache the write overwrites: its stores would
     change the scale or the slots of the tokens written after them (31 of 32 rows quantized with a clobbered scale,
