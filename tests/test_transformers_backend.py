@@ -261,6 +261,31 @@ def test_continuous_batching_is_refused_by_transformers():
         model.generate_batch([[5, 6, 7]], generation_config=gen)
 
 
+def test_alibi_models_cannot_use_llmkern():
+    """Documents the module docstring's ALiBi note (it used to say choosing "llmkern" leaves BLOOM, MPT and Falcon
+    as they were, but loading them with it fails): their attention never calls AttentionInterface, so
+    set_attn_implementation("llmkern") is refused and the logits stay eager's, and a model built with
+    attn_implementation="llmkern" fails in transformers' own code (BLOOM: llmkern's 2D mask where it wants 4D;
+    Falcon: its class table has no "llmkern"). If a future transformers routes them through the interface, this
+    fails and the note (and the ALiBi pass-through) should be revisited."""
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    bloom = dict(vocab_size=64, hidden_size=64, n_layer=1, n_head=4, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(**bloom)).eval()
+    with torch.no_grad():
+        eager = model(ids).logits
+        model.set_attn_implementation("llmkern")
+        assert model.config._attn_implementation != "llmkern"
+        assert torch.equal(model(ids).logits, eager)
+    built = transformers.BloomForCausalLM._from_config(transformers.BloomConfig(**bloom), attn_implementation="llmkern")
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        built(ids, attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    falcon = transformers.FalconConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                       alibi=True, new_decoder_architecture=False, multi_query=True)
+    with pytest.raises(KeyError, match="llmkern"):
+        transformers.FalconForCausalLM._from_config(falcon, attn_implementation="llmkern")
+
+
 def _sdpa_reference(q, k, v, keep, scale):
     """Plain SDPA with an explicit (batch, 1, sq, sk) boolean mask, K/V repeated for GQA; float64."""
     g = q.shape[1] // k.shape[1]

@@ -38,9 +38,12 @@ How each case maps onto llmkern (the query/key positions below are transformers'
   llmkern's `sinks=` as float32, on every path (dense, varlen, and the PyTorch fallback).
 * ALiBi: no model of transformers 5.24 hands ALiBi to an attention backend. BLOOM, MPT and Falcon (with
   `alibi=True`) build the bias tensor themselves and add it to the scores in their own attention code, which never
-  calls `AttentionInterface`, so choosing "llmkern" does not change their attention and there are no slopes to pass
-  through. `llmkern.attention(..., alibi_slopes=llmkern.alibi_slopes(num_heads))` is the kernel-side API for
-  model code of one's own.
+  calls `AttentionInterface`, so there are no slopes to pass through, and "llmkern" cannot serve them:
+  `set_attn_implementation("llmkern")` is refused by transformers with a warning (the model keeps its attention),
+  and loading one with `attn_implementation="llmkern"` fails in transformers' model code (Falcon: KeyError from its
+  own class table; BLOOM, MPT: their code expects sdpa's 4D mask where llmkern's mask function returns None or a
+  2D padding mask). Load them with "eager" or "sdpa". `llmkern.attention(...,
+  alibi_slopes=llmkern.alibi_slopes(num_heads))` is the kernel-side API for model code of one's own.
 
 Continuous batching (`model.generate_batch` / `init_continuous_batching`) cannot call a function registered under
 "llmkern": transformers 5.x `ContinuousBatchingManager.switch_to_cb_friendly_attn` accepts only "sdpa",
