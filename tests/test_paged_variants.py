@@ -309,6 +309,10 @@ def test_paged_variants_bad_input(device, no_kernel):
         (ValueError, "alibi_slopes must be finite", kc16, dict(alibi_slopes=torch.full((4,), float("inf"),
                                                                                       device=device))),
         (ValueError, "sinks must be <= 2", kc16, dict(sinks=torch.full((4,), float("nan"), device=device))),
+        # each in range, but the kernels fold k_scale into the score scale: 1e40 overflows float32 (NaN rows where
+        # the scores, about 1e10 for q ~ 1e-30, are finite)
+        (ValueError, r"scale \* k_scale must stay within float32", kc,
+         dict(ok, k_scale=torch.full((2,), 1e20, device=device), scale=1e20)),
     ]
     for exc, msg, cache, kw in cases:
         v = vc if cache.dtype == E5M2 else vc16
@@ -324,6 +328,8 @@ def test_paged_variants_bad_input(device, no_kernel):
         plan.run(q, kc, vc, v_scale=1.0)
     with pytest.raises(ValueError, match="sinks must have one value per query head"):
         plan.run(q, kc, vc, **ok, sinks=torch.zeros(2, device=device))
+    with pytest.raises(ValueError, match=r"scale \* k_scale must stay within float32"):
+        plan.run(q, kc, vc, k_scale=1e20, v_scale=1.0, scale=-1e20)
     with pytest.raises(TypeError, match="kv_dtype"):
         llmkern.PagedAttentionPlan(bt, sl, num_heads=4, num_kv_heads=2, head_dim=32, num_blocks=kc.shape[0],
                                    block_size=4, dtype=torch.float16, kv_dtype=torch.float32)

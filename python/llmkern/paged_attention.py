@@ -181,10 +181,22 @@ def _check_variants(num_heads: int, q: torch.Tensor, alibi_slopes, sinks) -> Non
     _utils.check_head_vector("sinks", sinks, num_heads, q)
 
 
-def _check_variant_values(k_cache, k_scale, v_scale, alibi_slopes, sinks) -> None:
+def _check_scale_times_k_scale(scale: float, k_scale_max: float) -> None:
+    """The kernels fold an fp8 cache's k_scale into the score scale (q . (k8 * k_scale) * scale computed as
+    (q . k8) * (scale * k_scale), in float32, log2-based on the Triton path): a product beyond float32 range would
+    turn finite scores into NaN rows. Refused, naming both."""
+    if abs(scale) * math.log2(math.e) * k_scale_max > _utils.F32_MAX:
+        raise ValueError(f"scale * k_scale must stay within float32 range (|scale| * k_scale * log2(e) <= 3.4e38: "
+                         f"the kernels fold k_scale into the score scale); got scale {scale!r} and k_scale "
+                         f"{k_scale_max!r}")
+
+
+def _check_variant_values(k_cache, k_scale, v_scale, alibi_slopes, sinks, scale: float = 1.0) -> None:
     """The values of the variants' tensors (one host sync for each one given): the one-shots' checks."""
     _utils.check_kv_scale_values("k_scale", k_scale, k_cache.dtype)
     _utils.check_kv_scale_values("v_scale", v_scale, k_cache.dtype)
+    if k_scale is not None and k_scale.numel():
+        _check_scale_times_k_scale(scale, k_scale.max().item())
     _utils.check_head_values(alibi_slopes, sinks)
 
 
@@ -568,9 +580,11 @@ class PagedAttentionPlan:
 
         Only what needs no sync is checked, before any launch: TypeError/ValueError naming the argument when q,
         the caches or out do not match the plan (shape, dtype, device), out shares memory with q, a cache,
-        scale/softcap/window/causal or a number k_scale / v_scale are invalid, or a variant tensor has the wrong
-        dtype, shape or device. The values of tensor scales, slopes and sinks are not read here (that needs a sync
-        per layer): the one-shots and paged_kv_write check them; a NaN there gives NaN rows, nothing worse.
+        scale/softcap/window/causal or a number k_scale / v_scale are invalid (scale * k_scale beyond float32 range
+        included: the kernels fold k_scale into the score scale), or a variant tensor has the wrong dtype, shape or
+        device. The values of tensor scales, slopes and sinks are not read here (that needs a sync per layer): the
+        one-shots and paged_kv_write check them; a NaN there (or a tensor k_scale whose product with scale
+        overflows) gives NaN rows, nothing worse.
         No device-to-host transfer, no device-property query; no allocation when out is given and q and the caches
         have a contiguous last dim (one that is not is copied) and scales are tensors or numbers seen before (each
         distinct number becomes a (num_kv_heads,) tensor once, kept by the plan).
@@ -595,7 +609,10 @@ class PagedAttentionPlan:
         scale = _utils.check_scale(scale, self.head_dim)
         softcap = _utils.check_softcap(softcap, scale)
         left, right = _utils.check_window(window)
+        number_k_scale = k_scale if isinstance(k_scale, (int, float)) else None
         k_scale, v_scale = self._kv_scale("k_scale", k_scale), self._kv_scale("v_scale", v_scale)
+        if number_k_scale is not None:
+            _check_scale_times_k_scale(scale, float(number_k_scale))
         _check_variants(self.num_heads, q, alibi_slopes, sinks)
         q = _utils.last_dim_contiguous("q", q)
         k_cache = _utils.last_dim_contiguous("k_cache", k_cache)
@@ -867,7 +884,7 @@ def _check_decode_values(q, k_cache, v_cache, block_tables, seq_lens, scale, sof
     _check_decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
                      num_splits, *variants)
     _validate_tables(_read_tables(block_tables, seq_lens, None), k_cache.shape[0], k_cache.shape[1])
-    _check_variant_values(k_cache, *variants)
+    _check_variant_values(k_cache, *variants, scale=scale)
 
 
 def _paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, softcap, window_left, window_right,
@@ -925,7 +942,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     * fp8 cache: k_cache, v_cache float8_e4m3fn (compute capability 8.9+ on a GPU) or float8_e5m2, written by
       paged_kv_write with k_scale / v_scale, which are required here (a float or a float32 (num_kv_heads,) tensor;
       refused for a 16-bit cache). The value read is fp8 * scale: tiles load as fp8 and are converted to q's dtype
-      in registers, the MMAs run in q's dtype, and the scales multiply the scores and the output once per program.
+      in registers, the MMAs run in q's dtype, and the scales multiply the scores and the output once per program
+      (so scale * k_scale must stay within float32 range: ValueError otherwise).
     * alibi_slopes float32 (num_heads,): ALiBi's bias -slope * |i - j| on the scores (arXiv 2108.12409; slopes from
       llmkern.alibi_slopes), finite with |slope| <= 2**96.
     * sinks float32 (num_heads,): gpt-oss's attention sinks, one natural-log logit per head that joins the softmax
@@ -989,7 +1007,7 @@ def _check_prefill_values(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_l
                       window_left, window_right, *variants)
     _validate_tables(_read_tables(block_tables, seq_lens, cu_seqlens_q), k_cache.shape[0], k_cache.shape[1],
                      total_q=q.shape[0])
-    _check_variant_values(k_cache, *variants)
+    _check_variant_values(k_cache, *variants, scale=scale)
 
 
 def _paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal, scale, softcap,
