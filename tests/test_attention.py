@@ -349,6 +349,8 @@ _CU = torch.tensor([0, 8], dtype=torch.int32)
     (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, _CU, 8, 8, alibi_slopes=torch.full((4,), -2.0 ** 100)),
      ValueError, "alibi_slopes"),
     (lambda: llmkern.alibi_slopes(0), ValueError, "num_heads"),
+    (lambda: llmkern.alibi_slopes(10 ** 400), ValueError, "num_heads"),   # was OverflowError
+    (lambda: llmkern.alibi_slopes(2 ** 40), ValueError, "num_heads"),     # was a list of 2**40 slopes (a hang)
     (lambda: llmkern.alibi_slopes(4.0), TypeError, "num_heads"),
     (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU.long(), _CU, 8, 8), TypeError, "cu_seqlens_q"),
     (lambda: llmkern.attention_varlen(_Q[0], _K[0], _K[0], _CU, torch.tensor([0, 4, 8], dtype=torch.int32), 8, 8),

@@ -106,6 +106,8 @@ def test_fp8_scale_bad_input(device, no_kernel):
         (ValueError, "k_scale must be a finite scale", dict(ok, k_scale=float("inf"))),
         (ValueError, "k_scale must be a finite scale", dict(ok, k_scale=1e-40)),     # subnormal
         (ValueError, "k_scale must be a finite scale", dict(ok, k_scale=1e36)),      # 448 * 1e36 overflows
+        (ValueError, "k_scale must be a finite scale", dict(ok, k_scale=10 ** 400)),  # float() would overflow
+        (ValueError, "v_scale must be a finite scale", dict(ok, v_scale=-10 ** 400)),
         (ValueError, "v_scale must be a finite scale", dict(ok, v_scale=torch.tensor([1.0, 0.0], device=device))),
         (ValueError, "v_scale must be a finite scale", dict(ok, v_scale=torch.tensor([float("nan"), 1.0],
                                                                                       device=device))),
@@ -122,7 +124,8 @@ def test_fp8_scale_bad_input(device, no_kernel):
         llmkern.paged_kv_write(k, k, kc, kc.to(E5M2), slots, **ok)
     with pytest.raises(TypeError, match="k must have dtype"):
         llmkern.paged_kv_write(k.int(), k.int(), kc, kc.clone(), slots, **ok)
-    for bad in (dict(k_scale=0.0), dict(v_scale=torch.ones(3)), dict(k_scale=torch.ones(2, dtype=torch.float16))):
+    for bad in (dict(k_scale=0.0), dict(v_scale=torch.ones(3)), dict(k_scale=torch.ones(2, dtype=torch.float16)),
+                dict(k_scale=10 ** 400)):
         with pytest.raises((ValueError, TypeError), match="scale"):
             llmkern.PagedKVCache(1, 2, 4, 2, 32, dtype=E4M3, **bad)
     with pytest.raises(ValueError, match="fp8 caches only"):
@@ -309,6 +312,7 @@ def test_paged_variants_bad_input(device, no_kernel):
         (ValueError, "alibi_slopes must be finite", kc16, dict(alibi_slopes=torch.full((4,), float("inf"),
                                                                                       device=device))),
         (ValueError, "sinks must be <= 2", kc16, dict(sinks=torch.full((4,), float("nan"), device=device))),
+        (ValueError, "k_scale must be a finite scale", kc, dict(ok, k_scale=10 ** 400)),   # not OverflowError
         # each in range, but the kernels fold k_scale into the score scale: 1e40 overflows float32 (NaN rows where
         # the scores, about 1e10 for q ~ 1e-30, are finite)
         (ValueError, r"scale \* k_scale must stay within float32", kc,
@@ -330,6 +334,8 @@ def test_paged_variants_bad_input(device, no_kernel):
         plan.run(q, kc, vc, **ok, sinks=torch.zeros(2, device=device))
     with pytest.raises(ValueError, match=r"scale \* k_scale must stay within float32"):
         plan.run(q, kc, vc, k_scale=1e20, v_scale=1.0, scale=-1e20)
+    with pytest.raises(ValueError, match="v_scale must be a finite scale"):
+        plan.run(q, kc, vc, k_scale=1.0, v_scale=10 ** 400)
     with pytest.raises(TypeError, match="kv_dtype"):
         llmkern.PagedAttentionPlan(bt, sl, num_heads=4, num_kv_heads=2, head_dim=32, num_blocks=kc.shape[0],
                                    block_size=4, dtype=torch.float16, kv_dtype=torch.float32)

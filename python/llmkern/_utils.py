@@ -6,6 +6,7 @@ Triton interpreter is on.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -187,8 +188,19 @@ def check_kv_scale(name: str, scale: Any, cache_dtype: torch.dtype, num_kv_heads
         return scale
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"{name} must be a float or a float32 tensor, got {scale!r}")
-    _check_kv_scale_range(name, float(scale), cache_dtype)
-    return torch.full((num_kv_heads,), float(scale), dtype=torch.float32, device=like.device)
+    value = kv_scale_number(name, scale, cache_dtype)
+    return torch.full((num_kv_heads,), value, dtype=torch.float32, device=like.device)
+
+
+def kv_scale_number(name: str, scale: int | float, cache_dtype: torch.dtype) -> float:
+    """A number k_scale / v_scale as a float, checked by check_kv_scale's rule (an int too large for a float, which
+    float() would raise OverflowError for, is out of range like any other)."""
+    try:
+        value = float(scale)
+    except OverflowError:
+        value = math.inf if scale > 0 else -math.inf
+    _check_kv_scale_range(name, value, cache_dtype)
+    return value
 
 
 def _check_kv_scale_range(name: str, value: float, cache_dtype: torch.dtype) -> None:

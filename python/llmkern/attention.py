@@ -139,12 +139,17 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     sequence 2^(-8 i / n), i = 1..n, of Press et al. 2022 (arXiv 2108.12409, section 3) for n a power of two, and for
     other head counts the paper's recipe as BLOOM uses it (the slopes of the largest power of two below n, then every
     other slope of twice that many heads). For `alibi_slopes=` of the attention ops; raises ValueError for
-    num_heads < 1 and TypeError for a non-int."""
+    num_heads < 1 or > 65536 (MAX_ALIBI_HEADS) and TypeError for a non-int."""
     if not isinstance(num_heads, int) or isinstance(num_heads, bool):
         raise TypeError(f"num_heads must be an int, got {num_heads!r}")
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if not 1 <= num_heads <= MAX_ALIBI_HEADS:
+        raise ValueError(f"num_heads must be in [1, {MAX_ALIBI_HEADS}], got {num_heads}")
     return reference.alibi_slopes(num_heads)
+
+
+# alibi_slopes' bound: far above any model's head count (a few hundred at most); a count past it is a mistake, which
+# would otherwise build a Python list of that many slopes (2**40: hours and terabytes) or overflow float().
+MAX_ALIBI_HEADS = 2 ** 16
 
 
 def _check_head_values(*args) -> None:

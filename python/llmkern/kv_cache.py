@@ -111,7 +111,8 @@ class PagedKVCache:
                 raise ValueError(f"{name} must broadcast to (num_layers, num_kv_heads) = ({num_layers}, "
                                  f"{num_kv_heads}), got shape {tuple(value.shape)}") from None
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            table = torch.full((num_layers, num_kv_heads), float(value), dtype=torch.float64).float()
+            table = torch.full((num_layers, num_kv_heads), _utils.kv_scale_number(name, value, dtype),
+                               dtype=torch.float64).float()
         else:
             raise TypeError(f"{name} must be a float or a float32 tensor, got {value!r}")
         _utils.check_kv_scale_values(name, table, dtype)
