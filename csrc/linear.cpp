@@ -26,7 +26,7 @@ void linear_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optio
                  at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   std::vector<float> xf(M * K);
-  for (int64_t m = 0; m < M; ++m) convert_row(x.const_data_ptr<T>() + m * x.stride(0), xf.data() + m * K, K);
+  for (int64_t m = 0; m < M; ++m) convert_row_gemv(x.const_data_ptr<T>() + m * x.stride(0), xf.data() + m * K, K);
   const T* w = weight.const_data_ptr<T>();
   const int64_t ws = weight.stride(0);
   const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
@@ -39,7 +39,8 @@ void linear_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optio
       const int64_t n0 = blk * kRows, rows = std::min<int64_t>(kRows, N - n0);
       for (int64_t m = 0; m < M; ++m) {
         float acc[kRows];
-        dot_rows_n(w + n0 * ws, ws, rows, xf.data() + m * K, K, acc);
+        dot_rows_n(w + n0 * ws, ws, rows, xf.data() + m * K, K, acc,   // the next block prefetched on row 0's pass
+                   m == 0 && n0 + 2 * kRows <= N ? w + (n0 + kRows) * ws : nullptr);
         for (int64_t r = 0; r < rows; ++r) {
           const float v = acc[r] + (b ? static_cast<float>(b[n0 + r]) : 0.f);
           o[m * os + n0 + r] = static_cast<T>(v);

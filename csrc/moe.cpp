@@ -10,7 +10,9 @@
 // of one expert's rows in memory order:
 //   1. gate/up: an item reads kDotRows gate rows and the matching up rows and, for each of the expert's slots,
 //      computes their dot products with the slot's token (the GEMV tile of csrc/linear.cpp, llmkern_cpu.h dot_rows:
-//      the weight rows stay in L1 across the slots) and writes silu(gate) * up, rounded to the dtype, to h[slot];
+//      the weight rows stay in cache across the slots; the first slot's pass prefetches the next block's rows) and
+//      writes silu(gate) * up, rounded to the dtype, to h[slot], in the order the down projection's tile reads its x
+//      in (gemv_pos: bf16's pair order for dense bf16 w2);
 //   2. down: an item reads kDotRows rows of w2 and writes, for each of the expert's slots, topk_weight * (w2 @ h[slot])
 //      rounded to the dtype, to y[slot];
 //   3. sum: each token adds its slots' y rows in k order, in fp32, and rounds once (deterministic; no atomics).
@@ -19,7 +21,7 @@
 //
 // Dense experts' rows go through the GEMV tile whatever their slot count: at decode (a few slots per expert) the
 // weight reads bound it; with many slots per expert (prefill) a weight block is reused from L1 by every slot, and the
-// FMA rate of the tile (4 FMAs per 5 vector loads) bounds it.
+// FMA rate of the tile bounds it.
 // A packed projection runs expert by expert through quant_matmul's two paths (csrc/quant_gemm.h: the decode path up
 // to kDecodeMaxM slots, which streams the packed words once, else the dequantized-tile GEMM), each parallel over the
 // expert's columns (or experts over the threads when enough are hit: for_each_expert), on the expert's slots' rows
@@ -127,8 +129,13 @@ void fused_moe_impl(const at::Tensor& x, const Experts<T>& w13, const Experts<T>
   // x as fp32 once (the tile's x operand); h and y are written for the valid slots only
   std::unique_ptr<float[]> xf(new float[T_ * H]), h(new float[slots * I]), y(new float[slots * H]);
   at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) convert_row(x.const_data_ptr<T>() + t * x.stride(0), xf.get() + t * H, H);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (w13.packed()) convert_row(x.const_data_ptr<T>() + t * x.stride(0), xf.get() + t * H, H);
+      else convert_row_gemv(x.const_data_ptr<T>() + t * x.stride(0), xf.get() + t * H, H);
+    }
   });
+  // h in the down projection's x order (its GEMV tile's for dense w2, natural for packed)
+  const auto hpos = [&](int64_t j) { return w2.packed() ? j : gemv_pos<T>(j, I); };
   const auto slot_of = [&](int64_t i) { return [&r, i](int64_t m) { return r.order[r.start[i] + m]; }; };
   const auto token_of = [&](int64_t i) { return [&r, i, top_k](int64_t m) { return r.order[r.start[i] + m] / top_k; }; };
 
@@ -139,9 +146,10 @@ void fused_moe_impl(const at::Tensor& x, const Experts<T>& w13, const Experts<T>
       for (int64_t p = r.start[i]; p < r.start[i + 1]; ++p) {
         const int64_t s = r.order[p];
         float g[kDotRows], u[kDotRows];
-        dot_rows_n(gate, w13.sn, rows, xf.get() + s / top_k * H, H, g);
-        dot_rows_n(up, w13.sn, rows, xf.get() + s / top_k * H, H, u);
-        for (int64_t c = 0; c < rows; ++c) h[s * I + j0 + c] = round_scalar<T>(silu_mul(g[c], u[c]));
+        const bool pf = p == r.start[i] && j0 + 2 * kDotRows <= I;   // the next block's rows, on the first slot's pass
+        dot_rows_n(gate, w13.sn, rows, xf.get() + s / top_k * H, H, g, pf ? gate + kDotRows * w13.sn : nullptr);
+        dot_rows_n(up, w13.sn, rows, xf.get() + s / top_k * H, H, u, pf ? up + kDotRows * w13.sn : nullptr);
+        for (int64_t c = 0; c < rows; ++c) h[s * I + hpos(j0 + c)] = round_scalar<T>(silu_mul(g[c], u[c]));
       }
     });
   } else {
@@ -151,7 +159,7 @@ void fused_moe_impl(const at::Tensor& x, const Experts<T>& w13, const Experts<T>
       w13.packed_rows(r.hit[i], xf.get(), H, token_of(i), M, gu.data());
       for (int64_t m = 0; m < M; ++m) {
         const int64_t s = slot_of(i)(m);
-        for (int64_t j = 0; j < I; ++j) h[s * I + j] = round_scalar<T>(silu_mul(gu[m * 2 * I + j], gu[m * 2 * I + I + j]));
+        for (int64_t j = 0; j < I; ++j) h[s * I + hpos(j)] = round_scalar<T>(silu_mul(gu[m * 2 * I + j], gu[m * 2 * I + I + j]));
       }
     });
   }
@@ -161,7 +169,8 @@ void fused_moe_impl(const at::Tensor& x, const Experts<T>& w13, const Experts<T>
       for (int64_t p = r.start[i]; p < r.start[i + 1]; ++p) {
         const int64_t s = r.order[p];
         float acc[kDotRows];
-        dot_rows_n(down, w2.sn, rows, h.get() + s * I, I, acc);
+        dot_rows_n(down, w2.sn, rows, h.get() + s * I, I, acc,
+                   p == r.start[i] && n0 + 2 * kDotRows <= H ? down + kDotRows * w2.sn : nullptr);
         for (int64_t c = 0; c < rows; ++c) y[s * H + n0 + c] = round_scalar<T>(acc[c] * topk_w[s]);
       }
     });

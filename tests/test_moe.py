@@ -271,8 +271,8 @@ def test_grid_covers_only_hit_experts(device):
 def test_fused_moe_quantized(device, backend, cpp_calls):
     """int4 group 32 gate/up with int8 group 64 down (fp16), int8 per-channel with int4 group 32 (bf16), against the
     reference on the dequantized weights (the quantization error is the format's, not the kernel's); then 40 tokens
-    on two experts (20 slots each: the C++ kernel's GEMM path, past its 16-row decode path) and a dense w13 with a
-    packed w2."""
+    on two experts (20 slots each: the C++ kernel's GEMM path, past its 16-row decode path), a dense w13 with a
+    packed w2 and a packed w13 with a dense w2."""
     hidden, inter = 128, 64
     for dtype, (bits13, group13), (bits2, group2) in ((torch.float16, (4, 32), (8, 64)),
                                                       (torch.bfloat16, (8, -1), (4, 32))):
@@ -289,7 +289,9 @@ def test_fused_moe_quantized(device, backend, cpp_calls):
     _check_moe(llmkern.fused_moe(x, q13, q2, ones, ids), x, q13.dequantize(), q2.dequantize(), ones, ids,
                what="20 slots per expert")
     _check_moe(llmkern.fused_moe(x, w13, q2, ones, ids), x, w13, q2.dequantize(), ones, ids, what="dense w13")
-    assert backend != "cpp" or cpp_calls == ["fused_moe"] * 4
+    # packed gate/up writing h for a dense bf16 down projection (h in the bf16 GEMV tile's pair order)
+    _check_moe(llmkern.fused_moe(x, q13, w2, ones, ids), x, q13.dequantize(), w2, ones, ids, what="dense w2")
+    assert backend != "cpp" or cpp_calls == ["fused_moe"] * 5
 
 
 def test_fused_moe_act_order(device, backend, cpp_calls):
